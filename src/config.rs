@@ -1,0 +1,720 @@
+//! The TOML configuration of the sidecar and of the origin, validated with errors that name the
+//! file, the field and what was expected.
+//!
+//! Unknown keys are errors everywhere (`deny_unknown_fields`): a typo must never silently fall
+//! back to a default.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::views::ViewSpec;
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {field}: {message}")]
+    Invalid {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(
+        file: &str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ConfigError::Invalid {
+            file: file.to_string(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A byte count written as an integer or as a string with a unit: `"64MiB"`, `"512KiB"`, `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '_')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: u64 = num
+            .replace('_', "")
+            .parse()
+            .map_err(|_| format!("expected a size such as \"64MiB\", got {s:?}"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (expected B, KiB, MiB, GiB, KB, MB or GB)"
+                ))
+            }
+        };
+        num.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b >= 1 << 20 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}B")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a byte size: an integer or a string such as \"64MiB\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("a size cannot be negative, got {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written as a string with a unit: `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("expected a duration such as \"10s\", got {s:?}"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} in {s:?} (expected ms, s, m or h)"
+                ))
+            }
+        };
+        Ok(Dur(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Dur::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// `viewcar.toml`: what the sidecar replicates, which views it maintains and where it serves them.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub feed: FeedConfig,
+    #[serde(default, rename = "origin")]
+    pub origins: Vec<OriginSpec>,
+    #[serde(default, rename = "view")]
+    pub views: Vec<ViewSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The Cache gRPC API.
+    #[serde(default = "default_grpc")]
+    pub grpc: SocketAddr,
+    /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
+    /// accident.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+fn default_grpc() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            grpc: default_grpc(),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// Bounds of the reader side. Every one is explicit so that a misbehaving client meets a clear
+/// limit instead of exhausting the pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC message accepted or sent, on the Cache API and on the feed.
+    pub max_message_bytes: ByteSize,
+    /// Most keys in one BatchGet.
+    pub max_batch_keys: usize,
+    /// Scan page size when the request says 0.
+    pub scan_default_limit: u32,
+    /// Largest Scan page; larger requests are capped.
+    pub scan_max_limit: u32,
+    /// Events buffered per Watch stream before it is reset (and resent the current rows).
+    pub watch_queue: usize,
+    /// Most concurrent Watch streams.
+    pub max_watches: usize,
+    /// Most keys in one Watch request.
+    pub max_watch_keys: usize,
+    /// Longest `wait_ms` honoured; longer waits are capped.
+    pub max_wait: Dur,
+    /// Feed messages buffered between the feed clients and the single writer.
+    pub writer_queue: usize,
+    /// Most concurrent HTTP/2 streams per client connection on the Cache API.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: ByteSize(16 << 20),
+            max_batch_keys: 1000,
+            scan_default_limit: 100,
+            scan_max_limit: 1000,
+            watch_queue: 1024,
+            max_watches: 10_000,
+            max_watch_keys: 10_000,
+            max_wait: Dur(Duration::from_secs(30)),
+            writer_queue: 1024,
+            max_concurrent_streams: 1024,
+        }
+    }
+}
+
+/// How the sidecar holds its feed streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// First reconnect delay ceiling; each failure doubles it up to `backoff_max`. The actual
+    /// delay is uniformly random below the ceiling ("full jitter").
+    pub backoff_initial: Dur,
+    pub backoff_max: Dur,
+    pub connect_timeout: Dur,
+    /// HTTP/2 PING interval and how long to wait for its answer: together they bound how long a
+    /// silently dead origin goes unnoticed.
+    pub keepalive_interval: Dur,
+    pub keepalive_timeout: Dur,
+    /// No message at all (origins send Progress every few seconds) for this long: redial.
+    pub idle_timeout: Dur,
+    /// The feed counts as live (staleness 0) while the origin was heard from within this long.
+    pub live_window: Dur,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            backoff_initial: Dur(Duration::from_millis(100)),
+            backoff_max: Dur(Duration::from_secs(10)),
+            connect_timeout: Dur(Duration::from_secs(5)),
+            keepalive_interval: Dur(Duration::from_secs(10)),
+            keepalive_timeout: Dur(Duration::from_secs(10)),
+            idle_timeout: Dur(Duration::from_secs(30)),
+            live_window: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// One upstream origin and the topics replicated from it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSpec {
+    pub name: String,
+    /// `http://host:port`.
+    pub address: String,
+    pub topics: Vec<TopicSpec>,
+}
+
+/// How a topic is replicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every key, kept up to date.
+    Full,
+    /// Only the keys read lately, within a byte budget.
+    OnDemand,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::OnDemand => "on_demand",
+        }
+    }
+}
+
+/// A topic, written as its name (`"prices"`) or as a table (`{ name = "users", mode = "on_demand" }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub mode: Mode,
+    pub max_bytes: Option<ByteSize>,
+    pub idle: Option<Dur>,
+}
+
+impl<'de> Deserialize<'de> for TopicSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            name: String,
+            #[serde(default = "full")]
+            mode: Mode,
+            max_bytes: Option<ByteSize>,
+            idle: Option<Dur>,
+        }
+        fn full() -> Mode {
+            Mode::Full
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopicSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a topic name or a table { name, mode, max_bytes, idle }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopicSpec, E> {
+                Ok(TopicSpec {
+                    name: v.to_string(),
+                    mode: Mode::Full,
+                    max_bytes: None,
+                    idle: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<TopicSpec, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(TopicSpec {
+                    name: t.name,
+                    mode: t.mode,
+                    max_bytes: t.max_bytes,
+                    idle: t.idle,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl SidecarConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let cfg: SidecarConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types alone cannot: names unique and well formed, addresses usable,
+    /// bounds non-zero, views well formed.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        if !self.listen.allow_non_loopback && !self.listen.grpc.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                file,
+                "listen.grpc",
+                format!(
+                    "{} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host",
+                    self.listen.grpc
+                ),
+            ));
+        }
+        let l = &self.limits;
+        for (field, v) in [
+            ("limits.max_batch_keys", l.max_batch_keys),
+            ("limits.watch_queue", l.watch_queue),
+            ("limits.max_watches", l.max_watches),
+            ("limits.max_watch_keys", l.max_watch_keys),
+            ("limits.writer_queue", l.writer_queue),
+            ("limits.scan_default_limit", l.scan_default_limit as usize),
+            ("limits.scan_max_limit", l.scan_max_limit as usize),
+            (
+                "limits.max_concurrent_streams",
+                l.max_concurrent_streams as usize,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(file, field, "must be at least 1"));
+            }
+        }
+        if l.max_message_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "limits.max_message_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        if self.feed.backoff_initial.0.is_zero()
+            || self.feed.backoff_max < self.feed.backoff_initial
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "feed.backoff_initial",
+                "must be above 0 and at most feed.backoff_max",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut origin_names = HashSet::new();
+        for (i, o) in self.origins.iter().enumerate() {
+            let at = format!("origin[{i}]");
+            check_name(file, &format!("{at}.name"), &o.name)?;
+            if !origin_names.insert(o.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.name"),
+                    format!("duplicate origin name '{}'", o.name),
+                ));
+            }
+            if !(o.address.starts_with("http://") || o.address.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.address"),
+                    format!("expected http://host:port, got {:?}", o.address),
+                ));
+            }
+            if o.address.starts_with("https://") {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.address"),
+                    "TLS to origins is not supported yet; use http://",
+                ));
+            }
+            if o.topics.is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.topics"),
+                    "lists no topics",
+                ));
+            }
+            for (j, t) in o.topics.iter().enumerate() {
+                let tat = format!("{at}.topics[{j}]");
+                check_name(file, &tat, &t.name)?;
+                if t.mode == Mode::OnDemand {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tat}.mode"),
+                        "mode \"on_demand\" is not supported yet; use \"full\"",
+                    ));
+                }
+                if t.max_bytes.is_some() || t.idle.is_some() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        tat,
+                        "max_bytes and idle apply only to mode = \"on_demand\"",
+                    ));
+                }
+                if !names.insert(t.name.clone()) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tat}.name"),
+                        format!("duplicate source name '{}'", t.name),
+                    ));
+                }
+            }
+        }
+        crate::views::validate_specs(file, &self.views, &names)?;
+        Ok(())
+    }
+}
+
+/// A human-readable summary of a valid config: listeners, origins and their topics, views.
+pub fn describe(cfg: &SidecarConfig) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "listen.grpc = {}", cfg.listen.grpc);
+    for o in &cfg.origins {
+        let _ = writeln!(out, "origin {} ({})", o.name, o.address);
+        for t in &o.topics {
+            let _ = writeln!(out, "  topic {} [{}]", t.name, t.mode.as_str());
+        }
+    }
+    out.push_str(&crate::views::describe(&cfg.views));
+    out
+}
+
+/// Source names are what readers type: keep them to a safe alphabet.
+pub(crate) fn check_name(file: &str, field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            file,
+            field,
+            format!("invalid name {name:?}: expected 1 to 128 of [A-Za-z0-9_.-]"),
+        ))
+    }
+}
+
+/// `origin.toml`: the settings of viewcar's own origin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// Where `Feed` is served.
+    pub listen: SocketAddr,
+    /// Declared topics. When non-empty, publishing to or subscribing to any other topic is an
+    /// error; when empty, topics are created on first use.
+    pub topics: Vec<String>,
+    /// Data loaded at start: JSON `{"topic": {"key": value}}` or NDJSON lines
+    /// `{"topic": "t", "key": "k", "value": v}`.
+    pub seed: Option<PathBuf>,
+    /// Changes kept per topic so that sidecars resume without a snapshot: at most this many
+    /// batches and this many bytes, whichever bound is hit first.
+    pub retain_batches: usize,
+    pub retain_bytes: ByteSize,
+    /// Batches queued per Sync stream; a stream that overflows is caught up by Reset + snapshot.
+    pub stream_queue: usize,
+    /// Snapshot chunk bounds.
+    pub snapshot_chunk_entries: usize,
+    pub snapshot_chunk_bytes: ByteSize,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: ByteSize,
+    /// Most changes in one Publish.
+    pub max_publish_changes: usize,
+    /// Most concurrent Sync streams.
+    pub max_streams: usize,
+    /// How often an idle subscription gets a Progress message.
+    pub progress_interval: Dur,
+    /// Serve on an address other than loopback.
+    pub allow_non_loopback: bool,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        OriginConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            topics: Vec::new(),
+            seed: None,
+            retain_batches: 100_000,
+            retain_bytes: ByteSize(64 << 20),
+            stream_queue: 4096,
+            snapshot_chunk_entries: 1000,
+            snapshot_chunk_bytes: ByteSize(1 << 20),
+            max_message_bytes: ByteSize(16 << 20),
+            max_publish_changes: 10_000,
+            max_streams: 1024,
+            progress_interval: Dur(Duration::from_secs(2)),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+impl OriginConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let cfg: OriginConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        if !self.allow_non_loopback && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                file,
+                "listen",
+                format!(
+                    "{} is not a loopback address; set allow_non_loopback = true to serve beyond this host",
+                    self.listen
+                ),
+            ));
+        }
+        for (i, t) in self.topics.iter().enumerate() {
+            check_name(file, &format!("topics[{i}]"), t)?;
+        }
+        for (field, v) in [
+            ("retain_batches", self.retain_batches),
+            ("stream_queue", self.stream_queue),
+            ("snapshot_chunk_entries", self.snapshot_chunk_entries),
+            ("max_publish_changes", self.max_publish_changes),
+            ("max_streams", self.max_streams),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(file, field, "must be at least 1"));
+            }
+        }
+        if self.max_message_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "max_message_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        if self.snapshot_chunk_bytes >= self.max_message_bytes {
+            return Err(ConfigError::invalid(
+                file,
+                "snapshot_chunk_bytes",
+                "must be below max_message_bytes",
+            ));
+        }
+        if self.progress_interval.0.is_zero() {
+            return Err(ConfigError::invalid(
+                file,
+                "progress_interval",
+                "must be above 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(ByteSize::parse("64MiB").unwrap(), ByteSize(64 << 20));
+        assert_eq!(ByteSize::parse("1_000").unwrap(), ByteSize(1000));
+        assert_eq!(ByteSize::parse("2KB").unwrap(), ByteSize(2000));
+        assert!(ByteSize::parse("5XB")
+            .unwrap_err()
+            .contains("unknown size unit"));
+        assert_eq!(
+            Dur::parse("250ms").unwrap(),
+            Dur(Duration::from_millis(250))
+        );
+        assert_eq!(Dur::parse("10m").unwrap(), Dur(Duration::from_secs(600)));
+        assert!(Dur::parse("10").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn minimal_config_parses_with_topic_tables() {
+        let cfg = SidecarConfig::parse(
+            "t.toml",
+            r#"
+            [listen]
+            grpc = "127.0.0.1:0"
+            [[origin]]
+            name = "catalog"
+            address = "http://127.0.0.1:7000"
+            topics = ["products", { name = "prices" }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.origins[0].topics[1].name, "prices");
+        assert_eq!(cfg.origins[0].topics[1].mode, Mode::Full);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let err = SidecarConfig::parse("t.toml", "[listen]\ngrcp = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("t.toml:"), "{err}");
+        assert!(err.contains("grcp"), "{err}");
+        let err = SidecarConfig::parse(
+            "t.toml",
+            "[[origin]]\nname = \"o\"\naddress = \"http://x:1\"\ntopics = [{ name = \"a\", mdoe = \"full\" }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mdoe"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let err = SidecarConfig::parse(
+            "t.toml",
+            "[[origin]]\nname = \"o\"\naddress = \"127.0.0.1:7000\"\ntopics = [\"a\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("origin[0].address"), "{err}");
+        let err = SidecarConfig::parse(
+            "t.toml",
+            "[[origin]]\nname = \"o\"\naddress = \"http://a:1\"\ntopics = [\"a\"]\n[[origin]]\nname = \"p\"\naddress = \"http://a:1\"\ntopics = [\"a\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("duplicate source name 'a'"), "{err}");
+        let err = SidecarConfig::parse("t.toml", "[listen]\ngrpc = \"0.0.0.0:7070\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow_non_loopback"), "{err}");
+    }
+}

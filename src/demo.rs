@@ -1,0 +1,323 @@
+//! The demo: an embedded origin serving a realistic product catalog with a change generator,
+//! and a sidecar subscribed to it. `viewcar demo` (or a bare `viewcar`) runs it.
+//!
+//! The catalog is what a product page fans out to: products, their prices, inventory (by SKU),
+//! brands, the brands' countries, and review summaries. Data is deterministic for a given seed,
+//! so tests and benchmarks can rely on its shape.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::config::{OriginConfig, OriginSpec, SidecarConfig, TopicSpec};
+use crate::origin::{Origin, Put};
+
+/// The demo's topics, in the order a product page reads them.
+pub const TOPICS: [&str; 6] = [
+    "products",
+    "prices",
+    "inventory",
+    "brands",
+    "countries",
+    "reviews",
+];
+
+/// The shape of the generated catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogSize {
+    pub products: usize,
+    pub brands: usize,
+}
+
+impl Default for CatalogSize {
+    fn default() -> Self {
+        CatalogSize {
+            products: 3000,
+            brands: 120,
+        }
+    }
+}
+
+const COUNTRIES: [(&str, &str, &str); 16] = [
+    ("DE", "Germany", "EUR"),
+    ("FR", "France", "EUR"),
+    ("IT", "Italy", "EUR"),
+    ("ES", "Spain", "EUR"),
+    ("NL", "Netherlands", "EUR"),
+    ("SE", "Sweden", "SEK"),
+    ("DK", "Denmark", "DKK"),
+    ("PL", "Poland", "PLN"),
+    ("GB", "United Kingdom", "GBP"),
+    ("US", "United States", "USD"),
+    ("CA", "Canada", "CAD"),
+    ("JP", "Japan", "JPY"),
+    ("KR", "South Korea", "KRW"),
+    ("CN", "China", "CNY"),
+    ("BR", "Brazil", "BRL"),
+    ("AU", "Australia", "AUD"),
+];
+
+const CATEGORIES: [&str; 12] = [
+    "audio", "cameras", "phones", "laptops", "kitchen", "garden", "toys", "books", "sports",
+    "fashion", "beauty", "tools",
+];
+
+const WORDS: [&str; 16] = [
+    "Nova", "Vector", "Aero", "Pulse", "Terra", "Lumen", "Orbit", "Quartz", "Echo", "Summit",
+    "Drift", "Falcon", "Harbor", "Cobalt", "Ember", "Zephyr",
+];
+
+pub fn product_id(i: usize) -> String {
+    format!("p{i:05}")
+}
+
+pub fn sku(i: usize) -> String {
+    format!("SKU-{i:05}")
+}
+
+pub fn brand_id(i: usize) -> String {
+    format!("b{i:03}")
+}
+
+fn json_bytes(v: serde_json::Value) -> Bytes {
+    Bytes::from(v.to_string())
+}
+
+/// The whole catalog as one batch of puts per topic.
+pub fn catalog(size: CatalogSize, seed: u64) -> Vec<(&'static str, Vec<Put>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let countries = COUNTRIES
+        .iter()
+        .enumerate()
+        .map(|(i, (code, name, currency))| {
+            Put::upsert(
+                *code,
+                json_bytes(
+                    json!({"id": code, "name": name, "currency": currency, "vat": 5 + (i % 4) * 5}),
+                ),
+            )
+        })
+        .collect();
+    let brands = (0..size.brands)
+        .map(|i| {
+            let country = COUNTRIES[i % COUNTRIES.len()].0;
+            Put::upsert(
+                brand_id(i),
+                json_bytes(json!({
+                    "id": brand_id(i),
+                    "name": format!("{} {}", WORDS[i % WORDS.len()], WORDS[(i / WORDS.len()) % WORDS.len()]),
+                    "country_id": country,
+                })),
+            )
+        })
+        .collect();
+    let mut products = Vec::with_capacity(size.products);
+    let mut prices = Vec::with_capacity(size.products);
+    let mut inventory = Vec::with_capacity(size.products);
+    let mut reviews = Vec::with_capacity(size.products);
+    for i in 0..size.products {
+        let id = product_id(i);
+        let brand = rng.random_range(0..size.brands.max(1));
+        let status = if rng.random_ratio(1, 10) {
+            "discontinued"
+        } else {
+            "active"
+        };
+        products.push(Put::upsert(
+            id.clone(),
+            json_bytes(json!({
+                "id": id,
+                "sku": sku(i),
+                "name": format!("{} {} {}", WORDS[rng.random_range(0..WORDS.len())], CATEGORIES[i % CATEGORIES.len()], i),
+                "brand_id": brand_id(brand),
+                "category": CATEGORIES[i % CATEGORIES.len()],
+                "status": status,
+            })),
+        ));
+        prices.push(Put::upsert(
+            id.clone(),
+            json_bytes(
+                json!({"id": id, "amount": rng.random_range(199..99_999), "currency": "EUR"}),
+            ),
+        ));
+        inventory.push(Put::upsert(
+            sku(i),
+            json_bytes(json!({"sku": sku(i), "available": rng.random_range(0..500), "warehouse": format!("wh-{}", i % 4)})),
+        ));
+        if rng.random_ratio(4, 5) {
+            let count: u32 = rng.random_range(1..2000);
+            reviews.push(Put::upsert(
+                id.clone(),
+                json_bytes(json!({"product_id": id, "count": count, "average": rng.random_range(10..50) as f64 / 10.0})),
+            ));
+        }
+    }
+    vec![
+        ("products", products),
+        ("prices", prices),
+        ("inventory", inventory),
+        ("brands", brands),
+        ("countries", countries),
+        ("reviews", reviews),
+    ]
+}
+
+/// Loads the catalog into `origin` (one version per topic).
+pub fn load(origin: &Origin, size: CatalogSize, seed: u64) {
+    for (topic, puts) in catalog(size, seed) {
+        if let Err(e) = origin.publish_inner(topic, puts, false) {
+            warn!(topic, error = %e, "demo catalog load failed");
+        }
+    }
+}
+
+/// One generated change: which topic, and the puts of its batch.
+pub fn random_change(rng: &mut StdRng, size: CatalogSize) -> (&'static str, Vec<Put>) {
+    let i = rng.random_range(0..size.products);
+    let id = product_id(i);
+    match rng.random_range(0..100) {
+        0..60 => (
+            "prices",
+            vec![Put::upsert(
+                id.clone(),
+                json_bytes(
+                    json!({"id": id, "amount": rng.random_range(199..99_999), "currency": "EUR"}),
+                ),
+            )],
+        ),
+        60..90 => (
+            "inventory",
+            vec![Put::upsert(
+                sku(i),
+                json_bytes(
+                    json!({"sku": sku(i), "available": rng.random_range(0..500), "warehouse": format!("wh-{}", i % 4)}),
+                ),
+            )],
+        ),
+        90..98 => (
+            "reviews",
+            vec![Put::upsert(
+                id.clone(),
+                json_bytes(
+                    json!({"product_id": id, "count": rng.random_range(1..2000), "average": rng.random_range(10..50) as f64 / 10.0}),
+                ),
+            )],
+        ),
+        98 => {
+            let b = rng.random_range(0..size.brands.max(1));
+            let country = COUNTRIES[rng.random_range(0..COUNTRIES.len())].0;
+            (
+                "brands",
+                vec![Put::upsert(
+                    brand_id(b),
+                    json_bytes(
+                        json!({"id": brand_id(b), "name": format!("{} {}", WORDS[b % WORDS.len()], WORDS[rng.random_range(0..WORDS.len())]), "country_id": country}),
+                    ),
+                )],
+            )
+        }
+        _ => {
+            let status = if rng.random_bool(0.5) {
+                "active"
+            } else {
+                "discontinued"
+            };
+            (
+                "products",
+                vec![Put::upsert(
+                    id.clone(),
+                    json_bytes(json!({
+                        "id": id, "sku": sku(i), "name": format!("{} {} {}", WORDS[i % WORDS.len()], CATEGORIES[i % CATEGORIES.len()], i),
+                        "brand_id": brand_id(i % size.brands.max(1)), "category": CATEGORIES[i % CATEGORIES.len()], "status": status,
+                    })),
+                )],
+            )
+        }
+    }
+}
+
+/// Publishes random catalog changes at `rate` per second until `stop` flips.
+pub async fn generate(
+    origin: Origin,
+    size: CatalogSize,
+    rate: u32,
+    seed: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    if rate == 0 {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    // Ticks of at least 10 ms; several changes per tick at high rates.
+    let per_tick = (rate / 100).max(1);
+    let tick = Duration::from_secs_f64(f64::from(per_tick) / f64::from(rate));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = crate::signalled(&mut stop) => return,
+        }
+        for _ in 0..per_tick {
+            let (topic, puts) = random_change(&mut rng, size);
+            if let Err(e) = origin.publish(topic, puts) {
+                warn!(topic, error = %e, "demo change refused");
+            }
+        }
+    }
+}
+
+/// The origin config the demo uses: the catalog's topics, declared.
+pub fn origin_config(listen: SocketAddr) -> OriginConfig {
+    OriginConfig {
+        listen,
+        topics: TOPICS.iter().map(|t| t.to_string()).collect(),
+        ..OriginConfig::default()
+    }
+}
+
+/// The sidecar config the demo uses: every catalog topic as a full replica.
+pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
+    let mut cfg = SidecarConfig::default();
+    cfg.listen.grpc = grpc;
+    cfg.origins.push(OriginSpec {
+        name: "catalog".into(),
+        address: format!("http://{origin}"),
+        topics: TOPICS
+            .iter()
+            .map(|t| TopicSpec {
+                name: t.to_string(),
+                mode: crate::config::Mode::Full,
+                max_bytes: None,
+                idle: None,
+            })
+            .collect(),
+    });
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_is_deterministic_and_consistent() {
+        let size = CatalogSize::default();
+        let a = catalog(size, 7);
+        let b = catalog(size, 7);
+        assert_eq!(a, b);
+        let products = &a[0].1;
+        assert_eq!(products.len(), size.products);
+        let brands: std::collections::HashSet<_> = a[3].1.iter().map(|p| p.key.clone()).collect();
+        for p in products {
+            let v: serde_json::Value = serde_json::from_slice(p.value.as_ref().unwrap()).unwrap();
+            assert!(brands.contains(v["brand_id"].as_str().unwrap()));
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! viewcar: a cache sidecar that ends "IO explosion" between microservices.
+//!
+//! Each pod runs one sidecar. It holds one push subscription (a gRPC `Feed.Sync` stream) per
+//! upstream origin, keeps the topics it replicates — and precomputed views over them — in
+//! memory, and answers reads with one localhost call.
+//!
+//! ```text
+//! origin --Feed.Sync--> feed client --> writer (single task) --> store (sources)
+//!                                           |                     |
+//!                                           v                     v
+//!                                      view engine            hub --> Watch
+//! readers: Cache gRPC on localhost --> store (lock-free reads)
+//! ```
+//!
+//! - [`origin`]: viewcar's own origin, embeddable in a Rust service ([`Origin`]).
+//! - [`Sidecar`]: the sidecar, started from a [`SidecarConfig`].
+//! - [`pb`]: the generated protobuf types and gRPC clients/servers.
+
+pub mod config;
+pub mod demo;
+mod feed;
+pub mod hub;
+pub mod origin;
+pub mod pb;
+mod serve;
+mod sidecar;
+pub mod store;
+pub mod views;
+
+pub use config::{ConfigError, OriginConfig, SidecarConfig};
+pub use feed::FeedStats;
+pub use origin::{Origin, Put};
+pub use sidecar::{Sidecar, StartError};
+
+/// Resolves once a shutdown flag flips to true (or its sender is gone).
+pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,469 @@
+//! The `viewcar` command: parses arguments, sets up logging, and calls the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tracing::{error, info};
+use viewcar::pb::cache::v1 as cache;
+use viewcar::{demo, Origin, OriginConfig, Sidecar, SidecarConfig};
+
+/// Exit status for bad command lines and configs (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "viewcar",
+    version,
+    about = "A cache sidecar that ends IO explosion: one push subscription, precomputed views, localhost reads"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "VIEWCAR_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embedded origin with a demo catalog and change generator, plus a sidecar subscribed to it.
+    Demo(DemoArgs),
+    /// Serve viewcar's own origin (the Feed API).
+    Origin(OriginArgs),
+    /// Run the sidecar.
+    Sidecar {
+        /// The sidecar config file.
+        #[arg(long, env = "VIEWCAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a sidecar config and print its sources; exit 0 or 64.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Read one key from a sidecar and print its value.
+    Get {
+        source: String,
+        key: String,
+        /// The sidecar's Cache API.
+        #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
+        addr: String,
+    },
+    /// Watch keys (or, with no keys, every key) of a source and print each change.
+    Watch {
+        source: String,
+        keys: Vec<String>,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
+        addr: String,
+    },
+    /// List a sidecar's sources with their state.
+    Sources {
+        #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
+        addr: String,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct DemoArgs {
+    /// Where the embedded origin serves Feed (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    origin_listen: SocketAddr,
+    /// Where the sidecar serves the Cache API (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    grpc_listen: SocketAddr,
+    /// Catalog changes published per second.
+    #[arg(long, default_value_t = 50)]
+    rate: u32,
+    /// Products in the catalog.
+    #[arg(long, default_value_t = 3000)]
+    products: usize,
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        DemoArgs {
+            origin_listen: "127.0.0.1:7000".parse().expect("literal address"),
+            grpc_listen: "127.0.0.1:7070".parse().expect("literal address"),
+            rate: 50,
+            products: 3000,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct OriginArgs {
+    /// Where to serve Feed; overrides the config's `listen`.
+    #[arg(long, env = "VIEWCAR_ORIGIN_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The origin config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data to load at start (JSON or NDJSON); overrides the config's `seed`.
+    #[arg(long)]
+    seed: Option<PathBuf>,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("viewcar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Demo(DemoArgs::default()));
+    runtime.block_on(run(command))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Demo(args) => run_demo(args).await,
+        Command::Origin(args) => run_origin(args).await,
+        Command::Sidecar { config } => {
+            let cfg = match SidecarConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return usage(e),
+            };
+            match Sidecar::start(cfg).await {
+                Ok(sidecar) => {
+                    sidecar.run_until(shutdown_signal()).await;
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!(error = %e, "sidecar failed to start");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => match SidecarConfig::load(&config) {
+            Ok(cfg) => {
+                print!("{}", viewcar::config::describe(&cfg));
+                ExitCode::SUCCESS
+            }
+            Err(e) => usage(e),
+        },
+        Command::Get { source, key, addr } => client_get(&addr, source, key).await,
+        Command::Watch {
+            source,
+            keys,
+            prefix,
+            addr,
+        } => client_watch(&addr, source, keys, prefix).await,
+        Command::Sources { addr } => client_sources(&addr).await,
+    }
+}
+
+fn usage(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("viewcar: {e}");
+    ExitCode::from(EX_USAGE)
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+            info!(%addr, "address in use; taking any free port");
+            TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn run_demo(args: DemoArgs) -> ExitCode {
+    let origin_listener = match bind(args.origin_listen).await {
+        Ok(l) => l,
+        Err(e) => return usage(format!("cannot listen on {}: {e}", args.origin_listen)),
+    };
+    let origin_addr = match origin_listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return usage(e),
+    };
+    let origin = Origin::new(demo::origin_config(origin_addr));
+    let size = demo::CatalogSize {
+        products: args.products.max(1),
+        ..demo::CatalogSize::default()
+    };
+    demo::load(&origin, size, 1);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = {
+        let origin = origin.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = origin
+                .serve(origin_listener, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        })
+    };
+    let grpc = match bind(args.grpc_listen).await.and_then(|l| l.local_addr()) {
+        Ok(a) => a,
+        Err(e) => return usage(format!("cannot listen on {}: {e}", args.grpc_listen)),
+    };
+    let sidecar = match Sidecar::start(demo::sidecar_config(origin_addr, grpc)).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "sidecar failed to start");
+            return ExitCode::FAILURE;
+        }
+    };
+    sidecar.synced().await;
+    let generator = tokio::spawn(demo::generate(origin.clone(), size, args.rate, 2, stop_rx));
+    let g = sidecar.grpc_addr();
+    println!(
+        "viewcar demo is running ({} catalog changes/s). Ctrl-C stops it.",
+        args.rate
+    );
+    println!();
+    println!("  origin  (Feed API)   http://{origin_addr}");
+    println!("  sidecar (Cache API)  {g}");
+    println!();
+    println!("Sources:");
+    for s in sidecar.store().sources() {
+        println!(
+            "  {:<22} {:>6} keys  version {}",
+            s.name(),
+            s.len(),
+            s.version()
+        );
+    }
+    println!();
+    println!("Read a key (in another terminal):");
+    println!("  viewcar get products p00042 --addr {g}");
+    println!("  viewcar watch prices p00042 p00043 --addr {g}");
+    println!("  viewcar sources --addr {g}");
+    println!("  grpcurl -plaintext -import-path proto -proto viewcar/cache/v1/cache.proto \\");
+    println!(
+        "    -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
+    );
+    shutdown_signal().await;
+    stop_tx.send_replace(true);
+    let _ = generator.await;
+    sidecar.shutdown().await;
+    let _ = serving.await;
+    ExitCode::SUCCESS
+}
+
+async fn run_origin(args: OriginArgs) -> ExitCode {
+    let mut cfg = match &args.config {
+        Some(path) => match OriginConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => return usage(e),
+        },
+        None => OriginConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = Some(s);
+    }
+    let file = args
+        .config
+        .as_ref()
+        .map_or_else(|| "command line".to_string(), |p| p.display().to_string());
+    if let Err(e) = cfg.validate(&file) {
+        return usage(e);
+    }
+    let listen = cfg.listen;
+    let origin = match Origin::with_seed(cfg) {
+        Ok(o) => o,
+        Err(e) => return usage(e),
+    };
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(%listen, error = %e, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(addr = %listen, epoch = origin.epoch(), "origin serving Feed");
+    match origin.serve(listener, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "origin server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn cache_client(
+    addr: &str,
+) -> Result<cache::cache_client::CacheClient<tonic::transport::Channel>, ExitCode> {
+    let url = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    match cache::cache_client::CacheClient::connect(url).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("viewcar: cannot connect to {addr}: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn show_value(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("<{} bytes, not UTF-8>", v.len()),
+    }
+}
+
+async fn client_get(addr: &str, source: String, key: String) -> ExitCode {
+    let mut client = match cache_client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = cache::GetRequest {
+        source,
+        key,
+        options: Some(cache::ReadOptions {
+            wait_ms: 1000,
+            ..Default::default()
+        }),
+    };
+    match client.get(req).await {
+        Ok(resp) => {
+            let resp = resp.into_inner();
+            let item = resp.item.unwrap_or_default();
+            if item.found {
+                println!("{}", show_value(&item.value));
+                eprintln!(
+                    "(key version {}, source version {}, staleness {} ms)",
+                    item.version, resp.source_version, resp.staleness_ms
+                );
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("not found (source version {})", resp.source_version);
+                ExitCode::from(1)
+            }
+        }
+        Err(s) => {
+            eprintln!("viewcar: {}: {}", s.code(), s.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn client_watch(addr: &str, source: String, keys: Vec<String>, prefix: String) -> ExitCode {
+    let mut client = match cache_client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let req = cache::WatchRequest {
+        source,
+        keys,
+        prefix,
+        send_initial: true,
+    };
+    let mut stream = match client.watch(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            eprintln!("viewcar: {}: {}", s.code(), s.message());
+            return ExitCode::FAILURE;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(ev)) => match ev.kind {
+                Some(cache::watch_event::Kind::Upsert(i)) => {
+                    println!("upsert {} v{} {}", i.key, i.version, show_value(&i.value))
+                }
+                Some(cache::watch_event::Kind::Delete(i)) => {
+                    println!("delete {} v{}", i.key, i.version)
+                }
+                Some(cache::watch_event::Kind::Synced(v)) => println!("synced at version {v}"),
+                Some(cache::watch_event::Kind::Reset(r)) => println!("reset: {r}"),
+                None => {}
+            },
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(s) => {
+                eprintln!("viewcar: {}: {}", s.code(), s.message());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
+async fn client_sources(addr: &str) -> ExitCode {
+    let mut client = match cache_client(addr).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match client.list_sources(cache::ListSourcesRequest {}).await {
+        Ok(resp) => {
+            println!(
+                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
+                "source", "kind", "mode", "origin", "keys", "version", "synced", "stale_ms"
+            );
+            for s in resp.into_inner().sources {
+                println!(
+                    "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
+                    s.name, s.kind, s.mode, s.origin, s.keys, s.version, s.synced, s.staleness_ms
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(s) => {
+            eprintln!("viewcar: {}: {}", s.code(), s.message());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! viewcar's own origin: topics held in memory, a retained window of recent changes per topic,
+//! and the `Feed` service that pushes them to sidecars.
+//!
+//! A topic's rows live in a persistent ordered map, so a subscribing stream takes its snapshot
+//! as an O(1) clone under the topic lock and copies nothing while publishers wait. Versions are
+//! contiguous per topic: one `Publish` = one version.
+//!
+//! Publishers never wait for streams: each stream has a bounded queue, and a stream whose queue
+//! is full is marked lagged for that topic and caught up later with `Reset` + snapshot.
+
+mod seed;
+mod session;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::config::OriginConfig;
+use crate::pb::feed::v1 as pb;
+
+pub use seed::SeedError;
+
+/// Why a publish was refused; nothing of it was applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    #[error("topic name is empty")]
+    EmptyTopic,
+    #[error("unknown topic '{0}': this origin declares its topics and that is not one of them")]
+    UnknownTopic(String),
+    #[error("publish carries no changes")]
+    NoChanges,
+    #[error("publish carries {got} changes; the limit is {limit}")]
+    TooManyChanges { got: usize, limit: usize },
+    #[error("change {index} has an empty key")]
+    EmptyKey { index: usize },
+    #[error("key '{0}' appears twice in one publish")]
+    DuplicateKey(String),
+}
+
+impl From<PublishError> for Status {
+    fn from(e: PublishError) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// One change of a publish; `value: None` deletes the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    pub key: String,
+    pub value: Option<Bytes>,
+}
+
+impl Put {
+    pub fn upsert(key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        Put {
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+
+    pub fn delete(key: impl Into<String>) -> Self {
+        Put {
+            key: key.into(),
+            value: None,
+        }
+    }
+}
+
+/// Counters of an origin: what its streams were sent.
+#[derive(Debug, Default)]
+pub struct OriginStats {
+    pub published: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub snapshots_sent: AtomicU64,
+    pub resets_sent: AtomicU64,
+    pub resumes: AtomicU64,
+    pub batches_sent: AtomicU64,
+    /// Streams that fell behind their queue and were caught up by Reset + snapshot.
+    pub lagged: AtomicU64,
+    pub progress_sent: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub value: Bytes,
+    pub version: u64,
+}
+
+/// A published version, as retained and as queued to streams.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub version: u64,
+    pub changes: Vec<pb::Change>,
+    pub bytes: usize,
+}
+
+pub(crate) type SessionId = u64;
+
+/// A stream's interest in a topic, kept under the topic lock so that publish sees it
+/// consistently.
+pub(crate) struct Interest {
+    /// `None` = the whole topic.
+    pub keys: Option<HashSet<Arc<str>>>,
+    pub queue: Arc<session::Queue>,
+    /// Batches of this topic queued and not yet taken by the stream.
+    pub pending: Arc<AtomicU64>,
+    pub lagged: bool,
+}
+
+pub(crate) struct TopicState {
+    pub data: imbl::OrdMap<Arc<str>, Stored>,
+    pub version: u64,
+    pub log: VecDeque<Arc<Batch>>,
+    pub log_bytes: usize,
+    pub interests: HashMap<SessionId, Interest>,
+}
+
+pub(crate) struct Topic {
+    pub name: Arc<str>,
+    pub state: Mutex<TopicState>,
+}
+
+impl Topic {
+    fn new(name: &str) -> Self {
+        Topic {
+            name: Arc::from(name),
+            state: Mutex::new(TopicState {
+                data: imbl::OrdMap::new(),
+                version: 0,
+                log: VecDeque::new(),
+                log_bytes: 0,
+                interests: HashMap::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, TopicState> {
+        // Every critical section leaves the state whole before it can panic (allocation aside),
+        // so a poisoned lock still guards consistent data.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(crate) struct Inner {
+    pub cfg: OriginConfig,
+    pub epoch: String,
+    pub topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    pub declared: Option<HashSet<String>>,
+    pub stats: OriginStats,
+    pub streams: Arc<Semaphore>,
+    pub next_session: AtomicU64,
+    /// Flips to true when the origin shuts down: streams end at once.
+    pub closing: watch::Sender<bool>,
+}
+
+/// An origin: embed it in a Rust service (call [`Origin::publish`] on writes, serve
+/// [`Origin::service`]) or run it as `viewcar origin`.
+#[derive(Clone)]
+pub struct Origin {
+    inner: Arc<Inner>,
+}
+
+impl Origin {
+    /// A new, empty origin with a fresh epoch.
+    pub fn new(cfg: OriginConfig) -> Self {
+        let declared = if cfg.topics.is_empty() {
+            None
+        } else {
+            Some(cfg.topics.iter().cloned().collect())
+        };
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        let topics = cfg
+            .topics
+            .iter()
+            .map(|t| (Arc::from(t.as_str()), Arc::new(Topic::new(t))))
+            .collect();
+        let streams = Arc::new(Semaphore::new(cfg.max_streams));
+        Origin {
+            inner: Arc::new(Inner {
+                cfg,
+                epoch,
+                topics: RwLock::new(topics),
+                declared,
+                stats: OriginStats::default(),
+                streams,
+                next_session: AtomicU64::new(1),
+                closing: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// A new origin loaded with the config's seed file, if any.
+    pub fn with_seed(cfg: OriginConfig) -> Result<Self, SeedError> {
+        let seed = cfg.seed.clone();
+        let origin = Origin::new(cfg);
+        if let Some(path) = seed {
+            let n = seed::load(&origin, &path)?;
+            info!(file = %path.display(), keys = n, "seed loaded");
+        }
+        Ok(origin)
+    }
+
+    /// This incarnation's id: versions are comparable only within one epoch.
+    pub fn epoch(&self) -> &str {
+        &self.inner.epoch
+    }
+
+    pub fn stats(&self) -> &OriginStats {
+        &self.inner.stats
+    }
+
+    pub fn config(&self) -> &OriginConfig {
+        &self.inner.cfg
+    }
+
+    pub(crate) fn topic(&self, name: &str, create: bool) -> Result<Arc<Topic>, PublishError> {
+        if name.is_empty() {
+            return Err(PublishError::EmptyTopic);
+        }
+        if let Some(t) = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(t.clone());
+        }
+        if self.inner.declared.is_some() || !create {
+            return Err(PublishError::UnknownTopic(name.to_string()));
+        }
+        let mut topics = self.inner.topics.write().unwrap_or_else(|p| p.into_inner());
+        Ok(topics
+            .entry(Arc::from(name))
+            .or_insert_with(|| Arc::new(Topic::new(name)))
+            .clone())
+    }
+
+    /// Topic names, sorted.
+    pub fn topics(&self) -> Vec<String> {
+        let topics = self.inner.topics.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = topics.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// The current version of a topic (0 = never published).
+    pub fn version(&self, topic: &str) -> Option<u64> {
+        let t = self.topic(topic, false).ok()?;
+        let v = t.lock().version;
+        Some(v)
+    }
+
+    /// Every row of a topic, in key order (for tests and tools).
+    pub fn rows(&self, topic: &str) -> Vec<(String, Bytes)> {
+        let Ok(t) = self.topic(topic, false) else {
+            return Vec::new();
+        };
+        let data = t.lock().data.clone();
+        data.iter()
+            .map(|(k, v)| (k.to_string(), v.value.clone()))
+            .collect()
+    }
+
+    /// Applies `changes` to `topic` as one new version and pushes it to subscribed streams.
+    /// All or nothing: a refused publish changes nothing.
+    pub fn publish(&self, topic: &str, changes: Vec<Put>) -> Result<pb::Position, PublishError> {
+        self.publish_inner(topic, changes, true)
+    }
+
+    pub(crate) fn publish_inner(
+        &self,
+        topic: &str,
+        changes: Vec<Put>,
+        limit: bool,
+    ) -> Result<pb::Position, PublishError> {
+        if topic.is_empty() {
+            return Err(PublishError::EmptyTopic);
+        }
+        if changes.is_empty() {
+            return Err(PublishError::NoChanges);
+        }
+        let max = self.inner.cfg.max_publish_changes;
+        if limit && changes.len() > max {
+            return Err(PublishError::TooManyChanges {
+                got: changes.len(),
+                limit: max,
+            });
+        }
+        let mut uniq = HashSet::with_capacity(changes.len());
+        for (index, c) in changes.iter().enumerate() {
+            if c.key.is_empty() {
+                return Err(PublishError::EmptyKey { index });
+            }
+            if !uniq.insert(c.key.as_str()) {
+                return Err(PublishError::DuplicateKey(c.key.clone()));
+            }
+        }
+        drop(uniq);
+        let t = self.topic(topic, true)?;
+        let mut bytes = 0;
+        let pb_changes: Vec<pb::Change> = changes
+            .into_iter()
+            .map(|c| {
+                bytes += c.key.len() + c.value.as_ref().map_or(0, |v| v.len()) + 8;
+                match c.value {
+                    Some(value) => pb::Change {
+                        key: c.key,
+                        value,
+                        deleted: false,
+                    },
+                    None => pb::Change {
+                        key: c.key,
+                        value: Bytes::new(),
+                        deleted: true,
+                    },
+                }
+            })
+            .collect();
+        let mut st = t.lock();
+        let version = st.version + 1;
+        for c in &pb_changes {
+            if c.deleted {
+                st.data.remove(c.key.as_str());
+            } else {
+                st.data.insert(
+                    Arc::from(c.key.as_str()),
+                    Stored {
+                        value: c.value.clone(),
+                        version,
+                    },
+                );
+            }
+        }
+        st.version = version;
+        let batch = Arc::new(Batch {
+            version,
+            changes: pb_changes,
+            bytes,
+        });
+        st.log_bytes += batch.bytes;
+        st.log.push_back(batch.clone());
+        let (max_n, max_b) = (
+            self.inner.cfg.retain_batches,
+            self.inner.cfg.retain_bytes.as_usize(),
+        );
+        while st.log.len() > max_n || (st.log_bytes > max_b && st.log.len() > 1) {
+            if let Some(b) = st.log.pop_front() {
+                st.log_bytes -= b.bytes;
+            }
+        }
+        let st = &mut *st;
+        for interest in st.interests.values_mut() {
+            session::offer(&self.inner, &t.name, interest, &batch);
+        }
+        self.inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        Ok(pb::Position {
+            epoch: self.inner.epoch.clone(),
+            version,
+        })
+    }
+
+    /// Point reads of a topic.
+    pub fn fetch(&self, topic: &str, keys: &[String]) -> Result<pb::FetchResponse, PublishError> {
+        let t = self.topic(topic, false)?;
+        let (data, version) = {
+            let st = t.lock();
+            (st.data.clone(), st.version)
+        };
+        let mut resp = pb::FetchResponse {
+            position: Some(pb::Position {
+                epoch: self.inner.epoch.clone(),
+                version,
+            }),
+            ..Default::default()
+        };
+        for k in keys {
+            match data.get(k.as_str()) {
+                Some(s) => resp.entries.push(pb::Entry {
+                    key: k.clone(),
+                    value: s.value.clone(),
+                    version: s.version,
+                }),
+                None => resp.missing.push(k.clone()),
+            }
+        }
+        Ok(resp)
+    }
+
+    /// The gRPC service, with the configured message limits.
+    pub fn service(&self) -> pb::feed_server::FeedServer<FeedService> {
+        let max = self.inner.cfg.max_message_bytes.as_usize();
+        pb::feed_server::FeedServer::new(FeedService {
+            origin: self.clone(),
+        })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+    }
+
+    /// Ends every open stream now (sidecars see the feed drop and reconnect).
+    pub fn close_streams(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Serves `Feed` on `listener` until `shutdown` resolves; open streams are ended then.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let me = self.clone();
+        let shutdown = async move {
+            shutdown.await;
+            me.close_streams();
+        };
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+}
+
+/// The `Feed` gRPC service of an [`Origin`].
+pub struct FeedService {
+    origin: Origin,
+}
+
+#[tonic::async_trait]
+impl pb::feed_server::Feed for FeedService {
+    type SyncStream = ReceiverStream<Result<pb::SyncResponse, Status>>;
+
+    async fn sync(
+        &self,
+        request: Request<tonic::Streaming<pb::SyncRequest>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let inner = self.origin.inner.clone();
+        if *inner.closing.borrow() {
+            return Err(Status::unavailable("origin is shutting down"));
+        }
+        let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "origin serves at most {} streams (max_streams)",
+                inner.cfg.max_streams
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let origin = self.origin.clone();
+        let requests = request.into_inner();
+        tokio::spawn(async move {
+            session::run(origin, requests, tx).await;
+            drop(permit);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        let req = request.into_inner();
+        let resp = self
+            .origin
+            .fetch(&req.topic, &req.keys)
+            .map_err(|e| match e {
+                PublishError::UnknownTopic(t) => Status::not_found(format!("no topic named '{t}'")),
+                other => Status::from(other),
+            })?;
+        Ok(Response::new(resp))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = request.into_inner();
+        let changes = req
+            .changes
+            .into_iter()
+            .map(|c| Put {
+                key: c.key,
+                value: if c.deleted { None } else { Some(c.value) },
+            })
+            .collect();
+        let position = self.origin.publish(&req.topic, changes)?;
+        Ok(Response::new(pb::PublishResponse {
+            position: Some(position),
+        }))
+    }
+}

@@ -1,0 +1,315 @@
+//! The Cache gRPC API: Get, BatchGet, Scan, Watch and ListSources over the store.
+//!
+//! The read path is synchronous when the source is synced and fresh enough: no `.await`, no
+//! lock held across one. Waiting (`wait_ms`) happens only when the caller asked for a version or
+//! a sync the source has not reached yet.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Limits;
+use crate::hub::{Hub, Selection, Update, Watcher};
+use crate::pb::cache::v1 as pb;
+use crate::store::{Source, Store};
+
+/// The `Cache` service of a sidecar.
+pub struct CacheService {
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    limits: Limits,
+    watches: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl CacheService {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        hub: Arc<Hub>,
+        limits: Limits,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let watches = Arc::new(Semaphore::new(limits.max_watches));
+        CacheService {
+            store,
+            hub,
+            limits,
+            watches,
+            shutdown,
+        }
+    }
+
+    fn source(&self, name: &str) -> Result<&Arc<Source>, Status> {
+        if name.is_empty() {
+            return Err(Status::invalid_argument("source is empty"));
+        }
+        self.store
+            .source(name)
+            .ok_or_else(|| Status::not_found(format!("no source named '{name}'")))
+    }
+
+    /// Waits (within `wait_ms`) until the source is synced and at `min_version`, then checks
+    /// `max_staleness_ms`.
+    async fn ready(&self, source: &Source, opts: &pb::ReadOptions) -> Result<(), Status> {
+        let ok = |s: &Source| s.is_synced() && s.version() >= opts.min_version;
+        if !ok(source) {
+            let wait = Duration::from_millis(u64::from(opts.wait_ms)).min(self.limits.max_wait.0);
+            let mut changes = source.subscribe_changes();
+            let waited = tokio::time::timeout(wait, async {
+                while !ok(source) {
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if waited.is_err() || !ok(source) {
+                let name = source.name();
+                let ms = wait.as_millis();
+                return Err(if !source.is_synced() {
+                    Status::unavailable(format!(
+                        "source '{name}' has not synced yet (waited {ms} ms)"
+                    ))
+                } else {
+                    Status::unavailable(format!(
+                        "source '{name}' is at version {}, below min_version {} (waited {ms} ms)",
+                        source.version(),
+                        opts.min_version
+                    ))
+                });
+            }
+        }
+        if opts.max_staleness_ms > 0 {
+            let stale = source.staleness_ms();
+            if stale > u64::from(opts.max_staleness_ms) {
+                return Err(Status::unavailable(format!(
+                    "source '{}' is {stale} ms stale, above max_staleness_ms {}",
+                    source.name(),
+                    opts.max_staleness_ms
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn item(source: &Source, key: String) -> pb::Item {
+    match source.get(&key) {
+        Some(row) => pb::Item {
+            source: source.name().to_string(),
+            key,
+            found: true,
+            value: row.value,
+            version: row.version,
+        },
+        None => pb::Item {
+            source: source.name().to_string(),
+            key,
+            found: false,
+            value: Default::default(),
+            version: 0,
+        },
+    }
+}
+
+fn update_event(source: &str, u: Update) -> pb::WatchEvent {
+    use pb::watch_event::Kind;
+    let kind = match u {
+        Update::Row {
+            key,
+            version,
+            value,
+        } => Kind::Upsert(pb::Item {
+            source: source.to_string(),
+            key: key.to_string(),
+            found: true,
+            value,
+            version,
+        }),
+        Update::Deleted { key, version } => Kind::Delete(pb::Item {
+            source: source.to_string(),
+            key: key.to_string(),
+            found: false,
+            value: Default::default(),
+            version,
+        }),
+        Update::Synced(v) => Kind::Synced(v),
+        Update::Reset(reason) => Kind::Reset(reason.to_string()),
+    };
+    pb::WatchEvent { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl pb::cache_server::Cache for CacheService {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let source = self.source(&req.source)?;
+        if req.key.is_empty() {
+            return Err(Status::invalid_argument("key is empty"));
+        }
+        self.ready(source, &req.options.unwrap_or_default()).await?;
+        let item = item(source, req.key);
+        Ok(Response::new(pb::GetResponse {
+            item: Some(item),
+            source_version: source.version(),
+            staleness_ms: source.staleness_ms(),
+        }))
+    }
+
+    async fn batch_get(
+        &self,
+        request: Request<pb::BatchGetRequest>,
+    ) -> Result<Response<pb::BatchGetResponse>, Status> {
+        let req = request.into_inner();
+        if req.keys.len() > self.limits.max_batch_keys {
+            return Err(Status::invalid_argument(format!(
+                "BatchGet names {} keys; the limit is {} (limits.max_batch_keys)",
+                req.keys.len(),
+                self.limits.max_batch_keys
+            )));
+        }
+        let opts = req.options.unwrap_or_default();
+        let mut checked: HashSet<&str> = HashSet::new();
+        for k in &req.keys {
+            if checked.insert(k.source.as_str()) {
+                let source = self.source(&k.source)?;
+                self.ready(source, &opts).await?;
+            }
+        }
+        let mut items = Vec::with_capacity(req.keys.len());
+        for k in req.keys {
+            let source = self.source(&k.source)?;
+            items.push(item(source, k.key));
+        }
+        Ok(Response::new(pb::BatchGetResponse { items }))
+    }
+
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let req = request.into_inner();
+        let source = self.source(&req.source)?;
+        self.ready(source, &req.options.unwrap_or_default()).await?;
+        let limit = match req.limit {
+            0 => self.limits.scan_default_limit,
+            n => n.min(self.limits.scan_max_limit),
+        } as usize;
+        let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+        let mut rows = source.keyspace().scan(&req.prefix, after, limit + 1);
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_page_token = if more {
+            rows.last().map(|(k, _)| k.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let items = rows
+            .into_iter()
+            .map(|(k, row)| pb::Item {
+                source: req.source.clone(),
+                key: k.to_string(),
+                found: true,
+                value: row.value,
+                version: row.version,
+            })
+            .collect();
+        Ok(Response::new(pb::ScanResponse {
+            items,
+            next_page_token,
+        }))
+    }
+
+    type WatchStream = ReceiverStream<Result<pb::WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let source = self.source(&req.source)?.clone();
+        if !req.keys.is_empty() && !req.prefix.is_empty() {
+            return Err(Status::invalid_argument(
+                "watch either keys or a prefix, not both",
+            ));
+        }
+        if req.keys.len() > self.limits.max_watch_keys {
+            return Err(Status::invalid_argument(format!(
+                "Watch names {} keys; the limit is {} (limits.max_watch_keys)",
+                req.keys.len(),
+                self.limits.max_watch_keys
+            )));
+        }
+        if req.keys.iter().any(|k| k.is_empty()) {
+            return Err(Status::invalid_argument("a watched key is empty"));
+        }
+        let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "at most {} watches at once (limits.max_watches)",
+                self.limits.max_watches
+            ))
+        })?;
+        let selection = if req.keys.is_empty() {
+            Selection::Prefix(req.prefix)
+        } else {
+            Selection::Keys(req.keys)
+        };
+        let name = source.name().to_string();
+        let mut watcher = Watcher::new(
+            &self.hub,
+            source,
+            selection,
+            req.send_initial,
+            self.limits.watch_queue,
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let update = tokio::select! {
+                    u = watcher.next() => u,
+                    _ = tx.closed() => None,
+                    _ = crate::signalled(&mut shutdown) => None,
+                };
+                let Some(u) = update else { break };
+                if tx.send(Ok(update_event(&name, u))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_sources(
+        &self,
+        _request: Request<pb::ListSourcesRequest>,
+    ) -> Result<Response<pb::ListSourcesResponse>, Status> {
+        let sources = self
+            .store
+            .sources()
+            .iter()
+            .map(|s| pb::SourceStatus {
+                name: s.name().to_string(),
+                kind: if s.is_view() { "view" } else { "topic" }.to_string(),
+                mode: s.mode().as_str().to_string(),
+                origin: s.origin().unwrap_or_default().to_string(),
+                synced: s.is_synced(),
+                version: s.version(),
+                keys: s.len() as u64,
+                staleness_ms: s.staleness_ms(),
+                connected: s.is_connected(),
+                epoch: s.epoch().to_string(),
+                bytes: s.bytes(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListSourcesResponse { sources }))
+    }
+}

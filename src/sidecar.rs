@@ -1,0 +1,203 @@
+//! A running sidecar: the store, the single writer, one feed client per origin, and the Cache
+//! gRPC listener, all driven by one shutdown signal.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::config::{Mode, SidecarConfig};
+use crate::feed::{FeedClient, FeedStats};
+use crate::hub::Hub;
+use crate::pb::cache::v1 as pb;
+use crate::serve::grpc::CacheService;
+use crate::store::writer::{Writer, WriterStats};
+use crate::store::{Clock, Source, SourceKind, Store};
+
+/// Why a sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Views(#[from] crate::views::ViewError),
+}
+
+/// A started sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
+pub struct Sidecar {
+    store: Arc<Store>,
+    hub: Arc<Hub>,
+    feeds: HashMap<String, Arc<FeedStats>>,
+    writer_stats: Arc<WriterStats>,
+    grpc_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Sidecar {
+    /// Builds the sources and views of `cfg`, binds the listeners, and starts syncing.
+    pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, StartError> {
+        let clock = Clock::new();
+        let live = cfg.feed.live_window.0;
+        let mut store = Store::new();
+        let mut per_origin = Vec::new();
+        for o in &cfg.origins {
+            let origin: Arc<str> = Arc::from(o.name.as_str());
+            let sources: Vec<Arc<Source>> = o
+                .topics
+                .iter()
+                .map(|t| {
+                    store.add(Source::new(
+                        &t.name,
+                        SourceKind::Topic {
+                            origin: origin.clone(),
+                        },
+                        t.mode,
+                        clock,
+                        live,
+                    ))
+                })
+                .collect();
+            per_origin.push((o.clone(), sources));
+        }
+        let derive = crate::views::build(&cfg.views, &mut store, clock)?;
+        let store = Arc::new(store);
+        let hub = Arc::new(Hub::new());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let listener =
+            TcpListener::bind(cfg.listen.grpc)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: cfg.listen.grpc,
+                    source,
+                })?;
+        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: cfg.listen.grpc,
+            source,
+        })?;
+        if !grpc_addr.ip().is_loopback() {
+            warn!(addr = %grpc_addr, "Cache API listens beyond loopback");
+        }
+
+        let mut tasks = Vec::new();
+        let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
+        let writer_stats = Arc::new(WriterStats::default());
+        let derive = derive.map(|d| d.attach(store.clone()));
+        let writer = Writer::new(hub.clone(), derive, writer_stats.clone());
+        tasks.push(tokio::spawn(writer.run(wrx)));
+
+        let mut feeds = HashMap::new();
+        let max_message = cfg.limits.max_message_bytes.as_usize();
+        for (spec, sources) in per_origin {
+            let stats = Arc::new(FeedStats::default());
+            feeds.insert(spec.name.clone(), stats.clone());
+            let client = FeedClient::new(
+                spec,
+                cfg.feed.clone(),
+                max_message,
+                sources,
+                wtx.clone(),
+                stats,
+            );
+            tasks.push(tokio::spawn(client.run(shutdown_rx.clone())));
+        }
+        drop(wtx);
+
+        let service = CacheService::new(
+            store.clone(),
+            hub.clone(),
+            cfg.limits.clone(),
+            shutdown_rx.clone(),
+        );
+        let server = pb::cache_server::CacheServer::new(service)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let mut sd = shutdown_rx.clone();
+        let grpc = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
+            .http2_keepalive_interval(Some(cfg.feed.keepalive_interval.0))
+            .http2_keepalive_timeout(Some(cfg.feed.keepalive_timeout.0))
+            .add_service(server)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = sd.wait_for(|s| *s).await;
+            });
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = grpc.await {
+                warn!(error = %e, "Cache API server failed");
+            }
+        }));
+        info!(grpc = %grpc_addr, sources = store.sources().len(), "sidecar started");
+        Ok(Sidecar {
+            store,
+            hub,
+            feeds,
+            writer_stats,
+            grpc_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Where the Cache gRPC API listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Feed counters of the named origin.
+    pub fn feed_stats(&self, origin: &str) -> Option<&Arc<FeedStats>> {
+        self.feeds.get(origin)
+    }
+
+    pub fn writer_stats(&self) -> &Arc<WriterStats> {
+        &self.writer_stats
+    }
+
+    /// Resolves once every full source has synced.
+    pub async fn synced(&self) {
+        for s in self.store.sources() {
+            if s.mode() != Mode::Full {
+                continue;
+            }
+            let mut rx = s.subscribe_changes();
+            while !s.is_synced() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Stops feeds and listeners and waits for them.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Runs until `signal` resolves, then shuts down.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        info!("shutting down");
+        self.shutdown().await;
+    }
+}

@@ -1,0 +1,430 @@
+//! Sources: versioned keyspaces that readers name (topic replicas and views), with the freshness
+//! state readers are told about.
+//!
+//! Readers go through [`Source::get`] and friends: lock-free loads, no `.await`. Only the writer
+//! task mutates (the `pub(crate)` methods), so per-key versions and the source version move
+//! forward in the order the writer applied them.
+//!
+//! A snapshot never shows half-applied to readers: it is staged into a fresh [`Keyspace`] and
+//! swapped in with one atomic pointer store.
+
+pub(crate) mod writer;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use crate::config::Mode;
+
+/// A stored value and the version that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub value: Bytes,
+    pub version: u64,
+}
+
+/// One change applied to a source, as handed to views and subscribers. `value: None` = deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub source: Arc<str>,
+    pub key: Arc<str>,
+    pub version: u64,
+    pub value: Option<Bytes>,
+}
+
+/// What a source is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A replica of a topic of the named origin.
+    Topic { origin: Arc<str> },
+    /// A view maintained by the sidecar.
+    View,
+}
+
+/// The rows of a source at one moment: a concurrent map for point reads plus an ordered key index
+/// for prefix scans. Only the writer inserts or removes keys.
+#[derive(Debug, Default)]
+pub struct Keyspace {
+    map: DashMap<Arc<str>, Row>,
+    index: RwLock<BTreeSet<Arc<str>>>,
+    bytes: AtomicU64,
+}
+
+fn entry_bytes(key: &str, value: &Bytes) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+impl Keyspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, key: &str) -> Option<Row> {
+        self.map.get(key).map(|r| r.value().clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Bytes of keys and values held (not counting map overhead).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Inserts or replaces; returns the previous row.
+    pub(crate) fn put(&self, key: Arc<str>, row: Row) -> Option<Row> {
+        let add = entry_bytes(&key, &row.value);
+        let old = self.map.insert(key.clone(), row);
+        match &old {
+            Some(o) => {
+                let sub = entry_bytes(&key, &o.value);
+                self.adjust_bytes(add, sub);
+            }
+            None => {
+                self.bytes.fetch_add(add, Ordering::Relaxed);
+                self.index_write().insert(key);
+            }
+        }
+        old
+    }
+
+    pub(crate) fn remove(&self, key: &str) -> Option<Row> {
+        let (k, old) = self.map.remove(key)?;
+        self.bytes
+            .fetch_sub(entry_bytes(&k, &old.value), Ordering::Relaxed);
+        self.index_write().remove(key);
+        Some(old)
+    }
+
+    fn adjust_bytes(&self, add: u64, sub: u64) {
+        if add >= sub {
+            self.bytes.fetch_add(add - sub, Ordering::Relaxed);
+        } else {
+            self.bytes.fetch_sub(sub - add, Ordering::Relaxed);
+        }
+    }
+
+    fn index_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<Arc<str>>> {
+        // A poisoned lock only means a panic elsewhere while holding it; the set itself is
+        // always consistent (single insert/remove calls), so keep using it.
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to `limit` rows whose key starts with `prefix` and sorts after `after`, in key order.
+    pub fn scan(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(Arc<str>, Row)> {
+        let keys: Vec<Arc<str>> = {
+            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+            let start = match after {
+                Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+                _ => std::ops::Bound::Included(prefix),
+            };
+            index
+                .range::<str, _>((start, std::ops::Bound::Unbounded))
+                .take_while(|k| k.starts_with(prefix))
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        keys.into_iter()
+            .filter_map(|k| {
+                let row = self.get(&k)?;
+                Some((k, row))
+            })
+            .collect()
+    }
+
+    /// Every key, in order (for diffs and recomputes; not a reader path).
+    pub fn keys(&self) -> Vec<Arc<str>> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        index.iter().cloned().collect()
+    }
+}
+
+/// A monotonic millisecond clock shared by a store, so that freshness can live in atomics.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    base: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            base: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A named, versioned keyspace that readers can read, scan and watch.
+#[derive(Debug)]
+pub struct Source {
+    name: Arc<str>,
+    kind: SourceKind,
+    mode: Mode,
+    rows: ArcSwap<Keyspace>,
+    epoch: ArcSwap<String>,
+    version: AtomicU64,
+    synced: AtomicBool,
+    connected: AtomicBool,
+    /// Clock ms when the origin last confirmed this source current (0 = never).
+    last_heard_ms: AtomicU64,
+    live_window_ms: u64,
+    clock: Clock,
+    /// Ticks on every applied version and on sync, so that waiting readers wake up.
+    changed: watch::Sender<u64>,
+}
+
+impl Source {
+    pub(crate) fn new(
+        name: &str,
+        kind: SourceKind,
+        mode: Mode,
+        clock: Clock,
+        live_window: Duration,
+    ) -> Self {
+        Source {
+            name: Arc::from(name),
+            kind,
+            mode,
+            rows: ArcSwap::from_pointee(Keyspace::new()),
+            epoch: ArcSwap::from_pointee(String::new()),
+            version: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            last_heard_ms: AtomicU64::new(0),
+            live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
+            clock,
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    pub fn kind(&self) -> &SourceKind {
+        &self.kind
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn is_view(&self) -> bool {
+        self.kind == SourceKind::View
+    }
+
+    /// The origin this source replicates, if it is a topic replica.
+    pub fn origin(&self) -> Option<&str> {
+        match &self.kind {
+            SourceKind::Topic { origin } => Some(origin),
+            SourceKind::View => None,
+        }
+    }
+
+    /// A point read: lock-free, never waits.
+    pub fn get(&self, key: &str) -> Option<Row> {
+        self.rows.load().get(key)
+    }
+
+    /// The current keyspace; it stays whole even if a snapshot swaps in meanwhile.
+    pub fn keyspace(&self) -> Arc<Keyspace> {
+        self.rows.load_full()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.load().is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.rows.load().bytes()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn epoch(&self) -> Arc<String> {
+        self.epoch.load_full()
+    }
+
+    /// True once the first snapshot (or, for a view, every input) has been applied. Once true it
+    /// stays true: a later resnapshot swaps atomically, so readers always have whole data.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// 0 while the source is live (a view: while all it reads are live); otherwise ms since the
+    /// origin last confirmed it current. Never-synced sources report ms since start.
+    pub fn staleness_ms(&self) -> u64 {
+        let now = self.clock.now_ms();
+        let heard = self.last_heard_ms.load(Ordering::Relaxed);
+        let since = now.saturating_sub(heard);
+        if self.is_connected() && since <= self.live_window_ms {
+            0
+        } else {
+            since
+        }
+    }
+
+    /// A receiver that changes whenever the source applies a version or syncs.
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    // ----- writer side -----
+
+    pub(crate) fn put(&self, key: Arc<str>, row: Row) -> Option<Row> {
+        self.rows.load().put(key, row)
+    }
+
+    pub(crate) fn remove(&self, key: &str) -> Option<Row> {
+        self.rows.load().remove(key)
+    }
+
+    /// Replaces every row at once; returns the old keyspace.
+    pub(crate) fn swap(&self, keyspace: Keyspace) -> Arc<Keyspace> {
+        self.rows.swap(Arc::new(keyspace))
+    }
+
+    pub(crate) fn set_epoch(&self, epoch: &str) {
+        if self.epoch.load().as_str() != epoch {
+            self.epoch.store(Arc::new(epoch.to_string()));
+        }
+    }
+
+    /// Advances the source version (never backwards within an epoch) and wakes waiters.
+    pub(crate) fn set_version(&self, version: u64) {
+        self.version.store(version, Ordering::Release);
+        self.changed.send_replace(version);
+    }
+
+    pub(crate) fn mark_synced(&self) {
+        if !self.synced.swap(true, Ordering::AcqRel) {
+            self.changed.send_replace(self.version());
+        }
+    }
+
+    pub(crate) fn set_connected(&self, connected: bool) {
+        if !connected && self.connected.load(Ordering::Relaxed) {
+            // The data was current up to the moment the stream went away.
+            self.heard();
+        }
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    pub(crate) fn heard(&self) {
+        self.last_heard_ms
+            .store(self.clock.now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// Every source of a sidecar, by name. The set is fixed when the sidecar starts.
+#[derive(Debug, Default)]
+pub struct Store {
+    sources: HashMap<Arc<str>, Arc<Source>>,
+    order: Vec<Arc<Source>>,
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn add(&mut self, source: Source) -> Arc<Source> {
+        let s = Arc::new(source);
+        self.sources.insert(s.name.clone(), s.clone());
+        self.order.push(s.clone());
+        s
+    }
+
+    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
+        self.sources.get(name)
+    }
+
+    /// Sources in the order they were declared.
+    pub fn sources(&self) -> &[Arc<Source>] {
+        &self.order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: &str, version: u64) -> Row {
+        Row {
+            value: Bytes::from(v.to_string()),
+            version,
+        }
+    }
+
+    #[test]
+    fn keyspace_tracks_bytes_and_order() {
+        let ks = Keyspace::new();
+        ks.put("b".into(), row("xx", 1));
+        ks.put("a".into(), row("y", 1));
+        ks.put("ab".into(), row("zzz", 2));
+        assert_eq!(ks.bytes(), 3 + 2 + 5);
+        ks.put("a".into(), row("yyyy", 3));
+        assert_eq!(ks.bytes(), 3 + 5 + 5);
+        let got: Vec<_> = ks.scan("a", None, 10).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(got, vec![Arc::from("a"), Arc::from("ab")]);
+        let got: Vec<_> = ks
+            .scan("a", Some("a"), 10)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, vec![Arc::from("ab")]);
+        assert_eq!(ks.remove("ab").unwrap().version, 2);
+        assert_eq!(ks.bytes(), 3 + 5);
+        assert_eq!(ks.keys(), vec![Arc::from("a"), Arc::from("b")]);
+    }
+
+    #[test]
+    fn staleness_is_zero_only_while_live() {
+        let s = Source::new(
+            "t",
+            SourceKind::View,
+            Mode::Full,
+            Clock::new(),
+            Duration::from_secs(60),
+        );
+        s.set_connected(true);
+        s.heard();
+        assert_eq!(s.staleness_ms(), 0);
+        s.set_connected(false);
+        // Disconnected: measured from the moment it was last heard, so it only grows.
+        let a = s.staleness_ms();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(s.staleness_ms() >= a + 5);
+    }
+}

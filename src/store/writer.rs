@@ -1,0 +1,294 @@
+//! The single writer: the only task that mutates sources.
+//!
+//! Everything that changes data — snapshot chunks, change batches, progress bookmarks from every
+//! origin — arrives here in one bounded queue and is applied in order. After each step the
+//! derived views are brought up to date (so a view is never behind its inputs once a step is
+//! applied) and the resulting changes are handed to the hub. Readers never block this task.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Event, Keyspace, Row, Source};
+use crate::hub::Hub;
+
+/// One entry of a snapshot chunk.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapEntry {
+    pub key: String,
+    pub value: Bytes,
+    pub version: u64,
+}
+
+/// One change of a batch; `value: None` = delete.
+#[derive(Debug, Clone)]
+pub(crate) struct BatchChange {
+    pub key: String,
+    pub value: Option<Bytes>,
+}
+
+/// A step for the writer, already checked by the feed client against the stream's protocol.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// A chunk of a snapshot at (epoch, version); the staged rows are swapped in on `last`.
+    SnapshotChunk {
+        source: Arc<Source>,
+        epoch: String,
+        version: u64,
+        entries: Vec<SnapEntry>,
+        last: bool,
+    },
+    /// Forget a half-received snapshot (the stream broke or restarted it).
+    AbortSnapshot { source: Arc<Source> },
+    /// One version of changes, following the source's current version.
+    Batch {
+        source: Arc<Source>,
+        epoch: String,
+        version: u64,
+        changes: Vec<BatchChange>,
+    },
+    /// Nothing newer than (epoch, version): a bookmark and a heartbeat.
+    Progress {
+        source: Arc<Source>,
+        epoch: String,
+        version: u64,
+    },
+}
+
+/// Derived data maintained inside the writer (the view engine).
+pub trait Derive: Send + 'static {
+    /// Brings derived sources up to date with `events` (already applied to their sources) and
+    /// returns the changes it made to derived sources.
+    fn apply(&mut self, events: &[Event]) -> Vec<Event>;
+}
+
+/// Counters of the writer, for tests, metrics and status.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub batches: std::sync::atomic::AtomicU64,
+    pub snapshots: std::sync::atomic::AtomicU64,
+    pub changes: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) struct Writer {
+    hub: Arc<Hub>,
+    derive: Option<Box<dyn Derive>>,
+    staged: HashMap<Arc<str>, Staged>,
+    stats: Arc<WriterStats>,
+}
+
+struct Staged {
+    epoch: String,
+    version: u64,
+    rows: Keyspace,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        derive: Option<Box<dyn Derive>>,
+        stats: Arc<WriterStats>,
+    ) -> Self {
+        Writer {
+            hub,
+            derive,
+            staged: HashMap::new(),
+            stats,
+        }
+    }
+
+    /// Applies ops until every sender is gone.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut events = Vec::new();
+        while let Some(op) = rx.recv().await {
+            self.apply(op, &mut events);
+            // Drain what is already queued before handing changes on, so that a burst costs one
+            // view pass and one hub dispatch.
+            let mut n = 0;
+            while n < 256 {
+                match rx.try_recv() {
+                    Ok(op) => self.apply(op, &mut events),
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            self.flush(&mut events);
+        }
+        debug!("writer stopped");
+    }
+
+    pub(crate) fn flush(&mut self, events: &mut Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        if let Some(d) = self.derive.as_mut() {
+            let derived = d.apply(events);
+            events.extend(derived);
+        }
+        self.hub.publish(events);
+        events.clear();
+    }
+
+    pub(crate) fn apply(&mut self, op: Op, events: &mut Vec<Event>) {
+        match op {
+            Op::SnapshotChunk {
+                source,
+                epoch,
+                version,
+                entries,
+                last,
+            } => self.snapshot_chunk(source, epoch, version, entries, last, events),
+            Op::AbortSnapshot { source } => {
+                self.staged.remove(source.name());
+            }
+            Op::Batch {
+                source,
+                epoch,
+                version,
+                changes,
+            } => {
+                if version <= source.version() && *source.epoch() == epoch {
+                    return;
+                }
+                self.stats
+                    .batches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats
+                    .changes
+                    .fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                for c in changes {
+                    let key: Arc<str> = Arc::from(c.key);
+                    match c.value {
+                        Some(value) => {
+                            source.put(
+                                key.clone(),
+                                Row {
+                                    value: value.clone(),
+                                    version,
+                                },
+                            );
+                            events.push(Event {
+                                source: source.name().clone(),
+                                key,
+                                version,
+                                value: Some(value),
+                            });
+                        }
+                        None => {
+                            if source.remove(&key).is_some() {
+                                events.push(Event {
+                                    source: source.name().clone(),
+                                    key,
+                                    version,
+                                    value: None,
+                                });
+                            }
+                        }
+                    }
+                }
+                source.set_epoch(&epoch);
+                source.heard();
+                source.set_version(version);
+            }
+            Op::Progress {
+                source,
+                epoch,
+                version,
+            } => {
+                source.heard();
+                if *source.epoch() == epoch && version > source.version() {
+                    source.set_version(version);
+                }
+            }
+        }
+    }
+
+    fn snapshot_chunk(
+        &mut self,
+        source: Arc<Source>,
+        epoch: String,
+        version: u64,
+        entries: Vec<SnapEntry>,
+        last: bool,
+        events: &mut Vec<Event>,
+    ) {
+        let name = source.name().clone();
+        let fresh = match self.staged.get(&name) {
+            Some(s) => s.epoch != epoch || s.version != version,
+            None => true,
+        };
+        if fresh {
+            self.staged.insert(
+                name.clone(),
+                Staged {
+                    epoch: epoch.clone(),
+                    version,
+                    rows: Keyspace::new(),
+                },
+            );
+        }
+        let Some(staged) = self.staged.get_mut(&name) else {
+            return;
+        };
+        for e in entries {
+            staged.rows.put(
+                Arc::from(e.key),
+                Row {
+                    value: e.value,
+                    version: e.version,
+                },
+            );
+        }
+        if !last {
+            return;
+        }
+        let Some(staged) = self.staged.remove(&name) else {
+            return;
+        };
+        let new_epoch = source.epoch().as_str() != staged.epoch;
+        let had_epoch = !source.epoch().is_empty();
+        let keys = staged.rows.len();
+        let old = source.swap(staged.rows);
+        let new = source.keyspace();
+        // The diff is what readers of changes need: the snapshot replaced every row at once.
+        for key in new.keys() {
+            let Some(row) = new.get(&key) else { continue };
+            let same = old.get(&key).is_some_and(|o| o.value == row.value);
+            if !same {
+                events.push(Event {
+                    source: name.clone(),
+                    key,
+                    version: row.version,
+                    value: Some(row.value),
+                });
+            }
+        }
+        for key in old.keys() {
+            if new.get(&key).is_none() {
+                events.push(Event {
+                    source: name.clone(),
+                    key,
+                    version: staged.version,
+                    value: None,
+                });
+            }
+        }
+        source.set_epoch(&staged.epoch);
+        source.heard();
+        source.set_version(staged.version);
+        source.mark_synced();
+        self.stats
+            .snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(source = %name, keys, version = staged.version, epoch = %staged.epoch, "snapshot applied");
+        if new_epoch && had_epoch {
+            // Versions of the new epoch are not comparable with what watchers have seen: they
+            // start over from the current rows.
+            warn!(source = %name, "origin epoch changed; watchers are reset");
+            self.hub.reset_source(&name, "origin restarted (new epoch)");
+        }
+    }
+}
