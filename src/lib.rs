@@ -36,3 +36,10 @@ pub use sidecar::{Sidecar, StartError};
 pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
+
+/// Internals exposed for benchmarks and tools; not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
+    pub use crate::store::Clock;
+}

@@ -195,7 +195,7 @@ pub struct Source {
 }
 
 impl Source {
-    pub(crate) fn new(
+    pub fn new(
         name: &str,
         kind: SourceKind,
         mode: Mode,
@@ -359,7 +359,7 @@ impl Store {
         Self::default()
     }
 
-    pub(crate) fn add(&mut self, source: Source) -> Arc<Source> {
+    pub fn add(&mut self, source: Source) -> Arc<Source> {
         let s = Arc::new(source);
         self.sources.insert(s.name.clone(), s.clone());
         self.order.push(s.clone());

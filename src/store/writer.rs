@@ -17,7 +17,7 @@ use crate::hub::Hub;
 
 /// One entry of a snapshot chunk.
 #[derive(Debug, Clone)]
-pub(crate) struct SnapEntry {
+pub struct SnapEntry {
     pub key: String,
     pub value: Bytes,
     pub version: u64,
@@ -25,14 +25,14 @@ pub(crate) struct SnapEntry {
 
 /// One change of a batch; `value: None` = delete.
 #[derive(Debug, Clone)]
-pub(crate) struct BatchChange {
+pub struct BatchChange {
     pub key: String,
     pub value: Option<Bytes>,
 }
 
 /// A step for the writer, already checked by the feed client against the stream's protocol.
 #[derive(Debug)]
-pub(crate) enum Op {
+pub enum Op {
     /// A chunk of a snapshot at (epoch, version); the staged rows are swapped in on `last`.
     SnapshotChunk {
         source: Arc<Source>,
@@ -73,7 +73,7 @@ pub struct WriterStats {
     pub changes: std::sync::atomic::AtomicU64,
 }
 
-pub(crate) struct Writer {
+pub struct Writer {
     hub: Arc<Hub>,
     derive: Option<Box<dyn Derive>>,
     staged: HashMap<Arc<str>, Staged>,
@@ -87,7 +87,7 @@ struct Staged {
 }
 
 impl Writer {
-    pub(crate) fn new(
+    pub fn new(
         hub: Arc<Hub>,
         derive: Option<Box<dyn Derive>>,
         stats: Arc<WriterStats>,
@@ -120,7 +120,7 @@ impl Writer {
         debug!("writer stopped");
     }
 
-    pub(crate) fn flush(&mut self, events: &mut Vec<Event>) {
+    pub fn flush(&mut self, events: &mut Vec<Event>) {
         if events.is_empty() {
             return;
         }
@@ -132,7 +132,7 @@ impl Writer {
         events.clear();
     }
 
-    pub(crate) fn apply(&mut self, op: Op, events: &mut Vec<Event>) {
+    pub fn apply(&mut self, op: Op, events: &mut Vec<Event>) {
         match op {
             Op::SnapshotChunk {
                 source,
