@@ -4,7 +4,7 @@
 //! lock held across one. Waiting (`wait_ms`) happens only when the caller asked for a version or
 //! a sync the source has not reached yet.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::config::Limits;
 use crate::hub::{Hub, Selection, Update, Watcher};
 use crate::pb::cache::v1 as pb;
-use crate::store::{Source, Store};
+use crate::store::{Keyspace, Source, Store};
 
 /// The `Cache` service of a sidecar.
 pub struct CacheService {
@@ -98,7 +98,13 @@ impl CacheService {
 }
 
 fn item(source: &Source, key: String) -> pb::Item {
-    match source.get(&key) {
+    item_in(source, &source.keyspace(), key)
+}
+
+/// Reads `key` from `rows`, a keyspace of `source` loaded once for the whole request: a
+/// resnapshot swapping in meanwhile cannot make one answer mix two snapshots.
+fn item_in(source: &Source, rows: &Keyspace, key: String) -> pb::Item {
+    match rows.get(&key) {
         Some(row) => pb::Item {
             source: source.name().to_string(),
             key,
@@ -176,17 +182,33 @@ impl pb::cache_server::Cache for CacheService {
             )));
         }
         let opts = req.options.unwrap_or_default();
-        let mut checked: HashSet<&str> = HashSet::new();
+        // Every name is checked before any wait: an unknown source is NOT_FOUND at once, not
+        // after another source's wait_ms.
+        let mut sources: Vec<&Arc<Source>> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
         for k in &req.keys {
-            if checked.insert(k.source.as_str()) {
-                let source = self.source(&k.source)?;
-                self.ready(source, &opts).await?;
+            if seen.insert(k.source.as_str()) {
+                sources.push(self.source(&k.source)?);
+            }
+            if k.key.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "a key of source '{}' is empty",
+                    k.source
+                )));
             }
         }
+        for source in &sources {
+            self.ready(source, &opts).await?;
+        }
+        // Each source's keyspace is loaded once for the whole request, after every wait.
+        let rows: HashMap<&str, (&Arc<Source>, Arc<Keyspace>)> = sources
+            .into_iter()
+            .map(|s| (&**s.name(), (s, s.keyspace())))
+            .collect();
         let mut items = Vec::with_capacity(req.keys.len());
-        for k in req.keys {
-            let source = self.source(&k.source)?;
-            items.push(item(source, k.key));
+        for k in &req.keys {
+            let (source, ks) = &rows[k.source.as_str()];
+            items.push(item_in(source, ks, k.key.clone()));
         }
         Ok(Response::new(pb::BatchGetResponse { items }))
     }
