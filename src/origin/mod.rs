@@ -43,7 +43,24 @@ pub enum PublishError {
     EmptyKey { index: usize },
     #[error("key '{0}' appears twice in one publish")]
     DuplicateKey(String),
+    #[error(
+        "publish would be a feed message of about {bytes} bytes; the limit is {limit} (max_message_bytes)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+    #[error(
+        "change of key '{key}' alone is about {bytes} bytes on the feed; the limit is {limit} (max_message_bytes)"
+    )]
+    ChangeTooLarge {
+        key: String,
+        bytes: usize,
+        limit: usize,
+    },
 }
+
+/// Room kept below `max_message_bytes` for what a feed message adds around the published
+/// changes: the topic, the epoch, versions, and the few bytes by which a snapshot entry can be
+/// larger than the change it came from.
+const FEED_OVERHEAD: usize = 64;
 
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
@@ -325,6 +342,7 @@ impl Origin {
                 }
             })
             .collect();
+        self.check_size(&t.name, &pb_changes, limit)?;
         let mut st = t.lock();
         let version = st.version + 1;
         for c in &pb_changes {
@@ -366,6 +384,41 @@ impl Origin {
             epoch: self.inner.epoch.clone(),
             version,
         })
+    }
+
+    /// Refuses changes that could not reach a sidecar: every version is sent as one
+    /// `ChangeBatch` and every key in a snapshot chunk of at least one entry, and a message above
+    /// the origin's own `max_message_bytes` fails to encode, which would break every stream that
+    /// carries it, on every reconnect. Seed loads (`whole = false`) are only ever sent as snapshot
+    /// chunks, so only each change must fit.
+    fn check_size(
+        &self,
+        topic: &str,
+        changes: &[pb::Change],
+        whole: bool,
+    ) -> Result<(), PublishError> {
+        use prost::encoding::{encoded_len_varint, message};
+        let limit = self.inner.cfg.max_message_bytes.as_usize();
+        let room = limit.saturating_sub(FEED_OVERHEAD + topic.len() + self.inner.epoch.len());
+        let mut total = 0;
+        for c in changes {
+            let len = message::encoded_len(5, c);
+            if len > room {
+                return Err(PublishError::ChangeTooLarge {
+                    key: c.key.clone(),
+                    bytes: len + limit - room,
+                    limit,
+                });
+            }
+            total += len;
+        }
+        if whole && total > room {
+            return Err(PublishError::TooLarge {
+                bytes: total + encoded_len_varint(total as u64) + limit - room,
+                limit,
+            });
+        }
+        Ok(())
     }
 
     /// Point reads of a topic.
