@@ -1,0 +1,411 @@
+//! The Cache gRPC API over loopback: freshness controls, degradation while the origin is down,
+//! Watch ordering, and bad input (unknown sources, oversized messages, refused publishes).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use viewcar::config::{ByteSize, Dur};
+use viewcar::pb::cache::v1 as cache;
+use viewcar::pb::feed::v1 as feed;
+use viewcar::OriginConfig;
+
+fn change(key: &str, value: Option<&str>) -> feed::Change {
+    feed::Change {
+        key: key.to_string(),
+        value: value
+            .map(|v| v.as_bytes().to_vec().into())
+            .unwrap_or_default(),
+        deleted: value.is_none(),
+    }
+}
+
+fn publish_request(topic: &str, changes: Vec<feed::Change>) -> feed::PublishRequest {
+    feed::PublishRequest {
+        topic: topic.to_string(),
+        changes,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_source_is_not_found_naming_it() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let mut c = cache_client(&sidecar).await;
+        let check = |r: Result<_, tonic::Status>| {
+            let e = r.err().expect("unknown source was answered");
+            assert_eq!(e.code(), Code::NotFound, "{e:?}");
+            assert!(e.message().contains("'nope'"), "{}", e.message());
+        };
+        check(c.get(get_request("nope", "a")).await.map(|_| ()));
+        check(
+            c.batch_get(cache::BatchGetRequest {
+                keys: vec![
+                    cache::Key {
+                        source: "t".into(),
+                        key: "a".into(),
+                    },
+                    cache::Key {
+                        source: "nope".into(),
+                        key: "a".into(),
+                    },
+                ],
+                options: None,
+            })
+            .await
+            .map(|_| ()),
+        );
+        check(
+            c.scan(cache::ScanRequest {
+                source: "nope".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        );
+        check(
+            c.watch(cache::WatchRequest {
+                source: "nope".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        );
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_reads_your_writes() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", vec![put("seed", "0")]).unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let mut c = cache_client(&sidecar).await;
+        let mut writer = origin.feed_client().await;
+        for i in 0..20 {
+            let value = format!("w{i}");
+            let pos = writer
+                .publish(publish_request("t", vec![change("k", Some(&value))]))
+                .await
+                .unwrap()
+                .into_inner()
+                .position
+                .unwrap();
+            let got = c
+                .get(cache::GetRequest {
+                    source: "t".into(),
+                    key: "k".into(),
+                    options: Some(cache::ReadOptions {
+                        min_version: pos.version,
+                        wait_ms: 5_000,
+                        max_staleness_ms: 0,
+                    }),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let item = got.item.unwrap();
+            assert_eq!(text(&item.value), value, "write {i} not seen");
+            assert_eq!(item.version, pos.version);
+            assert!(got.source_version >= pos.version);
+        }
+        // A version nobody wrote: refused after the wait, saying why.
+        let e = c
+            .get(cache::GetRequest {
+                source: "t".into(),
+                key: "k".into(),
+                options: Some(cache::ReadOptions {
+                    min_version: 1_000,
+                    wait_ms: 50,
+                    max_staleness_ms: 0,
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(e.message().contains("min_version 1000"), "{}", e.message());
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_down_reads_keep_answering_with_growing_staleness() {
+    within(async {
+        let mut origin = TestOrigin::start(origin_config()).await;
+        let p = origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let mut cfg = sidecar_config(&origin.url(), &["t"]);
+        cfg.feed.live_window = Dur(Duration::from_secs(5));
+        let sidecar = start_sidecar(cfg).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p.epoch, p.version).await;
+        let mut c = cache_client(&sidecar).await;
+        let live = c.get(get_request("t", "a")).await.unwrap().into_inner();
+        assert_eq!(live.staleness_ms, 0);
+
+        origin.stop().await;
+        eventually("the sidecar noticed the origin is gone", || {
+            !t.is_connected()
+        })
+        .await;
+        let read = |max_staleness_ms: u32| cache::GetRequest {
+            source: "t".into(),
+            key: "a".into(),
+            options: Some(cache::ReadOptions {
+                max_staleness_ms,
+                ..Default::default()
+            }),
+        };
+        let first = c.get(read(0)).await.unwrap().into_inner();
+        assert_eq!(text(&first.item.unwrap().value), "1");
+        let mut later = first.staleness_ms;
+        let start = tokio::time::Instant::now();
+        while later <= first.staleness_ms.max(2) {
+            assert!(start.elapsed() < DEADLINE, "staleness does not grow");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let r = c.get(read(0)).await.unwrap().into_inner();
+            assert!(r.item.unwrap().found, "data lost while the origin is down");
+            later = r.staleness_ms;
+        }
+        let e = c.get(read(1)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(
+            e.message().contains("'t'") && e.message().contains("ms stale"),
+            "{}",
+            e.message()
+        );
+        let ok = c.get(read(60_000)).await.unwrap().into_inner();
+        assert!(ok.staleness_ms >= later);
+        let listed = c
+            .list_sources(cache::ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!listed.sources[0].connected && listed.sources[0].synced);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_every_change_of_its_keys_in_version_order() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        let p0 = origin
+            .origin
+            .publish("t", vec![put("w1", "0"), put("x", "0")])
+            .unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let mut c = cache_client(&sidecar).await;
+        let mut stream = c
+            .watch(cache::WatchRequest {
+                source: "t".into(),
+                keys: vec!["w1".into(), "w2".into()],
+                send_initial: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        use cache::watch_event::Kind;
+        let mut got: Vec<(String, u64, Option<String>)> = Vec::new();
+        loop {
+            match stream.message().await.unwrap().unwrap().kind.unwrap() {
+                Kind::Upsert(i) => got.push((i.key, i.version, Some(text(&i.value)))),
+                Kind::Synced(v) => {
+                    assert_eq!(v, p0.version);
+                    break;
+                }
+                other => panic!("before synced: {other:?}"),
+            }
+        }
+        assert_eq!(got, vec![("w1".into(), p0.version, Some("0".into()))]);
+
+        // A mix of updates, deletes and unwatched keys; the oracle is the origin's own order.
+        let mut present: BTreeMap<&str, bool> = [("w1", true), ("w2", false)].into();
+        let mut want = Vec::new();
+        for i in 1..=60u32 {
+            let mut puts = vec![put("x", &format!("{i}"))];
+            let mut touched = Vec::new();
+            if i % 2 == 0 {
+                touched.push(("w1", i % 6 == 0));
+            }
+            if i % 3 != 0 {
+                touched.push(("w2", i % 5 == 0));
+            }
+            for (k, delete) in &touched {
+                puts.push(if *delete {
+                    del(k)
+                } else {
+                    put(k, &format!("{k}-{i}"))
+                });
+            }
+            let pos = origin.origin.publish("t", puts).unwrap();
+            for (k, delete) in touched {
+                let was = present.insert(k, !delete).unwrap();
+                if delete && was {
+                    want.push((k.to_string(), pos.version, None));
+                } else if !delete {
+                    want.push((k.to_string(), pos.version, Some(format!("{k}-{i}"))));
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        while changes.len() < want.len() {
+            match stream.message().await.unwrap().unwrap().kind.unwrap() {
+                Kind::Upsert(i) => changes.push((i.key, i.version, Some(text(&i.value)))),
+                Kind::Delete(i) => changes.push((i.key, i.version, None)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(changes, want);
+        assert!(changes.windows(2).all(|w| w[0].1 <= w[1].1));
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_publishes_are_invalid_argument_and_apply_nothing() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            topics: vec!["t".into()],
+            ..origin_config()
+        })
+        .await;
+        let p0 = origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p0.epoch, p0.version).await;
+        let mut w = origin.feed_client().await;
+
+        let e = w
+            .publish(publish_request(
+                "t",
+                vec![change("a", Some("2")), change("", Some("x"))],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("empty key"), "{}", e.message());
+        let e = w
+            .publish(publish_request("u", vec![change("a", Some("2"))]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("'u'"), "{}", e.message());
+        let e = w
+            .publish(publish_request("", vec![change("a", Some("2"))]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(origin.origin.version("t"), Some(p0.version));
+        assert_eq!(origin.origin.version("u"), None);
+        assert_eq!(origin.origin.topics(), vec!["t".to_string()]);
+
+        // The next good publish is the very next version, and it is all the sidecar got.
+        let p1 = w
+            .publish(publish_request("t", vec![change("b", Some("1"))]))
+            .await
+            .unwrap()
+            .into_inner()
+            .position
+            .unwrap();
+        assert_eq!(p1.version, p0.version + 1);
+        wait_position(&t, &p1.epoch, p1.version).await;
+        assert_eq!(t.get("a").unwrap().value, "1".as_bytes());
+        assert_eq!(t.len(), 2);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_by_the_configured_limits() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            max_message_bytes: ByteSize(8 << 10),
+            snapshot_chunk_bytes: ByteSize(2 << 10),
+            ..origin_config()
+        })
+        .await;
+        let big = "v".repeat(1500);
+        let p0 = origin
+            .origin
+            .publish("t", vec![put("a", &big), put("b", &big), put("c", &big)])
+            .unwrap();
+        let mut cfg = sidecar_config(&origin.url(), &["t"]);
+        cfg.limits.max_message_bytes = ByteSize(4 << 10);
+        let sidecar = start_sidecar(cfg).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p0.epoch, p0.version).await;
+        let mut c = cache_client(&sidecar).await;
+
+        // Cache API, request above the sidecar's limit.
+        let e = c
+            .get(get_request("t", &"k".repeat(5 << 10)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+        assert!(e.message().contains("4096"), "{}", e.message());
+        // Cache API, answer above the sidecar's limit.
+        let keys = ["a", "b", "c"]
+            .iter()
+            .map(|k| cache::Key {
+                source: "t".into(),
+                key: k.to_string(),
+            })
+            .collect();
+        let e = c
+            .batch_get(cache::BatchGetRequest {
+                keys,
+                options: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+
+        // Publish above the origin's limit, over gRPC and from embedding code.
+        let mut w = origin.feed_client().await;
+        let e = w
+            .publish(publish_request(
+                "t",
+                vec![change("huge", Some(&"h".repeat(9 << 10)))],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+        let e = origin
+            .origin
+            .publish("t", vec![put("huge", &"h".repeat(9 << 10))])
+            .unwrap_err();
+        assert!(e.to_string().contains("8192"), "{e}");
+        assert_eq!(origin.origin.version("t"), Some(p0.version));
+
+        // A feed message above the sidecar's limit (the origin allows it): never applied, the
+        // sidecar keeps serving what it has.
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let before = counter(&feed.disconnects);
+        let p1 = origin
+            .origin
+            .publish("t", vec![put("d", &"d".repeat(6 << 10))])
+            .unwrap();
+        eventually("the sidecar refused the oversized batch twice", || {
+            counter(&feed.disconnects) >= before + 2
+        })
+        .await;
+        assert!(t.version() < p1.version);
+        assert!(t.get("d").is_none());
+        let ok = c.get(get_request("t", "a")).await.unwrap().into_inner();
+        assert!(ok.item.unwrap().found);
+        sidecar.shutdown().await;
+    })
+    .await
+}

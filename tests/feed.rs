@@ -1,0 +1,476 @@
+//! The feed protocol end to end over loopback gRPC: snapshots, changes, resume, Reset, epochs,
+//! gap detection, and what readers see while it all happens.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use viewcar::pb::cache::v1 as cache;
+use viewcar::pb::feed::v1 as feed;
+use viewcar::{Origin, OriginConfig};
+
+fn subscribe(topic: &str, resume: Option<feed::Position>) -> feed::SyncRequest {
+    feed::SyncRequest {
+        kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
+            topic: topic.to_string(),
+            keys: Vec::new(),
+            resume,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_arrives_in_chunks_then_changes_and_deletes() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            snapshot_chunk_entries: 1000,
+            ..origin_config()
+        })
+        .await;
+        let puts = (0..10_000)
+            .map(|i| put(&format!("k{i:05}"), &format!("v{i}")))
+            .collect();
+        let p1 = origin.origin.publish("items", puts).unwrap();
+
+        // What goes over the wire: several chunks, one position, `last` only on the final one.
+        let mut raw = origin.feed_client().await;
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(subscribe("items", None)).await.unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut chunks, mut entries) = (0, 0);
+        loop {
+            let msg = stream.message().await.unwrap().expect("stream open");
+            let Some(feed::sync_response::Kind::Snapshot(c)) = msg.kind else {
+                panic!("expected a snapshot chunk, got {msg:?}");
+            };
+            assert_eq!(c.position.as_ref(), Some(&p1));
+            chunks += 1;
+            entries += c.entries.len();
+            if c.last {
+                break;
+            }
+        }
+        assert!(chunks > 1, "10k keys came in {chunks} chunk(s)");
+        assert_eq!(entries, 10_000);
+        drop((tx, stream));
+
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["items"])).await;
+        let items = source(&sidecar, "items");
+        wait_position(&items, &p1.epoch, p1.version).await;
+        assert_eq!(items.len(), 10_000);
+        let mut client = cache_client(&sidecar).await;
+        let got = client
+            .get(get_request("items", "k09999"))
+            .await
+            .unwrap()
+            .into_inner();
+        let item = got.item.unwrap();
+        assert!(item.found);
+        assert_eq!(text(&item.value), "v9999");
+        assert_eq!(got.source_version, p1.version);
+
+        let p2 = origin
+            .origin
+            .publish(
+                "items",
+                vec![put("k00001", "new"), del("k00002"), put("n1", "x")],
+            )
+            .unwrap();
+        wait_position(&items, &p2.epoch, p2.version).await;
+        let a = client.get(get_request("items", "k00001")).await.unwrap();
+        let a = a.into_inner().item.unwrap();
+        assert_eq!((text(&a.value).as_str(), a.version), ("new", p2.version));
+        let b = client.get(get_request("items", "k00002")).await.unwrap();
+        assert!(
+            !b.into_inner().item.unwrap().found,
+            "deleted key still found"
+        );
+        let scan = client
+            .scan(cache::ScanRequest {
+                source: "items".into(),
+                prefix: "n".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(scan.items.len(), 1);
+        assert_eq!(scan.items[0].key, "n1");
+        assert_eq!(items.len(), 10_000);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+/// Reads watch events until `done` says the list is complete.
+async fn collect_watch(
+    stream: &mut tonic::Streaming<cache::WatchEvent>,
+    events: &mut Vec<cache::watch_event::Kind>,
+    done: impl Fn(&[cache::watch_event::Kind]) -> bool,
+) {
+    while !done(events) {
+        let ev = stream.message().await.unwrap().expect("watch open");
+        events.push(ev.kind.expect("event kind"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_connection_resumes_inside_the_window_without_a_snapshot() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        let p0 = origin
+            .origin
+            .publish("t", vec![put("a", "1"), put("b", "1")])
+            .unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let sidecar = start_sidecar(sidecar_config(&proxy.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p0.epoch, p0.version).await;
+
+        let mut client = cache_client(&sidecar).await;
+        let mut watch = client
+            .watch(cache::WatchRequest {
+                source: "t".into(),
+                keys: vec!["a".into(), "b".into()],
+                send_initial: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        collect_watch(&mut watch, &mut events, |e| {
+            matches!(e.last(), Some(cache::watch_event::Kind::Synced(_)))
+        })
+        .await;
+
+        let stats = origin.origin.stats();
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        assert_eq!(counter(&stats.snapshots_sent), 1);
+        assert_eq!(counter(&stats.resumes), 0);
+
+        // Break the path and keep it broken while the origin moves on, so that the changes can
+        // only arrive through the resume.
+        proxy.set_upstream(Upstream::Refuse);
+        proxy.cut();
+        eventually("the sidecar noticed the cut", || {
+            counter(&feed.disconnects) >= 1
+        })
+        .await;
+        let p1 = origin.origin.publish("t", vec![put("a", "2")]).unwrap();
+        let p2 = origin.origin.publish("t", vec![del("b")]).unwrap();
+        proxy.set_upstream(Upstream::Forward(origin.addr));
+        wait_position(&t, &p0.epoch, p2.version).await;
+
+        assert_eq!(counter(&stats.snapshots_sent), 1, "a snapshot was sent");
+        assert_eq!(counter(&stats.resets_sent), 0);
+        assert!(counter(&stats.resumes) >= 1);
+        assert_eq!(counter(&feed.snapshots), 1);
+        assert_eq!(counter(&feed.resets), 0);
+        assert!(counter(&feed.connects) >= 2);
+        assert_eq!(t.get("a").unwrap().value, "2".as_bytes());
+        assert!(t.get("b").is_none());
+
+        // The watcher saw the two changes once each, in order, and no reset.
+        collect_watch(&mut watch, &mut events, |e| {
+            matches!(e.last(), Some(cache::watch_event::Kind::Delete(_)))
+        })
+        .await;
+        use cache::watch_event::Kind;
+        let got: Vec<(String, String, u64)> = events
+            .iter()
+            .map(|k| match k {
+                Kind::Upsert(i) => ("upsert".into(), i.key.clone(), i.version),
+                Kind::Delete(i) => ("delete".into(), i.key.clone(), i.version),
+                Kind::Synced(v) => ("synced".into(), String::new(), *v),
+                Kind::Reset(r) => panic!("watcher was reset: {r}"),
+            })
+            .collect();
+        let want: Vec<(String, String, u64)> = vec![
+            ("upsert".into(), "a".into(), p0.version),
+            ("upsert".into(), "b".into(), p0.version),
+            ("synced".into(), String::new(), p0.version),
+            ("upsert".into(), "a".into(), p1.version),
+            ("delete".into(), "b".into(), p2.version),
+        ];
+        assert_eq!(got, want);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_outside_the_window_gets_reset_and_a_fresh_snapshot() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            retain_batches: 2,
+            ..origin_config()
+        })
+        .await;
+        let p0 = origin
+            .origin
+            .publish("t", vec![put("a", "1"), put("b", "1"), put("c", "1")])
+            .unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let sidecar = start_sidecar(sidecar_config(&proxy.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p0.epoch, p0.version).await;
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+
+        proxy.set_upstream(Upstream::Refuse);
+        proxy.cut();
+        eventually("the sidecar noticed the cut", || {
+            counter(&feed.disconnects) >= 1
+        })
+        .await;
+        origin.origin.publish("t", vec![del("b")]).unwrap();
+        origin.origin.publish("t", vec![put("a", "2")]).unwrap();
+        origin.origin.publish("t", vec![put("c", "2")]).unwrap();
+        let last = origin.origin.publish("t", vec![put("d", "1")]).unwrap();
+        proxy.set_upstream(Upstream::Forward(origin.addr));
+        wait_position(&t, &last.epoch, last.version).await;
+
+        let stats = origin.origin.stats();
+        assert_eq!(counter(&stats.resets_sent), 1);
+        assert_eq!(counter(&stats.snapshots_sent), 2);
+        assert_eq!(counter(&stats.resumes), 0);
+        assert_eq!(counter(&feed.resets), 1);
+        assert_eq!(counter(&feed.snapshots), 2);
+        assert!(t.get("b").is_none(), "key deleted meanwhile survived");
+        assert_eq!(t.get("a").unwrap().value, "2".as_bytes());
+        assert_eq!(t.get("d").unwrap().value, "1".as_bytes());
+        assert_eq!(t.len(), 3);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_restart_with_a_new_epoch_gets_reset_and_a_fresh_snapshot() {
+    within(async {
+        let mut origin = TestOrigin::start(origin_config()).await;
+        let p0 = origin
+            .origin
+            .publish("t", vec![put("a", "1"), put("b", "1"), put("c", "1")])
+            .unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p0.epoch, p0.version).await;
+        let mut client = cache_client(&sidecar).await;
+        let mut watch = client
+            .watch(cache::WatchRequest {
+                source: "t".into(),
+                keys: vec!["a".into(), "b".into()],
+                send_initial: false,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut events = Vec::new();
+        collect_watch(&mut watch, &mut events, |e| !e.is_empty()).await;
+
+        // The restarted origin lost `b` and has other versions: nothing of the old epoch
+        // may survive that the new one does not have.
+        let next = Origin::new(origin_config());
+        let p1 = next
+            .publish("t", vec![put("a", "2"), put("c", "1"), put("e", "1")])
+            .unwrap();
+        assert_ne!(p1.epoch, p0.epoch);
+        origin.stop().await;
+        origin = TestOrigin::start_on(next, origin.addr).await;
+        wait_position(&t, &p1.epoch, p1.version).await;
+
+        let stats = origin.origin.stats();
+        assert_eq!(counter(&stats.resets_sent), 1, "resume of the old epoch");
+        assert_eq!(counter(&stats.snapshots_sent), 1);
+        let feed = sidecar.feed_stats("o").unwrap();
+        assert!(counter(&feed.resets) >= 1);
+        assert!(t.get("b").is_none(), "key of the old epoch survived");
+        assert_eq!(t.get("a").unwrap().value, "2".as_bytes());
+        assert_eq!(t.len(), 3);
+        let ok = client
+            .get(get_request("t", "e"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(ok.item.unwrap().found);
+
+        // Watchers are told to start over, then see the new epoch's state of their keys.
+        // (Both epochs are at version 1: only the epoch tells them apart.)
+        assert_eq!(p1.version, p0.version);
+        collect_watch(&mut watch, &mut events, |e| {
+            e.iter()
+                .skip_while(|k| !matches!(k, cache::watch_event::Kind::Reset(_)))
+                .any(|k| matches!(k, cache::watch_event::Kind::Synced(_)))
+        })
+        .await;
+        let after_reset: Vec<_> = events
+            .iter()
+            .skip_while(|k| !matches!(k, cache::watch_event::Kind::Reset(_)))
+            .skip(1)
+            .collect();
+        assert_eq!(
+            after_reset,
+            vec![&cache::watch_event::Kind::Synced(p1.version)],
+            "{events:?}"
+        );
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prev_version_gap_resubscribes_instead_of_applying() {
+    within(async {
+        let mut fake = FakeOrigin::start().await;
+        let sidecar = start_sidecar(sidecar_config(&fake.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let mut s = fake.accept().await;
+        let sub = s.next_subscribe().await;
+        assert_eq!((sub.topic.as_str(), sub.resume), ("t", None));
+
+        s.snapshot("t", "e1", 1, &[("a".into(), "1".into())], 10)
+            .await;
+        s.batch("t", "e1", 1, 2, &[("a", Some("2"))]).await;
+        // A duplicate is ignored and counted.
+        s.batch("t", "e1", 1, 2, &[("a", Some("dup"))]).await;
+        s.batch("t", "e1", 2, 3, &[("c", Some("3"))]).await;
+        wait_position(&t, "e1", 3).await;
+        assert_eq!(counter(&feed.duplicates), 1);
+        assert_eq!(t.get("a").unwrap().value, "2".as_bytes());
+
+        // Versions 4 and 5 never arrive.
+        s.batch("t", "e1", 5, 6, &[("b", Some("bad")), ("a", None)])
+            .await;
+        let again = s.next_subscribe().await;
+        assert_eq!(again.topic, "t");
+        assert_eq!(again.resume, None, "resubscribed with a resume point");
+        assert_eq!(counter(&feed.gaps), 1);
+        assert!(t.get("b").is_none(), "the batch after the gap was applied");
+        assert_eq!(t.get("a").unwrap().value, "2".as_bytes());
+        assert_eq!(t.version(), 3);
+
+        // Changes racing the resubscribe are dropped until the snapshot comes.
+        s.batch("t", "e1", 6, 7, &[("x", Some("7"))]).await;
+        s.snapshot(
+            "t",
+            "e1",
+            7,
+            &[("b".into(), "good".into()), ("x".into(), "7".into())],
+            1,
+        )
+        .await;
+        wait_position(&t, "e1", 7).await;
+        assert_eq!(t.get("b").unwrap().value, "good".as_bytes());
+        assert!(t.get("a").is_none());
+        assert!(t.get("c").is_none());
+        assert_eq!(counter(&feed.gaps), 1);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+/// Two whole states that share some keys; any read of all keys must match one of them exactly.
+fn state(gen: &str, keys: std::ops::Range<usize>) -> Vec<(String, String)> {
+    keys.map(|i| (format!("k{i:03}"), format!("{gen}{i}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_resnapshots_see_old_or_new_never_a_mix() {
+    within(async {
+        let old = state("A", 0..400);
+        let new = state("B", 100..500);
+        let all: Vec<String> = (0..500).map(|i| format!("k{i:03}")).collect();
+        let expect = |st: &[(String, String)]| -> Vec<Option<String>> {
+            let m: HashMap<&str, &str> = st.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            all.iter()
+                .map(|k| m.get(k.as_str()).map(|v| v.to_string()))
+                .collect()
+        };
+        let (want_old, want_new) = (expect(&old), expect(&new));
+
+        let mut fake = FakeOrigin::start().await;
+        let sidecar = start_sidecar(sidecar_config(&fake.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        let mut s = fake.accept().await;
+        s.next_subscribe().await;
+        s.snapshot("t", "e", 1, &old, 64).await;
+        wait_position(&t, "e", 1).await;
+
+        let reads = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let mut client = cache_client(&sidecar).await;
+            let (reads, mut stop) = (reads.clone(), stop_rx.clone());
+            let req = cache::BatchGetRequest {
+                keys: all
+                    .iter()
+                    .map(|k| cache::Key {
+                        source: "t".into(),
+                        key: k.clone(),
+                    })
+                    .collect(),
+                options: None,
+            };
+            let (want_old, want_new) = (want_old.clone(), want_new.clone());
+            readers.push(tokio::spawn(async move {
+                let (mut olds, mut news, mut mixed) = (0u64, 0u64, Vec::new());
+                while !*stop.borrow_and_update() {
+                    let items = client.batch_get(req.clone()).await.unwrap().into_inner();
+                    let got: Vec<Option<String>> = items
+                        .items
+                        .iter()
+                        .map(|i| i.found.then(|| text(&i.value)))
+                        .collect();
+                    if got == want_old {
+                        olds += 1;
+                    } else if got == want_new {
+                        news += 1;
+                    } else if mixed.len() < 3 {
+                        mixed.push(got);
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                (olds, news, mixed)
+            }));
+        }
+
+        // Swap old and new until the readers have read enough, each swap a Reset and a
+        // snapshot in many chunks.
+        let mut version = 1;
+        while reads.load(Ordering::Relaxed) < 300 && version < 2_000 {
+            version += 1;
+            s.reset("t", "test resnapshot").await;
+            let st = if version % 2 == 0 { &new } else { &old };
+            s.snapshot("t", "e", version, st, 64).await;
+        }
+        wait_position(&t, "e", version).await;
+        stop_tx.send_replace(true);
+        let (mut olds, mut news) = (0, 0);
+        for r in readers {
+            let (o, n, mixed) = r.await.unwrap();
+            assert!(mixed.is_empty(), "a read saw a mix of two snapshots");
+            olds += o;
+            news += n;
+        }
+        assert!(
+            olds > 0 && news > 0,
+            "reads did not overlap the swaps: {olds} old, {news} new over {version} snapshots"
+        );
+        sidecar.shutdown().await;
+    })
+    .await
+}
