@@ -28,9 +28,6 @@ use crate::pb::feed::v1 as pb;
 
 pub use seed::SeedError;
 
-/// Room left in a message for everything but keys and values (topic, epoch, versions, tags).
-const FRAMING_ROOM: usize = 1024;
-
 /// Why a publish was refused; nothing of it was applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PublishError {
@@ -325,18 +322,6 @@ impl Origin {
             }
         }
         drop(uniq);
-        // A batch is forwarded whole to every stream, so it must fit in one message there.
-        let size: usize = changes
-            .iter()
-            .map(|c| c.key.len() + c.value.as_ref().map_or(0, |v| v.len()) + 8)
-            .sum();
-        let max_bytes = self.inner.cfg.max_message_bytes.as_usize().saturating_sub(FRAMING_ROOM);
-        if limit && size > max_bytes {
-            return Err(PublishError::TooLarge {
-                got: size,
-                limit: max_bytes,
-            });
-        }
         let t = self.topic(topic, true)?;
         let mut bytes = 0;
         let pb_changes: Vec<pb::Change> = changes
