@@ -19,6 +19,7 @@ use crate::pb::cache::v1 as pb;
 use crate::serve::grpc::CacheService;
 use crate::store::writer::{Writer, WriterStats};
 use crate::store::{Clock, Source, SourceKind, Store};
+use crate::views::{View, ViewStats};
 
 /// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,7 @@ pub struct Sidecar {
     hub: Arc<Hub>,
     feeds: HashMap<String, Arc<FeedStats>>,
     writer_stats: Arc<WriterStats>,
+    view_stats: HashMap<String, Arc<ViewStats>>,
     grpc_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -46,6 +48,15 @@ pub struct Sidecar {
 impl Sidecar {
     /// Builds the sources and views of `cfg`, binds the listeners, and starts syncing.
     pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, StartError> {
+        Self::start_with_views(cfg, Vec::new()).await
+    }
+
+    /// [`Sidecar::start`] with views computed by Rust code besides the config's `[[view]]`s.
+    /// They are checked like declared views (names, sources, cycles) and served the same way.
+    pub async fn start_with_views(
+        cfg: SidecarConfig,
+        views: Vec<View>,
+    ) -> Result<Sidecar, StartError> {
         let clock = Clock::new();
         let live = cfg.feed.live_window.0;
         let mut store = Store::new();
@@ -69,7 +80,8 @@ impl Sidecar {
                 .collect();
             per_origin.push((o.clone(), sources));
         }
-        let derive = crate::views::build(&cfg.views, &mut store, clock)?;
+        let derive = crate::views::build(&cfg.views, views, &mut store, clock)?;
+        let view_stats = derive.as_ref().map(|d| d.stats()).unwrap_or_default();
         let store = Arc::new(store);
         let hub = Arc::new(Hub::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -143,6 +155,7 @@ impl Sidecar {
             hub,
             feeds,
             writer_stats,
+            view_stats,
             grpc_addr,
             shutdown,
             tasks,
@@ -169,6 +182,11 @@ impl Sidecar {
 
     pub fn writer_stats(&self) -> &Arc<WriterStats> {
         &self.writer_stats
+    }
+
+    /// Counters of the named view.
+    pub fn view_stats(&self, view: &str) -> Option<&Arc<ViewStats>> {
+        self.view_stats.get(view)
     }
 
     /// Resolves once every full source has synced.

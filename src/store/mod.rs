@@ -192,6 +192,8 @@ pub struct Source {
     clock: Clock,
     /// Ticks on every applied version and on sync, so that waiting readers wake up.
     changed: watch::Sender<u64>,
+    /// For a view: the sources it reads, whose freshness it reports.
+    inputs: Vec<Arc<Source>>,
 }
 
 impl Source {
@@ -215,6 +217,15 @@ impl Source {
             live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
             clock,
             changed: watch::channel(0).0,
+            inputs: Vec::new(),
+        }
+    }
+
+    /// A view's source. It is as fresh and as connected as the least fresh of `inputs`.
+    pub(crate) fn view(name: &str, inputs: Vec<Arc<Source>>, clock: Clock) -> Self {
+        Source {
+            inputs,
+            ..Source::new(name, SourceKind::View, Mode::Full, clock, Duration::ZERO)
         }
     }
 
@@ -279,12 +290,18 @@ impl Source {
     }
 
     pub fn is_connected(&self) -> bool {
+        if !self.inputs.is_empty() {
+            return self.inputs.iter().all(|s| s.is_connected());
+        }
         self.connected.load(Ordering::Relaxed)
     }
 
     /// 0 while the source is live (a view: while all it reads are live); otherwise ms since the
     /// origin last confirmed it current. Never-synced sources report ms since start.
     pub fn staleness_ms(&self) -> u64 {
+        if !self.inputs.is_empty() {
+            return self.inputs.iter().map(|s| s.staleness_ms()).max().unwrap_or(0);
+        }
         let now = self.clock.now_ms();
         let heard = self.last_heard_ms.load(Ordering::Relaxed);
         let since = now.saturating_sub(heard);

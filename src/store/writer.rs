@@ -121,12 +121,13 @@ impl Writer {
     }
 
     pub fn flush(&mut self, events: &mut Vec<Event>) {
-        if events.is_empty() {
-            return;
-        }
         if let Some(d) = self.derive.as_mut() {
+            // Also without events: a view whose inputs synced with no rows is marked synced here.
             let derived = d.apply(events);
             events.extend(derived);
+        }
+        if events.is_empty() {
+            return;
         }
         self.hub.publish(events);
         events.clear();

@@ -1,73 +1,667 @@
-//! Views: named keyspaces derived from sources and maintained incrementally by the writer.
+//! Views: named keyspaces derived from topics and other views, maintained incrementally by the
+//! single writer.
+//!
+//! A view has one row per key of its `from` source, computed by a function that may read other
+//! sources through a [`Lookup`]. Every read is recorded, so the engine knows which rows a change
+//! to `(source, key)` affects and recomputes exactly those, views of views in dependency order,
+//! within the writer step that applied the change: once a step is applied, no view is behind its
+//! inputs. Declarative `[[view]]` tables ([`ViewSpec`]) compile to the same [`View`] a Rust user
+//! registers with [`View::map`] or [`View::group`].
+//!
+//! Invariant (tested against a from-scratch oracle): after any sequence of changes, every view
+//! row equals what computing it from scratch over the current sources gives.
 
-use std::collections::HashSet;
+mod engine;
+mod expr;
+mod spec;
+mod standalone;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use serde::Deserialize;
+use bytes::Bytes;
+use serde_json::Value;
 
 use crate::config::ConfigError;
 use crate::store::writer::Derive;
-use crate::store::{Clock, Store};
+use crate::store::{Clock, Source, Store};
 
-/// A `[[view]]` declaration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ViewSpec {
-    pub name: String,
-    pub from: String,
+pub use spec::{Include, Includes, ViewSpec};
+pub use standalone::Standalone;
+
+pub(crate) use engine::Engine;
+
+/// What a map view computes for one key of its `from` source: the row, or `None` for no row.
+pub trait RowFn: Send + Sync + 'static {
+    fn row(
+        &self,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<Value>, RowError>;
+}
+
+/// What a grouped view computes for one key of its `from` source: the group it belongs to and
+/// its member row, or `None` when it belongs to no group.
+pub trait MemberFn: Send + Sync + 'static {
+    fn member(
+        &self,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<(String, Value)>, RowError>;
+}
+
+struct MapClosure<F>(F);
+
+impl<F> RowFn for MapClosure<F>
+where
+    F: Fn(&str, Value, &mut Lookup<'_>) -> Result<Option<Value>, RowError> + Send + Sync + 'static,
+{
+    fn row(
+        &self,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<Value>, RowError> {
+        (self.0)(key, value, lookup)
+    }
+}
+
+struct GroupClosure<F>(F);
+
+impl<F> MemberFn for GroupClosure<F>
+where
+    F: Fn(&str, Value, &mut Lookup<'_>) -> Result<Option<(String, Value)>, RowError>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn member(
+        &self,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<(String, Value)>, RowError> {
+        (self.0)(key, value, lookup)
+    }
+}
+
+#[derive(Clone)]
+pub(crate) enum Compute {
+    Map(Arc<dyn RowFn>),
+    Group(Arc<dyn MemberFn>),
+}
+
+/// A view definition: its name, the source it has a row per key of, the other sources it may
+/// read, and the function computing a row.
+///
+/// ```
+/// use serde_json::json;
+/// use viewcar::views::View;
+///
+/// // One row per product: its name and its price amount (or null).
+/// let view = View::map("product_price", "products", |key, product, lookup| {
+///     let price = lookup.get("prices", key)?;
+///     Ok(Some(json!({
+///         "name": product["name"],
+///         "amount": price.as_ref().map(|p| p["amount"].clone()),
+///     })))
+/// })
+/// .reading(["prices"]);
+/// assert_eq!(view.name(), "product_price");
+/// ```
+#[derive(Clone)]
+pub struct View {
+    name: String,
+    from: String,
+    reads: Vec<String>,
+    compute: Compute,
+    description: Vec<String>,
+}
+
+impl fmt::Debug for View {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("View")
+            .field("name", &self.name)
+            .field("from", &self.from)
+            .field("reads", &self.reads)
+            .field("grouped", &matches!(self.compute, Compute::Group(_)))
+            .finish()
+    }
+}
+
+impl View {
+    /// A view with at most one row per key of `from`, computed by `f` from the key and the
+    /// parsed `from` value.
+    pub fn map<F>(name: impl Into<String>, from: impl Into<String>, f: F) -> View
+    where
+        F: Fn(&str, Value, &mut Lookup<'_>) -> Result<Option<Value>, RowError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        Self::with_fn(name, from, MapClosure(f))
+    }
+
+    /// An index: `f` puts each key of `from` in a group (or none); the view has one row per
+    /// non-empty group, a JSON array of its members sorted by their key in `from`.
+    pub fn group<F>(name: impl Into<String>, from: impl Into<String>, f: F) -> View
+    where
+        F: Fn(&str, Value, &mut Lookup<'_>) -> Result<Option<(String, Value)>, RowError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        Self::with_group_fn(name, from, GroupClosure(f))
+    }
+
+    /// [`View::map`] with a [`RowFn`] implementation.
+    pub fn with_fn(name: impl Into<String>, from: impl Into<String>, f: impl RowFn) -> View {
+        View {
+            name: name.into(),
+            from: from.into(),
+            reads: Vec::new(),
+            compute: Compute::Map(Arc::new(f)),
+            description: Vec::new(),
+        }
+    }
+
+    /// [`View::group`] with a [`MemberFn`] implementation.
+    pub fn with_group_fn(
+        name: impl Into<String>,
+        from: impl Into<String>,
+        f: impl MemberFn,
+    ) -> View {
+        View {
+            name: name.into(),
+            from: from.into(),
+            reads: Vec::new(),
+            compute: Compute::Group(Arc::new(f)),
+            description: Vec::new(),
+        }
+    }
+
+    /// Declares the sources the function may read with [`Lookup::get`]. Reading another one is
+    /// an error for that row: the declared reads are what orders views of views.
+    pub fn reading<S: Into<String>>(mut self, sources: impl IntoIterator<Item = S>) -> View {
+        for s in sources {
+            let s = s.into();
+            if !self.reads.contains(&s) {
+                self.reads.push(s);
+            }
+        }
+        self
+    }
+
+    fn described(mut self, lines: Vec<String>) -> View {
+        self.description = lines;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn from(&self) -> &str {
+        &self.from
+    }
+
+    pub fn reads(&self) -> &[String] {
+        &self.reads
+    }
+
+    fn edges(&self) -> Vec<(String, &str)> {
+        let mut e = vec![("from".to_string(), self.from.as_str())];
+        for r in &self.reads {
+            e.push(("reads".to_string(), r.as_str()));
+        }
+        e
+    }
+}
+
+/// Why one row could not be computed. The row is left out of the view, the error is counted
+/// in [`ViewStats::errors`] and logged, and the row is recomputed when what it read changes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowError {
+    #[error("{input}[{key}] is not JSON: {error}")]
+    NotJson {
+        input: String,
+        key: String,
+        error: String,
+    },
+    #[error("{input}[{key}] is not a JSON object")]
+    NotObject { input: String, key: String },
+    #[error("reads '{0}', which the view does not declare (View::reading)")]
+    Undeclared(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Counters of one view.
+#[derive(Debug, Default)]
+pub struct ViewStats {
+    /// Rows computed (each call of the view's function).
+    pub recomputes: AtomicU64,
+    /// Rows that could not be computed ([`RowError`]).
+    pub errors: AtomicU64,
+    /// Row upserts and deletes emitted.
+    pub changes: AtomicU64,
+}
+
+pub(crate) type SourceId = usize;
+
+/// A source a view may read, resolved.
+pub(crate) struct Read {
+    pub(crate) name: Arc<str>,
+    pub(crate) id: SourceId,
+    pub(crate) source: Arc<Source>,
+}
+
+/// The handle a view function reads other sources through. Every read, found or not, is
+/// recorded as a dependency of the row being computed.
+pub struct Lookup<'a> {
+    from: &'a str,
+    reads: &'a [Read],
+    deps: &'a mut Vec<(SourceId, Arc<str>)>,
+}
+
+impl Lookup<'_> {
+    /// The value of `source[key]` parsed as JSON, or `None` when absent.
+    pub fn get(&mut self, source: &str, key: &str) -> Result<Option<Value>, RowError> {
+        let slot = self.slot(source)?;
+        self.get_slot(slot, key.to_string())
+    }
+
+    /// The raw value of `source[key]`, or `None` when absent.
+    pub fn get_bytes(&mut self, source: &str, key: &str) -> Result<Option<Bytes>, RowError> {
+        let slot = self.slot(source)?;
+        Ok(self.bytes_slot(slot, key.to_string()))
+    }
+
+    /// The name of the source the row comes from.
+    pub fn from_name(&self) -> &str {
+        self.from
+    }
+
+    fn slot(&self, source: &str) -> Result<usize, RowError> {
+        self.reads
+            .iter()
+            .position(|r| &*r.name == source)
+            .ok_or_else(|| RowError::Undeclared(source.to_string()))
+    }
+
+    fn bytes_slot(&mut self, slot: usize, key: String) -> Option<Bytes> {
+        let read = &self.reads[slot];
+        let key: Arc<str> = Arc::from(key);
+        let row = read.source.get(&key);
+        self.deps.push((read.id, key));
+        row.map(|r| r.value)
+    }
+
+    pub(crate) fn get_slot(&mut self, slot: usize, key: String) -> Result<Option<Value>, RowError> {
+        let Some(bytes) = self.bytes_slot(slot, key) else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            let (_, key) = self.deps.last().cloned().unwrap_or((0, Arc::from("")));
+            RowError::NotJson {
+                input: self.reads[slot].name.to_string(),
+                key: key.to_string(),
+                error: e.to_string(),
+            }
+        })
+    }
 }
 
 /// A view set that cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("view '{view}': {message}")]
-    Invalid { view: String, message: String },
+    #[error("view '{view}': {field}: {message}")]
+    Invalid {
+        view: String,
+        field: String,
+        message: String,
+    },
+    #[error("no topic named '{0}'")]
+    UnknownTopic(String),
 }
 
-/// Checks view declarations against the known source names.
+/// A view graph problem: which view (by index), which field, what is wrong.
+struct GraphError {
+    view: usize,
+    field: String,
+    message: String,
+}
+
+/// Checks names, sources and cycles, and returns the views in dependency order (every view
+/// after the views it reads; otherwise in declaration order).
+fn order_views(
+    views: &[(&str, Vec<(String, &str)>)],
+    sources: &HashSet<String>,
+) -> Result<Vec<usize>, GraphError> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (i, (name, _)) in views.iter().enumerate() {
+        if let Err(message) = check_name(name) {
+            return Err(GraphError {
+                view: i,
+                field: "name".into(),
+                message,
+            });
+        }
+        if sources.contains(*name) || index.insert(name, i).is_some() {
+            return Err(GraphError {
+                view: i,
+                field: "name".into(),
+                message: format!("duplicate source name '{name}'"),
+            });
+        }
+    }
+    for (i, (_, edges)) in views.iter().enumerate() {
+        for (field, src) in edges {
+            if !sources.contains(*src) && !index.contains_key(src) {
+                let mut known: Vec<&str> = sources.iter().map(String::as_str).collect();
+                known.extend(index.keys());
+                known.sort_unstable();
+                return Err(GraphError {
+                    view: i,
+                    field: field.clone(),
+                    message: format!(
+                        "unknown source '{src}' (known: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
+    }
+    // Depth-first, emitting a view after everything it reads; a view met again while still on
+    // the path closes a cycle.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    let mut marks = vec![Mark::New; views.len()];
+    let mut order = Vec::with_capacity(views.len());
+    for root in 0..views.len() {
+        if marks[root] != Mark::New {
+            continue;
+        }
+        // (view, next edge to follow)
+        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+        marks[root] = Mark::OnPath;
+        while let Some(&mut (v, ref mut next)) = stack.last_mut() {
+            let edges = &views[v].1;
+            if *next == edges.len() {
+                marks[v] = Mark::Done;
+                order.push(v);
+                stack.pop();
+                continue;
+            }
+            let (field, src) = &edges[*next];
+            *next += 1;
+            let Some(&w) = index.get(src) else { continue };
+            match marks[w] {
+                Mark::Done => {}
+                Mark::New => {
+                    marks[w] = Mark::OnPath;
+                    stack.push((w, 0));
+                }
+                Mark::OnPath => {
+                    let start = stack.iter().position(|(x, _)| *x == w).unwrap_or(0);
+                    let mut path: Vec<&str> =
+                        stack[start..].iter().map(|(x, _)| views[*x].0).collect();
+                    path.push(views[w].0);
+                    return Err(GraphError {
+                        view: v,
+                        field: field.clone(),
+                        message: format!("views form a cycle: {}", path.join(" -> ")),
+                    });
+                }
+            }
+        }
+    }
+    Ok(order)
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid name {name:?}: expected 1 to 128 of [A-Za-z0-9_.-]"
+        ))
+    }
+}
+
+/// Checks view declarations against the known source names (the topics): names, expressions,
+/// sources, cycles. Errors name the view and the field.
 pub(crate) fn validate_specs(
     file: &str,
     specs: &[ViewSpec],
-    _sources: &HashSet<String>,
+    sources: &HashSet<String>,
 ) -> Result<(), ConfigError> {
-    if let Some(v) = specs.first() {
-        return Err(ConfigError::invalid(
-            file,
-            format!("view '{}'", v.name),
-            "views are not supported by this build yet",
-        ));
+    for (i, s) in specs.iter().enumerate() {
+        if let Err((field, message)) = s.compile() {
+            return Err(ConfigError::invalid(
+                file,
+                format!("view[{i}].{field}"),
+                format!("view '{}': {message}", s.name),
+            ));
+        }
     }
+    let graph: Vec<_> = specs.iter().map(|s| (s.name.as_str(), s.edges())).collect();
+    order_views(&graph, sources).map_err(|e| {
+        ConfigError::invalid(
+            file,
+            format!("view[{}].{}", e.view, e.field),
+            format!("view '{}': {}", specs[e.view].name, e.message),
+        )
+    })?;
     Ok(())
 }
 
 /// The views of a sidecar, ready to be attached to its store.
-pub(crate) struct ViewSet;
+pub(crate) struct ViewSet {
+    engine: Engine,
+}
 
 impl ViewSet {
     pub(crate) fn attach(self, _store: Arc<Store>) -> Box<dyn Derive> {
-        unreachable!("validate_specs refuses views until the engine exists")
+        Box::new(self.engine)
+    }
+
+    /// Counters of every view, by name.
+    pub(crate) fn stats(&self) -> HashMap<String, Arc<ViewStats>> {
+        self.engine.stats()
     }
 }
 
-/// Adds a source per view to `store` and returns the engine that maintains them.
+/// Compiles `specs`, adds `extra` views, checks the graph against the sources already in
+/// `store`, adds a source per view, and returns the engine that maintains them (`None` when
+/// there are no views).
 pub(crate) fn build(
     specs: &[ViewSpec],
-    _store: &mut Store,
-    _clock: Clock,
+    extra: Vec<View>,
+    store: &mut Store,
+    clock: Clock,
 ) -> Result<Option<ViewSet>, ViewError> {
-    if let Some(v) = specs.first() {
-        return Err(ViewError::Invalid {
-            view: v.name.clone(),
-            message: "views are not supported by this build yet".into(),
-        });
+    let mut views = Vec::with_capacity(specs.len() + extra.len());
+    for s in specs {
+        let v = s.compile().map_err(|(field, message)| ViewError::Invalid {
+            view: s.name.clone(),
+            field,
+            message,
+        })?;
+        views.push(v);
     }
-    Ok(None)
+    views.extend(extra);
+    if views.is_empty() {
+        return Ok(None);
+    }
+    let topics: HashSet<String> = store
+        .sources()
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
+    let graph: Vec<_> = views.iter().map(|v| (v.name.as_str(), v.edges())).collect();
+    let order = order_views(&graph, &topics).map_err(|e| ViewError::Invalid {
+        view: views[e.view].name.clone(),
+        field: e.field,
+        message: e.message,
+    })?;
+    let mut slots: Vec<Option<View>> = views.into_iter().map(Some).collect();
+    let ordered: Vec<View> = order.into_iter().filter_map(|i| slots[i].take()).collect();
+    Ok(Some(ViewSet {
+        engine: Engine::new(ordered, store, clock),
+    }))
 }
 
-/// The view graph, one line per view, for `viewcar check`.
+/// The view graph for `viewcar check`: every view in dependency order, with what it reads.
 pub(crate) fn describe(specs: &[ViewSpec]) -> String {
-    specs
+    use std::fmt::Write;
+    if specs.is_empty() {
+        return "views: none\n".into();
+    }
+    let graph: Vec<_> = specs.iter().map(|s| (s.name.as_str(), s.edges())).collect();
+    // The sources a view reads that are not views are topics (the config is valid).
+    let names: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let topics: HashSet<String> = graph
         .iter()
-        .map(|v| format!("view {} <- {}\n", v.name, v.from))
-        .collect()
+        .flat_map(|(_, e)| e.iter().map(|(_, s)| *s))
+        .filter(|s| !names.contains(s))
+        .map(str::to_string)
+        .collect();
+    let order = order_views(&graph, &topics).unwrap_or_else(|_| (0..specs.len()).collect());
+    let mut out = String::new();
+    let _ = writeln!(out, "views, in dependency order:");
+    for i in order {
+        let s = &specs[i];
+        let mut reads: Vec<&str> = Vec::new();
+        for (_, src) in s.edges() {
+            if !reads.contains(&src) {
+                reads.push(src);
+            }
+        }
+        let kind = if s.group_by.is_some() {
+            "index"
+        } else {
+            "view"
+        };
+        let _ = writeln!(out, "  {kind} {} <- {}", s.name, reads.join(", "));
+        let body = match s.compile() {
+            Ok(v) => v.description,
+            Err(_) => Vec::new(),
+        };
+        for line in body {
+            let _ = writeln!(out, "      {line}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn check(specs: &[ViewSpec]) -> Result<(), String> {
+        validate_specs("t.toml", specs, &topics(&["products", "prices", "brands"]))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn graph_is_ordered_by_dependencies() {
+        let specs = [
+            ViewSpec::new("top", "mid").include("b", "brands", "brand_id"),
+            ViewSpec::new("mid", "base"),
+            ViewSpec::new("base", "products").include("p", "prices", "id"),
+        ];
+        check(&specs).unwrap();
+        let graph: Vec<_> = specs.iter().map(|s| (s.name.as_str(), s.edges())).collect();
+        let order = order_views(&graph, &topics(&["products", "prices", "brands"])).ok();
+        assert_eq!(order, Some(vec![2, 1, 0]));
+        let text = describe(&specs);
+        let pos = |n: &str| text.find(n).unwrap();
+        assert!(
+            pos("view base") < pos("view mid") && pos("view mid") < pos("view top"),
+            "{text}"
+        );
+        assert!(text.contains("include p = prices[id]"), "{text}");
+    }
+
+    #[test]
+    fn unknown_source_names_view_and_field() {
+        let err = check(&[ViewSpec::new("v", "products").include("x", "nope", "id")]).unwrap_err();
+        assert!(err.contains("view[0].include.x.source"), "{err}");
+        assert!(
+            err.contains("view 'v'") && err.contains("unknown source 'nope'"),
+            "{err}"
+        );
+        let err = check(&[ViewSpec::new("v", "prodcts")]).unwrap_err();
+        assert!(
+            err.contains("view[0].from") && err.contains("'prodcts'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cycles_name_the_path() {
+        let err = check(&[
+            ViewSpec::new("a", "products").include("x", "b", "id"),
+            ViewSpec::new("b", "a"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("cycle: a -> b -> a") || err.contains("cycle: b -> a -> b"),
+            "{err}"
+        );
+        let err = check(&[ViewSpec::new("self", "self")]).unwrap_err();
+        assert!(
+            err.contains("view[0].from") && err.contains("self -> self"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_errors() {
+        let err =
+            check(&[ViewSpec::new("v", "products"), ViewSpec::new("v", "prices")]).unwrap_err();
+        assert!(
+            err.contains("view[1].name") && err.contains("duplicate source name 'v'"),
+            "{err}"
+        );
+        let err = check(&[ViewSpec::new("prices", "products")]).unwrap_err();
+        assert!(
+            err.contains("view[0].name") && err.contains("'prices'"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_expressions_name_the_field() {
+        let err = check(&[ViewSpec::new("v", "products").filter("status = 'x'")]).unwrap_err();
+        assert!(
+            err.contains("view[0].where") && err.contains("view 'v'"),
+            "{err}"
+        );
+        let err =
+            check(&[ViewSpec::new("v", "products").include("p", "prices", "id +")]).unwrap_err();
+        assert!(err.contains("view[0].include.p.key"), "{err}");
+    }
 }

@@ -1,0 +1,2 @@
+//! View maintenance benchmarks (being written).
+fn main() {}

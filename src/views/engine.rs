@@ -1,0 +1,720 @@
+//! The view engine: runs inside the single writer, after each step, and brings every view up to
+//! date with the changes that step applied.
+//!
+//! Each view row remembers the `(source, key)` pairs its computation read; a reverse index maps
+//! each pair back to the rows. A change to `(source, key)` marks dirty the rows that read it
+//! (and, in views whose `from` is that source, the row of that key); views are then processed
+//! in dependency order, so a view's changes mark rows of the views reading it before those are
+//! processed. A recomputed row whose serialized bytes did not change emits nothing.
+//!
+//! Versions: each view has its own counter, bumped once per step that changed the view; every
+//! row written in that step carries it, so per-key versions only grow.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::{Compute, Lookup, Read, RowError, SourceId, View, ViewStats};
+use crate::store::writer::Derive;
+use crate::store::{Clock, Event, Row, Source, Store};
+
+type Dep = (SourceId, Arc<str>);
+
+/// Which rows read a key: (view index, key in the view's `from`).
+type Readers = HashSet<(usize, Arc<str>)>;
+
+#[derive(Default)]
+struct RowState {
+    deps: Vec<Dep>,
+    /// For grouped views: the group this key is a member of.
+    group: Option<Arc<str>>,
+}
+
+struct ViewState {
+    name: Arc<str>,
+    id: SourceId,
+    source: Arc<Source>,
+    from: SourceId,
+    from_name: Arc<str>,
+    reads: Vec<Read>,
+    inputs: Vec<Arc<Source>>,
+    compute: Compute,
+    rows: HashMap<Arc<str>, RowState>,
+    dirty: HashSet<Arc<str>>,
+    /// Grouped views: members (by `from` key, so sorted) of each group, serialized.
+    groups: HashMap<Arc<str>, BTreeMap<Arc<str>, Bytes>>,
+    dirty_groups: HashSet<Arc<str>>,
+    version: u64,
+    stats: Arc<ViewStats>,
+}
+
+pub(crate) struct Engine {
+    sources: Vec<Arc<Source>>,
+    by_name: HashMap<Arc<str>, SourceId>,
+    /// Per source: the views (indexes) whose `from` it is.
+    from_of: Vec<Vec<usize>>,
+    /// Per source: key -> rows that read it.
+    reverse: Vec<HashMap<Arc<str>, Readers>>,
+    /// In dependency order.
+    views: Vec<ViewState>,
+    /// Some view has not been marked synced yet.
+    pending_sync: bool,
+}
+
+impl Engine {
+    /// Adds a source per view to `store` (views are in dependency order and their sources exist).
+    pub(crate) fn new(views: Vec<View>, store: &mut Store, clock: Clock) -> Engine {
+        let mut sources: Vec<Arc<Source>> = store.sources().to_vec();
+        let mut by_name: HashMap<Arc<str>, SourceId> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name().clone(), i))
+            .collect();
+        let mut states = Vec::with_capacity(views.len());
+        for v in views {
+            let resolve = |name: &str| -> (SourceId, Arc<Source>) {
+                // The graph was checked: every name resolves, and earlier views come first.
+                let id = by_name[name];
+                (id, sources[id].clone())
+            };
+            let (from, from_src) = resolve(&v.from);
+            let reads: Vec<Read> = v
+                .reads
+                .iter()
+                .map(|r| {
+                    let (id, source) = resolve(r);
+                    Read {
+                        name: source.name().clone(),
+                        id,
+                        source,
+                    }
+                })
+                .collect();
+            let mut inputs = vec![from_src.clone()];
+            for r in &reads {
+                if !inputs.iter().any(|s| Arc::ptr_eq(s, &r.source)) {
+                    inputs.push(r.source.clone());
+                }
+            }
+            let source = store.add(Source::view(&v.name, inputs.clone(), clock));
+            let id = sources.len();
+            sources.push(source.clone());
+            by_name.insert(source.name().clone(), id);
+            states.push(ViewState {
+                name: source.name().clone(),
+                id,
+                source,
+                from,
+                from_name: from_src.name().clone(),
+                reads,
+                inputs,
+                compute: v.compute,
+                rows: HashMap::new(),
+                dirty: HashSet::new(),
+                groups: HashMap::new(),
+                dirty_groups: HashSet::new(),
+                version: 0,
+                stats: Arc::new(ViewStats::default()),
+            });
+        }
+        let mut from_of = vec![Vec::new(); sources.len()];
+        for (i, v) in states.iter().enumerate() {
+            from_of[v.from].push(i);
+        }
+        Engine {
+            reverse: vec![HashMap::new(); sources.len()],
+            sources,
+            by_name,
+            from_of,
+            views: states,
+            pending_sync: true,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> HashMap<String, Arc<ViewStats>> {
+        self.views
+            .iter()
+            .map(|v| (v.name.to_string(), v.stats.clone()))
+            .collect()
+    }
+
+    /// Marks dirty every row that `(source, key)` feeds.
+    fn touch(&mut self, source: SourceId, key: &Arc<str>) {
+        for &v in &self.from_of[source] {
+            self.views[v].dirty.insert(key.clone());
+        }
+        if let Some(readers) = self.reverse[source].get(key) {
+            for (v, k) in readers {
+                self.views[*v].dirty.insert(k.clone());
+            }
+        }
+    }
+
+    /// Recomputes the dirty rows of every view, in dependency order; returns the view changes.
+    fn run(&mut self, events: &[Event]) -> Vec<Event> {
+        for ev in events {
+            if let Some(&id) = self.by_name.get(&ev.source) {
+                self.touch(id, &ev.key);
+            }
+        }
+        let mut out = Vec::new();
+        for vi in 0..self.views.len() {
+            if self.views[vi].dirty.is_empty() {
+                continue;
+            }
+            let start = out.len();
+            self.process(vi, &mut out);
+            let id = self.views[vi].id;
+            for i in start..out.len() {
+                let key = out[i].key.clone();
+                self.touch(id, &key);
+            }
+        }
+        if self.pending_sync {
+            self.pending_sync = false;
+            for v in &self.views {
+                if v.source.is_synced() {
+                    continue;
+                }
+                if v.inputs.iter().all(|s| s.is_synced()) {
+                    v.source.mark_synced();
+                } else {
+                    self.pending_sync = true;
+                }
+            }
+        }
+        out
+    }
+
+    fn process(&mut self, vi: usize, out: &mut Vec<Event>) {
+        let v = &mut self.views[vi];
+        let dirty: Vec<Arc<str>> = v.dirty.drain().collect();
+        let next = v.version + 1;
+        let before = out.len();
+        for key in dirty {
+            let (result, deps) = compute(v, &self.sources, &key);
+            let result = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    let n = v.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    if n == 0 || n.is_power_of_two() {
+                        warn!(view = %v.name, key = %key, error = %e, errors = n + 1, "view row not computed");
+                    } else {
+                        debug!(view = %v.name, key = %key, error = %e, "view row not computed");
+                    }
+                    None
+                }
+            };
+            let state = v.rows.remove(&key).unwrap_or_default();
+            set_deps(&mut self.reverse, vi, &key, &state.deps, &deps);
+            match &v.compute {
+                Compute::Map(_) => {
+                    let new = result.map(|(_, b)| b);
+                    emit(v, key.clone(), new, next, out);
+                    if !deps.is_empty() {
+                        v.rows.insert(key, RowState { deps, group: None });
+                    }
+                }
+                Compute::Group(_) => {
+                    let group = regroup(v, &key, state.group, result);
+                    if group.is_some() || !deps.is_empty() {
+                        v.rows.insert(key, RowState { deps, group });
+                    }
+                }
+            }
+        }
+        let groups: Vec<Arc<str>> = v.dirty_groups.drain().collect();
+        for g in groups {
+            let bytes = v.groups.get(&g).filter(|m| !m.is_empty()).map(|members| {
+                let len = members.values().map(|b| b.len() + 1).sum::<usize>() + 1;
+                let mut buf = Vec::with_capacity(len);
+                buf.push(b'[');
+                for (i, m) in members.values().enumerate() {
+                    if i > 0 {
+                        buf.push(b',');
+                    }
+                    buf.extend_from_slice(m);
+                }
+                buf.push(b']');
+                Bytes::from(buf)
+            });
+            if bytes.is_none() {
+                v.groups.remove(&g);
+            }
+            emit(v, g, bytes, next, out);
+        }
+        if out.len() > before {
+            v.version = next;
+            v.source.set_version(next);
+            v.stats
+                .changes
+                .fetch_add((out.len() - before) as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Computes the row of `key` in view `v`: the group (grouped views) and serialized row, or
+/// nothing; plus what the computation read (besides `from[key]`, which is implied).
+#[allow(clippy::type_complexity)]
+fn compute(
+    v: &ViewState,
+    sources: &[Arc<Source>],
+    key: &Arc<str>,
+) -> (Result<Option<(Option<String>, Bytes)>, RowError>, Vec<Dep>) {
+    let mut deps = Vec::new();
+    let Some(row) = sources[v.from].get(key) else {
+        return (Ok(None), deps);
+    };
+    v.stats.recomputes.fetch_add(1, Ordering::Relaxed);
+    let value = match serde_json::from_slice(&row.value) {
+        Ok(value) => value,
+        Err(e) => {
+            return (
+                Err(RowError::NotJson {
+                    input: v.from_name.to_string(),
+                    key: key.to_string(),
+                    error: e.to_string(),
+                }),
+                deps,
+            )
+        }
+    };
+    let mut lookup = Lookup {
+        from: &v.from_name,
+        reads: &v.reads,
+        deps: &mut deps,
+    };
+    let computed = match &v.compute {
+        Compute::Map(f) => f.row(key, value, &mut lookup).map(|r| r.map(|v| (None, v))),
+        Compute::Group(f) => f
+            .member(key, value, &mut lookup)
+            .map(|r| r.map(|(g, v)| (Some(g), v))),
+    };
+    let result = computed.and_then(|r| match r {
+        None => Ok(None),
+        Some((g, value)) => serde_json::to_vec(&value)
+            .map(|b| Some((g, Bytes::from(b))))
+            .map_err(|e| RowError::Other(format!("cannot serialize the row: {e}"))),
+    });
+    (result, deps)
+}
+
+/// Moves `key` between groups of a grouped view; returns its group now.
+fn regroup(
+    v: &mut ViewState,
+    key: &Arc<str>,
+    old: Option<Arc<str>>,
+    new: Option<(Option<String>, Bytes)>,
+) -> Option<Arc<str>> {
+    let new = new.and_then(|(g, b)| Some((g?, b)));
+    if let (Some(og), Some((ng, nb))) = (&old, &new) {
+        if **og == **ng {
+            let members = v.groups.entry(og.clone()).or_default();
+            if members.get(key) != Some(nb) {
+                members.insert(key.clone(), nb.clone());
+                v.dirty_groups.insert(og.clone());
+            }
+            return old;
+        }
+    }
+    if let Some(og) = old {
+        if let Some(members) = v.groups.get_mut(&og) {
+            members.remove(key);
+        }
+        v.dirty_groups.insert(og);
+    }
+    let (ng, nb) = new?;
+    let g: Arc<str> = match v.groups.get_key_value(ng.as_str()) {
+        Some((k, _)) => k.clone(),
+        None => Arc::from(ng),
+    };
+    v.groups
+        .entry(g.clone())
+        .or_default()
+        .insert(key.clone(), nb);
+    v.dirty_groups.insert(g.clone());
+    Some(g)
+}
+
+/// Writes `new` as the row `key` of view `v` if it differs from the current row.
+fn emit(v: &ViewState, key: Arc<str>, new: Option<Bytes>, version: u64, out: &mut Vec<Event>) {
+    let cur = v.source.get(&key);
+    match (cur, new) {
+        (None, None) => {}
+        (Some(c), Some(n)) if c.value == n => {}
+        (_, Some(n)) => {
+            v.source.put(
+                key.clone(),
+                Row {
+                    value: n.clone(),
+                    version,
+                },
+            );
+            out.push(Event {
+                source: v.name.clone(),
+                key,
+                version,
+                value: Some(n),
+            });
+        }
+        (Some(_), None) => {
+            v.source.remove(&key);
+            out.push(Event {
+                source: v.name.clone(),
+                key,
+                version,
+                value: None,
+            });
+        }
+    }
+}
+
+/// Updates the reverse index for row `key` of view `vi`, whose reads changed from `old` to `new`.
+fn set_deps(
+    reverse: &mut [HashMap<Arc<str>, Readers>],
+    vi: usize,
+    key: &Arc<str>,
+    old: &[Dep],
+    new: &[Dep],
+) {
+    if old == new {
+        return;
+    }
+    for d in old {
+        if new.contains(d) {
+            continue;
+        }
+        if let Some(readers) = reverse[d.0].get_mut(&d.1) {
+            readers.remove(&(vi, key.clone()));
+            if readers.is_empty() {
+                reverse[d.0].remove(&d.1);
+            }
+        }
+    }
+    for d in new {
+        if old.contains(d) {
+            continue;
+        }
+        reverse[d.0]
+            .entry(d.1.clone())
+            .or_default()
+            .insert((vi, key.clone()));
+    }
+}
+
+impl Derive for Engine {
+    fn apply(&mut self, events: &[Event]) -> Vec<Event> {
+        if events.is_empty() && !self.pending_sync {
+            return Vec::new();
+        }
+        self.run(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use bytes::Bytes;
+    use serde_json::{json, Value};
+
+    use crate::store::Event;
+    use crate::views::{RowError, Standalone, View, ViewSpec};
+
+    fn put(key: &str, v: Value) -> (String, Option<Bytes>) {
+        (key.to_string(), Some(Bytes::from(v.to_string())))
+    }
+
+    fn del(key: &str) -> (String, Option<Bytes>) {
+        (key.to_string(), None)
+    }
+
+    fn row(s: &Standalone, view: &str, key: &str) -> Option<String> {
+        let r = s.store().source(view)?.get(key)?;
+        Some(String::from_utf8(r.value.to_vec()).unwrap())
+    }
+
+    fn view_events<'a>(events: &'a [Event], view: &str) -> Vec<&'a Event> {
+        events.iter().filter(|e| &*e.source == view).collect()
+    }
+
+    fn page() -> ViewSpec {
+        ViewSpec::new("page", "products")
+            .filter("status == 'active'")
+            .include("price", "prices", "id")
+            .include("brand", "brands", "brand_id")
+            .include("country", "countries", "brand.country_id")
+    }
+
+    #[test]
+    fn includes_are_added_in_order_and_null_when_absent() {
+        let mut s = Standalone::new(
+            &["products", "prices", "brands", "countries"],
+            &[page()],
+            vec![],
+        )
+        .unwrap();
+        s.apply("brands", vec![put("b1", json!({"country_id": "DE"}))])
+            .unwrap();
+        s.apply(
+            "products",
+            vec![put(
+                "p1",
+                json!({"id": "p1", "status": "active", "brand_id": "b1"}),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            row(&s, "page", "p1").unwrap(),
+            r#"{"id":"p1","status":"active","brand_id":"b1","price":null,"brand":{"country_id":"DE"},"country":null}"#
+        );
+        s.apply("countries", vec![put("DE", json!({"name": "Germany"}))])
+            .unwrap();
+        assert!(row(&s, "page", "p1")
+            .unwrap()
+            .ends_with(r#""country":{"name":"Germany"}}"#));
+        // Deleting a looked-up key sets the include to null, and cascades through later keys.
+        let ev = s.apply("brands", vec![del("b1")]).unwrap();
+        assert_eq!(view_events(&ev, "page").len(), 1);
+        assert!(row(&s, "page", "p1")
+            .unwrap()
+            .ends_with(r#""brand":null,"country":null}"#));
+        // A row that no longer matches the filter is deleted.
+        let ev = s
+            .apply(
+                "products",
+                vec![put(
+                    "p1",
+                    json!({"id": "p1", "status": "discontinued", "brand_id": "b1"}),
+                )],
+            )
+            .unwrap();
+        let pv = view_events(&ev, "page");
+        assert_eq!(pv.len(), 1);
+        assert_eq!(pv[0].value, None);
+        assert_eq!(row(&s, "page", "p1"), None);
+    }
+
+    #[test]
+    fn unchanged_rows_emit_nothing_and_versions_grow() {
+        let mut s = Standalone::new(
+            &["products", "prices", "brands", "countries"],
+            &[page()],
+            vec![],
+        )
+        .unwrap();
+        let src = s.store().source("page").unwrap().clone();
+        assert!(src.is_synced());
+        assert_eq!(src.version(), 0);
+        s.apply(
+            "products",
+            vec![
+                put("p1", json!({"id": "p1", "status": "active"})),
+                put("p2", json!({"id": "p2", "status": "active"})),
+            ],
+        )
+        .unwrap();
+        assert_eq!(src.version(), 1);
+        assert_eq!(src.get("p1").unwrap().version, 1);
+        // A price nobody reads: no recompute, nothing emitted.
+        let stats = s.view_stats("page").unwrap().clone();
+        let before = stats.recomputes.load(Ordering::Relaxed);
+        let ev = s.apply("prices", vec![put("zz", json!(1))]).unwrap();
+        assert_eq!(view_events(&ev, "page").len(), 0);
+        assert_eq!(stats.recomputes.load(Ordering::Relaxed), before);
+        // Re-putting the same value recomputes the row but emits nothing and keeps the version.
+        let ev = s
+            .apply(
+                "products",
+                vec![put("p1", json!({"id": "p1", "status": "active"}))],
+            )
+            .unwrap();
+        assert_eq!(view_events(&ev, "page").len(), 0);
+        assert_eq!(stats.recomputes.load(Ordering::Relaxed), before + 1);
+        assert_eq!(src.version(), 1);
+        s.apply("prices", vec![put("p2", json!({"amount": 3}))])
+            .unwrap();
+        assert_eq!(src.version(), 2);
+        assert_eq!(src.get("p2").unwrap().version, 2);
+        assert_eq!(src.get("p1").unwrap().version, 1);
+    }
+
+    #[test]
+    fn groups_move_and_empty_groups_are_deleted() {
+        let spec = ViewSpec::new("by_cat", "products")
+            .group_by("category")
+            .select(["id", "price.amount as amount"])
+            .include("price", "prices", "id");
+        let mut s = Standalone::new(&["products", "prices"], &[spec], vec![]).unwrap();
+        s.apply(
+            "products",
+            vec![
+                put("p2", json!({"id": "p2", "category": "a"})),
+                put("p1", json!({"id": "p1", "category": "a"})),
+                put("p3", json!({"id": "p3", "category": 7})),
+                put("p4", json!({"id": "p4"})),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            row(&s, "by_cat", "a").unwrap(),
+            r#"[{"id":"p1"},{"id":"p2"}]"#
+        );
+        assert_eq!(row(&s, "by_cat", "7").unwrap(), r#"[{"id":"p3"}]"#);
+        s.apply("prices", vec![put("p2", json!({"amount": 5}))])
+            .unwrap();
+        assert_eq!(
+            row(&s, "by_cat", "a").unwrap(),
+            r#"[{"id":"p1"},{"id":"p2","amount":5}]"#
+        );
+        // p3 moves from "7" to "a": "7" is now empty and deleted.
+        let ev = s
+            .apply(
+                "products",
+                vec![put("p3", json!({"id": "p3", "category": "a"}))],
+            )
+            .unwrap();
+        assert_eq!(view_events(&ev, "by_cat").len(), 2);
+        assert_eq!(row(&s, "by_cat", "7"), None);
+        assert_eq!(
+            row(&s, "by_cat", "a").unwrap(),
+            r#"[{"id":"p1"},{"id":"p2","amount":5},{"id":"p3"}]"#
+        );
+        s.apply("products", vec![del("p1"), del("p2"), del("p3")])
+            .unwrap();
+        assert_eq!(row(&s, "by_cat", "a"), None);
+        assert!(s.store().source("by_cat").unwrap().is_empty());
+    }
+
+    #[test]
+    fn views_of_views_are_updated_in_the_same_step() {
+        let specs = [
+            // Declared before what it reads: dependency order, not declaration order, counts.
+            ViewSpec::new("by_country", "page")
+                .group_by("country.name")
+                .select(["id"]),
+            page(),
+        ];
+        let mut s = Standalone::new(
+            &["products", "prices", "brands", "countries"],
+            &specs,
+            vec![],
+        )
+        .unwrap();
+        s.apply_many(vec![
+            ("countries", vec![put("DE", json!({"name": "Germany"}))]),
+            ("brands", vec![put("b1", json!({"country_id": "DE"}))]),
+            (
+                "products",
+                vec![put(
+                    "p1",
+                    json!({"id": "p1", "status": "active", "brand_id": "b1"}),
+                )],
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            row(&s, "by_country", "Germany").unwrap(),
+            r#"[{"id":"p1"}]"#
+        );
+        let ev = s
+            .apply("countries", vec![put("DE", json!({"name": "Deutschland"}))])
+            .unwrap();
+        let names: Vec<&str> = ev.iter().map(|e| &*e.source).collect();
+        assert_eq!(names, ["countries", "page", "by_country", "by_country"]);
+        assert_eq!(row(&s, "by_country", "Germany"), None);
+        assert_eq!(
+            row(&s, "by_country", "Deutschland").unwrap(),
+            r#"[{"id":"p1"}]"#
+        );
+    }
+
+    #[test]
+    fn values_that_are_not_json_are_counted_row_errors() {
+        let mut s = Standalone::new(
+            &["products", "prices", "brands", "countries"],
+            &[page()],
+            vec![],
+        )
+        .unwrap();
+        s.apply(
+            "products",
+            vec![
+                (
+                    "bad".to_string(),
+                    Some(Bytes::from_static(b"\xff not json")),
+                ),
+                put("p1", json!({"id": "p1", "status": "active"})),
+                put("n", json!(5)),
+            ],
+        )
+        .unwrap();
+        let stats = s.view_stats("page").unwrap().clone();
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 2);
+        assert_eq!(row(&s, "page", "bad"), None);
+        assert_eq!(row(&s, "page", "n"), None);
+        assert!(row(&s, "page", "p1").is_some());
+        // An include that is not JSON: the row goes away until the value is fixed.
+        s.apply(
+            "prices",
+            vec![("p1".into(), Some(Bytes::from_static(b"{")))],
+        )
+        .unwrap();
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 3);
+        assert_eq!(row(&s, "page", "p1"), None);
+        s.apply("prices", vec![put("p1", json!({"amount": 1}))])
+            .unwrap();
+        assert!(row(&s, "page", "p1")
+            .unwrap()
+            .contains(r#""price":{"amount":1}"#));
+    }
+
+    #[test]
+    fn rust_views_read_through_the_lookup_and_are_tracked() {
+        let view = View::map("priced", "products", |key, product, lookup| {
+            let price = lookup.get("prices", key)?;
+            let amount = price.and_then(|p| p.get("amount").cloned());
+            Ok(Some(json!({"name": product["name"], "amount": amount})))
+        })
+        .reading(["prices"]);
+        let sneaky = View::map("sneaky", "products", |key, _, lookup| {
+            lookup.get("prices", key)?;
+            Ok(Some(json!(1)))
+        });
+        let mut s = Standalone::new(&["products", "prices"], &[], vec![view, sneaky]).unwrap();
+        s.apply("products", vec![put("p1", json!({"name": "x"}))])
+            .unwrap();
+        assert_eq!(
+            row(&s, "priced", "p1").unwrap(),
+            r#"{"name":"x","amount":null}"#
+        );
+        s.apply("prices", vec![put("p1", json!({"amount": 9}))])
+            .unwrap();
+        assert_eq!(
+            row(&s, "priced", "p1").unwrap(),
+            r#"{"name":"x","amount":9}"#
+        );
+        // Reading an undeclared source is an error for the row, not a silent untracked read.
+        assert_eq!(row(&s, "sneaky", "p1"), None);
+        let stats = s.view_stats("sneaky").unwrap();
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
+        let _ = RowError::Undeclared("prices".into());
+    }
+
+    #[test]
+    fn a_view_syncs_once_all_its_inputs_have() {
+        let s = Standalone::new(
+            &["products", "prices", "brands", "countries"],
+            &[page()],
+            vec![],
+        )
+        .unwrap();
+        let src = s.store().source("page").unwrap();
+        assert!(src.is_synced());
+        assert!(src.is_connected());
+        assert_eq!(src.staleness_ms(), 0);
+    }
+}

@@ -1,0 +1,417 @@
+//! `[[view]]` declarations: how they are written in TOML, checked, and compiled into the same
+//! [`View`] a Rust user registers by hand.
+//!
+//! The order of `[view.include]` entries is meaningful (a key may read an earlier include), so
+//! the table is read into a list in document order, never through a sorted map.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::expr::{key_text, Filter, KeyExpr, Path};
+use super::{Lookup, MemberFn, RowError, RowFn, View};
+
+/// A `[[view]]` declaration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ViewSpec {
+    pub name: String,
+    /// The source (topic or view) with one row per key.
+    pub from: String,
+    /// A filter over the row (after includes): rows that do not match are absent.
+    #[serde(default, rename = "where")]
+    pub filter: Option<String>,
+    /// Lookups added as fields, in declaration order.
+    #[serde(default)]
+    pub include: Includes,
+    /// Fields to keep (`"path"` or `"path as name"`); every field when absent.
+    #[serde(default)]
+    pub select: Option<Vec<String>>,
+    /// Makes the view an index: one row per distinct value of this field.
+    #[serde(default)]
+    pub group_by: Option<String>,
+}
+
+/// `[view.include]`: named lookups in declaration order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Includes(pub Vec<Include>);
+
+/// One lookup: the field `name` gets the value of `source[key]`, or `null`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Include {
+    pub name: String,
+    pub source: String,
+    pub key: String,
+}
+
+impl<'de> Deserialize<'de> for Includes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            source: String,
+            key: String,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Includes;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table of includes: name = { source = \"...\", key = \"...\" }")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Includes, A::Error> {
+                let mut out: Vec<Include> = Vec::new();
+                while let Some((name, t)) = map.next_entry::<String, Table>()? {
+                    if out.iter().any(|i| i.name == name) {
+                        return Err(de::Error::custom(format!("duplicate include '{name}'")));
+                    }
+                    out.push(Include {
+                        name,
+                        source: t.source,
+                        key: t.key,
+                    });
+                }
+                Ok(Includes(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl ViewSpec {
+    /// A view with one row per key of `from`, unchanged until includes, a filter or a selection
+    /// are added.
+    pub fn new(name: impl Into<String>, from: impl Into<String>) -> Self {
+        ViewSpec {
+            name: name.into(),
+            from: from.into(),
+            filter: None,
+            include: Includes::default(),
+            select: None,
+            group_by: None,
+        }
+    }
+
+    pub fn filter(mut self, expr: impl Into<String>) -> Self {
+        self.filter = Some(expr.into());
+        self
+    }
+
+    pub fn include(
+        mut self,
+        name: impl Into<String>,
+        source: impl Into<String>,
+        key: impl Into<String>,
+    ) -> Self {
+        self.include.0.push(Include {
+            name: name.into(),
+            source: source.into(),
+            key: key.into(),
+        });
+        self
+    }
+
+    pub fn select<S: Into<String>>(mut self, fields: impl IntoIterator<Item = S>) -> Self {
+        self.select = Some(fields.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn group_by(mut self, field: impl Into<String>) -> Self {
+        self.group_by = Some(field.into());
+        self
+    }
+
+    /// The sources this view reads, each with the field that names it.
+    pub(crate) fn edges(&self) -> Vec<(String, &str)> {
+        let mut e = vec![("from".to_string(), self.from.as_str())];
+        for i in &self.include.0 {
+            e.push((format!("include.{}.source", i.name), i.source.as_str()));
+        }
+        e
+    }
+
+    /// Parses the expressions and builds the view. Errors name the field (`where`,
+    /// `include.price.key`, ...) and say what is wrong.
+    pub(crate) fn compile(&self) -> Result<View, (String, String)> {
+        let filter = match &self.filter {
+            Some(f) => Some(Filter::parse(f).map_err(|e| ("where".to_string(), e))?),
+            None => None,
+        };
+        let mut reads: Vec<String> = Vec::new();
+        let mut includes = Vec::new();
+        for inc in &self.include.0 {
+            if inc.name.is_empty() {
+                return Err(("include".into(), "an include needs a name".into()));
+            }
+            let key =
+                KeyExpr::parse(&inc.key).map_err(|e| (format!("include.{}.key", inc.name), e))?;
+            let slot = match reads.iter().position(|r| *r == inc.source) {
+                Some(s) => s,
+                None => {
+                    reads.push(inc.source.clone());
+                    reads.len() - 1
+                }
+            };
+            includes.push(Included {
+                name: inc.name.clone(),
+                slot,
+                key,
+            });
+        }
+        let select = match &self.select {
+            Some(items) => {
+                if items.is_empty() {
+                    return Err((
+                        "select".into(),
+                        "selects no fields (leave it out to keep every field)".into(),
+                    ));
+                }
+                let mut out: Vec<(Path, String)> = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let sel = parse_select(item).map_err(|e| (format!("select[{i}]"), e))?;
+                    if out.iter().any(|(_, n)| *n == sel.1) {
+                        return Err((
+                            format!("select[{i}]"),
+                            format!("field '{}' is selected twice", sel.1),
+                        ));
+                    }
+                    out.push(sel);
+                }
+                Some(out)
+            }
+            None => None,
+        };
+        let group_by = match &self.group_by {
+            Some(g) => Some(Path::parse(g).map_err(|e| ("group_by".to_string(), e))?),
+            None => None,
+        };
+        let grouped = group_by.is_some();
+        let declared = Arc::new(Declared {
+            filter,
+            includes,
+            select,
+            group_by,
+        });
+        let view = if grouped {
+            View::with_group_fn(&self.name, &self.from, DeclaredGroup(declared))
+        } else {
+            View::with_fn(&self.name, &self.from, DeclaredRow(declared))
+        };
+        Ok(view.reading(reads).described(self.describe_body()))
+    }
+
+    fn describe_body(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        match &self.filter {
+            Some(f) => lines.push(format!("from {} where {f}", self.from)),
+            None => lines.push(format!("from {}", self.from)),
+        }
+        for i in &self.include.0 {
+            lines.push(format!("include {} = {}[{}]", i.name, i.source, i.key));
+        }
+        if let Some(g) = &self.group_by {
+            lines.push(format!("group_by {g}"));
+        }
+        if let Some(s) = &self.select {
+            lines.push(format!("select {}", s.join(", ")));
+        }
+        lines
+    }
+}
+
+/// `"path"` or `"path as name"`.
+fn parse_select(item: &str) -> Result<(Path, String), String> {
+    let parts: Vec<&str> = item.split_whitespace().collect();
+    match parts.as_slice() {
+        [p] => {
+            let path = Path::parse(p)?;
+            let name = path.last().to_string();
+            Ok((path, name))
+        }
+        [p, "as", n] => Ok((Path::parse(p)?, (*n).to_string())),
+        _ => Err(format!(
+            "expected \"field\" or \"field.path as name\", got {item:?}"
+        )),
+    }
+}
+
+struct Included {
+    name: String,
+    slot: usize,
+    key: KeyExpr,
+}
+
+/// A compiled declaration: includes, then the filter, then the group key and the selection.
+struct Declared {
+    filter: Option<Filter>,
+    includes: Vec<Included>,
+    select: Option<Vec<(Path, String)>>,
+    group_by: Option<Path>,
+}
+
+impl Declared {
+    /// The row built from `value`, with its group key when grouped; `None` when filtered out.
+    fn build(
+        &self,
+        source: &str,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<(Option<String>, Value)>, RowError> {
+        let Value::Object(mut row) = value else {
+            return Err(RowError::NotObject {
+                input: source.to_string(),
+                key: key.to_string(),
+            });
+        };
+        for inc in &self.includes {
+            let v = match inc.key.eval(&row) {
+                Some(k) => lookup.get_slot(inc.slot, k)?.unwrap_or(Value::Null),
+                None => Value::Null,
+            };
+            // Assigning an existing field keeps its position; a new one goes last.
+            row.insert(inc.name.clone(), v);
+        }
+        if let Some(f) = &self.filter {
+            if !f.matches(&row) {
+                return Ok(None);
+            }
+        }
+        let group = match &self.group_by {
+            Some(g) => match g.get(&row).and_then(key_text) {
+                Some(k) => Some(k),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let row = match &self.select {
+            Some(sel) => {
+                let mut out = Map::with_capacity(sel.len());
+                for (path, name) in sel {
+                    if let Some(v) = path.get(&row) {
+                        out.insert(name.clone(), v.clone());
+                    }
+                }
+                out
+            }
+            None => row,
+        };
+        Ok(Some((group, Value::Object(row))))
+    }
+}
+
+struct DeclaredRow(Arc<Declared>);
+
+impl RowFn for DeclaredRow {
+    fn row(
+        &self,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<Value>, RowError> {
+        let from = lookup.from_name().to_string();
+        Ok(self.0.build(&from, key, value, lookup)?.map(|(_, v)| v))
+    }
+}
+
+struct DeclaredGroup(Arc<Declared>);
+
+impl MemberFn for DeclaredGroup {
+    fn member(
+        &self,
+        key: &str,
+        value: Value,
+        lookup: &mut Lookup<'_>,
+    ) -> Result<Option<(String, Value)>, RowError> {
+        let from = lookup.from_name().to_string();
+        Ok(self
+            .0
+            .build(&from, key, value, lookup)?
+            .and_then(|(g, v)| Some((g?, v))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn includes_keep_declaration_order() {
+        #[derive(Deserialize)]
+        struct Cfg {
+            view: Vec<ViewSpec>,
+        }
+        let cfg: Cfg = toml::from_str(
+            r#"
+            [[view]]
+            name = "v"
+            from = "products"
+            [view.include]
+            zeta  = { source = "a", key = "id" }
+            alpha = { source = "b", key = "zeta.x" }
+            mid   = { source = "a", key = "'lit' + id" }
+            "#,
+        )
+        .unwrap();
+        let names: Vec<_> = cfg.view[0]
+            .include
+            .0
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(names, ["zeta", "alpha", "mid"]);
+    }
+
+    #[test]
+    fn unknown_keys_in_views_are_errors() {
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Cfg {
+            view: Vec<ViewSpec>,
+        }
+        let err = toml::from_str::<Cfg>("[[view]]\nname = \"v\"\nfrom = \"a\"\nwhere_ = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("where_"), "{err}");
+        let err = toml::from_str::<Cfg>(
+            "[[view]]\nname = \"v\"\nfrom = \"a\"\n[view.include]\np = { source = \"s\", kye = \"id\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kye"), "{err}");
+    }
+
+    #[test]
+    fn compile_errors_name_the_field() {
+        let field = |s: ViewSpec| s.compile().err().map(|(f, _)| f);
+        assert_eq!(
+            field(ViewSpec::new("v", "a").filter("x ==")),
+            Some("where".into())
+        );
+        assert_eq!(
+            field(ViewSpec::new("v", "a").include("p", "s", "id +")),
+            Some("include.p.key".into())
+        );
+        assert_eq!(
+            field(ViewSpec::new("v", "a").select(["id", "a b c"])),
+            Some("select[1]".into())
+        );
+        assert_eq!(
+            field(ViewSpec::new("v", "a").group_by("a..b")),
+            Some("group_by".into())
+        );
+        assert_eq!(
+            field(ViewSpec::new("v", "a").select(["id", "x as id"])),
+            Some("select[1]".into())
+        );
+        assert!(ViewSpec::new("v", "a")
+            .filter("status == 'active'")
+            .include("p", "s", "id")
+            .select(["id", "p.amount as price"])
+            .group_by("category")
+            .compile()
+            .is_ok());
+    }
+}
