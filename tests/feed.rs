@@ -390,9 +390,9 @@ fn state(gen: &str, keys: std::ops::Range<usize>) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_during_resnapshots_see_old_or_new_never_a_mix() {
     within(async {
-        let old = state("A", 0..400);
-        let new = state("B", 100..500);
-        let all: Vec<String> = (0..500).map(|i| format!("k{i:03}")).collect();
+        let old = state("A", 0..240);
+        let new = state("B", 60..300);
+        let all: Vec<String> = (0..300).map(|i| format!("k{i:03}")).collect();
         let expect = |st: &[(String, String)]| -> Vec<Option<String>> {
             let m: HashMap<&str, &str> = st.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             all.iter()
@@ -451,11 +451,11 @@ async fn reads_during_resnapshots_see_old_or_new_never_a_mix() {
         // Swap old and new until the readers have read enough, each swap a Reset and a
         // snapshot in many chunks.
         let mut version = 1;
-        while reads.load(Ordering::Relaxed) < 300 && version < 2_000 {
+        while reads.load(Ordering::Relaxed) < 100 && version < 600 {
             version += 1;
             s.reset("t", "test resnapshot").await;
             let st = if version % 2 == 0 { &new } else { &old };
-            s.snapshot("t", "e", version, st, 64).await;
+            s.snapshot("t", "e", version, st, 32).await;
         }
         wait_position(&t, "e", version).await;
         stop_tx.send_replace(true);
@@ -466,6 +466,7 @@ async fn reads_during_resnapshots_see_old_or_new_never_a_mix() {
             olds += o;
             news += n;
         }
+        eprintln!("{olds} old and {news} new reads over {version} snapshots");
         assert!(
             olds > 0 && news > 0,
             "reads did not overlap the swaps: {olds} old, {news} new over {version} snapshots"
