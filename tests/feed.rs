@@ -475,3 +475,34 @@ async fn reads_during_resnapshots_see_old_or_new_never_a_mix() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_streams_reconnect_and_resume() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        let p0 = origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &p0.epoch, p0.version).await;
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let stats = origin.origin.stats();
+
+        // Twice: closing streams must not stop the origin from serving new ones.
+        for round in 1..=2u64 {
+            origin.origin.close_streams();
+            eventually("the sidecar reconnected", || {
+                counter(&feed.connects) > round && counter(&stats.resumes) >= round
+            })
+            .await;
+            let p = origin
+                .origin
+                .publish("t", vec![put("a", &format!("{}", round + 1))])
+                .unwrap();
+            wait_position(&t, &p.epoch, p.version).await;
+        }
+        assert_eq!(counter(&stats.snapshots_sent), 1);
+        assert_eq!(t.get("a").unwrap().value, "3".as_bytes());
+        sidecar.shutdown().await;
+    })
+    .await
+}

@@ -13,7 +13,7 @@ mod session;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -174,8 +174,10 @@ pub(crate) struct Inner {
     pub stats: OriginStats,
     pub streams: Arc<Semaphore>,
     pub next_session: AtomicU64,
-    /// Flips to true when the origin shuts down: streams end at once.
-    pub closing: watch::Sender<bool>,
+    /// Bumped to end every stream open at that moment; new streams are still accepted.
+    pub cut: watch::Sender<u64>,
+    /// Set when the origin shuts down: new streams are refused. Once true, stays true.
+    pub shutting_down: AtomicBool,
 }
 
 /// An origin: embed it in a Rust service (call [`Origin::publish`] on writes, serve
@@ -209,7 +211,8 @@ impl Origin {
                 stats: OriginStats::default(),
                 streams,
                 next_session: AtomicU64::new(1),
-                closing: watch::channel(false).0,
+                cut: watch::channel(0).0,
+                shutting_down: AtomicBool::new(false),
             }),
         }
     }
@@ -458,9 +461,10 @@ impl Origin {
         .max_encoding_message_size(max)
     }
 
-    /// Ends every open stream now (sidecars see the feed drop and reconnect).
+    /// Ends every open stream now; sidecars see the feed drop, reconnect and resume. New
+    /// streams are still served (stopping the origin is `serve`'s shutdown).
     pub fn close_streams(&self) {
-        self.inner.closing.send_replace(true);
+        self.inner.cut.send_modify(|generation| *generation += 1);
     }
 
     /// Serves `Feed` on `listener` until `shutdown` resolves; open streams are ended then.
@@ -472,6 +476,7 @@ impl Origin {
         let me = self.clone();
         let shutdown = async move {
             shutdown.await;
+            me.inner.shutting_down.store(true, Ordering::Release);
             me.close_streams();
         };
         tonic::transport::Server::builder()
@@ -498,7 +503,7 @@ impl pb::feed_server::Feed for FeedService {
         request: Request<tonic::Streaming<pb::SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let inner = self.origin.inner.clone();
-        if *inner.closing.borrow() {
+        if inner.shutting_down.load(Ordering::Acquire) {
             return Err(Status::unavailable("origin is shutting down"));
         }
         let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {

@@ -102,7 +102,16 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
         lagged: Mutex::new(HashSet::new()),
         wake: Notify::new(),
     });
-    let mut closing = inner.closing.subscribe();
+    // Only a cut after this stream opened ends it.
+    let mut cut = inner.cut.subscribe();
+    cut.mark_unchanged();
+    if inner.shutting_down.load(Ordering::Acquire) {
+        // Shutdown began after `sync` admitted this stream but before it could see the cut.
+        let _ = out
+            .send(Err(Status::unavailable("origin is shutting down")))
+            .await;
+        return;
+    }
     let mut tick = tokio::time::interval(inner.cfg.progress_interval.0);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
@@ -117,7 +126,7 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
     let end = loop {
         let step = tokio::select! {
             biased;
-            _ = crate::signalled(&mut closing) => Err(End::Refused(Status::unavailable("origin is shutting down"))),
+            _ = cut.changed() => Err(End::Refused(Status::unavailable("origin closed the stream; reconnect and resume"))),
             _ = queue.wake.notified() => s.catch_up_lagged().await,
             req = requests.message() => match req {
                 Ok(Some(r)) => s.handle(r).await,
