@@ -17,6 +17,7 @@ use tracing::warn;
 
 use crate::config::{OriginConfig, OriginSpec, SidecarConfig, TopicSpec};
 use crate::origin::{Origin, Put};
+use crate::views::ViewSpec;
 
 /// The demo's topics, in the order a product page reads them.
 pub const TOPICS: [&str; 6] = [
@@ -282,7 +283,27 @@ pub fn origin_config(listen: SocketAddr) -> OriginConfig {
     }
 }
 
-/// The sidecar config the demo uses: every catalog topic as a full replica.
+/// The demo's views: what a product page and a category page read, each in one call.
+///
+/// `product_page` collapses the fan-out tree of a product page (product -> price, stock,
+/// brand -> country, reviews) into one row per active product; `products_by_category` is an
+/// index: one row per category listing its products.
+pub fn views() -> Vec<ViewSpec> {
+    vec![
+        ViewSpec::new("product_page", "products")
+            .filter("status == 'active'")
+            .include("price", "prices", "id")
+            .include("stock", "inventory", "sku")
+            .include("brand", "brands", "brand_id")
+            .include("country", "countries", "brand.country_id")
+            .include("reviews", "reviews", "id"),
+        ViewSpec::new("products_by_category", "products")
+            .group_by("category")
+            .select(["id", "name", "brand_id", "status"]),
+    ]
+}
+
+/// The sidecar config the demo uses: every catalog topic as a full replica, and the demo views.
 pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
     let mut cfg = SidecarConfig::default();
     cfg.listen.grpc = grpc;
@@ -299,6 +320,7 @@ pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
             })
             .collect(),
     });
+    cfg.views = views();
     cfg
 }
 
