@@ -73,6 +73,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
         addr: String,
     },
+    /// Benchmarks: the fan-out tree vs the sidecar, reads beside Redis, freshness, ingest.
+    Bench(viewcar::bench::BenchArgs),
     /// List a sidecar's sources with their state.
     Sources {
         #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
@@ -205,6 +207,7 @@ async fn run(command: Command) -> ExitCode {
             addr,
         } => client_watch(&addr, source, keys, prefix).await,
         Command::Sources { addr } => client_sources(&addr).await,
+        Command::Bench(args) => viewcar::bench::run(args).await,
     }
 }
 

@@ -1,0 +1,397 @@
+//! Child processes of the harness (the sidecar under test, the fan-out tree, redis-server) and
+//! the in-process origin that feeds the sidecar.
+//!
+//! Every child is killed when its handle drops, so a failed or interrupted run leaves nothing
+//! behind. Ports come from binding port 0 and releasing it just before the child binds: a small
+//! race with other programs, acceptable for a benchmark on a quiet machine.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+use super::BenchError;
+use crate::config::{OriginConfig, SidecarConfig};
+use crate::origin::Origin;
+use crate::pb::cache::v1 as pb;
+use crate::views::ViewSpec;
+
+/// A free loopback port (released before return).
+pub fn free_port() -> Result<u16, BenchError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A fresh temp directory for one child's config and log.
+pub fn temp_dir(tag: &str) -> Result<PathBuf, BenchError> {
+    let dir = std::env::temp_dir().join(format!(
+        "viewcar-bench-{}-{tag}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    /// Held so a child that waits for stdin EOF lives exactly as long as this handle.
+    _stdin: Option<ChildStdin>,
+    pub log: Option<PathBuf>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in bytes, from /proc (Linux); 0 where unavailable.
+    pub fn rss_bytes(&self) -> u64 {
+        rss_of(self.child.id())
+    }
+
+    /// The tail of the child's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let Some(path) = &self.log else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// VmRSS of a process, in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Spawns `exe args`, stdout piped (for a ready line), stderr to `log`.
+pub fn spawn(
+    name: &str,
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    piped_stdout: bool,
+) -> Result<(Proc, Option<std::process::ChildStdout>), BenchError> {
+    let log_file = std::fs::File::create(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(if piped_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::from(log_file))
+        .env("RUST_LOG", "warn");
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| BenchError::setup(format!("cannot start {}: {e}", exe.display())))?;
+    let stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    Ok((
+        Proc {
+            name: name.to_string(),
+            child,
+            _stdin: stdin,
+            log: Some(log.to_path_buf()),
+        },
+        stdout,
+    ))
+}
+
+/// Reads the child's first stdout line (its ready line) within `timeout`.
+pub async fn ready_line(
+    stdout: std::process::ChildStdout,
+    timeout: Duration,
+) -> Result<String, BenchError> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(Ok(line))) if !line.is_empty() => Ok(line.trim().to_string()),
+        Ok(_) => Err(BenchError::setup("child exited before it was ready")),
+        Err(_) => Err(BenchError::setup("child not ready in time")),
+    }
+}
+
+/// The origin the sidecar follows, served from the harness process.
+pub struct OriginHost {
+    pub origin: Origin,
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl OriginHost {
+    /// An origin with the given topics (undeclared when empty) and generous stream queues, so
+    /// a burst from the ingest run is streamed, not caught up by snapshot.
+    pub async fn start(topics: &[&str]) -> Result<OriginHost, BenchError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cfg = OriginConfig {
+            listen: addr,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            stream_queue: 1 << 16,
+            retain_batches: 1 << 16,
+            retain_bytes: crate::config::ByteSize(512 << 20),
+            ..OriginConfig::default()
+        };
+        let origin = Origin::new(cfg);
+        let (stop, mut stop_rx) = watch::channel(false);
+        let serving = origin.clone();
+        tokio::spawn(async move {
+            let _ = serving
+                .serve(listener, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+        Ok(OriginHost { origin, addr, stop })
+    }
+}
+
+impl Drop for OriginHost {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// What the generated sidecar config asks for.
+pub struct SidecarSpec<'a> {
+    pub origin: SocketAddr,
+    pub topics: &'a [&'a str],
+    /// View declarations to include (written as `[[view]]` tables).
+    pub views: Vec<ViewSpec>,
+    /// Ask for an http listener (WebSocket `/ws`); dropped when this build's config lacks it.
+    pub http: bool,
+}
+
+/// A running `viewcar sidecar` child.
+pub struct SidecarProc {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    /// The http listener, when this build's config has one.
+    pub http: Option<SocketAddr>,
+    pub views: Vec<String>,
+    pub client: pb::cache_client::CacheClient<Channel>,
+    pub dir: PathBuf,
+}
+
+fn view_toml(v: &ViewSpec) -> String {
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let mut out = format!("\n[[view]]\nname = {}\nfrom = {}\n", q(&v.name), q(&v.from));
+    if let Some(w) = &v.filter {
+        out.push_str(&format!("where = {}\n", q(w)));
+    }
+    if let Some(g) = &v.group_by {
+        out.push_str(&format!("group_by = {}\n", q(g)));
+    }
+    if let Some(sel) = &v.select {
+        let items: Vec<String> = sel.iter().map(|s| q(s)).collect();
+        out.push_str(&format!("select = [{}]\n", items.join(", ")));
+    }
+    if !v.include.0.is_empty() {
+        out.push_str("[view.include]\n");
+        for i in &v.include.0 {
+            out.push_str(&format!(
+                "{} = {{ source = {}, key = {} }}\n",
+                q(&i.name),
+                q(&i.source),
+                q(&i.key)
+            ));
+        }
+    }
+    out
+}
+
+fn sidecar_toml(spec: &SidecarSpec, grpc: u16, http: Option<u16>, views: bool) -> String {
+    let mut t = format!("[listen]\ngrpc = \"127.0.0.1:{grpc}\"\n");
+    if let Some(h) = http {
+        t.push_str(&format!("http = \"127.0.0.1:{h}\"\n"));
+    }
+    t.push_str("\n[limits]\nwriter_queue = 65536\nmax_batch_keys = 10000\n");
+    let topics: Vec<String> = spec.topics.iter().map(|t| format!("\"{t}\"")).collect();
+    t.push_str(&format!(
+        "\n[[origin]]\nname = \"bench\"\naddress = \"http://{}\"\ntopics = [{}]\n",
+        spec.origin,
+        topics.join(", ")
+    ));
+    if views {
+        for v in &spec.views {
+            t.push_str(&view_toml(v));
+        }
+    }
+    t
+}
+
+impl SidecarProc {
+    /// Writes the config, starts `viewcar sidecar`, and waits until every source has synced
+    /// (and, when `expect_keys` is given, a topic holds that many keys).
+    pub async fn start(
+        exe: &Path,
+        spec: SidecarSpec<'_>,
+        expect_keys: Option<(&str, u64)>,
+        timeout: Duration,
+    ) -> Result<SidecarProc, BenchError> {
+        let dir = temp_dir("sidecar")?;
+        let grpc = free_port()?;
+        let http = if spec.http { Some(free_port()?) } else { None };
+        // Features this build's config may not know yet are dropped rather than failing the run.
+        let candidates = [
+            (http, !spec.views.is_empty()),
+            (None, !spec.views.is_empty()),
+            (http, false),
+            (None, false),
+        ];
+        let mut chosen = None;
+        let mut first_err = None;
+        for (h, v) in candidates {
+            let text = sidecar_toml(&spec, grpc, h, v);
+            match SidecarConfig::parse("bench sidecar config", &text) {
+                Ok(_) => {
+                    chosen = Some((text, h, v));
+                    break;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e.to_string());
+                }
+            }
+        }
+        let Some((text, http, with_views)) = chosen else {
+            return Err(BenchError::setup(format!(
+                "generated sidecar config refused: {}",
+                first_err.unwrap_or_default()
+            )));
+        };
+        let config = dir.join("viewcar.toml");
+        std::fs::write(&config, text)?;
+        let args = vec![
+            "sidecar".to_string(),
+            "--config".to_string(),
+            config.display().to_string(),
+        ];
+        let (mut proc, _) = spawn("sidecar", exe, &args, &dir.join("sidecar.log"), false)?;
+        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc));
+        let deadline = Instant::now() + timeout;
+        let channel = loop {
+            if let Some(status) = proc.exited() {
+                return Err(BenchError::setup(format!(
+                    "sidecar exited ({status}): {}",
+                    proc.log_tail()
+                )));
+            }
+            match Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .map_err(|e| BenchError::setup(e.to_string()))?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+            {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => return Err(BenchError::setup(format!("sidecar unreachable: {e}"))),
+            }
+        };
+        let client = pb::cache_client::CacheClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let views = if with_views {
+            spec.views.iter().map(|v| v.name.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let sc = SidecarProc {
+            proc,
+            grpc: grpc_addr,
+            http: http.map(|h| SocketAddr::from(([127, 0, 0, 1], h))),
+            views,
+            client,
+            dir,
+        };
+        sc.wait_synced(expect_keys, deadline).await?;
+        Ok(sc)
+    }
+
+    /// Waits until every source reports synced (and `expect` holds).
+    pub async fn wait_synced(
+        &self,
+        expect: Option<(&str, u64)>,
+        deadline: Instant,
+    ) -> Result<(), BenchError> {
+        loop {
+            let mut c = self.client.clone();
+            if let Ok(r) = c.list_sources(pb::ListSourcesRequest {}).await {
+                let sources = r.into_inner().sources;
+                let synced = !sources.is_empty() && sources.iter().all(|s| s.synced);
+                let enough = expect
+                    .is_none_or(|(name, n)| sources.iter().any(|s| s.name == name && s.keys >= n));
+                if synced && enough {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::setup(format!(
+                    "sidecar did not sync in time: {}",
+                    self.proc.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// `n` separate connections to the Cache API (one HTTP/2 connection per client worker).
+    pub async fn clients(
+        &self,
+        n: usize,
+    ) -> Result<Vec<pb::cache_client::CacheClient<Channel>>, BenchError> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            let ch = Endpoint::from_shared(format!("http://{}", self.grpc))
+                .map_err(|e| BenchError::setup(e.to_string()))?
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(|e| BenchError::setup(format!("sidecar unreachable: {e}")))?;
+            out.push(pb::cache_client::CacheClient::new(ch));
+        }
+        Ok(out)
+    }
+
+    pub fn has_view(&self, name: &str) -> bool {
+        self.views.iter().any(|v| v == name)
+    }
+}
+
+impl Drop for SidecarProc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,1 @@
+//! A minimal RESP client for the Redis comparison.
