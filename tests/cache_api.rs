@@ -37,8 +37,8 @@ async fn unknown_source_is_not_found_naming_it() {
         origin.origin.publish("t", vec![put("a", "1")]).unwrap();
         let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
         let mut c = cache_client(&sidecar).await;
-        let check = |r: Result<_, tonic::Status>| {
-            let e = r.err().expect("unknown source was answered");
+        let check = |r: Result<(), tonic::Status>| {
+            let e = r.expect_err("unknown source was answered");
             assert_eq!(e.code(), Code::NotFound, "{e:?}");
             assert!(e.message().contains("'nope'"), "{}", e.message());
         };
