@@ -166,6 +166,8 @@ pub struct SidecarConfig {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub ws: WsConfig,
+    #[serde(default)]
     pub feed: FeedConfig,
     #[serde(default, rename = "origin")]
     pub origins: Vec<OriginSpec>,
@@ -179,6 +181,11 @@ pub struct ListenConfig {
     /// The Cache gRPC API.
     #[serde(default = "default_grpc")]
     pub grpc: SocketAddr,
+    /// The HTTP listener: WebSocket `/ws` (and the admin endpoints). Unset means
+    /// 127.0.0.1:7071, or port 0 (any free port) when `grpc` asks for port 0, so that
+    /// ephemeral sidecars (tests, tools) never collide on a fixed port.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
     /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
     /// accident.
     #[serde(default)]
@@ -193,7 +200,73 @@ impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             grpc: default_grpc(),
+            http: None,
             allow_non_loopback: false,
+        }
+    }
+}
+
+impl ListenConfig {
+    /// Where the HTTP listener binds (see [`ListenConfig::http`]).
+    pub fn http_addr(&self) -> SocketAddr {
+        match self.http {
+            Some(a) => a,
+            None if self.grpc.port() == 0 => SocketAddr::new(self.grpc.ip(), 0),
+            None => SocketAddr::from(([127, 0, 0, 1], 7071)),
+        }
+    }
+}
+
+/// Bounds and access rules of the WebSocket endpoint (`/ws`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Most concurrent WebSocket connections; the next upgrade request gets 503.
+    pub max_connections: usize,
+    /// Most subscriptions open at once on one connection.
+    pub max_subscriptions: usize,
+    /// Most keys named by one subscribe.
+    pub max_keys: usize,
+    /// Largest inbound message (and frame); a larger one closes the connection with 1009.
+    pub max_message_bytes: ByteSize,
+    /// Changes pending per connection (distinct subscription keys; a newer value of a pending
+    /// key replaces it in place). Past it the connection's subscriptions are reset and resent
+    /// their current rows.
+    pub queue: usize,
+    /// A connection reset more than `max_resets` times within `reset_window` cannot keep up:
+    /// it is closed with code 4008.
+    pub max_resets: u32,
+    pub reset_window: Dur,
+    /// A Ping is sent this often; no frame at all from the client (a Pong included) for
+    /// `idle_timeout` closes the connection with code 4000.
+    pub ping_interval: Dur,
+    pub idle_timeout: Dur,
+    /// Bytes of outbound frames buffered per connection before a send waits for the socket.
+    pub write_buffer_bytes: ByteSize,
+    /// When set, a client must present `Authorization: Bearer <token>` (or, for browsers,
+    /// which cannot set headers on a WebSocket, `?access_token=<token>`); otherwise 401.
+    pub token: Option<String>,
+    /// When non-empty, a request carrying an `Origin` header (every browser sends one) must
+    /// name one of these, such as "https://app.example.com"; otherwise 403. Requests without
+    /// `Origin` (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            max_connections: 1024,
+            max_subscriptions: 256,
+            max_keys: 10_000,
+            max_message_bytes: ByteSize(64 << 10),
+            queue: 4096,
+            max_resets: 5,
+            reset_window: Dur(Duration::from_secs(60)),
+            ping_interval: Dur(Duration::from_secs(15)),
+            idle_timeout: Dur(Duration::from_secs(45)),
+            write_buffer_bytes: ByteSize(128 << 10),
+            token: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -389,6 +462,24 @@ impl SidecarConfig {
                 ),
             ));
         }
+        let http = self.listen.http_addr();
+        if !self.listen.allow_non_loopback && !http.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                file,
+                "listen.http",
+                format!(
+                    "{http} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host"
+                ),
+            ));
+        }
+        if http.port() != 0 && http == self.listen.grpc {
+            return Err(ConfigError::invalid(
+                file,
+                "listen.http",
+                format!("{http} is also listen.grpc; give each listener its own port"),
+            ));
+        }
+        self.ws.validate(file)?;
         let l = &self.limits;
         for (field, v) in [
             ("limits.max_batch_keys", l.max_batch_keys),
@@ -487,11 +578,78 @@ impl SidecarConfig {
     }
 }
 
+impl WsConfig {
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("ws.max_connections", self.max_connections),
+            ("ws.max_subscriptions", self.max_subscriptions),
+            ("ws.max_keys", self.max_keys),
+            ("ws.queue", self.queue),
+            ("ws.max_resets", self.max_resets as usize),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(file, field, "must be at least 1"));
+            }
+        }
+        if self.max_message_bytes.0 < 256 {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.max_message_bytes",
+                "must be at least 256B",
+            ));
+        }
+        if self.write_buffer_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.write_buffer_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        for (field, d) in [
+            ("ws.reset_window", self.reset_window),
+            ("ws.ping_interval", self.ping_interval),
+        ] {
+            if d.0.is_zero() {
+                return Err(ConfigError::invalid(file, field, "must be above 0"));
+            }
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.idle_timeout",
+                "must be longer than ws.ping_interval (a client only answers pings)",
+            ));
+        }
+        if self.token.as_deref().is_some_and(|t| t.is_empty()) {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.token",
+                "is empty; remove it to accept clients without a token",
+            ));
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if o.is_empty() || o.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("ws.allowed_origins[{i}]"),
+                    format!("expected an origin such as \"https://app.example.com\" (scheme, host, optional port; no path), got {o:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A human-readable summary of a valid config: listeners, origins and their topics, views.
 pub fn describe(cfg: &SidecarConfig) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "listen.grpc = {}", cfg.listen.grpc);
+    let _ = writeln!(
+        out,
+        "listen.http = {} (WebSocket /ws)",
+        cfg.listen.http_addr()
+    );
     for o in &cfg.origins {
         let _ = writeln!(out, "origin {} ({})", o.name, o.address);
         for t in &o.topics {
@@ -716,5 +874,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("allow_non_loopback"), "{err}");
+    }
+
+    #[test]
+    fn http_listener_defaults_and_ws_limits_validate() {
+        let cfg = SidecarConfig::parse("t.toml", "").unwrap();
+        assert_eq!(cfg.listen.http_addr(), "127.0.0.1:7071".parse().unwrap());
+        let cfg = SidecarConfig::parse("t.toml", "[listen]\ngrpc = \"127.0.0.1:0\"\n").unwrap();
+        assert_eq!(cfg.listen.http_addr().port(), 0);
+        let cfg = SidecarConfig::parse(
+            "t.toml",
+            "[listen]\nhttp = \"127.0.0.1:9000\"\n[ws]\nqueue = 10\nmax_message_bytes = \"1KiB\"\ntoken = \"s3cret\"\nallowed_origins = [\"https://app.example.com\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.http_addr().port(), 9000);
+        assert_eq!(cfg.ws.queue, 10);
+        assert_eq!(cfg.ws.max_message_bytes, ByteSize(1024));
+        for (text, field) in [
+            ("[ws]\nqeue = 1\n", "qeue"),
+            ("[ws]\nqueue = 0\n", "ws.queue"),
+            (
+                "[ws]\nidle_timeout = \"1s\"\nping_interval = \"2s\"\n",
+                "ws.idle_timeout",
+            ),
+            ("[ws]\ntoken = \"\"\n", "ws.token"),
+            (
+                "[ws]\nallowed_origins = [\"https://a.example/\"]\n",
+                "ws.allowed_origins[0]",
+            ),
+            ("[listen]\nhttp = \"0.0.0.0:7071\"\n", "listen.http"),
+            ("[listen]\nhttp = \"127.0.0.1:7070\"\n", "listen.http"),
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 }

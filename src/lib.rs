@@ -8,7 +8,7 @@
 //! origin --Feed.Sync--> feed client --> writer (single task) --> store (sources)
 //!                                           |                     |
 //!                                           v                     v
-//!                                      view engine            hub --> Watch
+//!                                      view engine            hub --> Watch, WebSocket /ws
 //! readers: Cache gRPC on localhost --> store (lock-free reads)
 //! ```
 //!
@@ -31,6 +31,7 @@ pub mod views;
 pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
 pub use origin::{Origin, Put};
+pub use serve::ws;
 pub use sidecar::{Sidecar, StartError};
 
 /// Resolves once a shutdown flag flips to true (or its sender is gone).

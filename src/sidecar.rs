@@ -1,11 +1,12 @@
-//! A running sidecar: the store, the single writer, one feed client per origin, and the Cache
-//! gRPC listener, all driven by one shutdown signal.
+//! A running sidecar: the store, the single writer, one feed client per origin, the Cache
+//! gRPC listener and the http listener (WebSocket `/ws`), all driven by one shutdown signal.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -17,6 +18,7 @@ use crate::feed::{FeedClient, FeedStats};
 use crate::hub::Hub;
 use crate::pb::cache::v1 as pb;
 use crate::serve::grpc::CacheService;
+use crate::serve::ws::{self, WsStats};
 use crate::store::writer::{Writer, WriterStats};
 use crate::store::{Clock, Source, SourceKind, Store};
 use crate::views::{View, ViewStats};
@@ -41,6 +43,8 @@ pub struct Sidecar {
     writer_stats: Arc<WriterStats>,
     view_stats: HashMap<String, Arc<ViewStats>>,
     grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    ws_stats: Arc<WsStats>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -101,6 +105,24 @@ impl Sidecar {
             warn!(addr = %grpc_addr, "Cache API listens beyond loopback");
         }
 
+        let http_bind = cfg.listen.http_addr();
+        let http_listener =
+            TcpListener::bind(http_bind)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: http_bind,
+                    source,
+                })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: http_bind,
+                source,
+            })?;
+        if !http_addr.ip().is_loopback() {
+            warn!(addr = %http_addr, "http listener (WebSocket) listens beyond loopback");
+        }
+
         let mut tasks = Vec::new();
         let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
         let writer_stats = Arc::new(WriterStats::default());
@@ -149,7 +171,31 @@ impl Sidecar {
                 warn!(error = %e, "Cache API server failed");
             }
         }));
-        info!(grpc = %grpc_addr, sources = store.sources().len(), "sidecar started");
+        let ws_stats = Arc::new(WsStats::default());
+        let router = ws::router(ws::WsState::new(
+            store.clone(),
+            hub.clone(),
+            cfg.ws.clone(),
+            shutdown_rx.clone(),
+            ws_stats.clone(),
+        ));
+        let mut sd = shutdown_rx.clone();
+        let http = axum::serve(
+            http_listener.tap_io(|tcp| {
+                // Pushed frames are small and latency-bound.
+                let _ = tcp.set_nodelay(true);
+            }),
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = sd.wait_for(|s| *s).await;
+        });
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = http.await {
+                warn!(error = %e, "http listener failed");
+            }
+        }));
+        info!(grpc = %grpc_addr, http = %http_addr, sources = store.sources().len(), "sidecar started");
         Ok(Sidecar {
             store,
             hub,
@@ -157,6 +203,8 @@ impl Sidecar {
             writer_stats,
             view_stats,
             grpc_addr,
+            http_addr,
+            ws_stats,
             shutdown,
             tasks,
         })
@@ -165,6 +213,16 @@ impl Sidecar {
     /// Where the Cache gRPC API listens.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where the http listener (WebSocket `/ws`) listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Counters of the WebSocket endpoint.
+    pub fn ws_stats(&self) -> &Arc<WsStats> {
+        &self.ws_stats
     }
 
     pub fn store(&self) -> &Arc<Store> {

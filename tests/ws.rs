@@ -1,0 +1,450 @@
+//! The WebSocket endpoint over real sockets: the JSON protocol, bad inputs, and every limit.
+
+mod ws_support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use viewcar::config::{ByteSize, Dur, WsConfig};
+use viewcar::ws::{CLOSE_IDLE, CLOSE_TOO_BIG, CLOSE_TOO_SLOW};
+use viewcar::Put;
+use ws_support::*;
+
+#[tokio::test]
+async fn subscribe_by_keys_gets_rows_synced_then_changes_and_deletes() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let v = s.put(
+        "products",
+        &[("p1", json!({"name":"one"})), ("p2", json!({"name":"two"}))],
+    );
+    s.applied("products", v).await;
+    let mut ws = s.connect().await;
+    send(
+        &mut ws,
+        json!({"op":"subscribe","id":"s1","source":"products","keys":["p1","p2","p3"],"initial":true}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"subscribed","id":"s1","source":"products"})
+    );
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"row","id":"s1","source":"products","key":"p1","version":v,"value":{"name":"one"}})
+    );
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"row","id":"s1","source":"products","key":"p2","version":v,"value":{"name":"two"}})
+    );
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"synced","id":"s1","version":v})
+    );
+
+    let v2 = s.put(
+        "products",
+        &[("p1", json!({"name":"uno"})), ("p9", json!(0))],
+    );
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"change","id":"s1","source":"products","key":"p1","version":v2,"value":{"name":"uno"}})
+    );
+    let v3 = s
+        .origin
+        .publish(
+            "products",
+            vec![Put::delete("p2"), Put::upsert("p3", &b"\xff\x00raw"[..])],
+        )
+        .expect("publish")
+        .version;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"delete","id":"s1","source":"products","key":"p2","version":v3})
+    );
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"change","id":"s1","source":"products","key":"p3","version":v3,"value_b64":"/wByYXc="})
+    );
+}
+
+#[tokio::test]
+async fn subscribe_by_prefix_without_rows_and_unsubscribe() {
+    let s = Setup::start(&["prices"], WsConfig::default()).await;
+    let v = s.put("prices", &[("eu/1", json!(1)), ("us/1", json!(2))]);
+    s.applied("prices", v).await;
+    let mut ws = s.connect().await;
+    send(
+        &mut ws,
+        json!({"op":"subscribe","id":7,"source":"prices","prefix":"eu/"}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"synced","id":7,"version":v})
+    );
+    let v2 = s.put("prices", &[("us/1", json!(3)), ("eu/2", json!(4))]);
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"change","id":7,"source":"prices","key":"eu/2","version":v2,"value":4})
+    );
+
+    send(&mut ws, json!({"op":"unsubscribe","id":7})).await;
+    assert_eq!(recv(&mut ws).await, json!({"type":"unsubscribed","id":7}));
+    // A second subscription is the barrier: its change comes from the same publish as one the
+    // first would have wanted.
+    subscribe_keys(&mut ws, "b", "prices", &["us/1"], false).await;
+    assert_eq!(recv(&mut ws).await["type"], "synced");
+    let v3 = s.put("prices", &[("eu/1", json!(5)), ("us/1", json!(6))]);
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"change","id":"b","source":"prices","key":"us/1","version":v3,"value":6})
+    );
+    send(&mut ws, json!({"op":"unsubscribe","id":7})).await;
+    assert_eq!(recv(&mut ws).await["code"], "unknown_id");
+}
+
+#[tokio::test]
+async fn get_answers_found_and_not_found() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let v = s.put("products", &[("p1", json!({"a":[1,2]}))]);
+    s.applied("products", v).await;
+    let mut ws = s.connect().await;
+    send(
+        &mut ws,
+        json!({"op":"get","id":"g1","source":"products","key":"p1"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"value","id":"g1","found":true,"source":"products","key":"p1","version":v,"value":{"a":[1,2]}})
+    );
+    send(
+        &mut ws,
+        json!({"op":"get","id":"g2","source":"products","key":"nope"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"value","id":"g2","found":false,"source":"products","key":"nope"})
+    );
+}
+
+/// Sends `text`, expects an `error` with `code`, then proves the connection still works.
+async fn bad_input_keeps_connection(text: &str, code: &str) {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let mut ws = s.connect().await;
+    ws.send(Message::Text(text.into())).await.expect("send");
+    let e = recv(&mut ws).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["code"], code, "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+    send(
+        &mut ws,
+        json!({"op":"get","id":"after","source":"products","key":"k"}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "value");
+}
+
+#[tokio::test]
+async fn malformed_json_is_an_error_and_the_connection_stays() {
+    bad_input_keeps_connection("{\"op\":\"subscribe\",", "bad_json").await;
+}
+
+#[tokio::test]
+async fn unknown_op_is_an_error_and_the_connection_stays() {
+    bad_input_keeps_connection(r#"{"op":"explode","id":"x"}"#, "unknown_op").await;
+}
+
+#[tokio::test]
+async fn unknown_source_is_not_found() {
+    bad_input_keeps_connection(
+        r#"{"op":"subscribe","id":"s","source":"nope","keys":["a"]}"#,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn keys_and_prefix_together_are_a_bad_request() {
+    bad_input_keeps_connection(
+        r#"{"op":"subscribe","id":"s","source":"products","keys":["a"],"prefix":"a"}"#,
+        "bad_request",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn binary_messages_are_an_error() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let mut ws = s.connect().await;
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .expect("send");
+    assert_eq!(recv(&mut ws).await["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn duplicate_subscription_id_is_an_error() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let mut ws = s.connect().await;
+    subscribe_keys(&mut ws, "s", "products", &["a"], false).await;
+    assert_eq!(recv(&mut ws).await["type"], "synced");
+    send(
+        &mut ws,
+        json!({"op":"subscribe","id":"s","source":"products","keys":["b"]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "duplicate_id");
+}
+
+#[tokio::test]
+async fn too_many_keys_in_one_subscribe_is_refused() {
+    let ws_cfg = WsConfig {
+        max_keys: 3,
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let mut ws = s.connect().await;
+    send(
+        &mut ws,
+        json!({"op":"subscribe","id":"s","source":"products","keys":["a","b","c","d"]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "limit");
+}
+
+#[tokio::test]
+async fn max_subscriptions_per_connection() {
+    let ws_cfg = WsConfig {
+        max_subscriptions: 2,
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let mut ws = s.connect().await;
+    for id in ["a", "b"] {
+        subscribe_keys(&mut ws, id, "products", &[id], false).await;
+        assert_eq!(recv(&mut ws).await["type"], "synced");
+    }
+    send(
+        &mut ws,
+        json!({"op":"subscribe","id":"c","source":"products","keys":["c"]}),
+    )
+    .await;
+    let e = recv(&mut ws).await;
+    assert_eq!(e["code"], "limit", "{e}");
+    // Room again after an unsubscribe.
+    send(&mut ws, json!({"op":"unsubscribe","id":"a"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "unsubscribed");
+    subscribe_keys(&mut ws, "c", "products", &["c"], false).await;
+}
+
+fn status_of(err: tungstenite::Error) -> StatusCode {
+    match err {
+        tungstenite::Error::Http(resp) => {
+            StatusCode::from_u16(resp.status().as_u16()).expect("status")
+        }
+        other => panic!("expected an HTTP refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn max_connections_refuses_the_upgrade_with_503() {
+    let ws_cfg = WsConfig {
+        max_connections: 2,
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let a = s.connect().await;
+    let _b = s.connect().await;
+    let err = tokio_tungstenite::connect_async(s.url())
+        .await
+        .expect_err("third refused");
+    assert_eq!(status_of(err), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        s.sidecar
+            .ws_stats()
+            .rejected_full
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Closing one gives its permit back once the server has seen it go.
+    drop(a);
+    within("a permit to come back", async {
+        loop {
+            if let Ok((ws, _)) = tokio_tungstenite::connect_async(s.url()).await {
+                return ws;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn message_above_the_bound_closes_with_1009() {
+    let ws_cfg = WsConfig {
+        max_message_bytes: ByteSize(1024),
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let mut ws = s.connect().await;
+    // Just under the bound is fine.
+    let key = "k".repeat(900);
+    send(
+        &mut ws,
+        json!({"op":"get","id":"g","source":"products","key":key}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "value");
+    let key = "k".repeat(2000);
+    send(
+        &mut ws,
+        json!({"op":"get","id":"g","source":"products","key":key}),
+    )
+    .await;
+    assert_eq!(close_code(&mut ws).await, CLOSE_TOO_BIG);
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_after_the_idle_timeout() {
+    let ws_cfg = WsConfig {
+        ping_interval: Dur(Duration::from_millis(100)),
+        idle_timeout: Dur(Duration::from_millis(300)),
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let mut silent = s.connect().await;
+    let mut live = s.connect().await;
+    subscribe_keys(&mut live, "s", "products", &["k"], false).await;
+    // The live client keeps reading (so answering pings) well past the idle timeout; the
+    // silent one reads nothing, so it answers no ping.
+    let until = tokio::time::Instant::now() + Duration::from_millis(900);
+    while let Ok(frame) = tokio::time::timeout_at(until, live.next()).await {
+        assert!(
+            matches!(frame, Some(Ok(_))),
+            "live client closed: {frame:?}"
+        );
+    }
+    assert_eq!(close_code(&mut silent).await, CLOSE_IDLE);
+    let v = s.put("products", &[("k", json!(1))]);
+    let got = recv(&mut live).await;
+    assert_eq!(got["version"], v, "{got}");
+}
+
+#[tokio::test]
+async fn bearer_token_is_required_when_configured() {
+    let ws_cfg = WsConfig {
+        token: Some("s3cret".into()),
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let err = tokio_tungstenite::connect_async(s.url())
+        .await
+        .expect_err("no token");
+    assert_eq!(status_of(err), StatusCode::UNAUTHORIZED);
+    let mut req = s.url().into_client_request().expect("request");
+    req.headers_mut()
+        .insert("authorization", "Bearer wrong".parse().expect("header"));
+    let err = tokio_tungstenite::connect_async(req)
+        .await
+        .expect_err("wrong token");
+    assert_eq!(status_of(err), StatusCode::UNAUTHORIZED);
+    let mut req = s.url().into_client_request().expect("request");
+    req.headers_mut()
+        .insert("authorization", "Bearer s3cret".parse().expect("header"));
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("header token accepted");
+    tokio_tungstenite::connect_async(format!("{}?access_token=s3cret", s.url()))
+        .await
+        .expect("query token accepted");
+}
+
+#[tokio::test]
+async fn origin_allowlist_is_checked_at_the_handshake() {
+    let ws_cfg = WsConfig {
+        allowed_origins: vec!["https://app.example.com".into()],
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["products"], ws_cfg).await;
+    let with_origin = |o: &str| {
+        let mut req = s.url().into_client_request().expect("request");
+        req.headers_mut()
+            .insert("origin", o.parse().expect("header"));
+        req
+    };
+    let err = tokio_tungstenite::connect_async(with_origin("https://evil.example"))
+        .await
+        .expect_err("foreign origin");
+    assert_eq!(status_of(err), StatusCode::FORBIDDEN);
+    tokio_tungstenite::connect_async(with_origin("https://app.example.com"))
+        .await
+        .expect("allowed origin");
+    // Non-browser clients send no Origin.
+    tokio_tungstenite::connect_async(s.url())
+        .await
+        .expect("no origin");
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_falling_behind_is_closed_with_4008() {
+    let ws_cfg = WsConfig {
+        queue: 4,
+        max_resets: 1,
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["t"], ws_cfg).await;
+    let (mut ws, _) = connect_small_buffer(s.sidecar.http_addr()).await;
+    send(
+        &mut ws,
+        json!({"op":"subscribe","id":"s","source":"t","prefix":""}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["type"], "subscribed");
+    assert_eq!(recv(&mut ws).await["type"], "synced");
+    // Publish large values to many keys while reading a frame now and then.
+    let origin = s.origin.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let value = format!("\"{}\"", "x".repeat(8 << 10));
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let puts = (0..16)
+                    .map(|i| Put::upsert(format!("k{}", (n * 16 + i) % 4096), value.clone()))
+                    .collect();
+                let _ = origin.publish("t", puts);
+                n += 1;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let code = within("a 4008 close", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(1)).await,
+                other => panic!("connection ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = publishing.await;
+    assert_eq!(code, CLOSE_TOO_SLOW);
+    assert!(
+        s.sidecar
+            .hub()
+            .stats()
+            .too_slow
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
