@@ -255,3 +255,33 @@ impl Setup {
         .await;
     }
 }
+
+/// A WebSocket to `addr`; returns the client's local address too (the hub labels the
+/// connection's queue "ws <that address>").
+pub async fn connect_at(addr: SocketAddr) -> (Ws, SocketAddr) {
+    let tcp = within("tcp connect", TcpStream::connect(addr))
+        .await
+        .expect("tcp connect");
+    let local = tcp.local_addr().expect("local address");
+    let request = format!("ws://{addr}/ws")
+        .into_client_request()
+        .expect("request");
+    let (ws, _) = within(
+        "handshake",
+        tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)),
+    )
+    .await
+    .expect("WebSocket handshake");
+    (ws, local)
+}
+
+/// The hub's view of the queue of the connection from `client`.
+pub fn queue_of(sidecar: &Sidecar, client: SocketAddr) -> viewcar::hub::QueueInfo {
+    let label = format!("ws {client}");
+    sidecar
+        .hub()
+        .queues()
+        .into_iter()
+        .find(|q| q.label == label)
+        .unwrap_or_else(|| panic!("no queue labelled {label}"))
+}
