@@ -484,7 +484,13 @@ impl Subscriber {
         {
             let mut st = self.queue.lock();
             let QueueState { order, latest, .. } = &mut *st;
-            order.retain(|slot| slot.0 != sub || latest.remove(slot).is_none());
+            order.retain(|slot| {
+                let keep = slot.0 != sub;
+                if !keep {
+                    latest.remove(slot);
+                }
+                keep
+            });
             st.restarts.retain(|(s, _)| *s != sub);
         }
         self.pending.retain(|d| match d {
@@ -613,7 +619,11 @@ impl Subscriber {
             {
                 let QueueState { order, latest, .. } = &mut *st;
                 order.retain(|slot| {
-                    !restarts.iter().any(|(s, _)| *s == slot.0) || latest.remove(slot).is_none()
+                    let keep = !restarts.iter().any(|(s, _)| *s == slot.0);
+                    if !keep {
+                        latest.remove(slot);
+                    }
+                    keep
                 });
             }
             drop(st);
@@ -761,5 +771,178 @@ impl Watcher {
             // A watcher has no reset limit.
             Delivery::TooSlow => return None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::store::{Clock, Row, SourceKind};
+
+    fn source() -> Arc<Source> {
+        let s = Source::new(
+            "t",
+            SourceKind::View,
+            Mode::Full,
+            Clock::new(),
+            Duration::from_secs(60),
+        );
+        s.mark_synced();
+        Arc::new(s)
+    }
+
+    /// Applies `key = value` at `version` to the source and publishes it.
+    fn apply(hub: &Hub, src: &Source, key: &str, version: u64, value: &str) {
+        let value = Bytes::from(value.to_string());
+        src.put(
+            Arc::from(key),
+            Row {
+                value: value.clone(),
+                version,
+            },
+        );
+        src.set_version(version);
+        hub.publish(&[Event {
+            source: src.name().clone(),
+            key: Arc::from(key),
+            version,
+            value: Some(value),
+        }]);
+    }
+
+    fn drain(s: &mut Subscriber) -> Vec<String> {
+        std::iter::from_fn(|| s.try_next())
+            .map(|d| match d {
+                Delivery::Row { change, .. } => format!("row {}@{}", change.key, change.version),
+                Delivery::Change { change, .. } => {
+                    format!("change {}@{}", change.key, change.version)
+                }
+                Delivery::Synced { version, .. } => format!("synced {version}"),
+                Delivery::Reset { .. } => "reset".to_string(),
+                Delivery::TooSlow => "too slow".to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pending_key_keeps_only_its_latest_change() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let mut s = Subscriber::new(&hub, "t", 8, None);
+        s.subscribe(src.clone(), Selection::Prefix(String::new()), false);
+        assert_eq!(drain(&mut s), ["synced 0"]);
+        apply(&hub, &src, "a", 1, "1");
+        apply(&hub, &src, "b", 2, "2");
+        apply(&hub, &src, "a", 3, "3");
+        assert_eq!(s.queued(), 2);
+        assert_eq!(drain(&mut s), ["change a@3", "change b@2"]);
+        assert_eq!(hub.stats().conflated.load(Ordering::Relaxed), 1);
+        assert_eq!(hub.queues()[0].conflated, 1);
+    }
+
+    #[test]
+    fn past_its_bound_a_queue_is_reset_and_resent_the_current_rows() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let mut s = Subscriber::new(&hub, "t", 2, None);
+        s.subscribe(
+            src.clone(),
+            Selection::Keys(vec!["a".into(), "b".into(), "c".into()]),
+            true,
+        );
+        assert_eq!(drain(&mut s), ["synced 0"]);
+        apply(&hub, &src, "a", 1, "1");
+        apply(&hub, &src, "b", 2, "2");
+        apply(&hub, &src, "c", 3, "3");
+        let info = &hub.queues()[0];
+        assert!(info.high_water <= 2 && info.resets == 1, "{info:?}");
+        assert_eq!(
+            drain(&mut s),
+            ["reset", "row a@1", "row b@2", "row c@3", "synced 3"]
+        );
+        // A change racing the re-read is not told twice.
+        hub.publish(&[Event {
+            source: src.name().clone(),
+            key: Arc::from("c"),
+            version: 3,
+            value: Some(Bytes::from_static(b"3")),
+        }]);
+        apply(&hub, &src, "a", 4, "4");
+        assert_eq!(drain(&mut s), ["change a@4"]);
+    }
+
+    #[test]
+    fn a_consumer_reset_too_often_is_given_up() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let limit = ResetLimit {
+            max: 2,
+            window: Duration::from_secs(60),
+        };
+        let mut s = Subscriber::new(&hub, "t", 1, Some(limit));
+        s.subscribe(src.clone(), Selection::Prefix(String::new()), false);
+        drain(&mut s);
+        let mut v = 0;
+        let mut overflow = |s: &mut Subscriber| {
+            v += 2;
+            apply(&hub, &src, "a", v - 1, "x");
+            apply(&hub, &src, "b", v, "y");
+            drain(s)
+        };
+        assert_eq!(overflow(&mut s), ["reset", "synced 2"]);
+        assert_eq!(overflow(&mut s), ["reset", "synced 4"]);
+        assert_eq!(overflow(&mut s), ["too slow"]);
+        assert_eq!(hub.stats().too_slow.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn dropping_a_subscriber_unregisters_it() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let mut s = Subscriber::new(&hub, "t", 4, None);
+        let a = s.subscribe(src.clone(), Selection::Keys(vec!["a".into()]), false);
+        s.subscribe(src.clone(), Selection::Prefix("b".into()), false);
+        assert_eq!(hub.subscriptions(), 2);
+        apply(&hub, &src, "a", 1, "1");
+        assert!(s.unsubscribe(a));
+        assert_eq!(s.queued(), 0);
+        assert_eq!(hub.subscriptions(), 1);
+        drop(s);
+        assert_eq!(hub.subscriptions(), 0);
+        assert!(hub.queues().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_subscription_waits_for_its_source_to_sync() {
+        let hub = Arc::new(Hub::new());
+        let src = Arc::new(Source::new(
+            "t",
+            SourceKind::View,
+            Mode::Full,
+            Clock::new(),
+            Duration::from_secs(60),
+        ));
+        let mut w = Watcher::new(&hub, src.clone(), Selection::Prefix(String::new()), true, 4);
+        let waiting = tokio::spawn(async move { w.next().await });
+        tokio::task::yield_now().await;
+        src.put(
+            Arc::from("a"),
+            Row {
+                value: Bytes::from_static(b"1"),
+                version: 5,
+            },
+        );
+        src.set_version(5);
+        src.mark_synced();
+        let first = waiting.await.expect("task");
+        assert_eq!(
+            first,
+            Some(Update::Row {
+                key: Arc::from("a"),
+                version: 5,
+                value: Bytes::from_static(b"1")
+            })
+        );
     }
 }
