@@ -161,10 +161,13 @@ impl pb::cache_server::Cache for CacheService {
             return Err(Status::invalid_argument("key is empty"));
         }
         self.ready(source, &req.options.unwrap_or_default()).await?;
+        // The writer publishes a version after applying it, so reading the version first makes
+        // it a lower bound: the item is at least as new as `source_version`.
+        let source_version = source.version();
         let item = item(source, req.key);
         Ok(Response::new(pb::GetResponse {
             item: Some(item),
-            source_version: source.version(),
+            source_version,
             staleness_ms: source.staleness_ms(),
         }))
     }
