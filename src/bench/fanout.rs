@@ -49,7 +49,8 @@ reviews = { source = "reviews",   key = "id" }
 
 /// The demo catalog in an origin, and a sidecar with the product page view following it.
 pub struct PageSetup {
-    pub origin: OriginHost,
+    /// Serves the sidecar's feed for as long as the setup lives.
+    pub _origin: OriginHost,
     pub sidecar: SidecarProc,
     pub catalog: Arc<Catalog>,
     pub ids: Arc<Vec<String>>,
@@ -85,7 +86,7 @@ impl PageSetup {
         let catalog = Arc::new(Catalog::new(products));
         let ids = Arc::new(catalog.active_products());
         Ok(PageSetup {
-            origin,
+            _origin: origin,
             sidecar,
             catalog,
             ids,
@@ -183,7 +184,7 @@ async fn start_tree(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (proc, stdout) = procs::spawn("tree", &ctx.exe, &args, &dir.join("tree.log"), true)?;
+    let (proc, stdout) = procs::spawn(&ctx.exe, &args, &dir.join("tree.log"), true)?;
     let stdout = stdout.ok_or_else(|| BenchError::setup("tree: no stdout"))?;
     let line = procs::ready_line(stdout, Duration::from_secs(60))
         .await

@@ -40,7 +40,6 @@ pub fn temp_dir(tag: &str) -> Result<PathBuf, BenchError> {
 
 /// A child process killed on drop.
 pub struct Proc {
-    pub name: String,
     child: Child,
     /// Held so a child that waits for stdin EOF lives exactly as long as this handle.
     _stdin: Option<ChildStdin>,
@@ -93,7 +92,6 @@ pub fn rss_of(pid: u32) -> u64 {
 
 /// Spawns `exe args`, stdout piped (for a ready line), stderr to `log`.
 pub fn spawn(
-    name: &str,
     exe: &Path,
     args: &[String],
     log: &Path,
@@ -117,7 +115,6 @@ pub fn spawn(
     let stdout = child.stdout.take();
     Ok((
         Proc {
-            name: name.to_string(),
             child,
             _stdin: stdin,
             log: Some(log.to_path_buf()),
@@ -297,7 +294,7 @@ impl SidecarProc {
             "--config".to_string(),
             config.display().to_string(),
         ];
-        let (mut proc, _) = spawn("sidecar", exe, &args, &dir.join("sidecar.log"), false)?;
+        let (mut proc, _) = spawn(exe, &args, &dir.join("sidecar.log"), false)?;
         let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc));
         let deadline = Instant::now() + timeout;
         let channel = loop {

@@ -1,8 +1,364 @@
-//! Scenario `reads`.
+//! Scenario `reads`: a single-key read and the product page read, side by side at one
+//! concurrency, over the same demo catalog values:
+//! - the sidecar over TCP loopback (`Get` of `products`; `Get` of the `product_page` view);
+//! - Redis (`GET`; the page as one pipelined batch of its six keys, composed by the client:
+//!   cache-aside as teams do it today, and its best case, since every key is known up front);
+//! - the in-process store (`Source::get`), the floor any out-of-process read is paid on top of;
+//! - a TCP round trip on loopback (64 bytes echoed), the floor of any loopback protocol.
+//!
+//! Every worker has its own connection, for every system.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+use super::fanout::PageSetup;
+use super::load::{self, Samples};
+use super::report::{latency_cells, Table};
+use super::resp::{Redis, RedisServer, Reply};
 use super::{BenchError, Ctx};
+use crate::config::Mode;
+use crate::demo::{self, CatalogSize};
+use crate::hub::Hub;
+use crate::internals::{Clock, Op, SnapEntry, Writer, WriterStats};
+use crate::pb::cache::v1 as pb;
+use crate::store::{Source, SourceKind};
+
+/// The catalog loaded into in-process sources, one per topic, through the sidecar's writer.
+fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
+    let size = CatalogSize {
+        products,
+        ..CatalogSize::default()
+    };
+    let mut writer = Writer::new(Arc::new(Hub::new()), None, Arc::new(WriterStats::default()));
+    let mut out = Vec::new();
+    for (topic, puts) in demo::catalog(size, 1) {
+        let src = Arc::new(Source::new(
+            topic,
+            SourceKind::Topic {
+                origin: Arc::from("bench"),
+            },
+            Mode::Full,
+            Clock::new(),
+            Duration::from_secs(10),
+        ));
+        let entries = puts
+            .into_iter()
+            .filter_map(|p| {
+                p.value.map(|value| SnapEntry {
+                    key: p.key,
+                    value,
+                    version: 1,
+                })
+            })
+            .collect();
+        let mut events = Vec::new();
+        writer.apply(
+            Op::SnapshotChunk {
+                source: src.clone(),
+                epoch: "bench".into(),
+                version: 1,
+                entries,
+                last: true,
+            },
+            &mut events,
+        );
+        writer.flush(&mut events);
+        out.push((topic, src));
+    }
+    out
+}
+
+async fn echo_server() -> Result<std::net::SocketAddr, BenchError> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while s.read_exact(&mut buf).await.is_ok() {
+                    if s.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
 
 pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
-    ctx.report.note("reads", "not yet implemented");
+    let products = if ctx.args.smoke { 200 } else { 3000 };
+    let setup = PageSetup::start(ctx, products).await?;
+    let conc = ctx.args.concurrency.max(1);
+    let run_for = ctx.run_for(Duration::from_secs(4));
+    let warmup = ctx.warmup();
+    let ids = setup.ids.clone();
+    let catalog = setup.catalog.clone();
+    let mut results: Vec<(&str, &str, u32, Samples)> = Vec::new();
+
+    // TCP loopback round trip: the floor under every remote read below.
+    let echo = echo_server().await?;
+    let mut conns = Vec::new();
+    for _ in 0..conc {
+        let s = TcpStream::connect(echo).await?;
+        s.set_nodelay(true)?;
+        conns.push(Arc::new(Mutex::new(s)));
+    }
+    let conns = Arc::new(conns);
+    ctx.progress(format!("reads: TCP loopback round trip, C={conc}"));
+    let rtt = load::closed_loop(
+        conc,
+        warmup,
+        run_for,
+        load::op(move |w, _| {
+            let c = conns[w % conns.len()].clone();
+            async move {
+                let mut s = c.lock().await;
+                let mut buf = [7u8; 64];
+                s.write_all(&buf).await.map_err(|e| e.to_string())?;
+                s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        }),
+    )
+    .await;
+    results.push(("tcp loopback", "64 B echo", 1, rtt));
+
+    // The sidecar.
+    let clients = Arc::new(setup.sidecar.clients(conc).await?);
+    ctx.progress(format!("reads: sidecar Get, C={conc}"));
+    let get_op = {
+        let clients = clients.clone();
+        let ids = ids.clone();
+        load::op(move |w, i| {
+            let mut c = clients[w % clients.len()].clone();
+            let key = ids[(i as usize * 7919) % ids.len()].clone();
+            async move {
+                let r = c
+                    .get(pb::GetRequest {
+                        source: "products".into(),
+                        key,
+                        options: None,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.get_ref().item.as_ref().is_some_and(|it| it.found) {
+                    Ok(())
+                } else {
+                    Err("not found".into())
+                }
+            }
+        })
+    };
+    let s = load::closed_loop(conc, warmup, run_for, get_op).await;
+    results.push(("sidecar", "Get", 1, s));
+    ctx.progress(format!(
+        "reads: sidecar page ({}), C={conc}",
+        setup.page_mode()
+    ));
+    let s = load::closed_loop(conc, warmup, run_for, setup.page_op(clients.to_vec())).await;
+    let page_label = if setup.page_mode() == "view" {
+        "page: Get product_page"
+    } else {
+        "page: BatchGet 6 keys"
+    };
+    results.push(("sidecar", page_label, 1, s));
+
+    // Redis.
+    let redis = RedisServer::start().await?;
+    match &redis {
+        None => {
+            ctx.progress("reads: skipped: redis-server not found");
+            ctx.report.note(
+                "reads",
+                "skipped: redis-server not found (apt-get install redis-server)",
+            );
+        }
+        Some(server) => {
+            let size = CatalogSize {
+                products,
+                ..CatalogSize::default()
+            };
+            let rows = demo::catalog(size, 1)
+                .into_iter()
+                .flat_map(|(topic, puts)| {
+                    puts.into_iter()
+                        .filter_map(move |p| p.value.map(|v| (format!("{topic}:{}", p.key), v)))
+                });
+            server.load(rows).await?;
+            let mut rc = Vec::new();
+            for _ in 0..conc {
+                rc.push(Arc::new(Mutex::new(Redis::connect(server.port).await?)));
+            }
+            let rc = Arc::new(rc);
+            ctx.progress(format!("reads: Redis GET, C={conc}"));
+            let op = {
+                let rc = rc.clone();
+                let ids = ids.clone();
+                load::op(move |w, i| {
+                    let c = rc[w % rc.len()].clone();
+                    let key = format!("products:{}", ids[(i as usize * 7919) % ids.len()]);
+                    async move {
+                        match c.lock().await.get(&key).await {
+                            Ok(Some(_)) => Ok(()),
+                            Ok(None) => Err("not found".into()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                })
+            };
+            let s = load::closed_loop(conc, warmup, run_for, op).await;
+            results.push(("redis", "GET", 1, s));
+            ctx.progress(format!("reads: Redis page, pipelined GETs, C={conc}"));
+            let op = {
+                let rc = rc.clone();
+                let ids = ids.clone();
+                let catalog = catalog.clone();
+                load::op(move |w, i| {
+                    let c = rc[w % rc.len()].clone();
+                    let id = ids[(i as usize * 7919) % ids.len()].clone();
+                    let keys: Vec<String> = demo::TOPICS
+                        .iter()
+                        .filter_map(|t| catalog.key_for(t, &id).map(|k| format!("{t}:{k}")))
+                        .collect();
+                    async move {
+                        let cmds: Vec<Vec<&[u8]>> = keys
+                            .iter()
+                            .map(|k| vec![&b"GET"[..], k.as_bytes()])
+                            .collect();
+                        let replies = c
+                            .lock()
+                            .await
+                            .pipeline(&cmds)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        // Only fetched, not parsed or merged: the sidecar's read is not
+                        // parsed either, so both sides do the same client work.
+                        if replies
+                            .iter()
+                            .filter(|r| matches!(r, Reply::Bulk(Some(_))))
+                            .count()
+                            < 5
+                        {
+                            return Err("page parts missing".into());
+                        }
+                        Ok(())
+                    }
+                })
+            };
+            let s = load::closed_loop(conc, warmup, run_for, op).await;
+            results.push(("redis", "page: 6 GETs pipelined", 1, s));
+        }
+    }
+
+    // The in-process floor, on as many threads as there are cores (not C: threads would only
+    // queue for the CPU).
+    let sources = Arc::new(in_process_sources(products));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(conc);
+    ctx.progress(format!("reads: in-process store, {threads} threads"));
+    let keys: Arc<Vec<String>> = ids.clone();
+    let srcs = sources.clone();
+    let s = tokio::task::spawn_blocking(move || {
+        load::threads_loop(threads, run_for, move |_, i| {
+            let key = &keys[(i as usize * 7919) % keys.len()];
+            srcs[0].1.get(key).is_some()
+        })
+    })
+    .await
+    .map_err(|e| BenchError::setup(e.to_string()))?;
+    results.push(("in-process", "Source::get", 0, s));
+    let keys: Arc<Vec<(String, Vec<String>)>> = Arc::new(
+        ids.iter()
+            .map(|id| {
+                let ks = demo::TOPICS
+                    .iter()
+                    .map(|t| catalog.key_for(t, id).unwrap_or_default())
+                    .collect();
+                (id.clone(), ks)
+            })
+            .collect(),
+    );
+    let srcs = sources.clone();
+    let s = tokio::task::spawn_blocking(move || {
+        load::threads_loop(threads, run_for, move |_, i| {
+            let (_, ks) = &keys[(i as usize * 7919) % keys.len()];
+            let mut found = 0;
+            for ((_, src), k) in srcs.iter().zip(ks) {
+                found += usize::from(std::hint::black_box(src.get(k)).is_some());
+            }
+            found >= 5
+        })
+    })
+    .await
+    .map_err(|e| BenchError::setup(e.to_string()))?;
+    results.push(("in-process", "page: 6 Source::get", 0, s));
+
+    let mut table = Table::new(
+        format!("reads: demo catalog values, closed loop C={conc} (in-process: {threads} threads)"),
+        &[
+            "system",
+            "read",
+            "calls",
+            "throughput",
+            "p50",
+            "p90",
+            "p99",
+            "p99.9",
+            "errors",
+        ],
+    );
+    for (system, read, calls, s) in &results {
+        let sum = s.summary(format!("{system} {read}"));
+        let mut row = vec![system.to_string(), read.to_string(), calls.to_string()];
+        row.extend(latency_cells(&sum));
+        table.row(row);
+        let mut v = serde_json::to_value(&sum).unwrap_or_default();
+        v["system"] = json!(system);
+        v["read"] = json!(read);
+        v["calls"] = json!(calls);
+        ctx.report.push("reads", "runs", v);
+    }
+    ctx.report.add_table(table);
+    let find = |system: &str, prefix: &str| {
+        results
+            .iter()
+            .find(|(s, r, _, _)| *s == system && r.starts_with(prefix))
+            .map(|(_, _, _, s)| s.summary(""))
+    };
+    let mut ratios = serde_json::Map::new();
+    if let (Some(a), Some(b)) = (find("sidecar", "Get"), find("redis", "GET")) {
+        ratios.insert(
+            "get_throughput_sidecar_over_redis".into(),
+            json!(a.throughput / b.throughput.max(1e-9)),
+        );
+        ratios.insert("get_p99_sidecar_us".into(), json!(a.p99_us));
+        ratios.insert("get_p99_redis_us".into(), json!(b.p99_us));
+    }
+    if let (Some(a), Some(b)) = (find("sidecar", "page"), find("redis", "page")) {
+        ratios.insert(
+            "page_throughput_sidecar_over_redis".into(),
+            json!(a.throughput / b.throughput.max(1e-9)),
+        );
+        ratios.insert("page_p99_sidecar_us".into(), json!(a.p99_us));
+        ratios.insert("page_p99_redis_us".into(), json!(b.p99_us));
+    }
+    if let (Some(a), Some(b)) = (find("sidecar", "Get"), find("tcp loopback", "")) {
+        ratios.insert(
+            "get_p50_over_tcp_rtt_p50".into(),
+            json!(a.p50_us / b.p50_us.max(1e-9)),
+        );
+    }
+    ctx.report
+        .set("reads", "ratios", serde_json::Value::Object(ratios));
+    ctx.report
+        .set("reads", "page_read", json!(setup.page_mode()));
     Ok(())
 }

@@ -104,8 +104,6 @@ pub fn latency_cells(s: &Summary) -> Vec<String> {
     ]
 }
 
-pub const LATENCY_HEADERS: [&str; 6] = ["throughput", "p50", "p90", "p99", "p99.9", "errors"];
-
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -1,0 +1,36 @@
+//! `viewcar bench all --smoke`: every scenario end to end in a few seconds, so the harness
+//! cannot rot unnoticed. Redis figures appear only where redis-server is installed.
+
+use std::process::Command;
+
+#[test]
+fn every_scenario_runs_end_to_end() {
+    let out = std::env::temp_dir().join(format!("viewcar-bench-smoke-{}", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_viewcar"))
+        .args(["bench", "all", "--smoke", "--out"])
+        .arg(&out)
+        .output()
+        .expect("viewcar runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
+    for title in ["fanout:", "reads:", "freshness:", "ingest:"] {
+        assert!(stdout.contains(title), "no {title} table in\n{stdout}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bench.json")).expect("bench.json"))
+            .expect("valid JSON");
+    let tree = json["fanout"]["tree_closed"].as_array().expect("tree runs");
+    assert_eq!(tree.len(), 2);
+    assert_eq!(tree[1]["calls_per_page"], 12);
+    assert!(tree.iter().all(|t| t["requests"].as_u64() > Some(0)));
+    assert!(json["fanout"]["sidecar_closed"][0]["requests"].as_u64() > Some(0));
+    assert!(json["reads"]["runs"]
+        .as_array()
+        .is_some_and(|r| r.len() >= 4));
+    assert!(json["freshness"]["channels"][1]["samples"].as_u64() > Some(0));
+    assert!(json["ingest"]["memory"]["sidecar_bytes_per_key"].as_f64() > Some(0.0));
+    assert!(out.join("fanout_latency_vs_depth.svg").is_file());
+    assert!(out.join("freshness_cdf.svg").is_file());
+    let _ = std::fs::remove_dir_all(&out);
+}
