@@ -32,6 +32,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Views(#[from] crate::views::ViewError),
 }
 
@@ -61,6 +63,8 @@ impl Sidecar {
         cfg: SidecarConfig,
         views: Vec<View>,
     ) -> Result<Sidecar, StartError> {
+        // A config built in code gets the same checks as one read from a file.
+        cfg.validate("<config>")?;
         let clock = Clock::new();
         let live = cfg.feed.live_window.0;
         let mut store = Store::new();
