@@ -90,6 +90,9 @@ struct DemoArgs {
     /// Where the sidecar serves the Cache API (port 0 = any free port).
     #[arg(long, default_value = "127.0.0.1:7070")]
     grpc_listen: SocketAddr,
+    /// Where the sidecar serves WebSocket `/ws` (port 0 = any free port).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    http_listen: SocketAddr,
     /// Catalog changes published per second.
     #[arg(long, default_value_t = 50)]
     rate: u32,
@@ -103,6 +106,7 @@ impl Default for DemoArgs {
         DemoArgs {
             origin_listen: "127.0.0.1:7000".parse().expect("literal address"),
             grpc_listen: "127.0.0.1:7070".parse().expect("literal address"),
+            http_listen: "127.0.0.1:7071".parse().expect("literal address"),
             rate: 50,
             products: 3000,
         }
@@ -122,9 +126,9 @@ struct OriginArgs {
     seed: Option<PathBuf>,
 }
 
-fn init_tracing(format: LogFormat, default_filter: &str) {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -136,12 +140,7 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The bench prints its own progress; the embedded origin's info logs would bury it.
-    let default_filter = match cli.command {
-        Some(Command::Bench(_)) => "warn",
-        _ => "info",
-    };
-    init_tracing(cli.log_format, default_filter);
+    init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -263,7 +262,13 @@ async fn run_demo(args: DemoArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => return usage(format!("cannot listen on {}: {e}", args.grpc_listen)),
     };
-    let sidecar = match Sidecar::start(demo::sidecar_config(origin_addr, grpc)).await {
+    let http = match bind(args.http_listen).await.and_then(|l| l.local_addr()) {
+        Ok(a) => a,
+        Err(e) => return usage(format!("cannot listen on {}: {e}", args.http_listen)),
+    };
+    let mut cfg = demo::sidecar_config(origin_addr, grpc);
+    cfg.listen.http = Some(http);
+    let sidecar = match Sidecar::start(cfg).await {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "sidecar failed to start");
@@ -280,6 +285,7 @@ async fn run_demo(args: DemoArgs) -> ExitCode {
     println!();
     println!("  origin  (Feed API)   http://{origin_addr}");
     println!("  sidecar (Cache API)  {g}");
+    println!("  sidecar (WebSocket)  ws://{}/ws", sidecar.http_addr());
     println!();
     println!("Sources:");
     for s in sidecar.store().sources() {
@@ -298,6 +304,11 @@ async fn run_demo(args: DemoArgs) -> ExitCode {
     println!("  grpcurl -plaintext -import-path proto -proto viewcar/cache/v1/cache.proto \\");
     println!(
         "    -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
+    );
+    println!("Subscribe over WebSocket:");
+    println!(
+        "  cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043",
+        sidecar.http_addr()
     );
     shutdown_signal().await;
     stop_tx.send_replace(true);
