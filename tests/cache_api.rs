@@ -443,3 +443,64 @@ async fn oversized_messages_are_refused_by_the_configured_limits() {
     })
     .await
 }
+
+/// One Publish is one version: a BatchGet racing the writer sees all of its keys from the same
+/// version, never half of a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_get_never_sees_half_a_publish() {
+    within(async {
+        const KEYS: usize = 50;
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("k{i:02}")).collect();
+        let batch = {
+            let keys = keys.clone();
+            move |n: u32| -> Vec<viewcar::Put> {
+                keys.iter().map(|k| put(k, &n.to_string())).collect()
+            }
+        };
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", batch(0)).unwrap();
+        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let mut c = cache_client(&sidecar).await;
+        let request = cache::BatchGetRequest {
+            keys: keys
+                .iter()
+                .map(|k| cache::Key {
+                    source: "t".into(),
+                    key: k.clone(),
+                })
+                .collect(),
+            options: Some(cache::ReadOptions {
+                wait_ms: 5_000,
+                ..Default::default()
+            }),
+        };
+        let publisher = {
+            let origin = origin.origin.clone();
+            let batch = batch.clone();
+            tokio::spawn(async move {
+                for n in 1..=2_000u32 {
+                    origin.publish("t", batch(n)).unwrap();
+                    if n % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        let mut reads = 0;
+        let mut distinct = std::collections::BTreeSet::new();
+        while !publisher.is_finished() || reads < 100 {
+            let items = c.batch_get(request.clone()).await.unwrap().into_inner().items;
+            let values: Vec<String> = items.iter().map(|i| text(&i.value)).collect();
+            assert!(
+                values.iter().all(|v| *v == values[0]),
+                "a BatchGet mixed versions: {values:?}"
+            );
+            distinct.insert(values[0].clone());
+            reads += 1;
+        }
+        publisher.await.unwrap();
+        assert!(distinct.len() > 1, "the reads never overlapped the publishes");
+        sidecar.shutdown().await;
+    })
+    .await
+}

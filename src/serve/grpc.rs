@@ -17,6 +17,11 @@ use crate::hub::{Hub, Selection, Update, Watcher};
 use crate::pb::cache::v1 as pb;
 use crate::store::{Keyspace, Source, Store};
 
+/// Reads a BatchGet makes to land between change batches (see `Source::read_begin`).
+const BATCH_READ_ATTEMPTS: usize = 64;
+/// Longest wait for a batch in flight to land before reading again.
+const BATCH_LAND_WAIT: Duration = Duration::from_millis(20);
+
 /// The `Cache` service of a sidecar.
 pub struct CacheService {
     store: Arc<Store>,
@@ -205,13 +210,36 @@ impl pb::cache_server::Cache for CacheService {
         }
         // Each source's keyspace is loaded once for the whole request, after every wait.
         let rows: HashMap<&str, (&Arc<Source>, Arc<Keyspace>)> = sources
-            .into_iter()
-            .map(|s| (&**s.name(), (s, s.keyspace())))
+            .iter()
+            .map(|s| (&**s.name(), (*s, s.keyspace())))
             .collect();
+        // Read under each source's batch sequence and read again if a batch landed meanwhile,
+        // so the answer holds whole versions: never half of one Publish. While a batch is being
+        // applied, wait for it to land (the writer publishes the version right after) instead
+        // of spinning. Only a writer that never pauses exhausts the bound; then the last read is
+        // answered.
         let mut items = Vec::with_capacity(req.keys.len());
-        for k in &req.keys {
-            let (source, ks) = &rows[k.source.as_str()];
-            items.push(item_in(source, ks, k.key.clone()));
+        for attempt in 1..=BATCH_READ_ATTEMPTS {
+            let seqs: Option<Vec<u64>> = sources.iter().map(|s| s.read_begin()).collect();
+            items.clear();
+            for k in &req.keys {
+                let (source, ks) = &rows[k.source.as_str()];
+                items.push(item_in(source, ks, k.key.clone()));
+            }
+            let settled = seqs.is_some_and(|seqs| {
+                sources.iter().zip(&seqs).all(|(s, seq)| s.read_settled(*seq))
+            });
+            if settled || attempt == BATCH_READ_ATTEMPTS {
+                break;
+            }
+            for s in &sources {
+                if s.read_begin().is_none() {
+                    let mut landed = s.subscribe_changes();
+                    if s.read_begin().is_none() {
+                        let _ = tokio::time::timeout(BATCH_LAND_WAIT, landed.changed()).await;
+                    }
+                }
+            }
         }
         Ok(Response::new(pb::BatchGetResponse { items }))
     }

@@ -192,6 +192,9 @@ pub struct Source {
     clock: Clock,
     /// Ticks on every applied version and on sync, so that waiting readers wake up.
     changed: watch::Sender<u64>,
+    /// A sequence lock over change batches: odd while the writer is applying one. Multi-key
+    /// readers retry when it moved, so they see each version of a topic whole.
+    writes: AtomicU64,
     /// For a view: the sources it reads, whose freshness it reports.
     inputs: Vec<Arc<Source>>,
 }
@@ -217,6 +220,7 @@ impl Source {
             live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
             clock,
             changed: watch::channel(0).0,
+            writes: AtomicU64::new(0),
             inputs: Vec::new(),
         }
     }
@@ -317,10 +321,33 @@ impl Source {
         self.changed.subscribe()
     }
 
+    /// The batch sequence before a multi-key read: `None` while a batch is being applied.
+    pub fn read_begin(&self) -> Option<u64> {
+        let seq = self.writes.load(Ordering::Acquire);
+        (seq % 2 == 0).then_some(seq)
+    }
+
+    /// True if no batch was applied since `read_begin` returned `seq`: what was read in
+    /// between belongs to whole versions.
+    pub fn read_settled(&self, seq: u64) -> bool {
+        std::sync::atomic::fence(Ordering::Acquire);
+        self.writes.load(Ordering::Relaxed) == seq
+    }
+
     // ----- writer side -----
 
     pub(crate) fn put(&self, key: Arc<str>, row: Row) -> Option<Row> {
         self.rows.load().put(key, row)
+    }
+
+    /// Brackets the application of one change batch (see `read_begin`).
+    pub(crate) fn begin_batch(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+    }
+
+    pub(crate) fn end_batch(&self) {
+        self.writes.fetch_add(1, Ordering::Release);
     }
 
     pub(crate) fn remove(&self, key: &str) -> Option<Row> {

@@ -160,6 +160,7 @@ impl Writer {
                 self.stats
                     .changes
                     .fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                source.begin_batch();
                 for c in changes {
                     let key: Arc<str> = Arc::from(c.key);
                     match c.value {
@@ -190,6 +191,7 @@ impl Writer {
                         }
                     }
                 }
+                source.end_batch();
                 source.set_epoch(&epoch);
                 source.heard();
                 source.set_version(version);
