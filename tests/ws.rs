@@ -109,6 +109,19 @@ async fn subscribe_by_prefix_without_rows_and_unsubscribe() {
 }
 
 #[tokio::test]
+async fn a_client_close_is_answered() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let mut ws = s.connect().await;
+    ws.close(None).await.expect("close");
+    let end = within("the close answer", ws.next()).await;
+    assert!(matches!(end, Some(Ok(Message::Close(_)))), "{end:?}");
+    assert!(matches!(
+        within("end of stream", ws.next()).await,
+        None | Some(Err(_))
+    ));
+}
+
+#[tokio::test]
 async fn get_answers_found_and_not_found() {
     let s = Setup::start(&["products"], WsConfig::default()).await;
     let v = s.put("products", &[("p1", json!({"a":[1,2]}))]);

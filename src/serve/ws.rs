@@ -539,7 +539,11 @@ impl Writer {
                     return self.close(CLOSE_GOING_AWAY, "server shutting down").await
                 }
                 Step::Ping => self.send(Message::Ping(Default::default())).await,
-                Step::Inbound(Inbound::Gone) => return 1000,
+                Step::Inbound(Inbound::Gone) => {
+                    // Sends tungstenite's answer to the client's close frame, if it sent one.
+                    let _ = tokio::time::timeout(CLOSE_GRACE, self.sink.close()).await;
+                    return 1000;
+                }
                 Step::Inbound(Inbound::Close(code, reason)) => {
                     return self.close(code, reason).await
                 }
