@@ -10,7 +10,6 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::config::{Mode, SidecarConfig};
@@ -162,14 +161,18 @@ impl Sidecar {
             .max_encoding_message_size(max_message);
         let mut sd = shutdown_rx.clone();
         let grpc = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
             .http2_keepalive_interval(Some(cfg.feed.keepalive_interval.0))
             .http2_keepalive_timeout(Some(cfg.feed.keepalive_timeout.0))
             .add_service(server)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = sd.wait_for(|s| *s).await;
-            });
+            // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
+            // binds itself, and a reply of more than one segment would wait for a delayed ACK.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = sd.wait_for(|s| *s).await;
+                },
+            );
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc.await {
                 warn!(error = %e, "Cache API server failed");

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -480,11 +480,15 @@ impl Origin {
             me.close_streams();
         };
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .add_service(self.service())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
+            // binds itself, and a reply of more than one segment would wait for a delayed ACK.
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await
     }
 }
