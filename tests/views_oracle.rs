@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use viewcar::views::{Standalone, ViewSpec};
+use viewcar::views::{Changes, Standalone, ViewSpec};
 
 const TOPICS: [&str; 4] = ["products", "prices", "brands", "countries"];
 
@@ -226,7 +226,7 @@ fn key_for(topic: usize) -> BoxedStrategy<String> {
 #[derive(Debug, Clone)]
 enum Step {
     /// Batches applied in one writer step.
-    Batches(Vec<(usize, Vec<(String, Option<Bytes>)>)>),
+    Batches(Vec<(usize, Changes)>),
     /// A snapshot replacing a whole topic.
     Load(usize, Vec<(String, Bytes)>),
 }
@@ -238,7 +238,7 @@ fn change(topic: usize) -> impl Strategy<Value = (String, Option<Bytes>)> {
     )
 }
 
-fn batch() -> impl Strategy<Value = (usize, Vec<(String, Option<Bytes>)>)> {
+fn batch() -> impl Strategy<Value = (usize, Changes)> {
     (0..4usize).prop_flat_map(|t| (Just(t), prop::collection::vec(change(t), 1..4)))
 }
 

@@ -42,6 +42,7 @@ struct ViewState {
     reads: Vec<Read>,
     inputs: Vec<Arc<Source>>,
     compute: Compute,
+    grouped: bool,
     rows: HashMap<Arc<str>, RowState>,
     dirty: HashSet<Arc<str>>,
     /// Grouped views: members (by `from` key, so sorted) of each group, serialized.
@@ -51,9 +52,38 @@ struct ViewState {
     stats: Arc<ViewStats>,
 }
 
+/// Hashes a pointer address: events name their source with the source's own `Arc<str>`, so
+/// finding the source of an event costs a multiply instead of hashing its name.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ByAddr = HashMap<usize, SourceId, std::hash::BuildHasherDefault<AddrHasher>>;
+
+fn addr(name: &Arc<str>) -> usize {
+    Arc::as_ptr(name).cast::<u8>() as usize
+}
+
 pub(crate) struct Engine {
     sources: Vec<Arc<Source>>,
     by_name: HashMap<Arc<str>, SourceId>,
+    /// The same, by the address of each source's name.
+    by_addr: ByAddr,
     /// Per source: the views (indexes) whose `from` it is.
     from_of: Vec<Vec<usize>>,
     /// Per source: key -> rows that read it.
@@ -103,7 +133,13 @@ impl Engine {
             let id = sources.len();
             sources.push(source.clone());
             by_name.insert(source.name().clone(), id);
+            let grouped = match &v.compute {
+                Compute::Map(_) => false,
+                Compute::Group(_) => true,
+                Compute::Declared(d) => d.grouped(),
+            };
             states.push(ViewState {
+                grouped,
                 name: source.name().clone(),
                 id,
                 source,
@@ -124,7 +160,13 @@ impl Engine {
         for (i, v) in states.iter().enumerate() {
             from_of[v.from].push(i);
         }
+        let by_addr = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (addr(s.name()), i))
+            .collect();
         Engine {
+            by_addr,
             reverse: vec![HashMap::new(); sources.len()],
             sources,
             by_name,
@@ -146,6 +188,9 @@ impl Engine {
         for &v in &self.from_of[source] {
             self.views[v].dirty.insert(key.clone());
         }
+        if self.reverse[source].is_empty() {
+            return;
+        }
         if let Some(readers) = self.reverse[source].get(key) {
             for (v, k) in readers {
                 self.views[*v].dirty.insert(k.clone());
@@ -156,7 +201,11 @@ impl Engine {
     /// Recomputes the dirty rows of every view, in dependency order; returns the view changes.
     fn run(&mut self, events: &[Event]) -> Vec<Event> {
         for ev in events {
-            if let Some(&id) = self.by_name.get(&ev.source) {
+            let id = match self.by_addr.get(&addr(&ev.source)) {
+                Some(&id) => Some(id),
+                None => self.by_name.get(&ev.source).copied(),
+            };
+            if let Some(id) = id {
                 self.touch(id, &ev.key);
             }
         }
@@ -168,9 +217,9 @@ impl Engine {
             let start = out.len();
             self.process(vi, &mut out);
             let id = self.views[vi].id;
-            for i in start..out.len() {
-                let key = out[i].key.clone();
-                self.touch(id, &key);
+            let changed: Vec<Arc<str>> = out[start..].iter().map(|e| e.key.clone()).collect();
+            for key in &changed {
+                self.touch(id, key);
             }
         }
         if self.pending_sync {
@@ -195,7 +244,8 @@ impl Engine {
         let next = v.version + 1;
         let before = out.len();
         for key in dirty {
-            let (result, deps) = compute(v, &self.sources, &key);
+            let state = v.rows.remove(&key).unwrap_or_default();
+            let (result, deps) = compute(v, &self.sources, &key, &state.deps);
             let result = match result {
                 Ok(r) => r,
                 Err(e) => {
@@ -208,21 +258,17 @@ impl Engine {
                     None
                 }
             };
-            let state = v.rows.remove(&key).unwrap_or_default();
             set_deps(&mut self.reverse, vi, &key, &state.deps, &deps);
-            match &v.compute {
-                Compute::Map(_) => {
-                    let new = result.map(|(_, b)| b);
-                    emit(v, key.clone(), new, next, out);
-                    if !deps.is_empty() {
-                        v.rows.insert(key, RowState { deps, group: None });
-                    }
+            if v.grouped {
+                let group = regroup(v, &key, state.group, result);
+                if group.is_some() || !deps.is_empty() {
+                    v.rows.insert(key, RowState { deps, group });
                 }
-                Compute::Group(_) => {
-                    let group = regroup(v, &key, state.group, result);
-                    if group.is_some() || !deps.is_empty() {
-                        v.rows.insert(key, RowState { deps, group });
-                    }
+            } else {
+                let new = result.map(|(_, b)| b);
+                emit(v, key.clone(), new, next, out);
+                if !deps.is_empty() {
+                    v.rows.insert(key, RowState { deps, group: None });
                 }
             }
         }
@@ -263,6 +309,7 @@ fn compute(
     v: &ViewState,
     sources: &[Arc<Source>],
     key: &Arc<str>,
+    hint: &[Dep],
 ) -> (Result<Option<(Option<String>, Bytes)>, RowError>, Vec<Dep>) {
     let mut deps = Vec::new();
     let Some(row) = sources[v.from].get(key) else {
@@ -282,16 +329,17 @@ fn compute(
             )
         }
     };
-    let mut lookup = Lookup {
-        from: &v.from_name,
-        reads: &v.reads,
-        deps: &mut deps,
-    };
+    let mut lookup = Lookup::new(&v.from_name, &v.reads, &mut deps, hint);
+    if let Compute::Declared(d) = &v.compute {
+        let result = d.compute(key, value, &mut lookup);
+        return (result, deps);
+    }
     let computed = match &v.compute {
         Compute::Map(f) => f.row(key, value, &mut lookup).map(|r| r.map(|v| (None, v))),
         Compute::Group(f) => f
             .member(key, value, &mut lookup)
             .map(|r| r.map(|(g, v)| (Some(g), v))),
+        Compute::Declared(_) => Ok(None),
     };
     let result = computed.and_then(|r| match r {
         None => Ok(None),

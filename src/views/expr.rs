@@ -6,6 +6,7 @@
 //! does not resolve yields nothing (`null` for comparisons), so a row with odd data is filtered or
 //! gets a `null` include instead of an error.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
 
@@ -47,6 +48,11 @@ impl Path {
         Some(v)
     }
 
+    /// The first segment: the field of the row the path starts at.
+    pub(crate) fn first(&self) -> &str {
+        self.0.first().map_or("", String::as_str)
+    }
+
     /// The last segment: the default name of a selected field.
     pub(crate) fn last(&self) -> &str {
         self.0.last().map_or("", String::as_str)
@@ -64,10 +70,10 @@ fn is_ident_char(c: char) -> bool {
 }
 
 /// A value used as a key: a string as is, a number as its decimal text; anything else is not a key.
-pub(crate) fn key_text(v: &Value) -> Option<String> {
+pub(crate) fn key_text(v: &Value) -> Option<Cow<'_, str>> {
     match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
         _ => None,
     }
 }
@@ -110,7 +116,7 @@ impl KeyExpr {
     }
 
     /// The key for `row`, or nothing when a field is absent or neither a string nor a number.
-    pub(crate) fn eval(&self, row: &Map<String, Value>) -> Option<String> {
+    pub(crate) fn eval<'a>(&self, row: &'a Map<String, Value>) -> Option<Cow<'a, str>> {
         if let [Term::Field(p)] = self.0.as_slice() {
             return key_text(p.get(row)?);
         }
@@ -121,7 +127,15 @@ impl KeyExpr {
                 Term::Field(p) => out.push_str(&key_text(p.get(row)?)?),
             }
         }
-        Some(out)
+        Some(Cow::Owned(out))
+    }
+
+    /// The field paths this expression reads.
+    pub(crate) fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.0.iter().filter_map(|t| match t {
+            Term::Field(p) => Some(p),
+            Term::Literal(_) => None,
+        })
     }
 }
 
@@ -142,6 +156,12 @@ pub(crate) enum Operand {
 }
 
 impl Operand {
+    fn paths<'a>(&'a self, f: &mut impl FnMut(&'a Path)) {
+        if let Operand::Field(p) = self {
+            f(p)
+        }
+    }
+
     fn eval<'a>(&'a self, row: &'a Map<String, Value>) -> &'a Value {
         match self {
             Operand::Field(p) => p.get(row).unwrap_or(&Value::Null),
@@ -174,6 +194,23 @@ impl Filter {
             ));
         }
         Ok(f)
+    }
+
+    /// Calls `f` with every field path the filter reads.
+    pub(crate) fn paths<'a>(&'a self, f: &mut impl FnMut(&'a Path)) {
+        match self {
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                a.paths(f);
+                b.paths(f);
+            }
+            Filter::Not(a) => a.paths(f),
+            Filter::Has(p) => f(p),
+            Filter::Truthy(o) => o.paths(f),
+            Filter::Compare(a, _, b) => {
+                a.paths(f);
+                b.paths(f);
+            }
+        }
     }
 
     pub(crate) fn matches(&self, row: &Map<String, Value>) -> bool {
@@ -472,7 +509,12 @@ mod tests {
         let row = obj(
             json!({"id": "p1", "n": 42, "f": 1.5, "brand": {"country_id": "DE"}, "t": true, "a": ["x", "y"]}),
         );
-        let k = |s: &str| KeyExpr::parse(s).unwrap().eval(&row);
+        let k = |s: &str| {
+            KeyExpr::parse(s)
+                .unwrap()
+                .eval(&row)
+                .map(|k| k.into_owned())
+        };
         assert_eq!(k("id"), Some("p1".into()));
         assert_eq!(k("n"), Some("42".into()));
         assert_eq!(k("f"), Some("1.5".into()));

@@ -29,7 +29,7 @@ use crate::store::writer::Derive;
 use crate::store::{Clock, Source, Store};
 
 pub use spec::{Include, Includes, ViewSpec};
-pub use standalone::Standalone;
+pub use standalone::{Changes, Standalone};
 
 pub(crate) use engine::Engine;
 
@@ -93,6 +93,9 @@ where
 pub(crate) enum Compute {
     Map(Arc<dyn RowFn>),
     Group(Arc<dyn MemberFn>),
+    /// A `[[view]]` declaration: computes the serialized row directly, embedding included
+    /// values that nothing else reads as they are instead of parsing and re-serializing them.
+    Declared(Arc<spec::Declared>),
 }
 
 /// A view definition: its name, the source it has a row per key of, the other sources it may
@@ -128,7 +131,14 @@ impl fmt::Debug for View {
             .field("name", &self.name)
             .field("from", &self.from)
             .field("reads", &self.reads)
-            .field("grouped", &matches!(self.compute, Compute::Group(_)))
+            .field(
+                "grouped",
+                &match &self.compute {
+                    Compute::Group(_) => true,
+                    Compute::Declared(d) => d.grouped(),
+                    Compute::Map(_) => false,
+                },
+            )
             .finish()
     }
 }
@@ -194,6 +204,20 @@ impl View {
             }
         }
         self
+    }
+
+    pub(crate) fn declared(
+        name: impl Into<String>,
+        from: impl Into<String>,
+        d: spec::Declared,
+    ) -> View {
+        View {
+            name: name.into(),
+            from: from.into(),
+            reads: Vec::new(),
+            compute: Compute::Declared(Arc::new(d)),
+            description: Vec::new(),
+        }
     }
 
     fn described(mut self, lines: Vec<String>) -> View {
@@ -266,19 +290,36 @@ pub struct Lookup<'a> {
     from: &'a str,
     reads: &'a [Read],
     deps: &'a mut Vec<(SourceId, Arc<str>)>,
+    /// What the previous computation of this row read, in order: a read of the same key reuses
+    /// its `Arc<str>` instead of allocating one.
+    hint: &'a [(SourceId, Arc<str>)],
 }
 
-impl Lookup<'_> {
+impl<'a> Lookup<'a> {
+    pub(crate) fn new(
+        from: &'a str,
+        reads: &'a [Read],
+        deps: &'a mut Vec<(SourceId, Arc<str>)>,
+        hint: &'a [(SourceId, Arc<str>)],
+    ) -> Self {
+        Lookup {
+            from,
+            reads,
+            deps,
+            hint,
+        }
+    }
+
     /// The value of `source[key]` parsed as JSON, or `None` when absent.
     pub fn get(&mut self, source: &str, key: &str) -> Result<Option<Value>, RowError> {
         let slot = self.slot(source)?;
-        self.get_slot(slot, key.to_string())
+        self.get_slot(slot, key)
     }
 
     /// The raw value of `source[key]`, or `None` when absent.
     pub fn get_bytes(&mut self, source: &str, key: &str) -> Result<Option<Bytes>, RowError> {
         let slot = self.slot(source)?;
-        Ok(self.bytes_slot(slot, key.to_string()))
+        Ok(self.bytes_slot(slot, key))
     }
 
     /// The name of the source the row comes from.
@@ -293,26 +334,43 @@ impl Lookup<'_> {
             .ok_or_else(|| RowError::Undeclared(source.to_string()))
     }
 
-    fn bytes_slot(&mut self, slot: usize, key: String) -> Option<Bytes> {
+    fn bytes_slot(&mut self, slot: usize, key: &str) -> Option<Bytes> {
         let read = &self.reads[slot];
-        let key: Arc<str> = Arc::from(key);
+        let key: Arc<str> = match self.hint.get(self.deps.len()) {
+            Some((id, k)) if *id == read.id && **k == *key => k.clone(),
+            _ => Arc::from(key),
+        };
         let row = read.source.get(&key);
         self.deps.push((read.id, key));
         row.map(|r| r.value)
     }
 
-    pub(crate) fn get_slot(&mut self, slot: usize, key: String) -> Result<Option<Value>, RowError> {
+    fn not_json(&self, slot: usize, key: &str, e: serde_json::Error) -> RowError {
+        RowError::NotJson {
+            input: self.reads[slot].name.to_string(),
+            key: key.to_string(),
+            error: e.to_string(),
+        }
+    }
+
+    pub(crate) fn get_slot(&mut self, slot: usize, key: &str) -> Result<Option<Value>, RowError> {
         let Some(bytes) = self.bytes_slot(slot, key) else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            let (_, key) = self.deps.last().cloned().unwrap_or((0, Arc::from("")));
-            RowError::NotJson {
-                input: self.reads[slot].name.to_string(),
-                key: key.to_string(),
-                error: e.to_string(),
-            }
-        })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| self.not_json(slot, key, e))
+    }
+
+    /// Like [`Lookup::get_slot`] but without building the value: only checks that it is JSON.
+    pub(crate) fn raw_slot(&mut self, slot: usize, key: &str) -> Result<Option<Bytes>, RowError> {
+        let Some(bytes) = self.bytes_slot(slot, key) else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            Ok(_) => Ok(Some(bytes)),
+            Err(e) => Err(self.not_json(slot, key, e)),
+        }
     }
 }
 

@@ -5,14 +5,15 @@
 //! the table is read into a list in document order, never through a sorted map.
 
 use std::fmt;
-use std::sync::Arc;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use bytes::Bytes;
+
 use super::expr::{key_text, Filter, KeyExpr, Path};
-use super::{Lookup, MemberFn, RowError, RowFn, View};
+use super::{Lookup, RowError, View};
 
 /// A `[[view]]` declaration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -154,10 +155,17 @@ impl ViewSpec {
                     reads.len() - 1
                 }
             };
+            if includes.iter().any(|i: &Included| i.name == inc.name) {
+                return Err((
+                    format!("include.{}", inc.name),
+                    format!("include '{}' is declared twice", inc.name),
+                ));
+            }
             includes.push(Included {
                 name: inc.name.clone(),
                 slot,
                 key,
+                parse: true,
             });
         }
         let select = match &self.select {
@@ -187,18 +195,38 @@ impl ViewSpec {
             Some(g) => Some(Path::parse(g).map_err(|e| ("group_by".to_string(), e))?),
             None => None,
         };
-        let grouped = group_by.is_some();
-        let declared = Arc::new(Declared {
-            filter,
-            includes,
-            select,
-            group_by,
-        });
-        let view = if grouped {
-            View::with_group_fn(&self.name, &self.from, DeclaredGroup(declared))
-        } else {
-            View::with_fn(&self.name, &self.from, DeclaredRow(declared))
-        };
+        // An include is parsed only if something reads into it; otherwise its bytes are
+        // checked to be JSON and embedded as they are.
+        let mut read_fields: Vec<&str> = Vec::new();
+        for i in &includes {
+            read_fields.extend(i.key.paths().map(Path::first));
+        }
+        if let Some(f) = &filter {
+            f.paths(&mut |p| read_fields.push(p.first()));
+        }
+        if let Some(g) = &group_by {
+            read_fields.push(g.first());
+        }
+        for (p, _) in select.iter().flatten() {
+            read_fields.push(p.first());
+        }
+        let parse: Vec<bool> = includes
+            .iter()
+            .map(|i| read_fields.contains(&i.name.as_str()))
+            .collect();
+        for (inc, parse) in includes.iter_mut().zip(parse) {
+            inc.parse = parse;
+        }
+        let view = View::declared(
+            &self.name,
+            &self.from,
+            Declared {
+                filter,
+                includes,
+                select,
+                group_by,
+            },
+        );
         Ok(view.reading(reads).described(self.describe_body()))
     }
 
@@ -241,10 +269,12 @@ struct Included {
     name: String,
     slot: usize,
     key: KeyExpr,
+    /// Something reads into this include (a later key, the filter, group_by or select).
+    parse: bool,
 }
 
 /// A compiled declaration: includes, then the filter, then the group key and the selection.
-struct Declared {
+pub(crate) struct Declared {
     filter: Option<Filter>,
     includes: Vec<Included>,
     select: Option<Vec<(Path, String)>>,
@@ -252,24 +282,41 @@ struct Declared {
 }
 
 impl Declared {
-    /// The row built from `value`, with its group key when grouped; `None` when filtered out.
-    fn build(
+    pub(crate) fn grouped(&self) -> bool {
+        self.group_by.is_some()
+    }
+
+    /// The serialized row built from `value`, with its group key when grouped; `None` when
+    /// filtered out (or, grouped, when the group field is not a string or a number).
+    pub(crate) fn compute(
         &self,
-        source: &str,
         key: &str,
         value: Value,
         lookup: &mut Lookup<'_>,
-    ) -> Result<Option<(Option<String>, Value)>, RowError> {
+    ) -> Result<Option<(Option<String>, Bytes)>, RowError> {
         let Value::Object(mut row) = value else {
             return Err(RowError::NotObject {
-                input: source.to_string(),
+                input: lookup.from_name().to_string(),
                 key: key.to_string(),
             });
         };
+        let mut raw: Vec<(&str, Bytes)> = Vec::new();
         for inc in &self.includes {
-            let v = match inc.key.eval(&row) {
-                Some(k) => lookup.get_slot(inc.slot, k)?.unwrap_or(Value::Null),
-                None => Value::Null,
+            let v = if inc.parse {
+                match inc.key.eval(&row) {
+                    Some(k) => lookup.get_slot(inc.slot, &k)?.unwrap_or(Value::Null),
+                    None => Value::Null,
+                }
+            } else {
+                let b = match inc.key.eval(&row) {
+                    Some(k) => lookup.raw_slot(inc.slot, &k)?,
+                    None => None,
+                };
+                if let Some(b) = b {
+                    raw.push((&inc.name, b));
+                }
+                // A placeholder that keeps the field's position; the bytes are written for it.
+                Value::Null
             };
             // Assigning an existing field keeps its position; a new one goes last.
             row.insert(inc.name.clone(), v);
@@ -281,56 +328,50 @@ impl Declared {
         }
         let group = match &self.group_by {
             Some(g) => match g.get(&row).and_then(key_text) {
-                Some(k) => Some(k),
+                Some(k) => Some(k.into_owned()),
                 None => return Ok(None),
             },
             None => None,
         };
-        let row = match &self.select {
+        let bytes = match &self.select {
             Some(sel) => {
+                // Selected paths only read parsed includes (see `compile`).
                 let mut out = Map::with_capacity(sel.len());
                 for (path, name) in sel {
                     if let Some(v) = path.get(&row) {
                         out.insert(name.clone(), v.clone());
                     }
                 }
-                out
+                serde_json::to_vec(&out).map_err(serialize_error)?
             }
-            None => row,
+            None => write_row(&row, &raw)?,
         };
-        Ok(Some((group, Value::Object(row))))
+        Ok(Some((group, Bytes::from(bytes))))
     }
 }
 
-struct DeclaredRow(Arc<Declared>);
-
-impl RowFn for DeclaredRow {
-    fn row(
-        &self,
-        key: &str,
-        value: Value,
-        lookup: &mut Lookup<'_>,
-    ) -> Result<Option<Value>, RowError> {
-        let from = lookup.from_name().to_string();
-        Ok(self.0.build(&from, key, value, lookup)?.map(|(_, v)| v))
-    }
+fn serialize_error(e: serde_json::Error) -> RowError {
+    RowError::Other(format!("cannot serialize the row: {e}"))
 }
 
-struct DeclaredGroup(Arc<Declared>);
-
-impl MemberFn for DeclaredGroup {
-    fn member(
-        &self,
-        key: &str,
-        value: Value,
-        lookup: &mut Lookup<'_>,
-    ) -> Result<Option<(String, Value)>, RowError> {
-        let from = lookup.from_name().to_string();
-        Ok(self
-            .0
-            .build(&from, key, value, lookup)?
-            .and_then(|(g, v)| Some((g?, v))))
+/// Serializes `row`, writing the raw bytes of `raw` for the fields they name.
+fn write_row(row: &Map<String, Value>, raw: &[(&str, Bytes)]) -> Result<Vec<u8>, RowError> {
+    let len = 128 + raw.iter().map(|(_, b)| b.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(len);
+    out.push(b'{');
+    for (i, (k, v)) in row.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, k).map_err(serialize_error)?;
+        out.push(b':');
+        match raw.iter().find(|(n, _)| *n == k) {
+            Some((_, b)) => out.extend_from_slice(b),
+            None => serde_json::to_writer(&mut out, v).map_err(serialize_error)?,
+        }
     }
+    out.push(b'}');
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -14,6 +14,9 @@ use crate::store::{Clock, Event, Source, SourceKind, Store};
 
 const EPOCH: &str = "standalone";
 
+/// Changes of one batch: key and new value, `None` = delete.
+pub type Changes = Vec<(String, Option<Bytes>)>;
+
 /// Topics you write to directly and the views over them.
 ///
 /// Every [`Standalone::apply`] is one writer step: the topic batch is applied by the writer's
@@ -99,20 +102,13 @@ impl Standalone {
 
     /// Applies one batch of changes (`None` = delete) to `topic` as its next version, then
     /// updates the views. Returns every change: the topic's, then the views'.
-    pub fn apply(
-        &mut self,
-        topic: &str,
-        changes: Vec<(String, Option<Bytes>)>,
-    ) -> Result<Vec<Event>, ViewError> {
+    pub fn apply(&mut self, topic: &str, changes: Changes) -> Result<Vec<Event>, ViewError> {
         self.apply_many(vec![(topic, changes)])
     }
 
     /// Several batches applied in one writer step (as when the writer drains a burst), so the
     /// views are updated once, after all of them.
-    pub fn apply_many(
-        &mut self,
-        batches: Vec<(&str, Vec<(String, Option<Bytes>)>)>,
-    ) -> Result<Vec<Event>, ViewError> {
+    pub fn apply_many(&mut self, batches: Vec<(&str, Changes)>) -> Result<Vec<Event>, ViewError> {
         let mut next: HashMap<&str, u64> = HashMap::new();
         let mut events = Vec::new();
         for (topic, changes) in batches {
