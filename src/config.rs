@@ -377,6 +377,40 @@ impl Mode {
     }
 }
 
+/// Budget of an on_demand topic without `max_bytes`.
+pub const DEFAULT_ON_DEMAND_BYTES: u64 = 64 << 20;
+/// Smallest `max_bytes` of an on_demand topic: room for a few dozen small keys.
+pub const MIN_ON_DEMAND_BYTES: u64 = 16 << 10;
+
+impl TopicSpec {
+    /// The byte budget of an on_demand topic (`max_bytes`, or 64 MiB).
+    pub fn budget(&self) -> u64 {
+        self.max_bytes.map_or(DEFAULT_ON_DEMAND_BYTES, |b| b.0)
+    }
+}
+
+fn check_on_demand(file: &str, at: &str, t: &TopicSpec) -> Result<(), ConfigError> {
+    if let Some(b) = t.max_bytes {
+        if b.0 < MIN_ON_DEMAND_BYTES {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{at}.max_bytes"),
+                format!("{} bytes is below the minimum of 16KiB", b.0),
+            ));
+        }
+    }
+    if let Some(idle) = t.idle {
+        if idle.0 < Duration::from_secs(1) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{at}.idle"),
+                "must be at least 1s (omit it to keep keys until the budget evicts them)",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A topic, written as its name (`"prices"`) or as a table (`{ name = "users", mode = "on_demand" }`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSpec {
@@ -551,13 +585,8 @@ impl SidecarConfig {
                 let tat = format!("{at}.topics[{j}]");
                 check_name(file, &tat, &t.name)?;
                 if t.mode == Mode::OnDemand {
-                    return Err(ConfigError::invalid(
-                        file,
-                        format!("{tat}.mode"),
-                        "mode \"on_demand\" is not supported yet; use \"full\"",
-                    ));
-                }
-                if t.max_bytes.is_some() || t.idle.is_some() {
+                    check_on_demand(file, &tat, t)?;
+                } else if t.max_bytes.is_some() || t.idle.is_some() {
                     return Err(ConfigError::invalid(
                         file,
                         tat,

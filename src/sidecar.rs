@@ -19,7 +19,7 @@ use crate::pb::cache::v1 as pb;
 use crate::serve::grpc::CacheService;
 use crate::serve::ws::{self, WsStats};
 use crate::store::writer::{Writer, WriterStats};
-use crate::store::{Clock, Source, SourceKind, Store};
+use crate::store::{Clock, OnDemand, Source, SourceKind, Store};
 use crate::views::{View, ViewStats};
 
 /// Why a sidecar could not start.
@@ -74,7 +74,7 @@ impl Sidecar {
                 .topics
                 .iter()
                 .map(|t| {
-                    store.add(Source::new(
+                    let source = Source::new(
                         &t.name,
                         SourceKind::Topic {
                             origin: origin.clone(),
@@ -82,13 +82,27 @@ impl Sidecar {
                         t.mode,
                         clock,
                         live,
-                    ))
-                })
+                    );
+                    store.add(match t.mode {
+                        Mode::Full => source,
+                        Mode::OnDemand => source.with_on_demand(OnDemand::new(
+                            &t.name,
+                            t.budget(),
+                            t.idle.map(|d| d.0),
+                        )),
+                    })
                 .collect();
             per_origin.push((o.clone(), sources));
         }
         let derive = crate::views::build(&cfg.views, views, &mut store, clock)?;
         let view_stats = derive.as_ref().map(|d| d.stats()).unwrap_or_default();
+        if let Some(v) = store.sources().iter().find(|s| s.reads_on_demand()) {
+            return Err(StartError::Config(crate::config::ConfigError::invalid(
+                "<config>",
+                format!("view '{}'", v.name()),
+                "views over on_demand sources are not supported yet",
+            )));
+        }
         let store = Arc::new(store);
         let hub = Arc::new(Hub::new());
         let (shutdown, shutdown_rx) = watch::channel(false);

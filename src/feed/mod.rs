@@ -9,20 +9,26 @@
 //! Reconnects back off exponentially with full jitter up to a cap; HTTP/2 keepalive and an idle
 //! timeout (origins send `Progress` every few seconds) notice a silently dead origin.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use prost::Message;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::config::{FeedConfig, OriginSpec};
 use crate::pb::feed::v1 as pb;
+use crate::store::on_demand::{KeyOp, Slot};
 use crate::store::writer::{BatchChange, Op, SnapEntry};
-use crate::store::Source;
+use crate::store::{OnDemand, Source};
+
+/// Keys per keyed `Subscribe` / `Unsubscribe` request: well below the origin's limit, and a
+/// keyed snapshot answering one stays a small message.
+const KEYS_PER_REQUEST: usize = 128;
 
 /// Counters of one origin's feed, for tests, metrics and status.
 #[derive(Debug, Default)]
@@ -44,6 +50,8 @@ pub struct FeedStats {
 pub enum FeedError {
     #[error("invalid origin address: {0}")]
     Address(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("connect failed: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("origin refused the stream: {0}")]
@@ -78,6 +86,43 @@ struct TopicState {
     source: Arc<Source>,
     cursor: Option<Cursor>,
     phase: Phase,
+    loading: Option<Loading>,
+}
+
+/// Progress of a snapshot being received, for the log: a large topic takes a while.
+struct Loading {
+    started: Instant,
+    logged: Instant,
+    keys: u64,
+}
+
+/// How often a snapshot still loading is logged.
+const LOAD_LOG_EVERY: Duration = Duration::from_secs(2);
+
+/// What a keyed snapshot (chunks ending with `last`) on an on_demand topic answers.
+#[derive(Debug)]
+enum Answer {
+    /// The first keyed `Subscribe` of the stream: it sets the topic's position.
+    First(Vec<Arc<str>>),
+    /// Keys added to the stream's keyed interest; the position does not move.
+    Added(Vec<Arc<str>>),
+}
+
+/// An on_demand topic on the stream: a keyed interest in its resident keys. Its data bypasses
+/// the writer: the resident keys live in moka, and versions order the two ways a value comes
+/// in (see `store::on_demand`).
+struct KeyedState {
+    source: Arc<Source>,
+    od: Arc<OnDemand>,
+    /// True once this stream has a keyed interest in the topic.
+    subscribed: bool,
+    cursor: Option<Cursor>,
+    /// Keyed snapshots still to come, in request order.
+    answers: VecDeque<Answer>,
+    /// Keys of the snapshot being received (chunks before `last`).
+    seen: HashSet<Arc<str>>,
+    /// A `Reset` came: the next snapshot is the origin's catch-up of the whole interest.
+    catching_up: bool,
 }
 
 /// The feed client of one origin.
@@ -86,6 +131,9 @@ pub(crate) struct FeedClient {
     cfg: FeedConfig,
     max_message: usize,
     topics: HashMap<String, TopicState>,
+    keyed: HashMap<String, KeyedState>,
+    /// Rung when an on_demand source queues a subscribe or unsubscribe.
+    key_ops: Arc<Notify>,
     writer: mpsc::Sender<Op>,
     stats: Arc<FeedStats>,
 }
@@ -99,6 +147,28 @@ impl FeedClient {
         writer: mpsc::Sender<Op>,
         stats: Arc<FeedStats>,
     ) -> Self {
+        let key_ops = Arc::new(Notify::new());
+        let (on_demand, sources): (Vec<_>, Vec<_>) =
+            sources.into_iter().partition(|s| s.on_demand().is_some());
+        let keyed = on_demand
+            .into_iter()
+            .filter_map(|s| {
+                let od = s.on_demand()?.clone();
+                od.set_waker(key_ops.clone());
+                Some((
+                    s.name().to_string(),
+                    KeyedState {
+                        source: s,
+                        od,
+                        subscribed: false,
+                        cursor: None,
+                        answers: VecDeque::new(),
+                        seen: HashSet::new(),
+                        catching_up: false,
+                    },
+                ))
+            })
+            .collect();
         let topics = sources
             .into_iter()
             .map(|s| {
@@ -108,6 +178,7 @@ impl FeedClient {
                         source: s,
                         cursor: None,
                         phase: Phase::AwaitSnapshot,
+                        loading: None,
                     },
                 )
             })
@@ -117,6 +188,8 @@ impl FeedClient {
             cfg,
             max_message,
             topics,
+            keyed,
+            key_ops,
             writer,
             stats,
         }
@@ -167,6 +240,15 @@ impl FeedClient {
         for source in aborts {
             let _ = self.writer.send(Op::AbortSnapshot { source }).await;
         }
+        for k in self.keyed.values_mut() {
+            k.source.set_connected(false);
+            k.od.set_fetcher(None);
+            k.subscribed = false;
+            k.cursor = None;
+            k.answers.clear();
+            k.seen.clear();
+            k.catching_up = false;
+        }
     }
 
     async fn session(&mut self, heard: &mut bool) -> Result<(), FeedError> {
@@ -178,11 +260,20 @@ impl FeedClient {
             .keep_alive_timeout(c.keepalive_timeout.0)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
+        // Read at every dial, so renewed certificates are used by the next connection.
+        let endpoint = match &self.spec.tls {
+            Some(tls) => endpoint.tls_config(tls.load()?)?,
+            None => endpoint,
+        };
         let channel = endpoint.connect().await?;
         let mut client = pb::feed_client::FeedClient::new(channel)
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message);
-        let (req_tx, req_rx) = mpsc::channel::<pb::SyncRequest>(self.topics.len() + 64);
+        for k in self.keyed.values() {
+            k.od.set_fetcher(Some(client.clone()));
+        }
+        let (req_tx, req_rx) =
+            mpsc::channel::<pb::SyncRequest>(self.topics.len() + self.keyed.len() + 64);
         for (name, t) in self.topics.iter_mut() {
             let resume = t.cursor.as_ref().map(|c| pb::Position {
                 epoch: c.epoch.clone(),
@@ -196,6 +287,13 @@ impl FeedClient {
             // The channel holds one slot per topic plus room: this never waits.
             let _ = req_tx.try_send(subscribe(name, resume));
         }
+        // On a new stream only the keys resident (or loading) now are subscribed again. What was
+        // queued before is void: the new stream starts with no keyed interest.
+        for k in self.keyed.values_mut() {
+            k.od.take_ops();
+            k.od.refresh_all();
+        }
+        let mut backlog = self.send_key_ops(&req_tx);
         let mut stream = client.sync(ReceiverStream::new(req_rx)).await?.into_inner();
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -203,9 +301,25 @@ impl FeedClient {
         for t in self.topics.values() {
             t.source.set_connected(true);
         }
+        for k in self.keyed.values() {
+            // An on_demand source is ready to read through once its origin is reachable.
+            k.source.set_connected(true);
+            k.source.heard();
+            k.source.mark_synced();
+        }
         let idle = self.cfg.idle_timeout.0;
+        let key_ops = self.key_ops.clone();
         loop {
-            let msg = match tokio::time::timeout(idle, stream.message()).await {
+            let next = tokio::select! {
+                m = tokio::time::timeout(idle, stream.message()) => Some(m),
+                _ = key_ops.notified() => None,
+                _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => None,
+            };
+            let Some(next) = next else {
+                backlog = self.send_key_ops(&req_tx);
+                continue;
+            };
+            let msg = match next {
                 Err(_) => return Err(FeedError::Idle(idle)),
                 Ok(Err(status)) => return Err(FeedError::Status(status)),
                 Ok(Ok(None)) => return Err(FeedError::Closed),
@@ -213,6 +327,9 @@ impl FeedClient {
             };
             *heard = true;
             self.stats.messages.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes
+                .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
             if let Err(e) = self.handle(msg, &req_tx).await {
                 if let FeedError::Protocol(_) = e {
                     self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -238,6 +355,9 @@ impl FeedClient {
             Kind::Reset(r) => &r.topic,
         }
         .clone();
+        if self.keyed.contains_key(&topic) {
+            return self.handle_keyed(&topic, kind).await;
+        }
         let Some(t) = self.topics.get_mut(&topic) else {
             return Err(FeedError::Protocol(format!(
                 "message for topic '{topic}', which this sidecar did not subscribe"
@@ -262,8 +382,15 @@ impl FeedClient {
                 }
                 if t.phase != Phase::Snapshot(at.clone()) {
                     t.phase = Phase::Snapshot(at.clone());
+                    let now = Instant::now();
+                    t.loading = Some(Loading {
+                        started: now,
+                        logged: now,
+                        keys: 0,
+                    });
                 }
                 let last = chunk.last;
+                log_loading(&self.spec.name, &topic, t, chunk.entries.len(), last);
                 if last {
                     t.cursor = Some(at.clone());
                     t.phase = Phase::Live;
@@ -359,6 +486,231 @@ impl FeedClient {
             .send(op)
             .await
             .map_err(|_| FeedError::WriterGone)
+    }
+}
+
+impl FeedClient {
+    /// Sends the queued subscribes and unsubscribes of on_demand sources, in order, as long as
+    /// the request channel has room (it never waits: the stream must keep being read). Returns
+    /// true if some are left for later.
+    fn send_key_ops(&mut self, req_tx: &mpsc::Sender<pb::SyncRequest>) -> bool {
+        let mut backlog = false;
+        for (name, k) in self.keyed.iter_mut() {
+            let mut ops = k.od.take_ops();
+            while let Some(first) = ops.front().cloned() {
+                let Ok(permit) = req_tx.try_reserve() else {
+                    backlog = true;
+                    break;
+                };
+                let subscribe = matches!(first, KeyOp::Subscribe(_));
+                let mut keys: Vec<Arc<str>> = Vec::new();
+                while keys.len() < KEYS_PER_REQUEST {
+                    match ops.front() {
+                        Some(KeyOp::Subscribe(key)) if subscribe => keys.push(key.clone()),
+                        Some(KeyOp::Unsubscribe(key)) if !subscribe => keys.push(key.clone()),
+                        _ => break,
+                    }
+                    ops.pop_front();
+                }
+                keys.sort();
+                keys.dedup();
+                let stats = k.od.stats();
+                let kind = if subscribe {
+                    stats
+                        .subscribed
+                        .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                    k.answers.push_back(if k.subscribed {
+                        Answer::Added(keys.clone())
+                    } else {
+                        Answer::First(keys.clone())
+                    });
+                    k.subscribed = true;
+                    pb::sync_request::Kind::Subscribe(pb::Subscribe {
+                        topic: name.clone(),
+                        keys: keys.iter().map(|k| k.to_string()).collect(),
+                        resume: None,
+                    })
+                } else {
+                    // A key read again since it was dropped stays subscribed; with no keyed
+                    // interest on this stream there is nothing to remove. (An empty list would
+                    // drop the whole interest.)
+                    keys.retain(|key| !k.od.wanted(key));
+                    if keys.is_empty() || !k.subscribed {
+                        continue;
+                    }
+                    stats
+                        .unsubscribed
+                        .fetch_add(keys.len() as u64, Ordering::Relaxed);
+                    pb::sync_request::Kind::Unsubscribe(pb::Unsubscribe {
+                        topic: name.clone(),
+                        keys: keys.iter().map(|k| k.to_string()).collect(),
+                    })
+                };
+                permit.send(pb::SyncRequest { kind: Some(kind) });
+            }
+            if !ops.is_empty() {
+                k.od.requeue(ops);
+            }
+        }
+        backlog
+    }
+
+    /// A message for an on_demand topic: keyed snapshots and changes of resident keys.
+    async fn handle_keyed(
+        &mut self,
+        topic: &str,
+        kind: pb::sync_response::Kind,
+    ) -> Result<(), FeedError> {
+        use pb::sync_response::Kind;
+        let Some(k) = self.keyed.get_mut(topic) else {
+            return Ok(());
+        };
+        match kind {
+            Kind::Snapshot(chunk) => {
+                let pos = chunk.position.ok_or_else(|| {
+                    FeedError::Protocol(format!("snapshot of '{topic}' without a position"))
+                })?;
+                k.od.observe_epoch(&pos.epoch);
+                for e in chunk.entries {
+                    let key: Arc<str> = Arc::from(e.key);
+                    k.seen.insert(key.clone());
+                    let slot = Slot {
+                        value: Some(e.value),
+                        version: e.version,
+                    };
+                    k.od.apply(&key, slot).await;
+                }
+                if !chunk.last {
+                    return Ok(());
+                }
+                let seen = std::mem::take(&mut k.seen);
+                let at = Cursor {
+                    epoch: pos.epoch,
+                    version: pos.version,
+                };
+                if k.catching_up {
+                    // The origin resent the whole interest after this stream fell behind; a
+                    // key deleted meanwhile is simply missing from it, so every resident key
+                    // is asked for again, each answer naming exactly its keys.
+                    k.catching_up = false;
+                    k.cursor = Some(at.clone());
+                    k.od.refresh_all();
+                } else {
+                    let keys = match k.answers.pop_front() {
+                        Some(Answer::First(keys)) => {
+                            k.cursor = Some(at.clone());
+                            keys
+                        }
+                        Some(Answer::Added(keys)) => keys,
+                        None => {
+                            return Err(FeedError::Protocol(format!(
+                                "keyed snapshot of '{topic}' that no subscribe asked for"
+                            )))
+                        }
+                    };
+                    // Keys asked for and not in the snapshot are absent at its version.
+                    for key in keys.iter().filter(|key| !seen.contains(*key)) {
+                        let slot = Slot {
+                            value: None,
+                            version: at.version,
+                        };
+                        k.od.apply(key, slot).await;
+                    }
+                }
+                k.source.set_epoch(&at.epoch);
+                k.source.heard();
+                if let Some(c) = &k.cursor {
+                    if c.version > k.source.version() || *k.source.epoch() != c.epoch {
+                        k.source.set_version(c.version);
+                    }
+                }
+            }
+            Kind::Changes(batch) => {
+                let Some(c) = &mut k.cursor else {
+                    return Ok(());
+                };
+                if batch.epoch == c.epoch && batch.version <= c.version {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                if batch.epoch != c.epoch || batch.prev_version != c.version {
+                    // Something was missed: apply this batch (per-key versions keep it safe)
+                    // and refresh every resident key from keyed snapshots.
+                    self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                    warn!(origin = %self.spec.name, %topic, expected = c.version, got = batch.prev_version, "gap in an on_demand topic; refreshing resident keys");
+                    k.od.observe_epoch(&batch.epoch);
+                    k.od.refresh_all();
+                }
+                *c = Cursor {
+                    epoch: batch.epoch.clone(),
+                    version: batch.version,
+                };
+                for ch in batch.changes {
+                    let slot = Slot {
+                        value: (!ch.deleted).then_some(ch.value),
+                        version: batch.version,
+                    };
+                    k.od.apply(&ch.key, slot).await;
+                }
+                k.source.set_epoch(&batch.epoch);
+                k.source.heard();
+                k.source.set_version(batch.version);
+            }
+            Kind::Progress(p) => {
+                let Some(pos) = p.position else { return Ok(()) };
+                k.source.heard();
+                if let Some(c) = &mut k.cursor {
+                    if pos.epoch == c.epoch && pos.version > c.version {
+                        c.version = pos.version;
+                        k.source.set_version(pos.version);
+                    }
+                }
+            }
+            Kind::Reset(r) => {
+                self.stats.resets.fetch_add(1, Ordering::Relaxed);
+                info!(origin = %self.spec.name, %topic, reason = %r.reason, "origin reset an on_demand topic; resident keys are refreshed");
+                k.seen.clear();
+                k.catching_up = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Logs a snapshot's progress every [`LOAD_LOG_EVERY`] while it loads, and its total when it
+/// took longer than that: an operator watching a large topic sync sees keys and a rate.
+fn log_loading(origin: &str, topic: &str, t: &mut TopicState, entries: usize, last: bool) {
+    let Some(l) = t.loading.as_mut() else { return };
+    l.keys += entries as u64;
+    let now = Instant::now();
+    let secs = now.duration_since(l.started).as_secs_f64();
+    let rate = if secs > 0.0 {
+        (l.keys as f64 / secs) as u64
+    } else {
+        0
+    };
+    if last {
+        if secs >= LOAD_LOG_EVERY.as_secs_f64() {
+            info!(
+                origin,
+                topic,
+                keys = l.keys,
+                secs = format!("{secs:.1}"),
+                keys_per_s = rate,
+                "snapshot received"
+            );
+        }
+        t.loading = None;
+    } else if now.duration_since(l.logged) >= LOAD_LOG_EVERY {
+        l.logged = now;
+        info!(
+            origin,
+            topic,
+            keys = l.keys,
+            secs = format!("{secs:.1}"),
+            keys_per_s = rate,
+            "snapshot loading"
+        );
     }
 }
 

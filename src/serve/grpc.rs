@@ -15,7 +15,8 @@ use tonic::{Request, Response, Status};
 use crate::config::Limits;
 use crate::hub::{Hub, Selection, Update, Watcher};
 use crate::pb::cache::v1 as pb;
-use crate::store::{Keyspace, Source, Store};
+use crate::store::on_demand::Slot;
+use crate::store::{Keyspace, OnDemand, Source, Store};
 
 /// Reads a BatchGet makes to land between change batches (see `Source::read_begin`).
 const BATCH_READ_ATTEMPTS: usize = 64;
@@ -127,6 +128,42 @@ fn item_in(source: &Source, rows: &Keyspace, key: String) -> pb::Item {
     }
 }
 
+/// An on_demand read as an Item: an absent key is `found: false` at the version it is absent at.
+fn od_item(source: &str, key: String, slot: Slot) -> pb::Item {
+    pb::Item {
+        source: source.to_string(),
+        key,
+        found: slot.value.is_some(),
+        value: slot.value.unwrap_or_default(),
+        version: slot.version,
+    }
+}
+
+/// Reads `key` of an on_demand source through its cache (one Fetch per miss).
+async fn read_through(
+    source: &Source,
+    od: &Arc<OnDemand>,
+    key: String,
+) -> Result<pb::Item, Status> {
+    let slot = od
+        .get(&key)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(od_item(source.name(), key, slot))
+}
+
+/// Scan and Watch need every key of a source; an on_demand one holds only those read lately.
+fn refuse_on_demand(source: &Source, what: &str) -> Result<(), Status> {
+    if source.on_demand().is_some() {
+        return Err(Status::failed_precondition(format!(
+            "source '{}' is on_demand: it holds only the keys read lately, so {what} is not \
+             served from it; use Get/BatchGet, or declare the topic mode = \"full\"",
+            source.name()
+        )));
+    }
+    Ok(())
+}
+
 fn update_event(source: &str, u: Update) -> pb::WatchEvent {
     use pb::watch_event::Kind;
     let kind = match u {
@@ -154,6 +191,24 @@ fn update_event(source: &str, u: Update) -> pb::WatchEvent {
     pb::WatchEvent { kind: Some(kind) }
 }
 
+/// The on_demand counters of a SourceStatus (zero for other sources).
+fn on_demand_status(s: &Source) -> pb::SourceStatus {
+    let Some(od) = s.on_demand() else {
+        return pb::SourceStatus::default();
+    };
+    let st = od.stats();
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    pb::SourceStatus {
+        hits: n(&st.hits),
+        misses: n(&st.misses),
+        fetches: n(&st.fetches),
+        coalesced: n(&st.coalesced),
+        evictions: n(&st.evictions),
+        max_bytes: od.max_bytes(),
+        ..Default::default()
+    }
+}
+
 #[tonic::async_trait]
 impl pb::cache_server::Cache for CacheService {
     async fn get(
@@ -169,7 +224,10 @@ impl pb::cache_server::Cache for CacheService {
         // The writer publishes a version after applying it, so reading the version first makes
         // it a lower bound: the item is at least as new as `source_version`.
         let source_version = source.version();
-        let item = item(source, req.key);
+        let item = match source.on_demand() {
+            Some(od) => read_through(source, od, req.key).await?,
+            None => item(source, req.key),
+        };
         Ok(Response::new(pb::GetResponse {
             item: Some(item),
             source_version,
@@ -208,6 +266,19 @@ impl pb::cache_server::Cache for CacheService {
         for source in &sources {
             self.ready(source, &opts).await?;
         }
+        // on_demand keys are read through first, concurrently: each miss is one Fetch. They are
+        // not part of the batch sequence below (their values carry their own versions).
+        let mut through: Vec<Option<pb::Item>> = vec![None; req.keys.len()];
+        {
+            let reads = req.keys.iter().enumerate().filter_map(|(i, k)| {
+                let source = self.store.source(&k.source)?;
+                let od = source.on_demand()?;
+                Some(async move { (i, read_through(source, od, k.key.clone()).await) })
+            });
+            for (i, got) in futures_util::future::join_all(reads).await {
+                through[i] = Some(got?);
+            }
+        }
         // Each source's keyspace is loaded once for the whole request, after every wait.
         let rows: HashMap<&str, (&Arc<Source>, Arc<Keyspace>)> = sources
             .iter()
@@ -222,12 +293,19 @@ impl pb::cache_server::Cache for CacheService {
         for attempt in 1..=BATCH_READ_ATTEMPTS {
             let seqs: Option<Vec<u64>> = sources.iter().map(|s| s.read_begin()).collect();
             items.clear();
-            for k in &req.keys {
+            for (k, through) in req.keys.iter().zip(&through) {
+                if let Some(it) = through {
+                    items.push(it.clone());
+                    continue;
+                }
                 let (source, ks) = &rows[k.source.as_str()];
                 items.push(item_in(source, ks, k.key.clone()));
             }
             let settled = seqs.is_some_and(|seqs| {
-                sources.iter().zip(&seqs).all(|(s, seq)| s.read_settled(*seq))
+                sources
+                    .iter()
+                    .zip(&seqs)
+                    .all(|(s, seq)| s.read_settled(*seq))
             });
             if settled || attempt == BATCH_READ_ATTEMPTS {
                 break;
@@ -250,6 +328,7 @@ impl pb::cache_server::Cache for CacheService {
     ) -> Result<Response<pb::ScanResponse>, Status> {
         let req = request.into_inner();
         let source = self.source(&req.source)?;
+        refuse_on_demand(source, "Scan")?;
         self.ready(source, &req.options.unwrap_or_default()).await?;
         let limit = match req.limit {
             0 => self.limits.scan_default_limit,
@@ -288,6 +367,7 @@ impl pb::cache_server::Cache for CacheService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let req = request.into_inner();
         let source = self.source(&req.source)?.clone();
+        refuse_on_demand(&source, "Watch")?;
         if !req.keys.is_empty() && !req.prefix.is_empty() {
             return Err(Status::invalid_argument(
                 "watch either keys or a prefix, not both",
@@ -361,6 +441,7 @@ impl pb::cache_server::Cache for CacheService {
                 connected: s.is_connected(),
                 epoch: s.epoch().to_string(),
                 bytes: s.bytes(),
+                ..on_demand_status(s)
             })
             .collect();
         Ok(Response::new(pb::ListSourcesResponse { sources }))

@@ -8,6 +8,7 @@
 //! A snapshot never shows half-applied to readers: it is staged into a fresh [`Keyspace`] and
 //! swapped in with one atomic pointer store.
 
+pub mod on_demand;
 pub(crate) mod writer;
 
 use std::collections::{BTreeSet, HashMap};
@@ -21,6 +22,8 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::config::Mode;
+
+pub use on_demand::{OnDemand, OnDemandStats};
 
 /// A stored value and the version that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,6 +200,8 @@ pub struct Source {
     writes: AtomicU64,
     /// For a view: the sources it reads, whose freshness it reports.
     inputs: Vec<Arc<Source>>,
+    /// For an `on_demand` topic: its resident keys (the keyspace above stays empty).
+    on_demand: Option<Arc<OnDemand>>,
 }
 
 impl Source {
@@ -222,7 +227,28 @@ impl Source {
             changed: watch::channel(0).0,
             writes: AtomicU64::new(0),
             inputs: Vec::new(),
+            on_demand: None,
         }
+    }
+
+    /// An `on_demand` topic replica whose keys live in `keys`.
+    pub fn with_on_demand(self, keys: Arc<OnDemand>) -> Self {
+        Source {
+            on_demand: Some(keys),
+            ..self
+        }
+    }
+
+    /// The resident keys of an `on_demand` topic; `None` for full replicas and views.
+    pub fn on_demand(&self) -> Option<&Arc<OnDemand>> {
+        self.on_demand.as_ref()
+    }
+
+    /// True if this view reads an `on_demand` source, directly or through other views.
+    pub fn reads_on_demand(&self) -> bool {
+        self.inputs
+            .iter()
+            .any(|s| s.on_demand.is_some() || s.reads_on_demand())
     }
 
     /// A view's source. It is as fresh and as connected as the least fresh of `inputs`.
@@ -267,16 +293,24 @@ impl Source {
         self.rows.load_full()
     }
 
+    /// Keys held (an `on_demand` topic: resident keys, absent ones included).
     pub fn len(&self) -> usize {
-        self.rows.load().len()
+        match &self.on_demand {
+            Some(od) => usize::try_from(od.resident_keys()).unwrap_or(usize::MAX),
+            None => self.rows.load().len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.load().is_empty()
+        self.len() == 0
     }
 
+    /// Bytes held (an `on_demand` topic: weighed bytes, per-key overhead included).
     pub fn bytes(&self) -> u64 {
-        self.rows.load().bytes()
+        match &self.on_demand {
+            Some(od) => od.resident_bytes(),
+            None => self.rows.load().bytes(),
+        }
     }
 
     pub fn version(&self) -> u64 {
@@ -304,7 +338,12 @@ impl Source {
     /// origin last confirmed it current. Never-synced sources report ms since start.
     pub fn staleness_ms(&self) -> u64 {
         if !self.inputs.is_empty() {
-            return self.inputs.iter().map(|s| s.staleness_ms()).max().unwrap_or(0);
+            return self
+                .inputs
+                .iter()
+                .map(|s| s.staleness_ms())
+                .max()
+                .unwrap_or(0);
         }
         let now = self.clock.now_ms();
         let heard = self.last_heard_ms.load(Ordering::Relaxed);
