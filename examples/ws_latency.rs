@@ -19,6 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use viewcar::config::{Mode, OriginSpec, TopicSpec};
 use viewcar::{Origin, OriginConfig, Put, Sidecar, SidecarConfig};
@@ -147,13 +148,50 @@ async fn main() {
             }
         })
     };
+    // Publish -> out of the hub (an in-process watcher of every key): the sidecar without sockets.
+    let hub_hist = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
+    ));
+    let measuring_hub = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hub_task = {
+        let source = sidecar.store().source("t").expect("source t").clone();
+        let mut watcher = viewcar::hub::Watcher::new(
+            sidecar.hub(),
+            source,
+            viewcar::hub::Selection::Prefix(String::new()),
+            false,
+            1 << 20,
+        );
+        let hub_hist = hub_hist.clone();
+        let measuring = measuring_hub.clone();
+        tokio::spawn(async move {
+            while let Some(u) = watcher.next().await {
+                let now = start.elapsed().as_nanos() as u64;
+                if let viewcar::hub::Update::Row { value, .. } = u {
+                    let t = std::str::from_utf8(&value).ok().and_then(stamp_of);
+                    if let Some(t) = t.filter(|t| *t > 0) {
+                        if measuring.load(Ordering::Relaxed) {
+                            let _ = hub_hist
+                                .lock()
+                                .expect("histogram")
+                                .record(now.saturating_sub(t).max(1));
+                        }
+                    }
+                }
+            }
+        })
+    };
     let frames = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
     for i in 0..a.subscribers {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .expect("connect");
+        // A small read buffer: tungstenite zeroes this much on every read, and these clients
+        // share the process (and the CPU) with the sidecar being measured.
+        let config = WebSocketConfig::default().read_buffer_size(16 << 10);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true)
+                .await
+                .expect("connect");
         let watched: Vec<String> = (0..a.fanout).map(|j| key((i + j) % keys)).collect();
         ws.send(Message::text(
             json!({"op":"subscribe","id":i,"source":"t","keys":watched}).to_string(),
@@ -193,6 +231,7 @@ async fn main() {
     for b in 0..total {
         if b == batches_per_sec {
             measuring.store(true, Ordering::Relaxed);
+            measuring_hub.store(true, Ordering::Relaxed);
             cpu0 = cpu_seconds();
             t0 = Instant::now();
         }
@@ -220,6 +259,13 @@ async fn main() {
     let conflated = hub.conflated.load(Ordering::Relaxed);
     let resets = hub.lagged.load(Ordering::Relaxed);
     applied_task.abort();
+    hub_task.abort();
+    let hub_hist = hub_hist.lock().expect("histogram").clone();
+    println!(
+        "publish->out of the hub (in-process watcher of every key): p50 {:.0} us, p99 {:.0} us",
+        hub_hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hub_hist.value_at_quantile(0.99) as f64 / 1000.0
+    );
     let applied = applied.lock().expect("histogram").clone();
     sidecar.shutdown().await;
     let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram");
