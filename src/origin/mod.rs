@@ -103,6 +103,8 @@ pub struct OriginStats {
     /// Streams that fell behind their queue and were caught up by Reset + snapshot.
     pub lagged: AtomicU64,
     pub progress_sent: AtomicU64,
+    /// `Fetch` calls served (point reads of on_demand replicas).
+    pub fetches: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -424,8 +426,33 @@ impl Origin {
         Ok(())
     }
 
+    /// Keys of `topic` that streams subscribed one by one (on_demand sidecars), summed over
+    /// streams; whole-topic subscriptions are not counted.
+    pub fn keyed_subscriptions(&self, topic: &str) -> usize {
+        let Ok(t) = self.topic(topic, false) else {
+            return 0;
+        };
+        let st = t.lock();
+        st.interests
+            .values()
+            .filter_map(|i| i.keys.as_ref().map(|k| k.len()))
+            .sum()
+    }
+
+    /// True if some stream subscribed `key` of `topic` one by one.
+    pub fn is_key_subscribed(&self, topic: &str, key: &str) -> bool {
+        let Ok(t) = self.topic(topic, false) else {
+            return false;
+        };
+        let st = t.lock();
+        st.interests
+            .values()
+            .any(|i| i.keys.as_ref().is_some_and(|k| k.contains(key)))
+    }
+
     /// Point reads of a topic.
     pub fn fetch(&self, topic: &str, keys: &[String]) -> Result<pb::FetchResponse, PublishError> {
+        self.inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let t = self.topic(topic, false)?;
         let (data, version) = {
             let st = t.lock();

@@ -425,6 +425,13 @@ impl pb::cache_server::Cache for CacheService {
         &self,
         _request: Request<pb::ListSourcesRequest>,
     ) -> Result<Response<pb::ListSourcesResponse>, Status> {
+        // moka counts resident keys and bytes in its housekeeping: settle it so the status is
+        // current (a status call, not a read path).
+        for s in self.store.sources() {
+            if let Some(od) = s.on_demand() {
+                od.sync().await;
+            }
+        }
         let sources = self
             .store
             .sources()
