@@ -547,6 +547,30 @@ mod tests {
     }
 
     #[test]
+    fn an_include_named_like_a_field_replaces_it_in_place() {
+        let spec = ViewSpec::new("v", "products")
+            .include("brand_id", "brands", "brand_id")
+            .include("extra", "brands", "'b1'")
+            .include("again", "brands", "'b' + n");
+        let mut s = Standalone::new(&["products", "brands"], &[spec], vec![]).unwrap();
+        s.apply("brands", vec![put("b1", json!({"n": 1}))]).unwrap();
+        s.apply(
+            "products",
+            vec![put("p1", json!({"id": "p1", "brand_id": "b1", "n": 1}))],
+        )
+        .unwrap();
+        assert_eq!(
+            row(&s, "v", "p1").unwrap(),
+            r#"{"id":"p1","brand_id":{"n":1},"n":1,"extra":{"n":1},"again":{"n":1}}"#
+        );
+        s.apply("brands", vec![del("b1")]).unwrap();
+        assert_eq!(
+            row(&s, "v", "p1").unwrap(),
+            r#"{"id":"p1","brand_id":null,"n":1,"extra":null,"again":null}"#
+        );
+    }
+
+    #[test]
     fn unchanged_rows_emit_nothing_and_versions_grow() {
         let mut s = Standalone::new(
             &["products", "prices", "brands", "countries"],

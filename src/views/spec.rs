@@ -300,26 +300,37 @@ impl Declared {
                 key: key.to_string(),
             });
         };
-        let mut raw: Vec<(&str, Bytes)> = Vec::new();
+        // Fields of `value` keep their positions (an include named like one replaces it there);
+        // new fields follow in declaration order. Includes that nothing reads into are not put
+        // in the map at all: `tail` and `in_place` say where their bytes go when writing.
+        let from_fields = row.len();
+        let mut tail: Vec<Tail<'_>> = Vec::new();
+        let mut in_place: Vec<(&str, Bytes)> = Vec::new();
         for inc in &self.includes {
-            let v = if inc.parse {
-                match inc.key.eval(&row) {
+            let existing = row.contains_key(&inc.name);
+            if inc.parse {
+                let v = match inc.key.eval(&row) {
                     Some(k) => lookup.get_slot(inc.slot, &k)?.unwrap_or(Value::Null),
                     None => Value::Null,
+                };
+                if !existing {
+                    tail.push(Tail::Parsed(&inc.name));
                 }
+                row.insert(inc.name.clone(), v);
             } else {
                 let b = match inc.key.eval(&row) {
                     Some(k) => lookup.raw_slot(inc.slot, &k)?,
                     None => None,
                 };
-                if let Some(b) = b {
-                    raw.push((&inc.name, b));
+                if existing {
+                    row.insert(inc.name.clone(), Value::Null);
+                    if let Some(b) = b {
+                        in_place.push((&inc.name, b));
+                    }
+                } else {
+                    tail.push(Tail::Raw(&inc.name, b));
                 }
-                // A placeholder that keeps the field's position; the bytes are written for it.
-                Value::Null
-            };
-            // Assigning an existing field keeps its position; a new one goes last.
-            row.insert(inc.name.clone(), v);
+            }
         }
         if let Some(f) = &self.filter {
             if !f.matches(&row) {
@@ -344,7 +355,7 @@ impl Declared {
                 }
                 serde_json::to_vec(&out).map_err(serialize_error)?
             }
-            None => write_row(&row, &raw)?,
+            None => write_row(&row, from_fields, &in_place, &tail)?,
         };
         Ok(Some((group, Bytes::from(bytes))))
     }
@@ -354,20 +365,62 @@ fn serialize_error(e: serde_json::Error) -> RowError {
     RowError::Other(format!("cannot serialize the row: {e}"))
 }
 
-/// Serializes `row`, writing the raw bytes of `raw` for the fields they name.
-fn write_row(row: &Map<String, Value>, raw: &[(&str, Bytes)]) -> Result<Vec<u8>, RowError> {
-    let len = 128 + raw.iter().map(|(_, b)| b.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(len);
+/// A field added after the fields of the `from` value.
+enum Tail<'a> {
+    /// Parsed: its value is in the row map.
+    Parsed(&'a str),
+    /// Embedded as it is (`None`: absent, written as `null`).
+    Raw(&'a str, Option<Bytes>),
+}
+
+/// Serializes the row: the first `from_fields` entries of `row` (with the bytes of `in_place`
+/// for the fields they name), then `tail`.
+fn write_row(
+    row: &Map<String, Value>,
+    from_fields: usize,
+    in_place: &[(&str, Bytes)],
+    tail: &[Tail<'_>],
+) -> Result<Vec<u8>, RowError> {
+    let raw_len: usize = tail
+        .iter()
+        .map(|t| match t {
+            Tail::Raw(_, Some(b)) => b.len(),
+            _ => 0,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(192 + raw_len);
     out.push(b'{');
-    for (i, (k, v)) in row.iter().enumerate() {
-        if i > 0 {
+    let mut first = true;
+    let mut field = |out: &mut Vec<u8>, k: &str| -> Result<(), RowError> {
+        if !first {
             out.push(b',');
         }
-        serde_json::to_writer(&mut out, k).map_err(serialize_error)?;
+        first = false;
+        serde_json::to_writer(&mut *out, k).map_err(serialize_error)?;
         out.push(b':');
-        match raw.iter().find(|(n, _)| *n == k) {
+        Ok(())
+    };
+    for (k, v) in row.iter().take(from_fields) {
+        field(&mut out, k)?;
+        match in_place.iter().find(|(n, _)| *n == k) {
             Some((_, b)) => out.extend_from_slice(b),
             None => serde_json::to_writer(&mut out, v).map_err(serialize_error)?,
+        }
+    }
+    for t in tail {
+        match t {
+            Tail::Parsed(name) => {
+                field(&mut out, name)?;
+                let v = row.get(*name).unwrap_or(&Value::Null);
+                serde_json::to_writer(&mut out, v).map_err(serialize_error)?;
+            }
+            Tail::Raw(name, b) => {
+                field(&mut out, name)?;
+                match b {
+                    Some(b) => out.extend_from_slice(b),
+                    None => out.extend_from_slice(b"null"),
+                }
+            }
         }
     }
     out.push(b'}');
