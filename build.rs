@@ -1,4 +1,7 @@
-//! Compiles the protos with protox (pure Rust), so building needs no system `protoc`.
+//! Compiles the protos with protox (pure Rust), so building needs no system `protoc`, and writes
+//! their descriptor set for gRPC reflection (`grpcurl list` with no proto files).
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -9,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["proto"])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("viewcar_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().bytes(".").compile_fds(fds)?;
     Ok(())
 }

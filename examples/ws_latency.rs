@@ -119,6 +119,7 @@ async fn main() {
             max_bytes: None,
             idle: None,
         }],
+        tls: None,
     }];
     let sidecar = Sidecar::start(cfg).await.expect("sidecar");
     sidecar.synced().await;

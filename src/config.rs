@@ -169,6 +169,8 @@ pub struct SidecarConfig {
     pub ws: WsConfig,
     #[serde(default)]
     pub feed: FeedConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     #[serde(default, rename = "origin")]
     pub origins: Vec<OriginSpec>,
     #[serde(default, rename = "view")]
@@ -315,6 +317,24 @@ impl Default for Limits {
     }
 }
 
+/// How the sidecar stops on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// In-flight reads, Watch streams and WebSockets get this long to finish after the
+    /// listeners stop accepting; whatever is still open then is dropped. Keep it below the
+    /// orchestrator's own limit (Kubernetes: `terminationGracePeriodSeconds`, 30 s by default).
+    pub grace: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
 /// How the sidecar holds its feed streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -353,9 +373,12 @@ impl Default for FeedConfig {
 #[serde(deny_unknown_fields)]
 pub struct OriginSpec {
     pub name: String,
-    /// `http://host:port`.
+    /// `http://host:port`, or `https://host:port` with `tls`.
     pub address: String,
     pub topics: Vec<TopicSpec>,
+    /// TLS to this origin: the CA to verify it with, and a client certificate for mTLS.
+    #[serde(default)]
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// How a topic is replicated.
@@ -567,12 +590,30 @@ impl SidecarConfig {
                     format!("expected http://host:port, got {:?}", o.address),
                 ));
             }
-            if o.address.starts_with("https://") {
-                return Err(ConfigError::invalid(
+            match (&o.tls, o.address.starts_with("https://")) {
+                (None, true) => return Err(ConfigError::invalid(
                     file,
-                    format!("{at}.address"),
-                    "TLS to origins is not supported yet; use http://",
-                ));
+                    format!("{at}.tls"),
+                    "an https:// origin needs tls = { ca = \"ca.pem\" } (and cert, key for mTLS)",
+                )),
+                (Some(_), false) => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{at}.address"),
+                        "tls is set, so the address must be https://",
+                    ))
+                }
+                (Some(tls), true) => {
+                    if tls.cert.is_some() != tls.key.is_some() {
+                        return Err(ConfigError::invalid(
+                            file,
+                            format!("{at}.tls"),
+                            "cert and key go together (both for mTLS, or neither)",
+                        ));
+                    }
+                    crate::tls::check_files(file, &format!("{at}.tls"), tls.files())?;
+                }
+                (None, false) => {}
             }
             if o.topics.is_empty() {
                 return Err(ConfigError::invalid(
@@ -738,6 +779,12 @@ pub struct OriginConfig {
     pub progress_interval: Dur,
     /// Serve on an address other than loopback.
     pub allow_non_loopback: bool,
+    /// Serve Feed over TLS; with `client_ca`, only to clients with a certificate it signed.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// When set, `Publish` must carry `authorization: Bearer <token>`; otherwise it is refused
+    /// (UNAUTHENTICATED) before anything is applied. Sync and Fetch are not affected (use mTLS
+    /// to restrict who may read).
+    pub publish_token: Option<String>,
 }
 
 impl Default for OriginConfig {
@@ -756,6 +803,8 @@ impl Default for OriginConfig {
             max_streams: 1024,
             progress_interval: Dur(Duration::from_secs(2)),
             allow_non_loopback: false,
+            tls: None,
+            publish_token: None,
         }
     }
 }
@@ -824,6 +873,16 @@ impl OriginConfig {
                 "progress_interval",
                 "must be above 0",
             ));
+        }
+        if self.publish_token.as_deref().is_some_and(|t| t.is_empty()) {
+            return Err(ConfigError::invalid(
+                file,
+                "publish_token",
+                "is empty; remove it to accept publishes without a token",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            crate::tls::check_files(file, "tls", tls.files())?;
         }
         Ok(())
     }

@@ -319,6 +319,7 @@ pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
                 idle: None,
             })
             .collect(),
+        tls: None,
     });
     cfg.views = views();
     cfg

@@ -21,16 +21,20 @@ pub mod config;
 pub mod demo;
 mod feed;
 pub mod hub;
+mod metrics;
 pub mod origin;
 pub mod pb;
+mod readiness;
 mod serve;
 mod sidecar;
+pub mod tls;
 pub mod store;
 pub mod views;
 
 pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
 pub use origin::{Origin, Put};
+pub use readiness::Readiness;
 pub use serve::ws;
 pub use sidecar::{Sidecar, StartError};
 
@@ -43,5 +47,6 @@ pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
 #[doc(hidden)]
 pub mod internals {
     pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
+    pub use crate::metrics::parse_text as parse_prometheus_text;
     pub use crate::store::Clock;
 }

@@ -1,10 +1,16 @@
 //! A running sidecar: the store, the single writer, one feed client per origin, the Cache
-//! gRPC listener and the http listener (WebSocket `/ws`), all driven by one shutdown signal.
+//! gRPC listener (with health and reflection) and the http listener (WebSocket `/ws` and the
+//! admin endpoints), all driven by one shutdown signal.
+//!
+//! Shutdown: readiness drops first (`/readyz` 503, gRPC health NOT_SERVING), then the
+//! listeners stop accepting, Watch streams end and WebSockets are closed with 1001, and
+//! in-flight work gets `shutdown.grace` to finish before what is left is dropped.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
@@ -15,8 +21,12 @@ use tracing::{info, warn};
 use crate::config::{Mode, SidecarConfig};
 use crate::feed::{FeedClient, FeedStats};
 use crate::hub::Hub;
+use crate::metrics::{Metrics, Parts, ReadTimingLayer};
 use crate::pb::cache::v1 as pb;
+use crate::readiness::Readiness;
+use crate::serve::admin::{self, Admin, OriginInfo};
 use crate::serve::grpc::CacheService;
+use crate::serve::introspect;
 use crate::serve::ws::{self, WsStats};
 use crate::store::writer::{Writer, WriterStats};
 use crate::store::{Clock, OnDemand, Source, SourceKind, Store};
@@ -46,9 +56,15 @@ pub struct Sidecar {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     ws_stats: Arc<WsStats>,
+    readiness: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+    grace: Duration,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// The gRPC name of the Cache service, as health checks name it.
+const CACHE_SERVICE: &str = "viewcar.cache.v1.Cache";
 
 impl Sidecar {
     /// Builds the sources and views of `cfg`, binds the listeners, and starts syncing.
@@ -91,6 +107,7 @@ impl Sidecar {
                             t.idle.map(|d| d.0),
                         )),
                     })
+                })
                 .collect();
             per_origin.push((o.clone(), sources));
         }
@@ -148,10 +165,16 @@ impl Sidecar {
         tasks.push(tokio::spawn(writer.run(wrx)));
 
         let mut feeds = HashMap::new();
+        let mut origins = Vec::new();
         let max_message = cfg.limits.max_message_bytes.as_usize();
         for (spec, sources) in per_origin {
             let stats = Arc::new(FeedStats::default());
             feeds.insert(spec.name.clone(), stats.clone());
+            origins.push(OriginInfo {
+                name: spec.name.clone(),
+                address: spec.address.clone(),
+                stats: stats.clone(),
+            });
             let client = FeedClient::new(
                 spec,
                 cfg.feed.clone(),
@@ -163,6 +186,40 @@ impl Sidecar {
             tasks.push(tokio::spawn(client.run(shutdown_rx.clone())));
         }
         drop(wtx);
+
+        let readiness = Arc::new(Readiness::new(store.clone()));
+        let ws_stats = Arc::new(WsStats::default());
+        let view_list: Vec<(String, Arc<ViewStats>)> = view_stats
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        let metrics = Metrics::new(Parts {
+            store: store.clone(),
+            hub: hub.clone(),
+            feeds: feeds.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+            writer: writer_stats.clone(),
+            views: view_list.clone(),
+            ws: ws_stats.clone(),
+            readiness: readiness.clone(),
+        });
+        let timing = ReadTimingLayer::new(metrics.reads().clone());
+        let (health, health_service) = introspect::health(CACHE_SERVICE, shutdown_rx.clone()).await;
+        let (reflection, reflection_alpha) = introspect::reflection(&[CACHE_SERVICE]);
+        {
+            let readiness = readiness.clone();
+            let health = health.clone();
+            let mut sd = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = readiness.synced() => {}
+                    _ = crate::signalled(&mut sd) => return,
+                }
+                if !readiness.is_draining() {
+                    introspect::set_serving(&health, CACHE_SERVICE, true).await;
+                    info!("ready: every full source has synced");
+                }
+            }));
+        }
 
         let service = CacheService::new(
             store.clone(),
@@ -178,7 +235,11 @@ impl Sidecar {
             .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
             .http2_keepalive_interval(Some(cfg.feed.keepalive_interval.0))
             .http2_keepalive_timeout(Some(cfg.feed.keepalive_timeout.0))
+            .layer(timing)
             .add_service(server)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
             // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
             // binds itself, and a reply of more than one segment would wait for a delayed ACK.
             .serve_with_incoming_shutdown(
@@ -192,14 +253,24 @@ impl Sidecar {
                 warn!(error = %e, "Cache API server failed");
             }
         }));
-        let ws_stats = Arc::new(WsStats::default());
+        let admin = Arc::new(Admin {
+            metrics,
+            readiness: readiness.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            origins,
+            views: view_list,
+            ws: ws_stats.clone(),
+            started: Instant::now(),
+        });
         let router = ws::router(ws::WsState::new(
             store.clone(),
             hub.clone(),
             cfg.ws.clone(),
             shutdown_rx.clone(),
             ws_stats.clone(),
-        ));
+        ))
+        .merge(admin::router(admin));
         let mut sd = shutdown_rx.clone();
         let http = axum::serve(
             http_listener.tap_io(|tcp| {
@@ -226,6 +297,9 @@ impl Sidecar {
             grpc_addr,
             http_addr,
             ws_stats,
+            readiness,
+            health,
+            grace: cfg.shutdown.grace.0,
             shutdown,
             tasks,
         })
@@ -236,7 +310,7 @@ impl Sidecar {
         self.grpc_addr
     }
 
-    /// Where the http listener (WebSocket `/ws`) listens.
+    /// Where the http listener (WebSocket `/ws`, admin endpoints) listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -270,31 +344,45 @@ impl Sidecar {
 
     /// Resolves once every full source has synced.
     pub async fn synced(&self) {
-        for s in self.store.sources() {
-            if s.mode() != Mode::Full {
-                continue;
-            }
-            let mut rx = s.subscribe_changes();
-            while !s.is_synced() {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        }
+        self.readiness.synced().await
     }
 
-    /// Stops feeds and listeners and waits for them.
-    pub async fn shutdown(self) {
+    /// Whether the sidecar should get traffic: what `/readyz` and gRPC health report.
+    pub fn readiness(&self) -> &Arc<Readiness> {
+        &self.readiness
+    }
+
+    /// Stops feeds and listeners and waits for them, at most the grace period
+    /// (`shutdown.grace`); returns whether everything finished within it.
+    pub async fn shutdown(self) -> bool {
+        let start = Instant::now();
+        self.readiness.drain();
+        introspect::set_serving(&self.health, CACHE_SERVICE, false).await;
         self.shutdown.send_replace(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let mut tasks = self.tasks;
+        let drained = tokio::time::timeout(self.grace, async {
+            for t in tasks.iter_mut() {
+                let _ = t.await;
+            }
+        })
+        .await
+        .is_ok();
+        if drained {
+            info!(took_ms = start.elapsed().as_millis() as u64, "shut down");
+        } else {
+            let left = tasks.iter().filter(|t| !t.is_finished()).count();
+            warn!(grace = ?self.grace, tasks = left, "grace period over; dropping what is still open");
+            for t in &tasks {
+                t.abort();
+            }
         }
+        drained
     }
 
     /// Runs until `signal` resolves, then shuts down.
-    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> bool {
         signal.await;
-        info!("shutting down");
-        self.shutdown().await;
+        info!(grace = ?self.grace, "shutting down");
+        self.shutdown().await
     }
 }

@@ -103,8 +103,19 @@ pub struct OriginStats {
     /// Streams that fell behind their queue and were caught up by Reset + snapshot.
     pub lagged: AtomicU64,
     pub progress_sent: AtomicU64,
+    /// Publishes refused for a missing or wrong bearer token (nothing applied).
+    pub unauthenticated: AtomicU64,
     /// `Fetch` calls served (point reads of on_demand replicas).
     pub fetches: AtomicU64,
+}
+
+/// Why [`Origin::serve`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -494,29 +505,45 @@ impl Origin {
         self.inner.cut.send_modify(|generation| *generation += 1);
     }
 
-    /// Serves `Feed` on `listener` until `shutdown` resolves; open streams are ended then.
+    /// Serves `Feed` (with gRPC health and reflection; over TLS when the config says so) on
+    /// `listener` until `shutdown` resolves; open streams are ended then.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), ServeError> {
+        const FEED: &str = "viewcar.feed.v1.Feed";
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (health, health_service) = crate::serve::introspect::health(FEED, stop_rx).await;
+        crate::serve::introspect::set_serving(&health, FEED, true).await;
+        let (reflection, reflection_alpha) = crate::serve::introspect::reflection(&[FEED]);
         let me = self.clone();
         let shutdown = async move {
             shutdown.await;
             me.inner.shutting_down.store(true, Ordering::Release);
+            crate::serve::introspect::set_serving(&health, FEED, false).await;
+            stop_tx.send_replace(true);
             me.close_streams();
         };
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &self.inner.cfg.tls {
+            server = server.tls_config(tls.load()?)?;
+        }
+        server
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .add_service(self.service())
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
             // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
             // binds itself, and a reply of more than one segment would wait for a delayed ACK.
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown,
             )
-            .await
+            .await?;
+        Ok(())
     }
 }
 
@@ -572,6 +599,23 @@ impl pb::feed_server::Feed for FeedService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        if let Some(token) = &self.origin.inner.cfg.publish_token {
+            let presented = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented.is_some_and(|p| crate::tls::same_secret(p.as_bytes(), token.as_bytes())) {
+                self.origin
+                    .inner
+                    .stats
+                    .unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Status::unauthenticated(
+                    "Publish needs the header `authorization: Bearer <token>` with this origin's publish_token",
+                ));
+            }
+        }
         let req = request.into_inner();
         let changes = req
             .changes

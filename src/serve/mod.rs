@@ -1,4 +1,7 @@
-//! The sidecar's listeners: the localhost Cache gRPC API and the http listener (WebSocket `/ws`).
+//! The sidecar's listeners: the localhost Cache gRPC API (with health and reflection) and the
+//! http listener (WebSocket `/ws` and the admin endpoints).
 
+pub(crate) mod admin;
 pub(crate) mod grpc;
+pub(crate) mod introspect;
 pub mod ws;

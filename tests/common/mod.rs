@@ -138,6 +138,7 @@ pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
                 idle: None,
             })
             .collect(),
+        tls: None,
     }];
     cfg
 }

@@ -75,6 +75,7 @@ impl Setup {
                     idle: None,
                 })
                 .collect(),
+            tls: None,
         }];
         tweak(&mut cfg);
         cfg.validate("test").expect("valid test config");

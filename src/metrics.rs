@@ -1,0 +1,622 @@
+//! Prometheus metrics of a sidecar, rendered in the Prometheus text format (0.0.4).
+//!
+//! Almost everything is read at scrape time from the counters the parts already keep
+//! ([`FeedStats`], [`WriterStats`], [`ViewStats`], [`HubStats`](crate::hub::HubStats),
+//! [`WsStats`]) and from the store: the hot paths pay nothing for metrics beyond the relaxed
+//! atomic adds they already do. The one thing measured here is the latency of Cache API calls,
+//! by a tower layer around the gRPC server ([`ReadTimingLayer`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tonic::codegen::http;
+
+use crate::feed::FeedStats;
+use crate::hub::Hub;
+use crate::readiness::Readiness;
+use crate::serve::ws::WsStats;
+use crate::store::writer::WriterStats;
+use crate::store::Store;
+use crate::views::ViewStats;
+
+/// The `Content-Type` of what [`Metrics::render`] returns.
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The Cache API methods whose calls are timed; anything else on the listener (health,
+/// reflection) is not a read and is not counted.
+const METHODS: [&str; 5] = ["Get", "BatchGet", "Scan", "Watch", "ListSources"];
+const CACHE_PATH: &str = "/viewcar.cache.v1.Cache/";
+
+/// Latency buckets of reads, in seconds: localhost reads take microseconds, a read that waits
+/// for a version or a sync takes up to `limits.max_wait`.
+const READ_BUCKETS: [f64; 14] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5,
+    2.5, 10.0,
+];
+
+/// Per-method read instruments, resolved once so that a call does no label lookup.
+#[derive(Debug)]
+pub(crate) struct ReadMetrics {
+    latency: [Histogram; METHODS.len()],
+    errors: [Counter; METHODS.len()],
+}
+
+impl ReadMetrics {
+    fn new() -> Self {
+        ReadMetrics {
+            latency: std::array::from_fn(|_| Histogram::new(READ_BUCKETS)),
+            errors: std::array::from_fn(|_| Counter::default()),
+        }
+    }
+
+    fn method(path: &str) -> Option<usize> {
+        let name = path.strip_prefix(CACHE_PATH)?;
+        METHODS.iter().position(|m| *m == name)
+    }
+}
+
+/// Everything `/metrics` shows.
+pub(crate) struct Metrics {
+    registry: Registry,
+    reads: Arc<ReadMetrics>,
+}
+
+/// What the scrape-time collector reads.
+pub(crate) struct Parts {
+    pub store: Arc<Store>,
+    pub hub: Arc<Hub>,
+    pub feeds: Vec<(String, Arc<FeedStats>)>,
+    pub writer: Arc<WriterStats>,
+    pub views: Vec<(String, Arc<ViewStats>)>,
+    pub ws: Arc<WsStats>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Metrics {
+    pub(crate) fn new(mut parts: Parts) -> Self {
+        parts.feeds.sort_by(|a, b| a.0.cmp(&b.0));
+        parts.views.sort_by(|a, b| a.0.cmp(&b.0));
+        let reads = Arc::new(ReadMetrics::new());
+        let mut registry = Registry::with_prefix("viewcar");
+        {
+            let latency = registry.sub_registry_with_prefix("read");
+            for (i, m) in METHODS.iter().enumerate() {
+                let sub = latency.sub_registry_with_label(("method".into(), (*m).into()));
+                sub.register_with_unit(
+                    "duration",
+                    "Cache API calls by method: time to the response (for Watch: to the stream's start)",
+                    prometheus_client::registry::Unit::Seconds,
+                    reads.latency[i].clone(),
+                );
+                sub.register(
+                    "errors",
+                    "Cache API calls answered with an error status",
+                    reads.errors[i].clone(),
+                );
+            }
+        }
+        registry.register_collector(Box::new(parts));
+        Metrics { registry, reads }
+    }
+
+    pub(crate) fn reads(&self) -> &Arc<ReadMetrics> {
+        &self.reads
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::with_capacity(16 << 10);
+        // Writing to a String cannot fail; an encoder error would only come from a metric name
+        // the format cannot hold, and every name here is a literal.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One metric family: its descriptor and its samples.
+fn family<'a, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a>, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut samples = samples.into_iter().peekable();
+    let Some((_, first)) = samples.peek() else {
+        return Ok(());
+    };
+    let metric_type = first.metric_type();
+    let mut m = enc.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            // A family without labels has one sample.
+            return v.encode(m);
+        }
+        v.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter(v: &std::sync::atomic::AtomicU64) -> ConstCounter<u64> {
+    ConstCounter::new(v.load(Ordering::Relaxed))
+}
+
+fn gauge(v: u64) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts")
+            .field("sources", &self.store.sources().len())
+            .field("feeds", &self.feeds.len())
+            .field("views", &self.views.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for Parts {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let e = &mut enc;
+        family(
+            e,
+            "ready",
+            "1 once every full source has synced and views are built; 0 before, and while shutting down",
+            [(vec![], gauge(u64::from(self.readiness.is_ready())))],
+        )?;
+        family(
+            e,
+            "build_info",
+            "The running version",
+            [(vec![("version", env!("CARGO_PKG_VERSION"))], gauge(1))],
+        )?;
+
+        let sources = self.store.sources();
+        let kinds: Vec<(String, &str)> = sources
+            .iter()
+            .map(|s| {
+                (
+                    if s.is_view() {
+                        "view".to_string()
+                    } else {
+                        "topic".to_string()
+                    },
+                    s.origin().unwrap_or(""),
+                )
+            })
+            .collect();
+        let labels = |i: usize| -> Labels<'_> {
+            vec![
+                ("source", sources[i].name()),
+                ("kind", kinds[i].0.as_str()),
+                ("origin", kinds[i].1),
+            ]
+        };
+        let per_source = |f: &dyn Fn(usize) -> ConstGauge<i64>| {
+            (0..sources.len())
+                .map(|i| (labels(i), f(i)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "source_version",
+            "Applied version of the source (views: the count of applied changes)",
+            per_source(&|i| gauge(sources[i].version())),
+        )?;
+        family(
+            e,
+            "source_keys",
+            "Keys held",
+            per_source(&|i| gauge(sources[i].len() as u64)),
+        )?;
+        family(
+            e,
+            "source_bytes",
+            "Bytes of keys and values held",
+            per_source(&|i| gauge(sources[i].bytes())),
+        )?;
+        family(
+            e,
+            "source_synced",
+            "1 once the source has its first whole snapshot (views: every input synced)",
+            per_source(&|i| gauge(u64::from(sources[i].is_synced()))),
+        )?;
+        family(
+            e,
+            "source_staleness_seconds",
+            "0 while the origin is live; otherwise seconds since it last confirmed the source current",
+            (0..sources.len()).map(|i| {
+                (
+                    labels(i),
+                    ConstGauge::new(sources[i].staleness_ms() as f64 / 1000.0),
+                )
+            }),
+        )?;
+
+        let origin = |f: &dyn Fn(&FeedStats) -> ConstCounter<u64>| {
+            self.feeds
+                .iter()
+                .map(|(n, s)| (vec![("origin", n.as_str())], f(s)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "origin_connected",
+            "1 while the feed stream to the origin is open",
+            self.feeds.iter().map(|(n, s)| {
+                (
+                    vec![("origin", n.as_str())],
+                    gauge(u64::from(s.connected.load(Ordering::Relaxed))),
+                )
+            }),
+        )?;
+        for (name, help, f) in [
+            (
+                "origin_connects",
+                "Feed streams opened (the first connect and every reconnect)",
+                (|s: &FeedStats| counter(&s.connects)) as fn(&FeedStats) -> ConstCounter<u64>,
+            ),
+            (
+                "origin_disconnects",
+                "Feed streams lost; each is followed by a reconnect with backoff",
+                |s| counter(&s.disconnects),
+            ),
+            (
+                "origin_resets",
+                "Reset messages: the origin could not resume a topic and sent a snapshot",
+                |s| counter(&s.resets),
+            ),
+            (
+                "origin_snapshots",
+                "Whole snapshots received",
+                |s| counter(&s.snapshots),
+            ),
+            (
+                "origin_duplicates",
+                "Change batches at or below the applied version, ignored",
+                |s| counter(&s.duplicates),
+            ),
+            (
+                "origin_gaps",
+                "Change batches that did not follow the applied version (resubscribed, never applied across)",
+                |s| counter(&s.gaps),
+            ),
+            (
+                "origin_messages",
+                "Feed messages received",
+                |s| counter(&s.messages),
+            ),
+            (
+                "origin_received_bytes",
+                "Bytes of feed messages received (protobuf encoding)",
+                |s| counter(&s.bytes),
+            ),
+            (
+                "origin_protocol_errors",
+                "Streams dropped because the origin broke the feed protocol",
+                |s| counter(&s.protocol_errors),
+            ),
+        ] {
+            family(e, name, help, origin(&f))?;
+        }
+
+        let w = &self.writer;
+        family(
+            e,
+            "writer_batches",
+            "Change batches applied",
+            [(vec![], counter(&w.batches))],
+        )?;
+        family(
+            e,
+            "writer_changes",
+            "Changes applied",
+            [(vec![], counter(&w.changes))],
+        )?;
+        family(
+            e,
+            "writer_snapshots",
+            "Snapshots swapped in",
+            [(vec![], counter(&w.snapshots))],
+        )?;
+
+        let view = |f: &dyn Fn(&ViewStats) -> ConstCounter<u64>| {
+            self.views
+                .iter()
+                .map(|(n, s)| (vec![("view", n.as_str())], f(s)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "view_recomputes",
+            "View rows computed",
+            view(&|s| counter(&s.recomputes)),
+        )?;
+        family(
+            e,
+            "view_row_errors",
+            "View rows that could not be computed",
+            view(&|s| counter(&s.errors)),
+        )?;
+        family(
+            e,
+            "view_changes",
+            "View row upserts and deletes emitted",
+            view(&|s| counter(&s.changes)),
+        )?;
+
+        let queues = self.hub.queues();
+        let (mut watch, mut ws) = (0u64, 0u64);
+        let (mut depth, mut deepest) = (0u64, 0u64);
+        for q in &queues {
+            if q.label.starts_with("ws") {
+                ws += 1;
+            } else {
+                watch += 1;
+            }
+            depth += q.queued as u64;
+            deepest = deepest.max(q.queued as u64);
+        }
+        family(
+            e,
+            "subscribers",
+            "Consumers of pushed changes: gRPC Watch streams and WebSocket connections",
+            [
+                (vec![("kind", "watch")], gauge(watch)),
+                (vec![("kind", "ws")], gauge(ws)),
+            ],
+        )?;
+        family(
+            e,
+            "subscriptions",
+            "Subscriptions across all consumers",
+            [(vec![], gauge(self.hub.subscriptions() as u64))],
+        )?;
+        family(
+            e,
+            "subscriber_queue_depth",
+            "Changes pending across all consumer queues",
+            [(vec![], gauge(depth))],
+        )?;
+        family(
+            e,
+            "subscriber_queue_depth_max",
+            "Changes pending in the fullest consumer queue",
+            [(vec![], gauge(deepest))],
+        )?;
+        let h = self.hub.stats();
+        family(
+            e,
+            "subscriber_delivered",
+            "Changes queued to consumers",
+            [(vec![], counter(&h.delivered))],
+        )?;
+        family(
+            e,
+            "subscriber_conflated",
+            "Queued changes replaced in place by a newer change of the same key",
+            [(vec![], counter(&h.conflated))],
+        )?;
+        family(
+            e,
+            "subscriber_resets",
+            "Consumer queues that overflowed and were reset (current rows resent)",
+            [(vec![], counter(&h.lagged))],
+        )?;
+        family(
+            e,
+            "subscriber_closed_slow",
+            "Consumers closed because they kept falling behind",
+            [(vec![], counter(&h.too_slow))],
+        )?;
+
+        let s = &self.ws;
+        family(
+            e,
+            "ws_connections",
+            "WebSocket connections open",
+            [(vec![], gauge(s.open.load(Ordering::Relaxed)))],
+        )?;
+        family(
+            e,
+            "ws_accepted",
+            "WebSocket connections upgraded",
+            [(vec![], counter(&s.accepted))],
+        )?;
+        family(
+            e,
+            "ws_rejected",
+            "WebSocket upgrades refused, by reason",
+            [
+                (vec![("reason", "full")], counter(&s.rejected_full)),
+                (vec![("reason", "token")], counter(&s.rejected_token)),
+                (vec![("reason", "origin")], counter(&s.rejected_origin)),
+            ],
+        )?;
+        family(
+            e,
+            "ws_closed",
+            "WebSocket connections closed by the server, by reason",
+            [
+                (vec![("reason", "too_big")], counter(&s.closed_too_big)),
+                (vec![("reason", "idle")], counter(&s.closed_idle)),
+                (vec![("reason", "too_slow")], counter(&s.closed_too_slow)),
+            ],
+        )?;
+        family(
+            e,
+            "ws_frames",
+            "WebSocket frames sent",
+            [(vec![], counter(&s.frames))],
+        )?;
+        family(
+            e,
+            "ws_errors",
+            "WebSocket client messages answered with an error",
+            [(vec![], counter(&s.errors))],
+        )?;
+        Ok(())
+    }
+}
+
+/// Times Cache API calls: wraps the gRPC server, so it sees every call, answered or refused.
+#[derive(Clone)]
+pub(crate) struct ReadTimingLayer {
+    reads: Arc<ReadMetrics>,
+}
+
+impl ReadTimingLayer {
+    pub(crate) fn new(reads: Arc<ReadMetrics>) -> Self {
+        ReadTimingLayer { reads }
+    }
+}
+
+impl<S> tower::Layer<S> for ReadTimingLayer {
+    type Service = ReadTiming<S>;
+
+    fn layer(&self, inner: S) -> ReadTiming<S> {
+        ReadTiming {
+            inner,
+            reads: self.reads.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct ReadTiming<S> {
+    inner: S,
+    reads: Arc<ReadMetrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for ReadTiming<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = ReadMetrics::method(req.uri().path());
+        let fut = self.inner.call(req);
+        let Some(i) = method else {
+            return Box::pin(fut);
+        };
+        let reads = self.reads.clone();
+        let start = Instant::now();
+        Box::pin(async move {
+            let resp = fut.await;
+            reads.latency[i].observe(start.elapsed().as_secs_f64());
+            // A handler's error is a trailers-only response: grpc-status in the headers. A
+            // status sent later in trailers (a stream that fails midway) is not seen here.
+            let failed = match &resp {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .is_some_and(|s| s.as_bytes() != b"0"),
+                Err(_) => true,
+            };
+            if failed {
+                reads.errors[i].inc();
+            }
+            resp
+        })
+    }
+}
+
+/// Parses Prometheus text into `name{labels} -> value`, checking the line grammar strictly
+/// enough for tests: `# HELP`/`# TYPE` comments, then samples of a declared family.
+#[doc(hidden)]
+pub fn parse_text(text: &str) -> Result<HashMap<String, f64>, String> {
+    let mut out = HashMap::new();
+    let mut families: Vec<String> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = |m: &str| format!("line {}: {m}: {line:?}", n + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(_), _) => {}
+                (Some("TYPE"), Some(name), Some(t))
+                    if ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) =>
+                {
+                    families.push(name.to_string())
+                }
+                _ => return Err(at("bad comment")),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or_else(|| at("no value"))?;
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().map_err(|_| at("bad value"))?,
+        };
+        let name = series.split('{').next().unwrap_or_default();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            return Err(at("bad metric name"));
+        }
+        if series.contains('{') && !series.ends_with('}') {
+            return Err(at("unclosed labels"));
+        }
+        let declared = families.iter().any(|f| {
+            name == f
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s) == Some(f.as_str()))
+        });
+        if !declared {
+            return Err(at("sample of an undeclared family"));
+        }
+        out.insert(series.to_string(), value);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_paths_map_to_methods_and_others_do_not() {
+        assert_eq!(ReadMetrics::method("/viewcar.cache.v1.Cache/Get"), Some(0));
+        assert_eq!(
+            ReadMetrics::method("/viewcar.cache.v1.Cache/ListSources"),
+            Some(4)
+        );
+        assert_eq!(ReadMetrics::method("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(ReadMetrics::method("/viewcar.cache.v1.Cache/Nope"), None);
+    }
+
+    #[test]
+    fn parser_rejects_malformed_text() {
+        assert!(parse_text("# TYPE a counter\na_total 1\n").is_err());
+        assert!(parse_text("# TYPE a_total counter\na_total x\n").is_err());
+        let ok =
+            parse_text("# HELP a_total h\n# TYPE a_total counter\na_total{x=\"1\"} 2\n").unwrap();
+        assert_eq!(ok["a_total{x=\"1\"}"], 2.0);
+    }
+}

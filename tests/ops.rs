@@ -1,0 +1,456 @@
+//! Operations: readiness, `/metrics`, `/status`, gRPC health and reflection, graceful shutdown.
+//! Everything on loopback port 0; waits are on events, bounded by deadlines.
+
+mod common;
+mod ops_support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use common::{cache_client, channel, loopback0, origin_config, within, TestOrigin};
+use ops_support::{get, sample};
+use viewcar::config::Dur;
+use viewcar::internals::parse_prometheus_text;
+use viewcar::pb::cache::v1 as cache;
+use viewcar::{demo, Origin, Put, Sidecar};
+
+async fn health_status(sidecar: &Sidecar, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel(sidecar.grpc_addr()).await);
+    let resp = client
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .expect("health check answers");
+    ServingStatus::try_from(resp.into_inner().status).expect("known status")
+}
+
+#[tokio::test]
+async fn readiness_flips_only_after_sync() {
+    within(async {
+        // The origin's port is bound but not served yet: the sidecar cannot sync.
+        let listener = TcpListener::bind(loopback0()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let origin = Origin::new(origin_config());
+        origin
+            .publish("prices", vec![Put::upsert("p1", "100")])
+            .unwrap();
+        origin
+            .publish("products", vec![Put::upsert("p1", "{}")])
+            .unwrap();
+        let cfg = common::sidecar_config(&format!("http://{addr}"), &["products", "prices"]);
+        let sidecar = common::start_sidecar(cfg).await;
+        let http = sidecar.http_addr();
+
+        assert_eq!(get(http, "/healthz").await.status, 200, "alive before sync");
+        let r = get(http, "/readyz").await;
+        assert_eq!(r.status, 503);
+        assert!(
+            r.body.contains("products") && r.body.contains("prices"),
+            "{}",
+            r.body
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(&get(http, "/status").await.body).unwrap();
+        assert_eq!(status["ready"], false);
+        assert_eq!(
+            status["waiting_for"],
+            serde_json::json!(["products", "prices"])
+        );
+        assert!(!sidecar.readiness().is_ready());
+        assert_eq!(health_status(&sidecar, "").await, ServingStatus::NotServing);
+        assert_eq!(
+            health_status(&sidecar, "viewcar.cache.v1.Cache").await,
+            ServingStatus::NotServing
+        );
+        let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
+        let mut statuses = health
+            .watch(HealthCheckRequest {
+                service: "viewcar.cache.v1.Cache".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = statuses.message().await.unwrap().unwrap();
+        assert_eq!(first.status, ServingStatus::NotServing as i32);
+
+        // Serve the origin: the sidecar syncs, and only then is it ready.
+        let serving = origin.clone();
+        tokio::spawn(async move {
+            let _ = serving.serve(listener, std::future::pending()).await;
+        });
+        let next = statuses.message().await.unwrap().unwrap();
+        assert_eq!(next.status, ServingStatus::Serving as i32);
+        assert!(sidecar.readiness().is_ready());
+        for s in sidecar.store().sources() {
+            assert!(s.is_synced(), "{} serving before synced", s.name());
+        }
+        let r = get(http, "/readyz").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+        assert_eq!(health_status(&sidecar, "").await, ServingStatus::Serving);
+        let status: serde_json::Value =
+            serde_json::from_str(&get(http, "/status").await.body).unwrap();
+        assert_eq!(status["ready"], true);
+        assert_eq!(status["sources"][1]["name"], "prices");
+        assert_eq!(status["sources"][1]["keys"], 1);
+        assert_eq!(status["origins"][0]["connected"], true);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+/// A demo-sized catalog with its views, then reads and changes: every family the issue names
+/// is exposed, the text parses, and the counters move.
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_move_with_the_demo() {
+    within(async {
+        let origin = Origin::new(demo::origin_config(loopback0()));
+        let size = demo::CatalogSize {
+            products: 200,
+            ..demo::CatalogSize::default()
+        };
+        demo::load(&origin, size, 1);
+        let o = TestOrigin::start_on(origin.clone(), loopback0()).await;
+        let cfg = demo::sidecar_config(o.addr, loopback0());
+        let sidecar = common::start_sidecar(cfg).await;
+        sidecar.synced().await;
+        let http = sidecar.http_addr();
+
+        let r = get(http, "/metrics").await;
+        assert_eq!(r.status, 200);
+        assert!(
+            r.header("content-type")
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4"),
+            "{:?}",
+            r.headers
+        );
+        let before = parse_prometheus_text(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body));
+        for series in [
+            "viewcar_ready 1",
+            "viewcar_source_synced{source=\"products\",kind=\"topic\",origin=\"catalog\"}",
+            "viewcar_source_keys{source=\"product_page\",kind=\"view\",origin=\"\"}",
+            "viewcar_source_bytes{source=\"prices\",kind=\"topic\",origin=\"catalog\"}",
+            "viewcar_source_staleness_seconds{source=\"prices\",kind=\"topic\",origin=\"catalog\"}",
+            "viewcar_origin_connected{origin=\"catalog\"}",
+            "viewcar_origin_connects_total{origin=\"catalog\"}",
+            "viewcar_origin_resets_total{origin=\"catalog\"}",
+            "viewcar_origin_snapshots_total{origin=\"catalog\"}",
+            "viewcar_origin_duplicates_total{origin=\"catalog\"}",
+            "viewcar_origin_gaps_total{origin=\"catalog\"}",
+            "viewcar_view_recomputes_total{view=\"product_page\"}",
+            "viewcar_view_row_errors_total{view=\"product_page\"}",
+            "viewcar_subscribers{kind=\"watch\"}",
+            "viewcar_subscriber_queue_depth",
+            "viewcar_subscriber_conflated_total",
+            "viewcar_subscriber_resets_total",
+            "viewcar_subscriber_closed_slow_total",
+        ] {
+            let name = series.split(' ').next().unwrap();
+            assert!(before.contains_key(name), "{name} missing:\n{}", r.body);
+        }
+        assert_eq!(sample(&before, "viewcar_ready"), 1.0);
+        assert_eq!(
+            sample(
+                &before,
+                "viewcar_origin_snapshots_total{origin=\"catalog\"}"
+            ),
+            6.0
+        );
+        assert_eq!(
+            sample(
+                &before,
+                "viewcar_source_keys{source=\"products\",kind=\"topic\",origin=\"catalog\"}"
+            ),
+            200.0
+        );
+
+        // Reads and a Watch through the Cache API, then catalog changes.
+        let mut client = cache_client(&sidecar).await;
+        for _ in 0..3 {
+            client
+                .get(cache::GetRequest {
+                    source: "product_page".into(),
+                    key: demo::product_id(1),
+                    options: None,
+                })
+                .await
+                .unwrap();
+        }
+        let missing = client
+            .get(cache::GetRequest {
+                source: "nope".into(),
+                key: "k".into(),
+                options: None,
+            })
+            .await;
+        assert!(missing.is_err());
+        let mut watch = client
+            .watch(cache::WatchRequest {
+                source: "prices".into(),
+                keys: vec![],
+                prefix: String::new(),
+                send_initial: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let prices = common::source(&sidecar, "prices");
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(9);
+        let mut published = 0;
+        while published < 20 {
+            let (topic, puts) = demo::random_change(&mut rng, size);
+            origin.publish(topic, puts).unwrap();
+            published += 1;
+        }
+        let pos = origin
+            .publish(
+                "prices",
+                vec![Put::upsert(demo::product_id(1), r#"{"amount":1}"#)],
+            )
+            .unwrap();
+        common::wait_position(&prices, &pos.epoch, pos.version).await;
+        // The Watch sees the last price change, so the hub has delivered it.
+        loop {
+            let ev = watch.message().await.unwrap().unwrap();
+            if let Some(cache::watch_event::Kind::Upsert(i)) = ev.kind {
+                if i.value.as_ref() == br#"{"amount":1}"# {
+                    break;
+                }
+            }
+        }
+
+        let r = get(http, "/metrics").await;
+        let after = parse_prometheus_text(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body));
+        let moved = |series: &str, by: f64| {
+            let (b, a) = (
+                before.get(series).copied().unwrap_or(0.0),
+                sample(&after, series),
+            );
+            assert!(a - b >= by, "{series}: {b} -> {a}, expected +{by}");
+        };
+        moved("viewcar_origin_messages_total{origin=\"catalog\"}", 21.0);
+        moved(
+            "viewcar_origin_received_bytes_total{origin=\"catalog\"}",
+            1.0,
+        );
+        moved("viewcar_writer_batches_total", 21.0);
+        moved("viewcar_view_recomputes_total{view=\"product_page\"}", 1.0);
+        moved("viewcar_subscriber_delivered_total", 1.0);
+        moved("viewcar_read_duration_seconds_count{method=\"Get\"}", 4.0);
+        moved("viewcar_read_errors_total{method=\"Get\"}", 1.0);
+        moved("viewcar_read_duration_seconds_count{method=\"Watch\"}", 1.0);
+        assert_eq!(sample(&after, "viewcar_subscribers{kind=\"watch\"}"), 1.0);
+        assert!(
+            after.contains_key("viewcar_read_duration_seconds_bucket{le=\"0.001\",method=\"Get\"}")
+                || after.contains_key(
+                    "viewcar_read_duration_seconds_bucket{method=\"Get\",le=\"0.001\"}"
+                ),
+            "{}",
+            r.body
+        );
+        drop(watch);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+/// `grpcurl -plaintext ADDR list` asks the reflection service which services exist.
+#[tokio::test]
+async fn reflection_lists_the_services_without_proto_files() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    within(async {
+        let o = TestOrigin::start(origin_config()).await;
+        let sidecar = common::start_sidecar(common::sidecar_config(&o.url(), &["t"])).await;
+        for addr in [sidecar.grpc_addr(), o.addr] {
+            let mut client = ServerReflectionClient::new(channel(addr).await);
+            let reqs = [
+                MessageRequest::ListServices(String::new()),
+                MessageRequest::FileContainingSymbol("viewcar.cache.v1.Cache".into()),
+            ]
+            .map(|m| ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(m),
+            });
+            let mut resp = client
+                .server_reflection_info(tokio_stream::iter(reqs))
+                .await
+                .unwrap()
+                .into_inner();
+            let Some(MessageResponse::ListServicesResponse(list)) =
+                resp.message().await.unwrap().unwrap().message_response
+            else {
+                panic!("expected a service list");
+            };
+            let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                names.contains(&"grpc.health.v1.Health".to_string()),
+                "{names:?}"
+            );
+            if addr == sidecar.grpc_addr() {
+                assert!(
+                    names.contains(&"viewcar.cache.v1.Cache".to_string()),
+                    "{names:?}"
+                );
+                assert!(
+                    !names.contains(&"viewcar.feed.v1.Feed".to_string()),
+                    "{names:?}"
+                );
+                let Some(MessageResponse::FileDescriptorResponse(files)) =
+                    resp.message().await.unwrap().unwrap().message_response
+                else {
+                    panic!("expected the file of the Cache service");
+                };
+                assert!(!files.file_descriptor_proto.is_empty());
+            } else {
+                assert!(
+                    names.contains(&"viewcar.feed.v1.Feed".to_string()),
+                    "{names:?}"
+                );
+            }
+        }
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+/// Shutdown with a Watch stream and a WebSocket open: both end (the WebSocket with 1001), the
+/// health check says NOT_SERVING, and it all takes far less than the grace period.
+#[tokio::test]
+async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
+    within(async {
+        let o = TestOrigin::start(origin_config()).await;
+        o.origin.publish("t", vec![Put::upsert("a", "1")]).unwrap();
+        let mut cfg = common::sidecar_config(&o.url(), &["t"]);
+        let grace = Duration::from_secs(5);
+        cfg.shutdown.grace = Dur(grace);
+        let sidecar = common::start_sidecar(cfg).await;
+        sidecar.synced().await;
+
+        let mut client = cache_client(&sidecar).await;
+        let mut watch = client
+            .watch(cache::WatchRequest {
+                source: "t".into(),
+                keys: vec!["a".into()],
+                prefix: String::new(),
+                send_initial: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Initial row, then synced: the stream is established end to end.
+        loop {
+            let ev = watch.message().await.unwrap().unwrap();
+            if let Some(cache::watch_event::Kind::Synced(_)) = ev.kind {
+                break;
+            }
+        }
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/ws", sidecar.http_addr()))
+                .await
+                .unwrap();
+        ws.send(Message::text(
+            r#"{"op":"subscribe","id":"s","source":"t","keys":["a"],"initial":false}"#,
+        ))
+        .await
+        .unwrap();
+        loop {
+            if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+                if t.contains("\"synced\"") {
+                    break;
+                }
+            }
+        }
+        let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
+        let mut statuses = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            statuses.message().await.unwrap().unwrap().status,
+            ServingStatus::Serving as i32
+        );
+
+        let start = Instant::now();
+        let stopping = tokio::spawn(sidecar.shutdown());
+        let close = loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let drained = stopping.await.unwrap();
+        assert!(drained, "shutdown did not finish within the grace period");
+        assert!(start.elapsed() < grace, "took {:?}", start.elapsed());
+        // The health stream told NOT_SERVING before the listener went away (or just ended).
+        if let Ok(Some(s)) = statuses.message().await {
+            assert_eq!(s.status, ServingStatus::NotServing as i32);
+        }
+    })
+    .await
+}
+
+/// A grace period that runs out: `shutdown` returns false instead of hanging.
+#[tokio::test]
+async fn shutdown_gives_up_after_the_grace_period() {
+    within(async {
+        // An origin that accepts TCP but never answers keeps the feed client connecting; a zero
+        // grace period then cannot wait for anything.
+        let listener = TcpListener::bind(loopback0()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cfg = common::sidecar_config(&format!("http://{addr}"), &["t"]);
+        cfg.shutdown.grace = Dur(Duration::ZERO);
+        let sidecar = common::start_sidecar(cfg).await;
+        let start = Instant::now();
+        let _ = sidecar.shutdown().await;
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(listener);
+    })
+    .await
+}
+
+/// The status page is served from the binary, self-contained: no external resource.
+#[tokio::test]
+async fn status_page_is_self_contained() {
+    within(async {
+        let o = TestOrigin::start(origin_config()).await;
+        let sidecar = common::start_sidecar(common::sidecar_config(&o.url(), &["t"])).await;
+        let r = get(sidecar.http_addr(), "/").await;
+        assert_eq!(r.status, 200);
+        assert!(r.header("content-type").unwrap().starts_with("text/html"));
+        assert!(r.body.contains("<table id=\"sources\">"));
+        for external in ["http://", "https://", "<link", "src=\""] {
+            assert!(
+                !r.body.contains(external),
+                "page loads something external: {external}"
+            );
+        }
+        sidecar.shutdown().await;
+    })
+    .await
+}
