@@ -87,11 +87,7 @@ struct Staged {
 }
 
 impl Writer {
-    pub fn new(
-        hub: Arc<Hub>,
-        derive: Option<Box<dyn Derive>>,
-        stats: Arc<WriterStats>,
-    ) -> Self {
+    pub fn new(hub: Arc<Hub>, derive: Option<Box<dyn Derive>>, stats: Arc<WriterStats>) -> Self {
         Writer {
             hub,
             derive,
