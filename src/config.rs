@@ -286,7 +286,8 @@ pub struct Limits {
     pub scan_default_limit: u32,
     /// Largest Scan page; larger requests are capped.
     pub scan_max_limit: u32,
-    /// Events buffered per Watch stream before it is reset (and resent the current rows).
+    /// Distinct keys pending per Watch stream (each holds only its latest change) before the
+    /// stream is reset and resent the current rows.
     pub watch_queue: usize,
     /// Most concurrent Watch streams.
     pub max_watches: usize,
