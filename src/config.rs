@@ -711,6 +711,99 @@ impl WsConfig {
     }
 }
 
+/// Prefix and suffix of the environment variables that set an origin's address:
+/// `VIEWCAR_ORIGIN_<NAME>_ADDRESS`.
+const ORIGIN_ENV_PREFIX: &str = "VIEWCAR_ORIGIN_";
+const ORIGIN_ENV_SUFFIX: &str = "_ADDRESS";
+
+/// The environment variable that sets the address of the `[[origin]]` named `name`:
+/// `VIEWCAR_ORIGIN_<NAME>_ADDRESS`, with the name upper-cased and `-` and `.` written as `_`
+/// (origin `catalog-eu` -> `VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS`).
+pub fn origin_address_env(name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| match c {
+            '-' | '.' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect();
+    format!("{ORIGIN_ENV_PREFIX}{name}{ORIGIN_ENV_SUFFIX}")
+}
+
+impl SidecarConfig {
+    /// Points the `[[origin]]` named `name` at `address`. `from` says where the setting came
+    /// from, for errors. Naming no origin is an error: an override must never be silently
+    /// ignored. Call [`SidecarConfig::validate`] afterwards.
+    pub fn set_origin_address(
+        &mut self,
+        name: &str,
+        address: &str,
+        from: &str,
+    ) -> Result<(), ConfigError> {
+        match self.origins.iter_mut().find(|o| o.name == name) {
+            Some(o) => {
+                o.address = address.to_string();
+                Ok(())
+            }
+            None => Err(ConfigError::invalid(
+                from,
+                name,
+                format!("no [[origin]] has this name ({})", self.origin_names()),
+            )),
+        }
+    }
+
+    /// Applies every `VIEWCAR_ORIGIN_<NAME>_ADDRESS` among `vars` (the process environment, in
+    /// the binary). A variable that matches no origin, or two origins whose names differ only
+    /// by case, `-` or `.`, is an error. Call [`SidecarConfig::validate`] afterwards.
+    pub fn apply_origin_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (var, value) in vars {
+            if !(var.starts_with(ORIGIN_ENV_PREFIX)
+                && var.ends_with(ORIGIN_ENV_SUFFIX)
+                && var.len() > ORIGIN_ENV_PREFIX.len() + ORIGIN_ENV_SUFFIX.len())
+            {
+                continue;
+            }
+            let matching: Vec<usize> = (0..self.origins.len())
+                .filter(|&i| origin_address_env(&self.origins[i].name) == var)
+                .collect();
+            match matching.as_slice() {
+                [i] => self.origins[*i].address = value,
+                [] => {
+                    return Err(ConfigError::invalid(
+                        "environment",
+                        var,
+                        format!("names no [[origin]] ({})", self.origin_names()),
+                    ))
+                }
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "environment",
+                        var,
+                        "matches more than one [[origin]]; use --origin NAME=ADDRESS",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn origin_names(&self) -> String {
+        if self.origins.is_empty() {
+            return "the config declares none".to_string();
+        }
+        let names: Vec<String> = self
+            .origins
+            .iter()
+            .map(|o| format!("'{}' ({})", o.name, origin_address_env(&o.name)))
+            .collect();
+        format!("origins: {}", names.join(", "))
+    }
+}
+
 /// A human-readable summary of a valid config: listeners, origins and their topics, views.
 pub fn describe(cfg: &SidecarConfig) -> String {
     use std::fmt::Write;
@@ -963,6 +1056,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("allow_non_loopback"), "{err}");
+    }
+
+    #[test]
+    fn origin_addresses_come_from_the_environment() {
+        let mut cfg = SidecarConfig::parse(
+            "t.toml",
+            "[[origin]]\nname = \"catalog-eu\"\naddress = \"http://127.0.0.1:1\"\ntopics = [\"a\"]\n[[origin]]\nname = \"users\"\naddress = \"http://127.0.0.1:2\"\ntopics = [\"b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            origin_address_env("catalog-eu"),
+            "VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS"
+        );
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        cfg.apply_origin_env(env(&[
+            ("PATH", "/bin"),
+            ("VIEWCAR_ORIGIN_LISTEN", "0.0.0.0:7000"),
+            ("VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS", "http://catalog:7000"),
+        ]))
+        .unwrap();
+        assert_eq!(cfg.origins[0].address, "http://catalog:7000");
+        assert_eq!(cfg.origins[1].address, "http://127.0.0.1:2");
+        let err = cfg
+            .apply_origin_env(env(&[("VIEWCAR_ORIGIN_USER_ADDRESS", "http://x:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VIEWCAR_ORIGIN_USER_ADDRESS"), "{err}");
+        assert!(err.contains("VIEWCAR_ORIGIN_USERS_ADDRESS"), "{err}");
+        cfg.set_origin_address("users", "http://users:7000", "--origin")
+            .unwrap();
+        assert_eq!(cfg.origins[1].address, "http://users:7000");
+        let err = cfg
+            .set_origin_address("nope", "http://x:1", "--origin")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--origin: nope:"), "{err}");
+        cfg.set_origin_address("users", "users:7000", "--origin")
+            .unwrap();
+        let err = cfg.validate("t.toml").unwrap_err().to_string();
+        assert!(err.contains("origin[1].address"), "{err}");
     }
 
     #[test]

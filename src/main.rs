@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tracing::{error, info};
+use viewcar::config::Dur;
 use viewcar::pb::cache::v1 as cache;
-use viewcar::{demo, Origin, OriginConfig, Sidecar, SidecarConfig};
+use viewcar::{demo, ConfigError, Origin, OriginConfig, Sidecar, SidecarConfig};
 
 /// Exit status for bad command lines and configs (EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -46,16 +47,17 @@ enum Command {
     /// Serve viewcar's own origin (the Feed API).
     Origin(OriginArgs),
     /// Run the sidecar.
-    Sidecar {
-        /// The sidecar config file.
-        #[arg(long, env = "VIEWCAR_CONFIG")]
-        config: PathBuf,
-    },
-    /// Validate a sidecar config and print its sources; exit 0 or 64.
-    Check {
-        #[arg(long)]
-        config: PathBuf,
-    },
+    ///
+    /// Settings come from the config file; the flags below (or their environment variables)
+    /// override it, a flag winning over its variable. The address of an `[[origin]]` can also be
+    /// set by `VIEWCAR_ORIGIN_<NAME>_ADDRESS`: the origin's name upper-cased, `-` and `.` written
+    /// as `_` (origin `catalog-eu` -> `VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS`); one naming no origin
+    /// is an error.
+    #[command(after_help = SIDECAR_AFTER_HELP)]
+    Sidecar(SidecarArgs),
+    /// Validate a sidecar config (with the same overrides as `sidecar`) and print its sources;
+    /// exit 0 or 64.
+    Check(SidecarArgs),
     /// Read one key from a sidecar and print its value.
     Get {
         source: String,
@@ -115,15 +117,121 @@ impl Default for DemoArgs {
 
 #[derive(clap::Args)]
 struct OriginArgs {
-    /// Where to serve Feed; overrides the config's `listen`.
-    #[arg(long, env = "VIEWCAR_ORIGIN_LISTEN")]
+    /// Where to serve Feed; overrides the config's `listen`. An address other than loopback
+    /// also needs --allow-non-loopback.
+    #[arg(long, value_name = "ADDR", env = "VIEWCAR_ORIGIN_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Allow `listen` to be an address other than loopback (such as 0.0.0.0 or a pod IP), as
+    /// the config's `allow_non_loopback = true` does. Logs a warning when used.
+    #[arg(long, env = "VIEWCAR_ORIGIN_ALLOW_NON_LOOPBACK")]
+    allow_non_loopback: bool,
     /// The origin config file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", env = "VIEWCAR_ORIGIN_CONFIG")]
     config: Option<PathBuf>,
     /// Data to load at start (JSON or NDJSON); overrides the config's `seed`.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE", env = "VIEWCAR_ORIGIN_SEED")]
     seed: Option<PathBuf>,
+    /// Require `authorization: Bearer <TOKEN>` on Publish; overrides the config's
+    /// `publish_token`. Prefer the environment variable (from a Secret): a flag shows in `ps`.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "VIEWCAR_PUBLISH_TOKEN",
+        hide_env_values = true
+    )]
+    publish_token: Option<String>,
+}
+
+/// What `viewcar sidecar --help` adds after the flags.
+const SIDECAR_AFTER_HELP: &str = "\
+Environment:
+  VIEWCAR_ORIGIN_<NAME>_ADDRESS  address of the [[origin]] named <name> (upper-cased, '-' and '.' as '_')
+  RUST_LOG                       log filter, such as 'info' or 'viewcar=debug' (default: info)
+
+Exit status:
+  0   stopped by SIGTERM or SIGINT, and everything drained within [shutdown] grace
+  1   could not start (such as a listener that cannot bind), or the grace period ran out
+  64  bad command line, config or override (EX_USAGE)";
+
+/// `viewcar sidecar` and `viewcar check`: the config file and what overrides it.
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// The sidecar config file (viewcar.toml).
+    #[arg(long, value_name = "FILE", env = "VIEWCAR_CONFIG")]
+    config: PathBuf,
+    /// Where the Cache gRPC API listens; overrides `[listen] grpc`.
+    #[arg(long, value_name = "ADDR", env = "VIEWCAR_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// Where the http listener (WebSocket /ws, /metrics, /healthz, /readyz, /status and the
+    /// status page) listens; overrides `[listen] http`.
+    #[arg(long, value_name = "ADDR", env = "VIEWCAR_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Allow listen addresses other than loopback (such as 0.0.0.0 or a pod IP), as
+    /// `[listen] allow_non_loopback = true` does. Logs a warning for each such listener.
+    #[arg(long, env = "VIEWCAR_ALLOW_NON_LOOPBACK")]
+    allow_non_loopback: bool,
+    /// Point the `[[origin]]` named NAME at ADDRESS (http://host:port, or https:// with its
+    /// `tls`); repeatable. Wins over VIEWCAR_ORIGIN_<NAME>_ADDRESS.
+    #[arg(long = "origin", value_name = "NAME=ADDRESS", value_parser = parse_origin)]
+    origins: Vec<(String, String)>,
+    /// How long in-flight reads, Watch streams and WebSockets get to finish on SIGTERM or
+    /// SIGINT (such as "10s"); overrides `[shutdown] grace`.
+    #[arg(long, value_name = "DURATION", env = "VIEWCAR_SHUTDOWN_GRACE", value_parser = parse_dur)]
+    shutdown_grace: Option<Dur>,
+    /// Require this bearer token on WebSocket /ws; overrides `[ws] token`. Prefer the
+    /// environment variable (from a Secret): a flag shows in `ps`.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "VIEWCAR_WS_TOKEN",
+        hide_env_values = true
+    )]
+    ws_token: Option<String>,
+}
+
+fn parse_origin(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, address)) if !name.is_empty() && !address.is_empty() => {
+            Ok((name.to_string(), address.to_string()))
+        }
+        _ => Err(format!("expected NAME=ADDRESS, got {s:?}")),
+    }
+}
+
+fn parse_dur(s: &str) -> Result<Dur, String> {
+    Dur::parse(s)
+}
+
+impl SidecarArgs {
+    /// The config file with every override applied, validated again.
+    fn load(&self) -> Result<SidecarConfig, ConfigError> {
+        let mut cfg = SidecarConfig::load(&self.config)?;
+        cfg.apply_origin_env(std::env::vars())?;
+        for (name, address) in &self.origins {
+            cfg.set_origin_address(name, address, "--origin")?;
+        }
+        if let Some(a) = self.grpc_listen {
+            cfg.listen.grpc = a;
+        }
+        if let Some(a) = self.http_listen {
+            cfg.listen.http = Some(a);
+        }
+        if self.allow_non_loopback {
+            cfg.listen.allow_non_loopback = true;
+        }
+        if let Some(g) = self.shutdown_grace {
+            cfg.shutdown.grace = g;
+        }
+        if let Some(t) = &self.ws_token {
+            cfg.ws.token = Some(t.clone());
+        }
+        let from = format!(
+            "{} (with command-line and environment overrides)",
+            self.config.display()
+        );
+        cfg.validate(&from)?;
+        Ok(cfg)
+    }
 }
 
 fn init_tracing(format: LogFormat, default_filter: &str) {
@@ -185,15 +293,20 @@ async fn run(command: Command) -> ExitCode {
     match command {
         Command::Demo(args) => run_demo(args).await,
         Command::Origin(args) => run_origin(args).await,
-        Command::Sidecar { config } => {
-            let cfg = match SidecarConfig::load(&config) {
+        Command::Sidecar(args) => {
+            let cfg = match args.load() {
                 Ok(c) => c,
                 Err(e) => return usage(e),
             };
             match Sidecar::start(cfg).await {
+                // 0 only when everything drained within the grace period, so that an
+                // orchestrator (or a script) can tell a clean stop from a cut-short one.
                 Ok(sidecar) => {
-                    sidecar.run_until(shutdown_signal()).await;
-                    ExitCode::SUCCESS
+                    if sidecar.run_until(shutdown_signal()).await {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
                 Err(e) => {
                     error!(error = %e, "sidecar failed to start");
@@ -201,7 +314,7 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => match SidecarConfig::load(&config) {
+        Command::Check(args) => match args.load() {
             Ok(cfg) => {
                 print!("{}", viewcar::config::describe(&cfg));
                 ExitCode::SUCCESS
@@ -318,9 +431,13 @@ async fn run_demo(args: DemoArgs) -> ExitCode {
     shutdown_signal().await;
     stop_tx.send_replace(true);
     let _ = generator.await;
-    sidecar.shutdown().await;
+    let drained = sidecar.shutdown().await;
     let _ = serving.await;
-    ExitCode::SUCCESS
+    if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn run_origin(args: OriginArgs) -> ExitCode {
@@ -334,8 +451,14 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
+    if args.allow_non_loopback {
+        cfg.allow_non_loopback = true;
+    }
     if let Some(s) = args.seed {
         cfg.seed = Some(s);
+    }
+    if let Some(t) = args.publish_token {
+        cfg.publish_token = Some(t);
     }
     let file = args
         .config

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::OriginConfig;
 use crate::pb::feed::v1 as pb;
@@ -513,6 +513,18 @@ impl Origin {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         const FEED: &str = "viewcar.feed.v1.Feed";
+        // Only a config with allow_non_loopback gets here with such an address (validate), but
+        // exposing the feed beyond the host is worth a line in the log every time.
+        if let Ok(addr) = listener.local_addr() {
+            if !addr.ip().is_loopback() {
+                warn!(
+                    %addr,
+                    tls = self.inner.cfg.tls.is_some(),
+                    publish_token = self.inner.cfg.publish_token.is_some(),
+                    "origin serves Feed beyond loopback"
+                );
+            }
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let (health, health_service) = crate::serve::introspect::health(FEED, stop_rx).await;
         crate::serve::introspect::set_serving(&health, FEED, true).await;
