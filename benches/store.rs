@@ -21,7 +21,10 @@ fn key(i: usize) -> String {
 }
 
 fn value(i: usize) -> Bytes {
-    Bytes::from(format!(r#"{{"id":"p{i:06}","amount":{},"currency":"EUR"}}"#, i * 7 % 99_999))
+    Bytes::from(format!(
+        r#"{{"id":"p{i:06}","amount":{},"currency":"EUR"}}"#,
+        i * 7 % 99_999
+    ))
 }
 
 fn source() -> Arc<Source> {
@@ -89,7 +92,10 @@ fn get(c: &mut Criterion) {
     g.bench_function("bare_dashmap_get", |b| {
         b.iter(|| {
             i = (i + 1) & 4095;
-            black_box(bare.get(black_box(keys[i].as_str())).map(|r| r.value().clone()))
+            black_box(
+                bare.get(black_box(keys[i].as_str()))
+                    .map(|r| r.value().clone()),
+            )
         })
     });
     g.finish();

@@ -37,7 +37,9 @@ fn parse_args() -> Args {
             "--seconds" => a.seconds = v.parse().expect("--seconds takes a number"),
             "--source" => a.source = v,
             "--keys" => a.keys = v.parse().expect("--keys takes a number"),
-            other => panic!("unknown flag {other}; flags: --addr --clients --seconds --source --keys"),
+            other => {
+                panic!("unknown flag {other}; flags: --addr --clients --seconds --source --keys")
+            }
         }
     }
     a
@@ -58,7 +60,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let source = args.source.clone();
         let keys = args.keys;
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let mut i = c * 7919;
             let mut errors = 0u64;
             while Instant::now() < deadline {

@@ -27,8 +27,8 @@ pub mod pb;
 mod readiness;
 mod serve;
 mod sidecar;
-pub mod tls;
 pub mod store;
+pub mod tls;
 pub mod views;
 
 pub use config::{ConfigError, OriginConfig, SidecarConfig};
@@ -46,7 +46,7 @@ pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// Internals exposed for benchmarks and tools; not a stable API.
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
     pub use crate::metrics::parse_text as parse_prometheus_text;
+    pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
     pub use crate::store::Clock;
 }

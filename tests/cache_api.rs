@@ -489,7 +489,12 @@ async fn batch_get_never_sees_half_a_publish() {
         let mut reads = 0;
         let mut distinct = std::collections::BTreeSet::new();
         while !publisher.is_finished() || reads < 100 {
-            let items = c.batch_get(request.clone()).await.unwrap().into_inner().items;
+            let items = c
+                .batch_get(request.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .items;
             let values: Vec<String> = items.iter().map(|i| text(&i.value)).collect();
             assert!(
                 values.iter().all(|v| *v == values[0]),
@@ -499,7 +504,10 @@ async fn batch_get_never_sees_half_a_publish() {
             reads += 1;
         }
         publisher.await.unwrap();
-        assert!(distinct.len() > 1, "the reads never overlapped the publishes");
+        assert!(
+            distinct.len() > 1,
+            "the reads never overlapped the publishes"
+        );
         sidecar.shutdown().await;
     })
     .await
