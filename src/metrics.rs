@@ -4,7 +4,9 @@
 //! ([`FeedStats`], [`WriterStats`], [`ViewStats`], [`HubStats`](crate::hub::HubStats),
 //! [`WsStats`]) and from the store: the hot paths pay nothing for metrics beyond the relaxed
 //! atomic adds they already do. The one thing measured here is the latency of Cache API calls,
-//! by a tower layer around the gRPC server ([`ReadTimingLayer`]).
+//! by a tower layer around the gRPC server ([`ReadTimingLayer`]). on_demand sources report
+//! their [`OnDemandStats`](crate::store::OnDemandStats) and moka's resident keys and bytes,
+//! settled by [`Metrics::settle`] before each scrape.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,7 +29,7 @@ use crate::hub::Hub;
 use crate::readiness::Readiness;
 use crate::serve::ws::WsStats;
 use crate::store::writer::WriterStats;
-use crate::store::Store;
+use crate::store::{OnDemand, OnDemandStats, Source, Store};
 use crate::views::ViewStats;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.
@@ -70,6 +72,7 @@ impl ReadMetrics {
 pub(crate) struct Metrics {
     registry: Registry,
     reads: Arc<ReadMetrics>,
+    store: Arc<Store>,
 }
 
 /// What the scrape-time collector reads.
@@ -106,8 +109,23 @@ impl Metrics {
                 );
             }
         }
+        let store = parts.store.clone();
         registry.register_collector(Box::new(parts));
-        Metrics { registry, reads }
+        Metrics {
+            registry,
+            reads,
+            store,
+        }
+    }
+
+    /// Runs moka's pending housekeeping of every on_demand source, so that the resident keys
+    /// and bytes a scrape reports are current (evictions happen in that housekeeping).
+    pub(crate) async fn settle(&self) {
+        for s in self.store.sources() {
+            if let Some(od) = s.on_demand() {
+                od.sync().await;
+            }
+        }
     }
 
     pub(crate) fn reads(&self) -> &Arc<ReadMetrics> {
@@ -243,6 +261,88 @@ impl Collector for Parts {
                     ConstGauge::new(sources[i].staleness_ms() as f64 / 1000.0),
                 )
             }),
+        )?;
+
+        let on_demand: Vec<(&Source, &OnDemand)> = sources
+            .iter()
+            .filter_map(|s| Some((&**s, &**s.on_demand()?)))
+            .collect();
+        fn od_labels(s: &Source) -> Labels<'_> {
+            vec![("source", s.name()), ("origin", s.origin().unwrap_or(""))]
+        }
+        for (name, help, f) in [
+            (
+                "on_demand_hits",
+                "on_demand reads answered from a resident key (absent keys included)",
+                (|s: &OnDemandStats| counter(&s.hits)) as fn(&OnDemandStats) -> ConstCounter<u64>,
+            ),
+            (
+                "on_demand_misses",
+                "on_demand reads of a key that was not resident",
+                |s| counter(&s.misses),
+            ),
+            (
+                "on_demand_fetches",
+                "Feed.Fetch calls made for on_demand misses (one per load, however many wait)",
+                |s| counter(&s.fetches),
+            ),
+            (
+                "on_demand_fetch_errors",
+                "Feed.Fetch calls that failed or timed out",
+                |s| counter(&s.fetch_errors),
+            ),
+            (
+                "on_demand_coalesced",
+                "on_demand misses that waited for another reader's load instead of fetching",
+                |s| counter(&s.coalesced),
+            ),
+            (
+                "on_demand_evictions",
+                "on_demand keys dropped for size or idle (each is unsubscribed)",
+                |s| counter(&s.evictions),
+            ),
+            (
+                "on_demand_pushed",
+                "Pushed changes applied to resident or loading on_demand keys",
+                |s| counter(&s.pushed),
+            ),
+        ] {
+            family(
+                e,
+                name,
+                help,
+                on_demand
+                    .iter()
+                    .map(|(s, od)| (od_labels(s), f(od.stats())))
+                    .collect::<Vec<_>>(),
+            )?;
+        }
+        family(
+            e,
+            "on_demand_resident_keys",
+            "on_demand keys resident (absent keys included), as of moka's last housekeeping",
+            on_demand
+                .iter()
+                .map(|(s, od)| (od_labels(s), gauge(od.resident_keys())))
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "on_demand_resident_bytes",
+            "on_demand weighed bytes resident: keys, values and a fixed per-key overhead",
+            on_demand
+                .iter()
+                .map(|(s, od)| (od_labels(s), gauge(od.resident_bytes())))
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "on_demand_max_bytes",
+            "on_demand byte budget (max_bytes)",
+            on_demand
+                .iter()
+                .map(|(s, od)| (od_labels(s), gauge(od.max_bytes())))
+                .collect::<Vec<_>>(),
         )?;
 
         let origin = |f: &dyn Fn(&FeedStats) -> ConstCounter<u64>| {

@@ -2,6 +2,8 @@
 //! kept current by push, and unsubscribed on eviction.
 
 mod common;
+#[path = "ops_support/mod.rs"]
+mod ops_support;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use viewcar::config::{ByteSize, Mode};
+use viewcar::internals::parse_prometheus_text;
 use viewcar::origin::Put;
 use viewcar::pb::cache::v1 as cache;
 use viewcar::store::on_demand::ENTRY_OVERHEAD;
@@ -310,6 +313,57 @@ async fn after_a_reconnect_only_resident_keys_are_subscribed() {
             fetches(&origin.origin),
             3,
             "resident keys are not refetched"
+        );
+        sidecar.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_the_on_demand_counters_and_resident_size() {
+    within(async {
+        let n = 400;
+        let per_key = (key(0).len() + value(0, 0).len()) as u64 + ENTRY_OVERHEAD;
+        // The smallest budget config allows (16KiB) holds about 64 keys.
+        let budget = per_key * 80;
+        let (origin, sidecar, od) = setup(n, budget).await;
+        let mut client = cache_client(&sidecar).await;
+        for i in 0..n {
+            get(&mut client, &key(i)).await;
+        }
+        let last = key(n - 1);
+        get(&mut client, &last).await;
+        let r = ops_support::get(sidecar.http_addr(), "/metrics").await;
+        assert_eq!(r.status, 200);
+        let m = parse_prometheus_text(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body));
+        let at = |family: &str| {
+            let series = format!("viewcar_{family}{{source=\"{TOPIC}\",origin=\"o\"}}");
+            *m.get(&series)
+                .unwrap_or_else(|| panic!("{series} missing:\n{}", r.body))
+        };
+        let st = od.stats();
+        assert_eq!(at("on_demand_misses_total"), n as f64);
+        assert!(at("on_demand_hits_total") >= 1.0);
+        assert_eq!(
+            at("on_demand_hits_total"),
+            st.hits.load(Ordering::Relaxed) as f64
+        );
+        assert_eq!(
+            at("on_demand_fetches_total"),
+            fetches(&origin.origin) as f64
+        );
+        assert_eq!(at("on_demand_coalesced_total"), 0.0);
+        assert_eq!(at("on_demand_fetch_errors_total"), 0.0);
+        assert_eq!(at("on_demand_max_bytes"), budget as f64);
+        // /metrics settles moka's housekeeping first: evictions happened, and what is resident
+        // is within the budget and agrees with the source.
+        assert!(at("on_demand_evictions_total") >= (n - 80) as f64);
+        assert!(at("on_demand_resident_bytes") <= budget as f64);
+        assert_eq!(at("on_demand_resident_keys"), od.resident_keys() as f64);
+        assert_eq!(at("on_demand_resident_bytes"), od.resident_bytes() as f64);
+        assert_eq!(
+            m["viewcar_source_keys{source=\"users\",kind=\"topic\",origin=\"o\"}"],
+            od.resident_keys() as f64
         );
         sidecar.shutdown().await;
     })

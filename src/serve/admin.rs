@@ -68,6 +68,7 @@ async fn page() -> Response {
 }
 
 async fn metrics(State(a): State<Arc<Admin>>) -> Response {
+    a.metrics.settle().await;
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         a.metrics.render(),
