@@ -479,7 +479,8 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    info!(addr = %listen, epoch = origin.epoch(), "origin serving Feed");
+    let addr = listener.local_addr().unwrap_or(listen);
+    info!(%addr, epoch = origin.epoch(), "origin serving Feed");
     match origin.serve(listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
