@@ -394,12 +394,7 @@ async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
             }
         };
         assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
-        loop {
-            match watch.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = watch.message().await {}
         let drained = stopping.await.unwrap();
         assert!(drained, "shutdown did not finish within the grace period");
         assert!(start.elapsed() < grace, "took {:?}", start.elapsed());

@@ -205,12 +205,8 @@ async fn sidecar_binary_exits_zero_on_sigterm_within_the_grace_period() {
         assert_eq!(status.code(), Some(0), "{status:?}");
         assert!(took < grace, "took {took:?}, grace {grace:?}");
         log_line(&mut log, "shut down").await;
-        loop {
-            match watch.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        // The Watch ended with the process (its end, or a broken connection).
+        while let Ok(Some(_)) = watch.message().await {}
     })
     .await
 }
