@@ -230,9 +230,10 @@ fn view_toml(v: &ViewSpec) -> String {
 
 fn sidecar_toml(spec: &SidecarSpec, grpc: u16, http: Option<u16>, views: bool) -> String {
     let mut t = format!("[listen]\ngrpc = \"127.0.0.1:{grpc}\"\n");
-    if let Some(h) = http {
-        t.push_str(&format!("http = \"127.0.0.1:{h}\"\n"));
-    }
+    // Without an explicit port the http listener takes its default (7071), which another
+    // process on the machine may hold: any free port will do when nobody connects to it.
+    let h = http.unwrap_or(0);
+    t.push_str(&format!("http = \"127.0.0.1:{h}\"\n"));
     t.push_str("\n[limits]\nwriter_queue = 65536\nmax_batch_keys = 10000\n");
     let topics: Vec<String> = spec.topics.iter().map(|t| format!("\"{t}\"")).collect();
     t.push_str(&format!(
