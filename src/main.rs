@@ -404,6 +404,7 @@ async fn run_demo(args: DemoArgs) -> ExitCode {
     println!("  origin  (Feed API)   http://{origin_addr}");
     println!("  sidecar (Cache API)  {g}");
     println!("  sidecar (WebSocket)  ws://{}/ws", sidecar.http_addr());
+    println!("  status page          http://{}/", sidecar.http_addr());
     println!();
     println!("Sources:");
     for s in sidecar.store().sources() {
@@ -416,6 +417,7 @@ async fn run_demo(args: DemoArgs) -> ExitCode {
     }
     println!();
     println!("Read a key (in another terminal):");
+    println!("  viewcar get product_page p00042 --addr {g}   # the whole product page, one read");
     println!("  viewcar get products p00042 --addr {g}");
     println!("  viewcar watch prices p00042 p00043 --addr {g}");
     println!("  viewcar sources --addr {g}");
