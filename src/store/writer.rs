@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Event, Keyspace, Row, Source};
+use super::{Event, Row, Source, Staging};
 use crate::hub::Hub;
 
 /// One entry of a snapshot chunk.
@@ -83,8 +83,12 @@ pub struct Writer {
 struct Staged {
     epoch: String,
     version: u64,
-    rows: Keyspace,
+    rows: Staging,
 }
+
+/// Past this many, the event buffer is released after a flush instead of kept for reuse: a
+/// snapshot's diff of a million keys would otherwise pin ~70 MiB for the life of the process.
+const EVENTS_KEPT: usize = 4096;
 
 impl Writer {
     pub fn new(hub: Arc<Hub>, derive: Option<Box<dyn Derive>>, stats: Arc<WriterStats>) -> Self {
@@ -112,6 +116,9 @@ impl Writer {
                 n += 1;
             }
             self.flush(&mut events);
+            if events.capacity() > EVENTS_KEPT {
+                events = Vec::new();
+            }
         }
         debug!("writer stopped");
     }
@@ -225,7 +232,7 @@ impl Writer {
                 Staged {
                     epoch: epoch.clone(),
                     version,
-                    rows: Keyspace::new(),
+                    rows: Staging::new(),
                 },
             );
         }
@@ -250,31 +257,32 @@ impl Writer {
         let new_epoch = source.epoch().as_str() != staged.epoch;
         let had_epoch = !source.epoch().is_empty();
         let keys = staged.rows.len();
-        let old = source.swap(staged.rows);
+        let old = source.swap(staged.rows.finish());
         let new = source.keyspace();
         // The diff is what readers of changes need: the snapshot replaced every row at once.
-        for key in new.keys() {
-            let Some(row) = new.get(&key) else { continue };
-            let same = old.get(&key).is_some_and(|o| o.value == row.value);
+        let first = old.is_empty();
+        events.reserve(if first { keys } else { 0 });
+        new.for_each(|key, row| {
+            let same = !first && old.get(key).is_some_and(|o| o.value == row.value);
             if !same {
                 events.push(Event {
                     source: name.clone(),
-                    key,
+                    key: key.clone(),
                     version: row.version,
                     value: Some(row.value),
                 });
             }
-        }
-        for key in old.keys() {
-            if new.get(&key).is_none() {
+        });
+        old.for_each(|key, _| {
+            if new.get(key).is_none() {
                 events.push(Event {
                     source: name.clone(),
-                    key,
+                    key: key.clone(),
                     version: staged.version,
                     value: None,
                 });
             }
-        }
+        });
         source.set_epoch(&staged.epoch);
         source.heard();
         source.set_version(staged.version);
