@@ -645,6 +645,14 @@ impl SidecarConfig {
             }
         }
         crate::views::validate_specs(file, &self.views, &names)?;
+        let on_demand: HashSet<String> = self
+            .origins
+            .iter()
+            .flat_map(|o| &o.topics)
+            .filter(|t| t.mode == Mode::OnDemand)
+            .map(|t| t.name.clone())
+            .collect();
+        crate::views::refuse_on_demand_inputs(file, &self.views, &on_demand)?;
         Ok(())
     }
 }

@@ -268,7 +268,11 @@ impl Collector for Parts {
             .filter_map(|s| Some((&**s, &**s.on_demand()?)))
             .collect();
         fn od_labels(s: &Source) -> Labels<'_> {
-            vec![("source", s.name()), ("origin", s.origin().unwrap_or(""))]
+            vec![
+                ("source", s.name()),
+                ("kind", "topic"),
+                ("origin", s.origin().unwrap_or("")),
+            ]
         }
         for (name, help, f) in [
             (

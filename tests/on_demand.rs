@@ -337,7 +337,8 @@ async fn metrics_report_the_on_demand_counters_and_resident_size() {
         assert_eq!(r.status, 200);
         let m = parse_prometheus_text(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body));
         let at = |family: &str| {
-            let series = format!("viewcar_{family}{{source=\"{TOPIC}\",origin=\"o\"}}");
+            let series =
+                format!("viewcar_{family}{{source=\"{TOPIC}\",kind=\"topic\",origin=\"o\"}}");
             *m.get(&series)
                 .unwrap_or_else(|| panic!("{series} missing:\n{}", r.body))
         };

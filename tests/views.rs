@@ -260,6 +260,44 @@ fn duplicate_names_are_refused() {
     );
 }
 
+/// Views over on_demand topics are not maintained (yet): refused at check and at start, naming
+/// the view and the topic, also when the view reaches the topic through another view.
+#[test]
+fn views_over_on_demand_topics_are_refused() {
+    let path = write(
+        "on-demand-view.toml",
+        r#"
+[[origin]]
+name = "catalog"
+address = "http://127.0.0.1:1"
+topics = ["products", { name = "prices", mode = "on_demand" }]
+
+[[view]]
+name = "page"
+from = "priced"
+
+[[view]]
+name = "priced"
+from = "products"
+[view.include]
+price = { source = "prices", key = "id" }
+"#,
+    );
+    let file = path.to_str().unwrap();
+    for cmd in ["check", "sidecar"] {
+        let out = viewcar(&[cmd, "--config", file]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{cmd}: {err}");
+        for n in [
+            file,
+            "view[1].include.price.source",
+            "view 'priced' reads 'prices', an on_demand topic (and so do the views over it: page)",
+        ] {
+            assert!(err.contains(n), "{cmd}: no {n:?} in {err}");
+        }
+    }
+}
+
 #[test]
 fn check_prints_the_view_graph_in_dependency_order() {
     let path = write(

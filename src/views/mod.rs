@@ -531,6 +531,76 @@ pub(crate) fn validate_specs(
     Ok(())
 }
 
+/// Refuses a view that reads an on_demand topic, directly or through other views: views are
+/// maintained in the writer over whole inputs, and an on_demand topic holds only the keys read
+/// lately (its pushed changes do not even pass through the writer). Run after
+/// [`validate_specs`], so names resolve and the graph has no cycles. The error names the view
+/// and the on_demand topic it depends on.
+pub(crate) fn refuse_on_demand_inputs(
+    file: &str,
+    specs: &[ViewSpec],
+    on_demand: &HashSet<String>,
+) -> Result<(), ConfigError> {
+    // For each view over on_demand data: the on_demand topic it reaches first.
+    let mut tainted: HashMap<&str, &str> = HashMap::new();
+    let by_name: HashMap<&str, &ViewSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    fn reaches<'a>(
+        name: &'a str,
+        by_name: &HashMap<&'a str, &'a ViewSpec>,
+        on_demand: &'a HashSet<String>,
+        seen: &mut HashSet<&'a str>,
+    ) -> Option<&'a str> {
+        if let Some(t) = on_demand.get(name) {
+            return Some(t.as_str());
+        }
+        let spec = by_name.get(name)?;
+        if !seen.insert(name) {
+            return None;
+        }
+        spec.edges()
+            .into_iter()
+            .find_map(|(_, src)| reaches(src, by_name, on_demand, seen))
+    }
+    for s in specs {
+        let mut seen = HashSet::new();
+        if let Some(t) = reaches(s.name.as_str(), &by_name, on_demand, &mut seen) {
+            tainted.insert(s.name.as_str(), t);
+        }
+    }
+    // The view that reads the topic itself is the declaration to change; in a valid graph
+    // every chain of views over an on_demand topic starts at one.
+    let direct = specs.iter().enumerate().find_map(|(i, s)| {
+        s.edges()
+            .into_iter()
+            .find(|(_, src)| on_demand.contains(*src))
+            .map(|(field, src)| (i, s, field, src.to_string()))
+    });
+    if let Some((i, s, field, topic)) = direct {
+        let mut above: Vec<&str> = tainted
+            .keys()
+            .copied()
+            .filter(|v| *v != s.name.as_str())
+            .collect();
+        above.sort_unstable();
+        let also = if above.is_empty() {
+            String::new()
+        } else {
+            format!(" (and so do the views over it: {})", above.join(", "))
+        };
+        return Err(ConfigError::invalid(
+            file,
+            format!("view[{i}].{field}"),
+            format!(
+                "view '{}' reads '{topic}', an on_demand topic{also}; views over on_demand \
+                 sources are not supported yet: declare '{topic}' mode = \"full\", or read it \
+                 without a view",
+                s.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The views of a sidecar, ready to be attached to its store.
 pub(crate) struct ViewSet {
     engine: Engine,
@@ -641,6 +711,35 @@ mod tests {
     fn check(specs: &[ViewSpec]) -> Result<(), String> {
         validate_specs("t.toml", specs, &topics(&["products", "prices", "brands"]))
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn views_over_on_demand_topics_are_refused_naming_the_view() {
+        let specs = [
+            ViewSpec::new("top", "mid").include("b", "brands", "brand_id"),
+            ViewSpec::new("mid", "products").include("p", "prices", "id"),
+            ViewSpec::new("plain", "brands"),
+        ];
+        check(&specs).unwrap();
+        assert!(refuse_on_demand_inputs("t.toml", &specs, &topics(&["users"])).is_ok());
+        let refused = |on_demand: &[&str]| {
+            refuse_on_demand_inputs("t.toml", &specs, &topics(on_demand))
+                .unwrap_err()
+                .to_string()
+        };
+        // The view reading the topic is named, not the first view declared over it.
+        let e = refused(&["prices"]);
+        assert!(
+            e.contains("view[1].include.p.source: view 'mid' reads 'prices', an on_demand topic (and so do the views over it: top);"),
+            "{e}"
+        );
+        let e = refused(&["products"]);
+        assert!(
+            e.contains("view[1].from: view 'mid' reads 'products'"),
+            "{e}"
+        );
+        let e = refused(&["brands"]);
+        assert!(e.contains("view[0].include.b.source: view 'top' reads 'brands', an on_demand topic (and so do the views over it: plain);"), "{e}");
     }
 
     #[test]
