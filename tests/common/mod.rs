@@ -428,19 +428,70 @@ pub enum Upstream {
     Forward(SocketAddr),
     /// Accept and close at once (the origin is unreachable).
     Refuse,
+    /// Accept and then never answer nor close (a peer that vanished without a FIN, or a
+    /// firewall dropping packets): only the client's own timeouts end such a connection.
+    Blackhole,
+}
+
+/// What one proxied connection does with the bytes it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnMode {
+    Forward,
+    /// Hold everything, in both directions, without closing.
+    Blackhole,
+    /// Forward `Conn::budget` more bytes (both directions together), then reset.
+    CutAfter,
+    /// Reset both sides now.
+    Cut,
+}
+
+/// The control of one open connection.
+struct Conn {
+    mode: watch::Sender<ConnMode>,
+    budget: AtomicU64,
+}
+
+impl Conn {
+    /// Takes up to `want` bytes from the budget of a `CutAfter` connection; when the budget is
+    /// spent the connection is cut.
+    fn take(&self, want: usize) -> usize {
+        let mut got = 0;
+        let _ = self
+            .budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                got = left.min(want as u64);
+                Some(left - got)
+            });
+        if got < want as u64 {
+            self.mode.send_replace(ConnMode::Cut);
+        }
+        got as usize
+    }
 }
 
 struct ProxyState {
     upstream: Mutex<Upstream>,
-    /// Bumped to end every connection open at that moment.
-    cut: watch::Sender<u64>,
+    /// Every connection accepted; dead ones are pruned on the next accept.
+    conns: Mutex<Vec<std::sync::Weak<Conn>>>,
+    /// Added to every chunk, in both directions, measured from when it was read.
+    latency_us: AtomicU64,
     accepted: AtomicU64,
+    accept_times: Mutex<Vec<std::time::Instant>>,
 }
 
-/// A TCP proxy between a sidecar and an origin that can break the path on demand: cut every
-/// open connection, refuse new ones, or point at another upstream. New failure modes (blackhole,
-/// latency, cut mid-message) are further `Upstream` variants or per-connection behaviours in
-/// `pipe`.
+impl ProxyState {
+    fn each(&self, mut f: impl FnMut(&Conn)) {
+        let conns = self.conns.lock().unwrap();
+        for c in conns.iter().filter_map(|w| w.upgrade()) {
+            f(&c);
+        }
+    }
+}
+
+/// A TCP proxy between a sidecar and an origin that can break the path on demand: reset every
+/// open connection, blackhole them (no FIN, no RST, nothing forwarded), cut them after a few
+/// more bytes (mid-message), add latency, refuse or blackhole new connections, or point at
+/// another upstream.
 pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<ProxyState>,
@@ -453,16 +504,30 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(ProxyState {
             upstream: Mutex::new(Upstream::Forward(upstream)),
-            cut: watch::channel(0).0,
+            conns: Mutex::new(Vec::new()),
+            latency_us: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            accept_times: Mutex::new(Vec::new()),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 st.accepted.fetch_add(1, Ordering::Relaxed);
+                st.accept_times
+                    .lock()
+                    .unwrap()
+                    .push(std::time::Instant::now());
                 let upstream = *st.upstream.lock().unwrap();
-                let cut = st.cut.subscribe();
-                tokio::spawn(pipe(client, upstream, cut));
+                let conn = Arc::new(Conn {
+                    mode: watch::channel(ConnMode::Forward).0,
+                    budget: AtomicU64::new(0),
+                });
+                {
+                    let mut conns = st.conns.lock().unwrap();
+                    conns.retain(|w| w.strong_count() > 0);
+                    conns.push(Arc::downgrade(&conn));
+                }
+                tokio::spawn(pipe(client, upstream, conn, st.clone()));
             }
         });
         Proxy { addr, state, task }
@@ -474,7 +539,46 @@ impl Proxy {
 
     /// Ends every connection open now with a TCP reset; new ones are still accepted.
     pub fn cut(&self) {
-        self.state.cut.send_modify(|g| *g += 1);
+        self.state.each(|c| {
+            c.mode.send_replace(ConnMode::Cut);
+        });
+    }
+
+    /// Every connection open now stops forwarding in both directions and is never closed by
+    /// the proxy (until `cut` or drop): the peer vanished silently. New connections are
+    /// forwarded as `set_upstream` says.
+    pub fn blackhole(&self) {
+        self.state.each(|c| {
+            c.mode.send_if_modified(|m| {
+                let hold = *m != ConnMode::Cut;
+                if hold {
+                    *m = ConnMode::Blackhole;
+                }
+                hold
+            });
+        });
+    }
+
+    /// Every connection open now forwards `bytes` more bytes (both directions together, so
+    /// usually in the middle of a message) and is then reset.
+    pub fn cut_after(&self, bytes: u64) {
+        self.state.each(|c| {
+            c.budget.store(bytes, Ordering::Release);
+            c.mode.send_if_modified(|m| {
+                let arm = *m == ConnMode::Forward;
+                if arm {
+                    *m = ConnMode::CutAfter;
+                }
+                arm
+            });
+        });
+    }
+
+    /// Delays every chunk read from now on, in both directions, by `latency`.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state
+            .latency_us
+            .store(latency.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Where new connections go from now on (open ones are left alone; `cut` them if needed).
@@ -485,6 +589,18 @@ impl Proxy {
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// When each connection so far was accepted, in order.
+    pub fn accept_times(&self) -> Vec<std::time::Instant> {
+        self.state.accept_times.lock().unwrap().clone()
+    }
+
+    /// Connections open now (blackholed ones included).
+    pub fn open(&self) -> usize {
+        let mut n = 0;
+        self.state.each(|_| n += 1);
+        n
     }
 }
 
@@ -501,26 +617,115 @@ fn abort_on_drop(s: &TcpStream) {
     let _ = s.set_linger(Some(Duration::ZERO));
 }
 
-async fn pipe(mut client: TcpStream, upstream: Upstream, mut cut: watch::Receiver<u64>) {
-    let Upstream::Forward(to) = upstream else {
-        abort_on_drop(&client);
-        return;
+/// Waits until the connection is cut (or the proxy dropped).
+async fn until_cut(mode: &mut watch::Receiver<ConnMode>) {
+    while *mode.borrow_and_update() != ConnMode::Cut {
+        if mode.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn pipe(client: TcpStream, upstream: Upstream, conn: Arc<Conn>, st: Arc<ProxyState>) {
+    let mut mode = conn.mode.subscribe();
+    let to = match upstream {
+        Upstream::Forward(to) => to,
+        Upstream::Refuse => {
+            abort_on_drop(&client);
+            return;
+        }
+        Upstream::Blackhole => {
+            until_cut(&mut mode).await;
+            abort_on_drop(&client);
+            return;
+        }
     };
-    let Ok(mut server) = TcpStream::connect(to).await else {
+    let server = tokio::select! {
+        s = TcpStream::connect(to) => s,
+        _ = until_cut(&mut mode) => {
+            abort_on_drop(&client);
+            return;
+        }
+    };
+    let Ok(server) = server else {
         abort_on_drop(&client);
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
-    cut.mark_unchanged();
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {
-            let _ = client.shutdown().await;
-            let _ = server.shutdown().await;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let (up, down) = tokio::join!(
+        pump(&mut cr, &mut sw, &conn, &st),
+        pump(&mut sr, &mut cw, &conn, &st)
+    );
+    let client = cr.unsplit(cw);
+    let server = sr.unsplit(sw);
+    if !(up && down) {
+        abort_on_drop(&client);
+        abort_on_drop(&server);
+    }
+}
+
+/// Copies one direction through a delay line, obeying the connection's mode. Returns true on
+/// a clean end of stream (passed on as a FIN), false when the connection must be reset.
+async fn pump<R, W>(r: &mut R, w: &mut W, conn: &Conn, st: &ProxyState) -> bool
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut mode = conn.mode.subscribe();
+    let mut queue: std::collections::VecDeque<(tokio::time::Instant, Vec<u8>)> =
+        std::collections::VecDeque::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut eof = false;
+    loop {
+        let now = *mode.borrow_and_update();
+        match now {
+            ConnMode::Cut => return false,
+            ConnMode::Blackhole => {
+                if mode.changed().await.is_err() {
+                    return false;
+                }
+                continue;
+            }
+            ConnMode::Forward | ConnMode::CutAfter => {}
         }
-        _ = cut.changed() => {
-            abort_on_drop(&client);
-            abort_on_drop(&server);
+        if eof && queue.is_empty() {
+            let _ = w.shutdown().await;
+            return true;
+        }
+        let due = queue.front().map(|(t, _)| *t);
+        tokio::select! {
+            biased;
+            changed = mode.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                let Some((_, chunk)) = queue.pop_front() else { continue };
+                let n = if now == ConnMode::CutAfter { conn.take(chunk.len()) } else { chunk.len() };
+                if w.write_all(&chunk[..n]).await.is_err() || w.flush().await.is_err() {
+                    conn.mode.send_replace(ConnMode::Cut);
+                    return false;
+                }
+                if n < chunk.len() {
+                    return false;
+                }
+            }
+            read = r.read(&mut buf), if !eof && queue.len() < 64 => match read {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    let latency = Duration::from_micros(st.latency_us.load(Ordering::Relaxed));
+                    queue.push_back((tokio::time::Instant::now() + latency, buf[..n].to_vec()));
+                }
+                Err(_) => {
+                    conn.mode.send_replace(ConnMode::Cut);
+                    return false;
+                }
+            },
         }
     }
 }
