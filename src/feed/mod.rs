@@ -208,6 +208,9 @@ impl FeedClient {
                 _ = crate::signalled(&mut shutdown) => return,
             };
             self.disconnected().await;
+            // A stream that broke the protocol does not count as heard: a persistently broken
+            // origin is redialled with a growing delay, not every `backoff_initial`.
+            let broke = matches!(result, Err(FeedError::Protocol(_)));
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
@@ -215,7 +218,11 @@ impl FeedClient {
                 }
                 Ok(()) => {}
             }
-            attempt = if heard { 0 } else { attempt.saturating_add(1) };
+            attempt = if heard && !broke {
+                0
+            } else {
+                attempt.saturating_add(1)
+            };
             let delay = backoff(&self.cfg, attempt);
             debug!(origin = %self.spec.name, ?delay, attempt, "redialling");
             tokio::select! {
@@ -321,7 +328,13 @@ impl FeedClient {
             };
             let msg = match next {
                 Err(_) => return Err(FeedError::Idle(idle)),
-                Ok(Err(status)) => return Err(FeedError::Status(status)),
+                Ok(Err(status)) => {
+                    let e = from_stream_status(status);
+                    if let FeedError::Protocol(_) = e {
+                        self.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
                 Ok(Ok(None)) => return Err(FeedError::Closed),
                 Ok(Ok(Some(m))) => m,
             };
@@ -741,6 +754,24 @@ async fn resubscribe(
         .send(subscribe(topic, None))
         .await
         .map_err(|_| FeedError::Closed)
+}
+
+/// A failed read of the Sync stream. tonic reports a message over `max_message` and bytes that
+/// are not a `SyncResponse` as a `Status` of its own making (`OUT_OF_RANGE` "decoded message
+/// length too large", `INTERNAL` "failed to decode Protobuf message"): those are the origin
+/// breaking the protocol, counted as such, not an origin refusing the stream.
+fn from_stream_status(status: tonic::Status) -> FeedError {
+    let m = status.message();
+    let local = match status.code() {
+        tonic::Code::OutOfRange => m.contains("decoded message length too large"),
+        tonic::Code::Internal => m.starts_with("failed to decode Protobuf message"),
+        _ => false,
+    };
+    if local {
+        FeedError::Protocol(m.to_string())
+    } else {
+        FeedError::Status(status)
+    }
 }
 
 /// Full jitter: uniformly random below `min(cap, initial * 2^attempt)`, so a fleet that lost
