@@ -19,6 +19,7 @@ use std::time::Instant;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -47,6 +48,13 @@ const READ_BUCKETS: [f64; 14] = [
     2.5, 10.0,
 ];
 
+type ReadLatency = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+type ReadErrors = Family<Vec<(String, String)>, Counter>;
+
+fn method_label(i: usize) -> Vec<(String, String)> {
+    vec![("method".to_string(), METHODS[i].to_string())]
+}
+
 /// Per-method read instruments, resolved once so that a call does no label lookup.
 #[derive(Debug)]
 pub(crate) struct ReadMetrics {
@@ -55,10 +63,12 @@ pub(crate) struct ReadMetrics {
 }
 
 impl ReadMetrics {
-    fn new() -> Self {
+    /// Resolves every method's child of the two families once. A child shares its state with
+    /// its family, so recording into it shows in the family's exposition.
+    fn new(latency: &ReadLatency, errors: &ReadErrors) -> Self {
         ReadMetrics {
-            latency: std::array::from_fn(|_| Histogram::new(READ_BUCKETS)),
-            errors: std::array::from_fn(|_| Counter::default()),
+            latency: std::array::from_fn(|i| latency.get_or_create(&method_label(i)).clone()),
+            errors: std::array::from_fn(|i| errors.get_or_create(&method_label(i)).clone()),
         }
     }
 
@@ -90,24 +100,25 @@ impl Metrics {
     pub(crate) fn new(mut parts: Parts) -> Self {
         parts.feeds.sort_by(|a, b| a.0.cmp(&b.0));
         parts.views.sort_by(|a, b| a.0.cmp(&b.0));
-        let reads = Arc::new(ReadMetrics::new());
         let mut registry = Registry::with_prefix("viewcar");
+        // One family per metric with the method as a label: Prometheus refuses a family that
+        // is declared twice, which registering each method separately would do.
+        let latency: ReadLatency = Family::new_with_constructor(|| Histogram::new(READ_BUCKETS));
+        let errors = ReadErrors::default();
+        let reads = Arc::new(ReadMetrics::new(&latency, &errors));
         {
-            let latency = registry.sub_registry_with_prefix("read");
-            for (i, m) in METHODS.iter().enumerate() {
-                let sub = latency.sub_registry_with_label(("method".into(), (*m).into()));
-                sub.register_with_unit(
-                    "duration",
-                    "Cache API calls by method: time to the response (for Watch: to the stream's start)",
-                    prometheus_client::registry::Unit::Seconds,
-                    reads.latency[i].clone(),
-                );
-                sub.register(
-                    "errors",
-                    "Cache API calls answered with an error status",
-                    reads.errors[i].clone(),
-                );
-            }
+            let sub = registry.sub_registry_with_prefix("read");
+            sub.register_with_unit(
+                "duration",
+                "Cache API calls by method: time to the response (for Watch: to the stream's start)",
+                prometheus_client::registry::Unit::Seconds,
+                latency,
+            );
+            sub.register(
+                "errors",
+                "Cache API calls answered with an error status",
+                errors,
+            );
         }
         let store = parts.store.clone();
         registry.register_collector(Box::new(parts));
@@ -663,6 +674,10 @@ pub fn parse_text(text: &str) -> Result<HashMap<String, f64>, String> {
                 (Some("TYPE"), Some(name), Some(t))
                     if ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) =>
                 {
+                    // Prometheus refuses a family declared twice.
+                    if families.iter().any(|f| f == name) {
+                        return Err(at("family declared twice"));
+                    }
                     families.push(name.to_string())
                 }
                 _ => return Err(at("bad comment")),
@@ -686,14 +701,15 @@ pub fn parse_text(text: &str) -> Result<HashMap<String, f64>, String> {
         if series.contains('{') && !series.ends_with('}') {
             return Err(at("unclosed labels"));
         }
-        let declared = families.iter().any(|f| {
+        // A sample belongs to the family declared last: families are not interleaved.
+        let declared = families.last().is_some_and(|f| {
             name == f
                 || ["_bucket", "_sum", "_count"]
                     .iter()
                     .any(|s| name.strip_suffix(s) == Some(f.as_str()))
         });
         if !declared {
-            return Err(at("sample of an undeclared family"));
+            return Err(at("sample outside its family's block"));
         }
         out.insert(series.to_string(), value);
     }
