@@ -98,3 +98,182 @@ async fn bad_peer_snapshot_after_last_behind_applied_version() {
 async fn bad_peer_oversized_message() {
     bad_peer(Bad::Oversized).await
 }
+
+// ----- history gone -----
+
+/// Waits until the feed has noticed the proxy went away.
+async fn wait_disconnected(feed: &FeedStats, before: u64) {
+    eventually("feed disconnected", || {
+        counter(&feed.disconnects) > before && !feed.connected.load(Ordering::Relaxed)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_behind_the_retained_window_resets_once_per_occurrence() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            retain_batches: 4,
+            ..origin_config()
+        })
+        .await;
+        let o = origin.origin.clone();
+        let epoch = o.epoch().to_string();
+        o.publish("t", vec![put("a", "1"), put("b", "1"), put("c", "1")])
+            .unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let sidecar = start_sidecar(sidecar_config(&proxy.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        wait_position(&t, &epoch, o.version("t").unwrap()).await;
+        assert_eq!(counter(&o.stats().snapshots_sent), 1);
+        assert_eq!(counter(&feed.snapshots), 1);
+
+        for round in 1..=2u64 {
+            // The sidecar is away while more than the retained window is published; a key it
+            // holds is deleted meanwhile.
+            proxy.set_upstream(Upstream::Refuse);
+            let before = counter(&feed.disconnects);
+            proxy.cut();
+            wait_disconnected(&feed, before).await;
+            let gone = if round == 1 { "b" } else { "c" };
+            o.publish("t", vec![del(gone)]).unwrap();
+            for i in 0..10 {
+                o.publish("t", vec![put("a", &format!("{round}-{i}"))])
+                    .unwrap();
+            }
+            let (resumes, opened) = (
+                counter(&o.stats().resumes),
+                counter(&o.stats().streams_opened),
+            );
+            proxy.set_upstream(Upstream::Forward(origin.addr));
+            let v = o.version("t").unwrap();
+            wait_position(&t, &epoch, v).await;
+
+            // Exactly one Reset and one snapshot for this occurrence, on one stream: the stale
+            // position was tried once, never again.
+            assert_eq!(counter(&o.stats().resets_sent), round);
+            assert_eq!(counter(&o.stats().snapshots_sent), 1 + round);
+            assert_eq!(counter(&feed.resets), round);
+            assert_eq!(counter(&feed.snapshots), 1 + round);
+            assert_eq!(counter(&o.stats().resumes), resumes);
+            assert_eq!(counter(&o.stats().streams_opened), opened + 1);
+            assert!(
+                t.get(gone).is_none(),
+                "'{gone}' deleted meanwhile is still here"
+            );
+            assert_eq!(text(&t.get("a").unwrap().value), format!("{round}-9"));
+            assert_eq!(get_value(&sidecar, "t", gone).await, None);
+
+            // Afterwards the new position resumes: no further snapshot.
+            o.publish("t", vec![put("d", &round.to_string())]).unwrap();
+            wait_position(&t, &epoch, v + 1).await;
+            let before = counter(&feed.disconnects);
+            proxy.cut();
+            wait_disconnected(&feed, before).await;
+            o.publish("t", vec![put("d", "after")]).unwrap();
+            wait_position(&t, &epoch, v + 2).await;
+            assert_eq!(counter(&o.stats().snapshots_sent), 1 + round);
+            assert_eq!(counter(&o.stats().resets_sent), round);
+        }
+        let mut want = o.rows("t");
+        want.sort();
+        let mut have: Vec<_> = ["a", "b", "c", "d"]
+            .iter()
+            .filter_map(|k| t.get(k).map(|r| (k.to_string(), r.value.clone())))
+            .collect();
+        have.sort();
+        assert_eq!(have, want);
+    })
+    .await
+}
+
+// ----- silent dead peer -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_feed_is_detected_by_keepalive_and_redialled() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        let o = origin.origin.clone();
+        let epoch = o.epoch().to_string();
+        o.publish("t", vec![put("a", "1")]).unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let mut cfg = sidecar_config(&proxy.url(), &["t"]);
+        let (interval, timeout) = (Duration::from_millis(200), Duration::from_millis(200));
+        cfg.feed.keepalive_interval = Dur(interval);
+        cfg.feed.keepalive_timeout = Dur(timeout);
+        // Long enough that only the HTTP/2 keepalive can notice: Progress stops arriving too.
+        cfg.feed.idle_timeout = Dur(Duration::from_secs(60));
+        let sidecar = start_sidecar(cfg.clone()).await;
+        let t = source(&sidecar, "t");
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        wait_position(&t, &epoch, 1).await;
+        let connects = counter(&feed.connects);
+
+        let start = Instant::now();
+        let before = counter(&feed.disconnects);
+        proxy.blackhole();
+        wait_disconnected(&feed, before).await;
+        let detected = start.elapsed();
+        eventually("feed redialled", || {
+            counter(&feed.connects) > connects && feed.connected.load(Ordering::Relaxed)
+        })
+        .await;
+        let redialled = start.elapsed();
+        // A generous bound from the config: a ping is due within one interval and answered
+        // within the timeout; twice that plus a second for a loaded machine and the redial.
+        let bound = 2 * (interval + timeout) + Duration::from_secs(1) + cfg.feed.backoff_max.0;
+        assert!(detected <= bound, "detected after {detected:?}, bound {bound:?}");
+        assert!(redialled <= bound, "redialled after {redialled:?}, bound {bound:?}");
+        // Not earlier than a ping could have gone unanswered.
+        assert!(detected >= timeout, "detected after {detected:?}, before any ping timed out");
+        assert_eq!(proxy.open(), 2, "the blackholed connection was closed by the proxy");
+
+        // The new stream resumes and carries changes; data was served throughout.
+        assert_eq!(get_value(&sidecar, "t", "a").await.as_deref(), Some("1"));
+        o.publish("t", vec![put("a", "2")]).unwrap();
+        wait_position(&t, &epoch, 2).await;
+        assert_eq!(counter(&feed.snapshots), 1, "resumed without a snapshot");
+        eprintln!("blackhole: detected after {detected:?}, redialled after {redialled:?}, bound {bound:?}");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_feed_is_detected_by_idle_timeout_without_keepalive() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        let o = origin.origin.clone();
+        let epoch = o.epoch().to_string();
+        o.publish("t", vec![put("a", "1")]).unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let mut cfg = sidecar_config(&proxy.url(), &["t"]);
+        cfg.feed.keepalive_interval = Dur(Duration::from_secs(60));
+        cfg.feed.keepalive_timeout = Dur(Duration::from_secs(60));
+        // The origin sends Progress every 100 ms.
+        let idle = Duration::from_millis(500);
+        cfg.feed.idle_timeout = Dur(idle);
+        let sidecar = start_sidecar(cfg.clone()).await;
+        let t = source(&sidecar, "t");
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        wait_position(&t, &epoch, 1).await;
+        let connects = counter(&feed.connects);
+
+        let start = Instant::now();
+        let before = counter(&feed.disconnects);
+        proxy.blackhole();
+        wait_disconnected(&feed, before).await;
+        let detected = start.elapsed();
+        eventually("feed redialled", || counter(&feed.connects) > connects).await;
+        let bound = 2 * idle + Duration::from_secs(1) + cfg.feed.backoff_max.0;
+        assert!(detected >= idle / 2, "detected after {detected:?}");
+        assert!(
+            start.elapsed() <= bound,
+            "redialled after {:?}",
+            start.elapsed()
+        );
+        o.publish("t", vec![put("a", "2")]).unwrap();
+        wait_position(&t, &epoch, 2).await;
+    })
+    .await
+}
