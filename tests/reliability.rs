@@ -103,10 +103,8 @@ async fn bad_peer_oversized_message() {
 
 /// Waits until the feed has noticed the proxy went away.
 async fn wait_disconnected(feed: &FeedStats, before: u64) {
-    eventually("feed disconnected", || {
-        counter(&feed.disconnects) > before && !feed.connected.load(Ordering::Relaxed)
-    })
-    .await;
+    // Only the counter: with a short backoff the feed may be connected again before a poll.
+    eventually("feed disconnected", || counter(&feed.disconnects) > before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
