@@ -275,3 +275,212 @@ async fn blackholed_feed_is_detected_by_idle_timeout_without_keepalive() {
     })
     .await
 }
+
+// ----- reconnect storm -----
+
+/// Largest number of instants within any window of `width`.
+fn densest(times: &[Instant], width: Duration) -> usize {
+    let mut times = times.to_vec();
+    times.sort();
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..times.len() {
+        while times[hi].duration_since(times[lo]) >= width {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_is_spread_by_jitter_and_resnapshots_once() {
+    const CLIENTS: usize = 200;
+    within(async {
+        let topics: Vec<String> = (0..CLIENTS).map(|i| format!("t{i:03}")).collect();
+        let cfg = OriginConfig {
+            max_streams: 4 * CLIENTS,
+            ..origin_config()
+        };
+        let first = TestOrigin::start(cfg.clone()).await;
+        let second = TestOrigin::start(cfg).await;
+        for o in [&first.origin, &second.origin] {
+            for t in &topics {
+                o.publish(t, vec![put("k", t)]).unwrap();
+            }
+        }
+        let proxy = Proxy::start(first.addr).await;
+
+        // One sidecar, 200 feed clients: one origin entry (and one Sync stream) per topic.
+        let mut cfg = sidecar_config(&proxy.url(), &[]);
+        cfg.feed.backoff_initial = Dur(Duration::from_secs(1));
+        cfg.feed.backoff_max = Dur(Duration::from_secs(2));
+        cfg.origins = topics
+            .iter()
+            .map(|t| OriginSpec {
+                name: format!("o-{t}"),
+                address: proxy.url(),
+                topics: vec![TopicSpec {
+                    name: t.clone(),
+                    mode: Mode::Full,
+                    max_bytes: None,
+                    idle: None,
+                }],
+                tls: None,
+            })
+            .collect();
+        let sidecar = start_sidecar(cfg).await;
+        let first_epoch = first.origin.epoch().to_string();
+        for t in &topics {
+            wait_position(&source(&sidecar, t), &first_epoch, 1).await;
+        }
+        let stats: Vec<Arc<FeedStats>> = topics
+            .iter()
+            .map(|t| sidecar.feed_stats(&format!("o-{t}")).unwrap().clone())
+            .collect();
+        assert!(stats.iter().all(|s| counter(&s.snapshots) == 1));
+
+        // The origin is replaced (a new epoch) and every stream is reset at once.
+        let accepted = proxy.accept_times().len();
+        proxy.set_upstream(Upstream::Forward(second.addr));
+        let lost = Instant::now();
+        proxy.cut();
+        let second_epoch = second.origin.epoch().to_string();
+        for t in &topics {
+            wait_position(&source(&sidecar, t), &second_epoch, 1).await;
+        }
+        let took = lost.elapsed();
+
+        let reconnects = proxy.accept_times().split_off(accepted);
+        assert_eq!(reconnects.len(), CLIENTS, "one reconnect per client");
+        let peak = densest(&reconnects, Duration::from_millis(100));
+        assert!(
+            peak <= CLIENTS / 4,
+            "{peak} of {CLIENTS} reconnects within 100ms"
+        );
+        for (t, s) in topics.iter().zip(&stats) {
+            assert_eq!(counter(&s.snapshots), 2, "{t} resnapshotted more than once");
+            assert_eq!(counter(&s.resets), 1, "{t}");
+        }
+        assert_eq!(
+            counter(&second.origin.stats().snapshots_sent),
+            CLIENTS as u64
+        );
+        eprintln!("storm: {CLIENTS} reconnects over {took:?}, densest 100ms window {peak}");
+    })
+    .await
+}
+
+// ----- never back in time -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_never_goes_back_across_reconnects_and_resnapshots() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            retain_batches: 8,
+            snapshot_chunk_entries: 16,
+            ..origin_config()
+        })
+        .await;
+        let o = origin.origin.clone();
+        let epoch = o.epoch().to_string();
+        o.publish(
+            "t",
+            (0..400).map(|i| put(&format!("k{i:03}"), "0")).collect(),
+        )
+        .unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let sidecar = start_sidecar(sidecar_config(&proxy.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        wait_position(&t, &epoch, 1).await;
+
+        // A reader polls the version as fast as it can, through every fault below.
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let (t, stop, samples) = (t.clone(), stop.clone(), samples.clone());
+            tokio::spawn(async move {
+                let mut last = t.version();
+                while !stop.load(Ordering::Relaxed) {
+                    let v = t.version();
+                    assert!(v >= last, "version went back from {last} to {v}");
+                    last = v;
+                    samples.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+                last
+            })
+        };
+        // A publisher keeps changing a few keys at a time.
+        let publisher = {
+            let (o, stop) = (o.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                let mut tick = tokio::time::interval(Duration::from_millis(2));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    n += 1;
+                    let puts = (0..5)
+                        .map(|j| put(&format!("k{:03}", (n * 7 + j * 61) % 400), &n.to_string()))
+                        .collect();
+                    o.publish("t", puts).unwrap();
+                }
+            })
+        };
+
+        for round in 0..6u64 {
+            let connects = counter(&feed.connects);
+            let before = counter(&feed.disconnects);
+            match round % 3 {
+                // A reset in the middle of the stream.
+                0 => proxy.cut(),
+                // A few more bytes, then a reset: usually inside an HTTP/2 frame.
+                1 => proxy.cut_after(37 + 101 * round),
+                // Away for longer than the retained window: Reset and a snapshot (400 keys in
+                // chunks of 16), the first of which is cut part way through.
+                _ => {
+                    proxy.set_upstream(Upstream::Refuse);
+                    proxy.cut();
+                    wait_disconnected(&feed, before).await;
+                    let v = o.version("t").unwrap();
+                    eventually("window passed", || o.version("t").unwrap() > v + 10).await;
+                    let snapshots = counter(&feed.snapshots);
+                    let resets = counter(&o.stats().resets_sent);
+                    proxy.cut_next_after(3_000);
+                    proxy.set_upstream(Upstream::Forward(origin.addr));
+                    eventually("resnapshotted", || counter(&feed.snapshots) > snapshots).await;
+                    // The cut snapshot was abandoned, and the next stream started over: two
+                    // streams, each told to reset, one snapshot completed.
+                    assert_eq!(counter(&feed.snapshots), snapshots + 1);
+                    assert_eq!(counter(&o.stats().resets_sent), resets + 2);
+                    assert_eq!(counter(&feed.connects), connects + 2);
+                }
+            }
+            wait_disconnected(&feed, before).await;
+            eventually("reconnected", || counter(&feed.connects) > connects).await;
+            let v = o.version("t").unwrap();
+            wait_position(&t, &epoch, v).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        publisher.await.unwrap();
+        let last = reader.await.expect("the reader saw the version go back");
+        let v = o.version("t").unwrap();
+        wait_position(&t, &epoch, v).await;
+        assert!(last <= v);
+        assert!(counter(&samples) > 100, "the reader hardly ran");
+        assert!(counter(&feed.resets) >= 2, "no resnapshot happened");
+        let mut want = o.rows("t");
+        want.sort();
+        for (k, value) in &want {
+            assert_eq!(&t.get(k).expect(k).value, value, "{k}");
+        }
+        eprintln!(
+            "never back: {} samples, {} connects, {} snapshots, final version {v}",
+            counter(&samples),
+            counter(&feed.connects),
+            counter(&feed.snapshots)
+        );
+    })
+    .await
+}

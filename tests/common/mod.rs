@@ -477,6 +477,8 @@ struct ProxyState {
     latency_us: AtomicU64,
     accepted: AtomicU64,
     accept_times: Mutex<Vec<std::time::Instant>>,
+    /// The budget of the next connection accepted, armed by `cut_next_after`.
+    next_budget: Mutex<Option<u64>>,
 }
 
 impl ProxyState {
@@ -508,6 +510,7 @@ impl Proxy {
             latency_us: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             accept_times: Mutex::new(Vec::new()),
+            next_budget: Mutex::new(None),
         });
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -518,9 +521,17 @@ impl Proxy {
                     .unwrap()
                     .push(std::time::Instant::now());
                 let upstream = *st.upstream.lock().unwrap();
+                let budget = match upstream {
+                    Upstream::Forward(_) => st.next_budget.lock().unwrap().take(),
+                    Upstream::Refuse | Upstream::Blackhole => None,
+                };
                 let conn = Arc::new(Conn {
-                    mode: watch::channel(ConnMode::Forward).0,
-                    budget: AtomicU64::new(0),
+                    mode: watch::channel(match budget {
+                        Some(_) => ConnMode::CutAfter,
+                        None => ConnMode::Forward,
+                    })
+                    .0,
+                    budget: AtomicU64::new(budget.unwrap_or(0)),
                 });
                 {
                     let mut conns = st.conns.lock().unwrap();
@@ -572,6 +583,12 @@ impl Proxy {
                 arm
             });
         });
+    }
+
+    /// The next connection forwarded upstream forwards `bytes` (both directions together, handshakes
+    /// included) and is then reset: a cut at a chosen depth into what the new stream carries.
+    pub fn cut_next_after(&self, bytes: u64) {
+        *self.state.next_budget.lock().unwrap() = Some(bytes);
     }
 
     /// Delays every chunk read from now on, in both directions, by `latency`.
