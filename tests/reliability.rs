@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use viewcar::config::{ByteSize, Dur, Mode, OriginSpec, TopicSpec};
-use viewcar::pb::cache::v1 as cache;
 use viewcar::{FeedStats, OriginConfig, Sidecar};
 
 async fn get_value(sidecar: &Sidecar, src: &str, key: &str) -> Option<String> {
