@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use viewcar::config::{ByteSize, Dur, Mode, OriginSpec, TopicSpec};
+use viewcar::pb::feed::v1 as feed;
 use viewcar::{FeedStats, OriginConfig, Sidecar};
 
 async fn get_value(sidecar: &Sidecar, src: &str, key: &str) -> Option<String> {
@@ -31,6 +32,10 @@ async fn get_value(sidecar: &Sidecar, src: &str, key: &str) -> Option<String> {
 enum Bad {
     UnsubscribedTopic,
     SnapshotBehindApplied,
+    /// A chunk (not `last`) after a complete snapshot, with no Reset or Subscribe asking.
+    SnapshotAfterLast,
+    /// After a Reset, a snapshot whose chunks name two positions.
+    SnapshotPositionChanges,
     Oversized,
 }
 
@@ -53,6 +58,37 @@ async fn bad_peer(bad: Bad) {
             Bad::UnsubscribedTopic => s.batch("other", "e", 0, 1, &[("x", Some("1"))]).await,
             Bad::SnapshotBehindApplied => {
                 s.snapshot("t", "e", 1, &[("a".into(), "old".into())], 10)
+                    .await
+            }
+            Bad::SnapshotAfterLast => {
+                s.send(feed::sync_response::Kind::Snapshot(feed::SnapshotChunk {
+                    topic: "t".into(),
+                    position: Some(feed::Position {
+                        epoch: "e".into(),
+                        version: 2,
+                    }),
+                    entries: Vec::new(),
+                    last: false,
+                }))
+                .await
+            }
+            Bad::SnapshotPositionChanges => {
+                s.reset("t", "test").await;
+                s.send(feed::sync_response::Kind::Snapshot(feed::SnapshotChunk {
+                    topic: "t".into(),
+                    position: Some(feed::Position {
+                        epoch: "e".into(),
+                        version: 3,
+                    }),
+                    entries: vec![feed::Entry {
+                        key: "a".into(),
+                        value: "3".into(),
+                        version: 3,
+                    }],
+                    last: false,
+                }))
+                .await;
+                s.snapshot("t", "e", 4, &[("z".into(), "4".into())], 10)
                     .await
             }
             Bad::Oversized => {
@@ -91,6 +127,16 @@ async fn bad_peer_batch_for_unsubscribed_topic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peer_snapshot_after_last_behind_applied_version() {
     bad_peer(Bad::SnapshotBehindApplied).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peer_snapshot_chunk_after_last() {
+    bad_peer(Bad::SnapshotAfterLast).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peer_snapshot_position_changes_midway() {
+    bad_peer(Bad::SnapshotPositionChanges).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,10 +496,10 @@ async fn version_never_goes_back_across_reconnects_and_resnapshots() {
                     proxy.set_upstream(Upstream::Forward(origin.addr));
                     eventually("resnapshotted", || counter(&feed.snapshots) > snapshots).await;
                     // The cut snapshot was abandoned, and the next stream started over: two
-                    // streams, each told to reset, one snapshot completed.
+                    // streams, each told to reset, one snapshot completed. (Whether the cut
+                    // stream counted as connected depends on whether its headers beat the RST.)
                     assert_eq!(counter(&feed.snapshots), snapshots + 1);
                     assert_eq!(counter(&o.stats().resets_sent), resets + 2);
-                    assert_eq!(counter(&feed.connects), connects + 2);
                 }
             }
             wait_disconnected(&feed, before).await;
