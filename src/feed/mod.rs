@@ -86,6 +86,10 @@ struct TopicState {
     source: Arc<Source>,
     cursor: Option<Cursor>,
     phase: Phase,
+    /// Snapshots the origin owes this stream: one per `Subscribe` without resume and one per
+    /// `Reset`. A snapshot that starts when none is owed is not an answer to anything (a stray
+    /// chunk after `last` would otherwise park the topic in `Snapshot` and drop every batch).
+    owed: u32,
     loading: Option<Loading>,
 }
 
@@ -178,6 +182,7 @@ impl FeedClient {
                         source: s,
                         cursor: None,
                         phase: Phase::AwaitSnapshot,
+                        owed: 0,
                         loading: None,
                     },
                 )
@@ -286,10 +291,10 @@ impl FeedClient {
                 epoch: c.epoch.clone(),
                 version: c.version,
             });
-            t.phase = if resume.is_some() {
-                Phase::Live
+            (t.phase, t.owed) = if resume.is_some() {
+                (Phase::Live, 0)
             } else {
-                Phase::AwaitSnapshot
+                (Phase::AwaitSnapshot, 1)
             };
             // The channel holds one slot per topic plus room: this never waits.
             let _ = req_tx.try_send(subscribe(name, resume));
@@ -393,7 +398,20 @@ impl FeedClient {
                         )));
                     }
                 }
-                if t.phase != Phase::Snapshot(at.clone()) {
+                if let Phase::Snapshot(from) = &t.phase {
+                    if *from != at {
+                        return Err(FeedError::Protocol(format!(
+                            "snapshot of '{topic}' moved from {}@{} to {}@{} before its last chunk",
+                            from.epoch, from.version, at.epoch, at.version
+                        )));
+                    }
+                } else {
+                    if t.owed == 0 {
+                        return Err(FeedError::Protocol(format!(
+                            "snapshot of '{topic}' that no Subscribe or Reset asked for"
+                        )));
+                    }
+                    t.owed -= 1;
                     t.phase = Phase::Snapshot(at.clone());
                     let now = Instant::now();
                     t.loading = Some(Loading {
@@ -487,6 +505,7 @@ impl FeedClient {
                 info!(origin = %self.spec.name, %topic, reason = %r.reason, "origin reset the topic; a snapshot follows");
                 let was_snapshot = matches!(t.phase, Phase::Snapshot(_));
                 t.phase = Phase::AwaitSnapshot;
+                t.owed = t.owed.saturating_add(1);
                 if !was_snapshot {
                     return Ok(());
                 }
@@ -744,6 +763,7 @@ async fn resubscribe(
     writer: &mpsc::Sender<Op>,
 ) -> Result<(), FeedError> {
     t.phase = Phase::AwaitSnapshot;
+    t.owed = t.owed.saturating_add(1);
     writer
         .send(Op::AbortSnapshot {
             source: t.source.clone(),
