@@ -817,4 +817,28 @@ mod tests {
         assert!(first.iter().all(|d| *d <= cfg.backoff_initial.0));
         assert!(first.iter().any(|d| *d != first[0]), "no jitter");
     }
+
+    /// tonic's own wording for a message over the limit and for bytes that do not decode: if an
+    /// upgrade rewords them, this fails rather than the counter silently missing them.
+    #[test]
+    fn local_decode_failures_are_protocol_errors() {
+        // tonic-prost turns a prost decode error into `Status::internal(error.to_string())`.
+        let decode = pb::SyncResponse::decode(&[0xff, 0xff, 0xff][..]).unwrap_err();
+        let undecodable = tonic::Status::internal(decode.to_string());
+        assert!(matches!(
+            from_stream_status(undecodable),
+            FeedError::Protocol(_)
+        ));
+        let too_large = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 10024 bytes, the limit is: 4096 bytes",
+        );
+        assert!(matches!(
+            from_stream_status(too_large),
+            FeedError::Protocol(_)
+        ));
+        let refused = tonic::Status::out_of_range("version out of range");
+        assert!(matches!(from_stream_status(refused), FeedError::Status(_)));
+        let internal = tonic::Status::internal("origin failed");
+        assert!(matches!(from_stream_status(internal), FeedError::Status(_)));
+    }
 }
