@@ -529,3 +529,44 @@ async fn version_never_goes_back_across_reconnects_and_resnapshots() {
     })
     .await
 }
+
+// ----- latency -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_latency_delays_changes_without_reordering_or_throttling_them() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        let o = origin.origin.clone();
+        let epoch = o.epoch().to_string();
+        o.publish("t", vec![put("a", "0")]).unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let sidecar = start_sidecar(sidecar_config(&proxy.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        wait_position(&t, &epoch, 1).await;
+
+        let latency = Duration::from_millis(150);
+        proxy.set_latency(latency);
+        let start = Instant::now();
+        o.publish("t", vec![put("a", "1")]).unwrap();
+        wait_position(&t, &epoch, 2).await;
+        let one = start.elapsed();
+        assert!(
+            one >= latency,
+            "a change arrived after {one:?}, under the added {latency:?}"
+        );
+
+        // 300 batches published at once arrive about one latency later, not 300 of them.
+        let start = Instant::now();
+        for i in 0..300 {
+            o.publish("t", vec![put("a", &format!("v{i}"))]).unwrap();
+        }
+        wait_position(&t, &epoch, 302).await;
+        let all = start.elapsed();
+        assert!(all >= latency);
+        assert!(all < 10 * latency, "300 batches took {all:?}");
+        assert_eq!(text(&t.get("a").unwrap().value), "v299");
+        assert_eq!(counter(&sidecar.feed_stats("o").unwrap().gaps), 0);
+        eprintln!("latency {latency:?}: one change {one:?}, 300 batches {all:?}");
+    })
+    .await
+}
