@@ -486,23 +486,33 @@ impl<'de> Deserialize<'de> for TopicSpec {
     }
 }
 
+/// A config file's name (for errors) and text.
+fn read(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((file, text)),
+        Err(source) => Err(ConfigError::Read { file, source }),
+    }
+}
+
+/// TOML into a config type; the error names the file (toml's message names the key and line).
+fn from_toml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        file: file.to_string(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
 impl SidecarConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let (file, text) = read(path)?;
         Self::parse(&file, &text)
     }
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let cfg: SidecarConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let cfg: SidecarConfig = from_toml(file, text)?;
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -912,20 +922,15 @@ impl Default for OriginConfig {
 }
 
 impl OriginConfig {
+    /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
+        let (file, text) = read(path)?;
         Self::parse(&file, &text)
     }
 
+    /// Parses and validates config text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let cfg: OriginConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let cfg: OriginConfig = from_toml(file, text)?;
         cfg.validate(file)?;
         Ok(cfg)
     }
