@@ -49,4 +49,6 @@ pub mod internals {
     pub use crate::metrics::parse_text as parse_prometheus_text;
     pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
     pub use crate::store::Clock;
+    pub use crate::views::expr::{fuzz_filter, fuzz_key};
+    pub use crate::ws::fuzz_parse as fuzz_ws_request;
 }

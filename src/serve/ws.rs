@@ -374,6 +374,13 @@ fn parse(text: &str, cfg: &WsConfig) -> Result<Op, String> {
     }
 }
 
+/// Parses one client text message with the default limits, keeping only the `error` frame that
+/// would answer a refusal: an entry point for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub fn fuzz_parse(text: &str) -> Result<(), String> {
+    parse(text, &WsConfig::default()).map(|_| ())
+}
+
 fn is_too_big(e: axum::Error) -> bool {
     matches!(
         e.into_inner().downcast_ref::<tungstenite::Error>(),

@@ -492,6 +492,27 @@ impl Parser {
     }
 }
 
+/// Parses `text` as a key expression and evaluates it on `row`: an entry point for the fuzz
+/// targets in `fuzz/`, which keeps the expression types private.
+#[doc(hidden)]
+pub fn fuzz_key(text: &str, row: &Map<String, Value>) -> Result<Option<String>, String> {
+    let k = KeyExpr::parse(text)?;
+    k.paths().for_each(|p| {
+        let _ = (p.first(), p.last(), p.to_string());
+    });
+    Ok(k.eval(row).map(Cow::into_owned))
+}
+
+/// Parses `text` as a `where` filter and tests it on `row`; see [`fuzz_key`].
+#[doc(hidden)]
+pub fn fuzz_filter(text: &str, row: &Map<String, Value>) -> Result<bool, String> {
+    let f = Filter::parse(text)?;
+    f.paths(&mut |p| {
+        let _ = (p.first(), p.last(), p.to_string());
+    });
+    Ok(f.matches(row))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

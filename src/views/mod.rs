@@ -12,7 +12,7 @@
 //! row equals what computing it from scratch over the current sources gives.
 
 mod engine;
-mod expr;
+pub(crate) mod expr;
 mod spec;
 mod standalone;
 
