@@ -897,6 +897,28 @@ pub struct OriginConfig {
     /// (UNAUTHENTICATED) before anything is applied. Sync and Fetch are not affected (use mTLS
     /// to restrict who may read).
     pub publish_token: Option<String>,
+    /// Where the origin keeps its durable copy (a redb file, `origin.redb`): topics, the
+    /// retained change window and the epoch survive a restart, so sidecars resume without a
+    /// snapshot. `None` = in memory only: a restart is a new epoch and every sidecar resnapshots.
+    pub data_dir: Option<PathBuf>,
+    /// When a published batch reaches the disk (with `data_dir`).
+    pub fsync: Fsync,
+    /// With `fsync = "interval"`: how often the batches written since the last sync are synced.
+    pub fsync_interval: Dur,
+}
+
+/// When the durable origin syncs a batch to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// Every batch is synced before its Publish is acknowledged: an acknowledged batch survives
+    /// a crash or power loss. Costs one fsync per Publish.
+    #[default]
+    EveryBatch,
+    /// Batches are written at once but synced every `fsync_interval`: publishes are not paced
+    /// by the disk, and a crash can lose the batches of the last interval. A start after such a
+    /// crash begins a new epoch, so sidecars resnapshot instead of trusting reissued versions.
+    Interval,
 }
 
 impl Default for OriginConfig {
@@ -917,6 +939,9 @@ impl Default for OriginConfig {
             allow_non_loopback: false,
             tls: None,
             publish_token: None,
+            data_dir: None,
+            fsync: Fsync::EveryBatch,
+            fsync_interval: Dur(Duration::from_secs(1)),
         }
     }
 }
@@ -979,6 +1004,24 @@ impl OriginConfig {
                 file,
                 "progress_interval",
                 "must be above 0",
+            ));
+        }
+        if self.fsync_interval.0.is_zero() {
+            return Err(ConfigError::invalid(
+                file,
+                "fsync_interval",
+                "must be above 0",
+            ));
+        }
+        if self
+            .data_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "data_dir",
+                "is empty; remove it to keep the origin in memory",
             ));
         }
         if self.publish_token.as_deref().is_some_and(|t| t.is_empty()) {

@@ -33,7 +33,7 @@ pub mod views;
 
 pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
-pub use origin::{Origin, Put};
+pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;
 pub use serve::ws;
 pub use sidecar::{Sidecar, StartError};

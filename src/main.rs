@@ -140,6 +140,11 @@ struct OriginArgs {
         hide_env_values = true
     )]
     publish_token: Option<String>,
+    /// Keep topics, the retained changes and the epoch in this directory, so a restart resumes
+    /// sidecars without a snapshot; overrides the config's `data_dir`. Without it the origin
+    /// is in memory and a restart is a new epoch.
+    #[arg(long, value_name = "DIR", env = "VIEWCAR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// What `viewcar sidecar --help` adds after the flags.
@@ -462,6 +467,9 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
     if let Some(t) = args.publish_token {
         cfg.publish_token = Some(t);
     }
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = Some(d);
+    }
     let file = args
         .config
         .as_ref()
@@ -472,7 +480,11 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
     let listen = cfg.listen;
     let origin = match Origin::with_seed(cfg) {
         Ok(o) => o,
-        Err(e) => return usage(e),
+        Err(e @ viewcar::OpenError::Seed(_)) => return usage(e),
+        Err(e) => {
+            error!(error = %e, "cannot open the origin's data directory");
+            return ExitCode::FAILURE;
+        }
     };
     let listener = match TcpListener::bind(listen).await {
         Ok(l) => l,
@@ -483,7 +495,9 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
     };
     let addr = listener.local_addr().unwrap_or(listen);
     info!(%addr, epoch = origin.epoch(), "origin serving Feed");
-    match origin.serve(listener, shutdown_signal()).await {
+    let served = origin.serve(listener, shutdown_signal()).await;
+    origin.close();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "origin server failed");

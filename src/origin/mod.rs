@@ -8,6 +8,7 @@
 //! Publishers never wait for streams: each stream has a bounded queue, and a stream whose queue
 //! is full is marked lagged for that topic and caught up later with `Reset` + snapshot.
 
+mod durable;
 mod seed;
 mod session;
 
@@ -26,7 +27,17 @@ use tracing::{info, warn};
 use crate::config::OriginConfig;
 use crate::pb::feed::v1 as pb;
 
+pub use durable::StoreError;
 pub use seed::SeedError;
+
+/// Why an origin could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Seed(#[from] SeedError),
+}
 
 /// Why a publish was refused; nothing of it was applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -55,6 +66,8 @@ pub enum PublishError {
         bytes: usize,
         limit: usize,
     },
+    #[error("publish not applied: the origin could not write it to its data directory: {0}")]
+    Storage(String),
 }
 
 /// Room kept below `max_message_bytes` for what a feed message adds around the published
@@ -64,7 +77,10 @@ const FEED_OVERHEAD: usize = 64;
 
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
-        Status::invalid_argument(e.to_string())
+        match e {
+            PublishError::Storage(_) => Status::unavailable(e.to_string()),
+            e => Status::invalid_argument(e.to_string()),
+        }
     }
 }
 
@@ -191,6 +207,22 @@ pub(crate) struct Inner {
     pub cut: watch::Sender<u64>,
     /// Set when the origin shuts down: new streams are refused. Once true, stays true.
     pub shutting_down: AtomicBool,
+    /// The durable copy: `None` = in memory only; `Some(None)` = closed (publishes refused).
+    store: Option<Mutex<Option<durable::Store>>>,
+}
+
+impl Inner {
+    /// The durable copy, if this origin has one and it is still open.
+    fn store_guard(&self) -> std::sync::MutexGuard<'_, Option<durable::Store>> {
+        static NONE: Mutex<Option<durable::Store>> = Mutex::new(None);
+        // A write either commits or not before it can panic, so a poisoned lock still guards a
+        // usable database handle.
+        self.store
+            .as_ref()
+            .unwrap_or(&NONE)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// An origin: embed it in a Rust service (call [`Origin::publish`] on writes, serve
@@ -201,19 +233,80 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// A new, empty origin with a fresh epoch.
+    /// A new, empty, in-memory origin with a fresh epoch. `cfg.data_dir` is not read here:
+    /// [`Origin::open`] is the constructor that honours it.
     pub fn new(cfg: OriginConfig) -> Self {
+        if cfg.data_dir.is_some() {
+            warn!("Origin::new ignores data_dir; use Origin::open for a durable origin");
+        }
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        Self::build(cfg, epoch, None, Default::default())
+    }
+
+    /// An origin as the config says: in memory without `data_dir` (a fresh epoch every time);
+    /// with it, the durable copy under that directory is loaded (same epoch, versions, rows and
+    /// retained changes as when it was last written) and every publish is written there first.
+    /// The directory is held until [`Origin::close`] or the last clone is dropped.
+    pub fn open(cfg: OriginConfig) -> Result<Self, StoreError> {
+        let Some(dir) = cfg.data_dir.clone() else {
+            return Ok(Origin::new(cfg));
+        };
+        let (store, loaded) = durable::Store::open(&dir, cfg.fsync)?;
+        let declared: Option<HashSet<&str>> = if cfg.topics.is_empty() {
+            None
+        } else {
+            Some(cfg.topics.iter().map(String::as_str).collect())
+        };
+        let mut topics = HashMap::new();
+        for (name, t) in loaded.topics {
+            if declared
+                .as_ref()
+                .is_some_and(|d| !d.contains(name.as_str()))
+            {
+                warn!(topic = %name, dir = %dir.display(), "stored topic is not declared; not served (its data stays on disk)");
+                continue;
+            }
+            let topic = Topic::new(&name);
+            {
+                let mut st = topic.lock();
+                st.data = t.data;
+                st.version = t.version;
+                st.log_bytes = t.log.iter().map(|b| b.bytes).sum();
+                st.log = t.log;
+                retain(&cfg, &mut st);
+                let keep_from = st.log.front().map_or(st.version + 1, |b| b.version);
+                store.trim(&name, keep_from)?;
+            }
+            topics.insert(name, topic);
+        }
+        let origin = Self::build(cfg, loaded.epoch, Some(store), topics);
+        let weak = Arc::downgrade(&origin.inner);
+        let every = origin.inner.cfg.fsync_interval.0;
+        if let Some(store) = origin.inner.store_guard().as_mut() {
+            store.start_sync(weak, every);
+        }
+        Ok(origin)
+    }
+
+    fn build(
+        cfg: OriginConfig,
+        epoch: String,
+        store: Option<durable::Store>,
+        mut loaded: HashMap<String, Topic>,
+    ) -> Self {
         let declared = if cfg.topics.is_empty() {
             None
         } else {
             Some(cfg.topics.iter().cloned().collect())
         };
-        let epoch = format!("{:016x}", rand::random::<u64>());
-        let topics = cfg
-            .topics
-            .iter()
-            .map(|t| (Arc::from(t.as_str()), Arc::new(Topic::new(t))))
-            .collect();
+        let mut topics: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+        for t in &cfg.topics {
+            let topic = loaded.remove(t).unwrap_or_else(|| Topic::new(t));
+            topics.insert(Arc::from(t.as_str()), Arc::new(topic));
+        }
+        for (name, topic) in loaded {
+            topics.insert(Arc::from(name.as_str()), Arc::new(topic));
+        }
         let streams = Arc::new(Semaphore::new(cfg.max_streams));
         Origin {
             inner: Arc::new(Inner {
@@ -226,19 +319,35 @@ impl Origin {
                 next_session: AtomicU64::new(1),
                 cut: watch::channel(0).0,
                 shutting_down: AtomicBool::new(false),
+                store: store.map(|s| Mutex::new(Some(s))),
             }),
         }
     }
 
-    /// A new origin loaded with the config's seed file, if any.
-    pub fn with_seed(cfg: OriginConfig) -> Result<Self, SeedError> {
+    /// [`Origin::open`], then the config's seed file, if any. A durable origin that already
+    /// holds data does not load the seed again: its data directory is the truth.
+    pub fn with_seed(cfg: OriginConfig) -> Result<Self, OpenError> {
         let seed = cfg.seed.clone();
-        let origin = Origin::new(cfg);
+        let origin = Origin::open(cfg)?;
         if let Some(path) = seed {
-            let n = seed::load(&origin, &path)?;
-            info!(file = %path.display(), keys = n, "seed loaded");
+            let restored = origin
+                .topics()
+                .iter()
+                .any(|t| origin.version(t).is_some_and(|v| v > 0));
+            if restored {
+                info!(file = %path.display(), "seed not loaded: the data directory holds data");
+            } else {
+                let n = seed::load(&origin, &path)?;
+                info!(file = %path.display(), keys = n, "seed loaded");
+            }
         }
         Ok(origin)
+    }
+
+    /// Syncs and releases the data directory (a clean close: the next open keeps this epoch).
+    /// Publishes after this are refused. Without a data directory, does nothing.
+    pub fn close(&self) {
+        self.inner.store_guard().take();
     }
 
     /// This incarnation's id: versions are comparable only within one epoch.
@@ -361,6 +470,18 @@ impl Origin {
         self.check_size(&t.name, &pb_changes, limit)?;
         let mut st = t.lock();
         let version = st.version + 1;
+        if self.inner.store.is_some() {
+            let trim = self.trimmed(&st, bytes);
+            let store = self.inner.store_guard();
+            let written = match store.as_ref() {
+                Some(store) => store.write_batch(&t.name, version, &pb_changes, trim),
+                None => Err(StoreError::Closed),
+            };
+            written.map_err(|e| {
+                warn!(topic = %t.name, version, error = %e, "publish refused: not written");
+                PublishError::Storage(e.to_string())
+            })?;
+        }
         for c in &pb_changes {
             if c.deleted {
                 st.data.remove(c.key.as_str());
@@ -382,15 +503,7 @@ impl Origin {
         });
         st.log_bytes += batch.bytes;
         st.log.push_back(batch.clone());
-        let (max_n, max_b) = (
-            self.inner.cfg.retain_batches,
-            self.inner.cfg.retain_bytes.as_usize(),
-        );
-        while st.log.len() > max_n || (st.log_bytes > max_b && st.log.len() > 1) {
-            if let Some(b) = st.log.pop_front() {
-                st.log_bytes -= b.bytes;
-            }
-        }
+        retain(&self.inner.cfg, &mut st);
         let st = &mut *st;
         for interest in st.interests.values_mut() {
             session::offer(&self.inner, &t.name, interest, &batch);
@@ -400,6 +513,27 @@ impl Origin {
             epoch: self.inner.epoch.clone(),
             version,
         })
+    }
+
+    /// The log versions that [`retain`] will drop once a batch of `bytes` is appended: the
+    /// durable copy drops them in the same write.
+    fn trimmed(&self, st: &TopicState, bytes: usize) -> std::ops::Range<u64> {
+        let (max_n, max_b) = (
+            self.inner.cfg.retain_batches,
+            self.inner.cfg.retain_bytes.as_usize(),
+        );
+        let (mut len, mut total) = (st.log.len() + 1, st.log_bytes + bytes);
+        let first = st.log.front().map_or(st.version + 1, |b| b.version);
+        let mut dropped = 0;
+        for b in &st.log {
+            if !(len > max_n || (total > max_b && len > 1)) {
+                break;
+            }
+            len -= 1;
+            total -= b.bytes;
+            dropped += 1;
+        }
+        first..first + dropped
     }
 
     /// Refuses changes that could not reach a sidecar: every version is sent as one
@@ -556,6 +690,17 @@ impl Origin {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Drops the oldest batches of the retained window beyond `retain_batches` / `retain_bytes`
+/// (the newest is always kept).
+fn retain(cfg: &OriginConfig, st: &mut TopicState) {
+    let (max_n, max_b) = (cfg.retain_batches, cfg.retain_bytes.as_usize());
+    while st.log.len() > max_n || (st.log_bytes > max_b && st.log.len() > 1) {
+        if let Some(b) = st.log.pop_front() {
+            st.log_bytes -= b.bytes;
+        }
     }
 }
 

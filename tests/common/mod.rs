@@ -96,11 +96,14 @@ impl TestOrigin {
         }
     }
 
-    /// Stops this origin and starts a new one (a new epoch, with `cfg`) on the same address,
-    /// as a restarted origin process would.
+    /// Stops this origin and starts a new one with `cfg` on the same address, as a restarted
+    /// origin process would: a new epoch in memory, or what its `data_dir` holds (the old
+    /// origin is closed first, releasing the directory).
     pub async fn restart(&mut self, cfg: OriginConfig) -> Origin {
         self.stop().await;
-        let next = TestOrigin::start_on(Origin::new(cfg), self.addr).await;
+        self.origin.close();
+        let origin = Origin::open(cfg).expect("open the restarted origin");
+        let next = TestOrigin::start_on(origin, self.addr).await;
         *self = next;
         self.origin.clone()
     }
