@@ -186,7 +186,17 @@ pub(crate) enum Filter {
 impl Filter {
     pub(crate) fn parse(s: &str) -> Result<Filter, String> {
         let toks = tokenize(s)?;
-        let mut p = Parser { toks, pos: 0 };
+        if toks.len() > MAX_FILTER_TOKENS {
+            return Err(format!(
+                "a filter of {} tokens is too long (at most {MAX_FILTER_TOKENS})",
+                toks.len()
+            ));
+        }
+        let mut p = Parser {
+            toks,
+            pos: 0,
+            depth: 0,
+        };
         let f = p.or().map_err(|e| format!("in {s:?}: {e}"))?;
         if let Some(t) = p.toks.get(p.pos) {
             return Err(format!(
@@ -394,9 +404,17 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
     Ok(out)
 }
 
+/// Bounds of a `where` filter. Parsing, evaluating and dropping a filter recurse over it, so an
+/// unbounded one (thousands of nested `(` or `not`) overflowed the stack instead of being
+/// refused. Chains of `and`/`or` nest one level per term, hence the token bound too.
+const MAX_FILTER_TOKENS: usize = 1024;
+const MAX_FILTER_NESTING: usize = 64;
+
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    /// Open `(` and `not` around the current position.
+    depth: usize,
 }
 
 impl Parser {
@@ -430,12 +448,23 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Filter, String> {
+        if self.depth >= MAX_FILTER_NESTING {
+            return Err(format!(
+                "parentheses and `not` nest deeper than {MAX_FILTER_NESTING} levels"
+            ));
+        }
         if self.keyword("not") {
-            return Ok(Filter::Not(Box::new(self.unary()?)));
+            self.depth += 1;
+            let f = self.unary();
+            self.depth -= 1;
+            return Ok(Filter::Not(Box::new(f?)));
         }
         if self.peek() == Some(&Tok::LParen) {
             self.pos += 1;
-            let f = self.or()?;
+            self.depth += 1;
+            let f = self.or();
+            self.depth -= 1;
+            let f = f?;
             return match self.toks.get(self.pos) {
                 Some(Tok::RParen) => {
                     self.pos += 1;
@@ -588,5 +617,22 @@ mod tests {
         ] {
             assert!(Filter::parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn deeply_nested_filters_are_refused_not_a_stack_overflow() {
+        // The first two overflowed the stack when run through the `view_expr` fuzz target; the
+        // third builds a tree as deep as the chain is long.
+        let deep_not = format!("{}x", "not ".repeat(50_000));
+        let deep_paren = format!("{}x{}", "(".repeat(30_000), ")".repeat(30_000));
+        let long_and = vec!["x"; 50_000].join(" and ");
+        for s in [deep_not, deep_paren, long_and] {
+            assert!(Filter::parse(&s).is_err(), "{} parsed", &s[..20]);
+        }
+        let nested = format!("{}x{}", "(not ".repeat(30), ")".repeat(30));
+        // 30 levels of `not` (60 of nesting) are fine, and cancel out.
+        assert!(Filter::parse(&nested)
+            .unwrap()
+            .matches(&obj(json!({"x": true}))));
     }
 }
