@@ -684,9 +684,8 @@ impl FeedClient {
                     };
                     k.od.apply(&ch.key, slot).await;
                 }
-                k.source.set_epoch(&batch.epoch);
                 k.source.heard();
-                k.source.set_version(batch.version);
+                k.source.set_position(&batch.epoch, batch.version);
             }
             Kind::Progress(p) => {
                 let Some(pos) = p.position else { return Ok(()) };

@@ -253,6 +253,9 @@ pub struct Source {
     /// A sequence lock over change batches: odd while the writer is applying one. Multi-key
     /// readers retry when it moved, so they see each version of a topic whole.
     writes: AtomicU64,
+    /// A sequence lock over a change of epoch: odd while the epoch and the version are being
+    /// replaced together (see `position`).
+    moves: AtomicU64,
     /// For a view: the sources it reads, whose freshness it reports.
     inputs: Vec<Arc<Source>>,
     /// For an `on_demand` topic: its resident keys (the keyspace above stays empty).
@@ -281,6 +284,7 @@ impl Source {
             clock,
             changed: watch::channel(0).0,
             writes: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
             inputs: Vec::new(),
             on_demand: None,
         }
@@ -376,6 +380,25 @@ impl Source {
         self.epoch.load_full()
     }
 
+    /// The epoch and the version applied in it, read together. `epoch()` and `version()` read
+    /// apart can pair a new epoch with the previous epoch's version (a position that does not
+    /// exist, after which that epoch's version seems to go back); this never does. Within one
+    /// epoch, successive calls never return a smaller version.
+    pub fn position(&self) -> (Arc<String>, u64) {
+        loop {
+            let seq = self.moves.load(Ordering::Acquire);
+            if seq % 2 == 0 {
+                let epoch = self.epoch.load_full();
+                let version = self.version.load(Ordering::Acquire);
+                std::sync::atomic::fence(Ordering::Acquire);
+                if self.moves.load(Ordering::Relaxed) == seq {
+                    return (epoch, version);
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// True once the first snapshot (or, for a view, every input) has been applied. Once true it
     /// stays true: a later resnapshot swaps atomically, so readers always have whole data.
     pub fn is_synced(&self) -> bool {
@@ -459,6 +482,21 @@ impl Source {
         }
     }
 
+    /// Moves the source to `version` of `epoch` and wakes waiters. A new epoch and its version
+    /// are replaced under `moves`, so that `position` sees both or neither.
+    pub(crate) fn set_position(&self, epoch: &str, version: u64) {
+        if self.epoch.load().as_str() == epoch {
+            self.set_version(version);
+            return;
+        }
+        self.moves.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        self.epoch.store(Arc::new(epoch.to_string()));
+        self.version.store(version, Ordering::Release);
+        self.moves.fetch_add(1, Ordering::Release);
+        self.changed.send_replace(version);
+    }
+
     /// Advances the source version (never backwards within an epoch) and wakes waiters.
     pub(crate) fn set_version(&self, version: u64) {
         self.version.store(version, Ordering::Release);
@@ -523,6 +561,38 @@ mod tests {
             value: Bytes::from(v.to_string()),
             version,
         }
+    }
+
+    /// A new epoch starts at a lower version: a reader of `position` never pairs it with the
+    /// previous epoch's version, so no epoch's version ever seems to go back.
+    #[test]
+    fn position_never_pairs_a_new_epoch_with_the_old_version() {
+        let s = Arc::new(Source::new(
+            "t",
+            SourceKind::Topic { origin: "o".into() },
+            Mode::Full,
+            Clock::new(),
+            Duration::from_secs(1),
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut last = (Arc::new(String::new()), 0);
+                while !stop.load(Ordering::Relaxed) {
+                    let now = s.position();
+                    assert!(now.0 != last.0 || now.1 >= last.1, "{now:?} after {last:?}");
+                    last = now;
+                }
+            })
+        };
+        for e in 0..20_000u64 {
+            let epoch = format!("e{e}");
+            s.set_position(&epoch, 0);
+            s.set_position(&epoch, 1_000);
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().expect("the reader saw a version go back");
     }
 
     #[test]

@@ -195,9 +195,8 @@ impl Writer {
                     }
                 }
                 source.end_batch();
-                source.set_epoch(&epoch);
                 source.heard();
-                source.set_version(version);
+                source.set_position(&epoch, version);
             }
             Op::Progress {
                 source,
@@ -283,9 +282,8 @@ impl Writer {
                 });
             }
         });
-        source.set_epoch(&staged.epoch);
         source.heard();
-        source.set_version(staged.version);
+        source.set_position(&staged.epoch, staged.version);
         source.mark_synced();
         self.stats
             .snapshots
