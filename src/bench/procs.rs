@@ -228,7 +228,7 @@ fn view_toml(v: &ViewSpec) -> String {
     out
 }
 
-fn sidecar_toml(spec: &SidecarSpec, grpc: u16, http: Option<u16>, views: bool) -> String {
+fn sidecar_toml(spec: &SidecarSpec, grpc: u16, http: Option<u16>) -> String {
     let mut t = format!("[listen]\ngrpc = \"127.0.0.1:{grpc}\"\n");
     // Without an explicit port the http listener takes its default (7071), which another
     // process on the machine may hold: any free port will do when nobody connects to it.
@@ -241,10 +241,8 @@ fn sidecar_toml(spec: &SidecarSpec, grpc: u16, http: Option<u16>, views: bool) -
         spec.origin,
         topics.join(", ")
     ));
-    if views {
-        for v in &spec.views {
-            t.push_str(&view_toml(v));
-        }
+    for v in &spec.views {
+        t.push_str(&view_toml(v));
     }
     t
 }
@@ -261,33 +259,11 @@ impl SidecarProc {
         let dir = temp_dir("sidecar")?;
         let grpc = free_port()?;
         let http = if spec.http { Some(free_port()?) } else { None };
-        // Features this build's config may not know yet are dropped rather than failing the run.
-        let candidates = [
-            (http, !spec.views.is_empty()),
-            (None, !spec.views.is_empty()),
-            (http, false),
-            (None, false),
-        ];
-        let mut chosen = None;
-        let mut first_err = None;
-        for (h, v) in candidates {
-            let text = sidecar_toml(&spec, grpc, h, v);
-            match SidecarConfig::parse("bench sidecar config", &text) {
-                Ok(_) => {
-                    chosen = Some((text, h, v));
-                    break;
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e.to_string());
-                }
-            }
-        }
-        let Some((text, http, with_views)) = chosen else {
-            return Err(BenchError::setup(format!(
-                "generated sidecar config refused: {}",
-                first_err.unwrap_or_default()
-            )));
-        };
+        // The config is checked here so that a refusal names the generated file's problem
+        // instead of surfacing as a sidecar that never came up.
+        let text = sidecar_toml(&spec, grpc, http);
+        SidecarConfig::parse("bench sidecar config", &text)
+            .map_err(|e| BenchError::setup(format!("generated sidecar config refused: {e}")))?;
         let config = dir.join("viewcar.toml");
         std::fs::write(&config, text)?;
         let args = vec![
@@ -321,11 +297,7 @@ impl SidecarProc {
         let client = pb::cache_client::CacheClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let views = if with_views {
-            spec.views.iter().map(|v| v.name.clone()).collect()
-        } else {
-            Vec::new()
-        };
+        let views = spec.views.iter().map(|v| v.name.clone()).collect();
         let sc = SidecarProc {
             proc,
             grpc: grpc_addr,
