@@ -1,23 +1,17 @@
 //! Bad config files, through the real binary: exit status 64 (EX_USAGE) and a message naming the
 //! file, the field and what was expected. A good file passes `check`.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn write(name: &str, text: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("config-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_file("config-tests", name, text)
 }
 
 fn viewcar(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_viewcar"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run viewcar")
+    common::run_viewcar(args)
 }
 
 /// Both `check` and `sidecar` refuse the file with 64 and a message containing every `needle`.

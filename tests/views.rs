@@ -1,9 +1,11 @@
 //! Views over the demo catalog, driven through the writer without a network: exact recompute
 //! counts, the shape of `product_page`, and view config errors through the real binary.
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -148,19 +150,11 @@ fn product_page_collapses_the_fan_out_tree_into_one_row() {
 // ----- config errors, through the binary -----
 
 fn write(name: &str, text: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("views-config");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
+    common::write_file("views-config", name, text)
 }
 
 fn viewcar(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_viewcar"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run viewcar")
+    common::run_viewcar(args)
 }
 
 const TOPICS: &str = r#"

@@ -749,3 +749,23 @@ where
         }
     }
 }
+
+/// Writes `text` to `<target tmp>/<dir>/<name>` and returns the path (config files for tests
+/// that run the binary).
+pub fn write_file(dir: &str, name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the `viewcar` binary with `args` (logs at warn) and returns what it printed and its
+/// exit status.
+pub fn run_viewcar(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_viewcar"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run viewcar")
+}
