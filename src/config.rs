@@ -662,7 +662,7 @@ impl SidecarConfig {
             .filter(|t| t.mode == Mode::OnDemand)
             .map(|t| t.name.clone())
             .collect();
-        crate::views::refuse_on_demand_inputs(file, &self.views, &on_demand)?;
+        crate::views::check_on_demand_views(file, &self.views, &on_demand)?;
         Ok(())
     }
 }

@@ -30,7 +30,7 @@ use crate::hub::Hub;
 use crate::readiness::Readiness;
 use crate::serve::ws::WsStats;
 use crate::store::writer::WriterStats;
-use crate::store::{OnDemand, OnDemandStats, Source, Store};
+use crate::store::{OnDemandStats, Source, Store};
 use crate::views::ViewStats;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.
@@ -135,6 +135,9 @@ impl Metrics {
         for s in self.store.sources() {
             if let Some(od) = s.on_demand() {
                 od.sync().await;
+            }
+            if let Some(rows) = s.view_cache() {
+                rows.sync();
             }
         }
     }
@@ -274,14 +277,40 @@ impl Collector for Parts {
             }),
         )?;
 
-        let on_demand: Vec<(&Source, &OnDemand)> = sources
+        // on_demand topics and views: what they hold and how reads went.
+        struct Held<'a> {
+            source: &'a Source,
+            stats: &'a OnDemandStats,
+            keys: u64,
+            bytes: u64,
+            max: u64,
+        }
+        let on_demand: Vec<Held> = sources
             .iter()
-            .filter_map(|s| Some((&**s, &**s.on_demand()?)))
+            .filter_map(|s| {
+                if let Some(od) = s.on_demand() {
+                    return Some(Held {
+                        source: s,
+                        stats: od.stats(),
+                        keys: od.resident_keys(),
+                        bytes: od.resident_bytes(),
+                        max: od.max_bytes(),
+                    });
+                }
+                let rows = s.view_cache()?;
+                Some(Held {
+                    source: s,
+                    stats: rows.stats(),
+                    keys: rows.resident_keys(),
+                    bytes: rows.resident_bytes(),
+                    max: rows.max_bytes(),
+                })
+            })
             .collect();
         fn od_labels(s: &Source) -> Labels<'_> {
             vec![
                 ("source", s.name()),
-                ("kind", "topic"),
+                ("kind", if s.is_view() { "view" } else { "topic" }),
                 ("origin", s.origin().unwrap_or("")),
             ]
         }
@@ -298,7 +327,8 @@ impl Collector for Parts {
             ),
             (
                 "on_demand_fetches",
-                "Feed.Fetch calls made for on_demand misses (one per load, however many wait)",
+                "Feed.Fetch calls made for on_demand misses (one per load, however many wait); \
+                 for a view, rounds of fetching a row's missing inputs",
                 |s| counter(&s.fetches),
             ),
             (
@@ -328,7 +358,7 @@ impl Collector for Parts {
                 help,
                 on_demand
                     .iter()
-                    .map(|(s, od)| (od_labels(s), f(od.stats())))
+                    .map(|h| (od_labels(h.source), f(h.stats)))
                     .collect::<Vec<_>>(),
             )?;
         }
@@ -338,7 +368,7 @@ impl Collector for Parts {
             "on_demand keys resident (absent keys included), as of moka's last housekeeping",
             on_demand
                 .iter()
-                .map(|(s, od)| (od_labels(s), gauge(od.resident_keys())))
+                .map(|h| (od_labels(h.source), gauge(h.keys)))
                 .collect::<Vec<_>>(),
         )?;
         family(
@@ -347,7 +377,7 @@ impl Collector for Parts {
             "on_demand weighed bytes resident: keys, values and a fixed per-key overhead",
             on_demand
                 .iter()
-                .map(|(s, od)| (od_labels(s), gauge(od.resident_bytes())))
+                .map(|h| (od_labels(h.source), gauge(h.bytes)))
                 .collect::<Vec<_>>(),
         )?;
         family(
@@ -356,7 +386,7 @@ impl Collector for Parts {
             "on_demand byte budget (max_bytes)",
             on_demand
                 .iter()
-                .map(|(s, od)| (od_labels(s), gauge(od.max_bytes())))
+                .map(|h| (od_labels(h.source), gauge(h.max)))
                 .collect::<Vec<_>>(),
         )?;
 

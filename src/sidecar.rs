@@ -113,13 +113,6 @@ impl Sidecar {
         }
         let derive = crate::views::build(&cfg.views, views, &mut store, clock)?;
         let view_stats = derive.as_ref().map(|d| d.stats()).unwrap_or_default();
-        if let Some(v) = store.sources().iter().find(|s| s.reads_on_demand()) {
-            return Err(StartError::Config(crate::config::ConfigError::invalid(
-                "<config>",
-                format!("view '{}'", v.name()),
-                "views over on_demand sources are not supported yet",
-            )));
-        }
         let store = Arc::new(store);
         let hub = Arc::new(Hub::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -159,6 +152,11 @@ impl Sidecar {
 
         let mut tasks = Vec::new();
         let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
+        for s in store.sources() {
+            if let Some(rows) = s.view_cache() {
+                rows.set_writer(wtx.downgrade());
+            }
+        }
         let writer_stats = Arc::new(WriterStats::default());
         let derive = derive.map(|d| d.attach(store.clone()));
         let writer = Writer::new(hub.clone(), derive, writer_stats.clone());

@@ -602,7 +602,11 @@ impl FeedClient {
                 let pos = chunk.position.ok_or_else(|| {
                     FeedError::Protocol(format!("snapshot of '{topic}' without a position"))
                 })?;
-                k.od.observe_epoch(&pos.epoch);
+                // Keys pinned by view rows whose value changed: their rows are computed again.
+                let mut touched: Vec<Arc<str>> = Vec::new();
+                if k.od.observe_epoch(&pos.epoch) {
+                    touched.extend(k.od.pinned_keys());
+                }
                 for e in chunk.entries {
                     let key: Arc<str> = Arc::from(e.key);
                     k.seen.insert(key.clone());
@@ -611,9 +615,12 @@ impl FeedClient {
                         version: e.version,
                     };
                     k.od.apply(&key, slot).await;
+                    if k.od.has_pins() {
+                        touched.push(key);
+                    }
                 }
                 if !chunk.last {
-                    return Ok(());
+                    return touch(&self.writer, &k.source, touched).await;
                 }
                 let seen = std::mem::take(&mut k.seen);
                 let at = Cursor {
@@ -647,13 +654,16 @@ impl FeedClient {
                             version: at.version,
                         };
                         k.od.apply(key, slot).await;
+                        if k.od.has_pins() {
+                            touched.push(key.clone());
+                        }
                     }
                 }
-                k.source.set_epoch(&at.epoch);
+                touch(&self.writer, &k.source, touched).await?;
                 k.source.heard();
                 if let Some(c) = &k.cursor {
-                    if c.version > k.source.version() || *k.source.epoch() != c.epoch {
-                        k.source.set_version(c.version);
+                    if *k.source.epoch() != c.epoch || c.version > k.source.version() {
+                        k.source.set_position(&c.epoch, c.version);
                     }
                 }
             }
@@ -661,6 +671,7 @@ impl FeedClient {
                 let Some(c) = &mut k.cursor else {
                     return Ok(());
                 };
+                let mut touched: Vec<Arc<str>> = Vec::new();
                 if batch.epoch == c.epoch && batch.version <= c.version {
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -670,7 +681,9 @@ impl FeedClient {
                     // and refresh every resident key from keyed snapshots.
                     self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                     warn!(origin = %self.spec.name, %topic, expected = c.version, got = batch.prev_version, "gap in an on_demand topic; refreshing resident keys");
-                    k.od.observe_epoch(&batch.epoch);
+                    if k.od.observe_epoch(&batch.epoch) {
+                        touched.extend(k.od.pinned_keys());
+                    }
                     k.od.refresh_all();
                 }
                 *c = Cursor {
@@ -683,7 +696,11 @@ impl FeedClient {
                         version: batch.version,
                     };
                     k.od.apply(&ch.key, slot).await;
+                    if k.od.has_pins() {
+                        touched.push(Arc::from(ch.key));
+                    }
                 }
+                touch(&self.writer, &k.source, touched).await?;
                 k.source.heard();
                 k.source.set_position(&batch.epoch, batch.version);
             }
@@ -706,6 +723,25 @@ impl FeedClient {
         }
         Ok(())
     }
+}
+
+/// Hands the writer the keys of an on_demand topic that view rows read and whose value just
+/// changed (the engine ignores keys no row reads any more).
+async fn touch(
+    writer: &mpsc::Sender<Op>,
+    source: &Arc<Source>,
+    keys: Vec<Arc<str>>,
+) -> Result<(), FeedError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    writer
+        .send(Op::Touch {
+            source: source.clone(),
+            keys,
+        })
+        .await
+        .map_err(|_| FeedError::WriterGone)
 }
 
 /// Logs a snapshot's progress every [`LOAD_LOG_EVERY`] while it loads, and its total when it

@@ -16,7 +16,7 @@ use crate::config::Limits;
 use crate::hub::{Hub, Selection, Update, Watcher};
 use crate::pb::cache::v1 as pb;
 use crate::store::on_demand::Slot;
-use crate::store::{Keyspace, OnDemand, Source, Store};
+use crate::store::{Keyspace, Source, Store};
 
 /// Reads a BatchGet makes to land between change batches (see `Source::read_begin`).
 const BATCH_READ_ATTEMPTS: usize = 64;
@@ -139,25 +139,26 @@ fn od_item(source: &str, key: String, slot: Slot) -> pb::Item {
     }
 }
 
-/// Reads `key` of an on_demand source through its cache (one Fetch per miss).
-async fn read_through(
-    source: &Source,
-    od: &Arc<OnDemand>,
-    key: String,
-) -> Result<pb::Item, Status> {
-    let slot = od
-        .get(&key)
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    Ok(od_item(source.name(), key, slot))
+/// Reads `key` of an on_demand source through its cache: one Fetch per miss for a topic, the
+/// row computed once (fetching its missing inputs) for a view. `None` for other sources.
+async fn read_through(source: &Source, key: &str) -> Option<Result<pb::Item, Status>> {
+    let got = if let Some(od) = source.on_demand() {
+        od.get(key).await
+    } else {
+        source.view_cache()?.get(key).await
+    };
+    Some(
+        got.map(|slot| od_item(source.name(), key.to_string(), slot))
+            .map_err(|e| Status::unavailable(e.to_string())),
+    )
 }
 
 /// Scan and Watch need every key of a source; an on_demand one holds only those read lately.
 fn refuse_on_demand(source: &Source, what: &str) -> Result<(), Status> {
-    if source.on_demand().is_some() {
+    if source.is_on_demand() {
         return Err(Status::failed_precondition(format!(
             "source '{}' is on_demand: it holds only the keys read lately, so {what} is not \
-             served from it; use Get/BatchGet, or declare the topic mode = \"full\"",
+             served from it; use Get/BatchGet, or declare it mode = \"full\"",
             source.name()
         )));
     }
@@ -191,12 +192,14 @@ fn update_event(source: &str, u: Update) -> pb::WatchEvent {
     pb::WatchEvent { kind: Some(kind) }
 }
 
-/// The on_demand counters of a SourceStatus (zero for other sources).
+/// The on_demand counters of a SourceStatus (zero for other sources). For a view, `fetches`
+/// counts rounds of fetching a row's missing inputs.
 fn on_demand_status(s: &Source) -> pb::SourceStatus {
-    let Some(od) = s.on_demand() else {
-        return pb::SourceStatus::default();
+    let (st, max_bytes) = match (s.on_demand(), s.view_cache()) {
+        (Some(od), _) => (od.stats(), od.max_bytes()),
+        (None, Some(rows)) => (rows.stats(), rows.max_bytes()),
+        (None, None) => return pb::SourceStatus::default(),
     };
-    let st = od.stats();
     let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     pb::SourceStatus {
         hits: n(&st.hits),
@@ -204,7 +207,7 @@ fn on_demand_status(s: &Source) -> pb::SourceStatus {
         fetches: n(&st.fetches),
         coalesced: n(&st.coalesced),
         evictions: n(&st.evictions),
-        max_bytes: od.max_bytes(),
+        max_bytes,
         ..Default::default()
     }
 }
@@ -224,8 +227,8 @@ impl pb::cache_server::Cache for CacheService {
         // The writer publishes a version after applying it, so reading the version first makes
         // it a lower bound: the item is at least as new as `source_version`.
         let source_version = source.version();
-        let item = match source.on_demand() {
-            Some(od) => read_through(source, od, req.key).await?,
+        let item = match read_through(source, &req.key).await {
+            Some(got) => got?,
             None => item(source, req.key),
         };
         Ok(Response::new(pb::GetResponse {
@@ -272,11 +275,13 @@ impl pb::cache_server::Cache for CacheService {
         {
             let reads = req.keys.iter().enumerate().filter_map(|(i, k)| {
                 let source = self.store.source(&k.source)?;
-                let od = source.on_demand()?;
-                Some(async move { (i, read_through(source, od, k.key.clone()).await) })
+                if !source.is_on_demand() {
+                    return None;
+                }
+                Some(async move { (i, read_through(source, &k.key).await) })
             });
             for (i, got) in futures_util::future::join_all(reads).await {
-                through[i] = Some(got?);
+                through[i] = got.transpose()?;
             }
         }
         // Each source's keyspace is loaded once for the whole request, after every wait.
@@ -430,6 +435,9 @@ impl pb::cache_server::Cache for CacheService {
         for s in self.store.sources() {
             if let Some(od) = s.on_demand() {
                 od.sync().await;
+            }
+            if let Some(rows) = s.view_cache() {
+                rows.sync();
             }
         }
         let sources = self

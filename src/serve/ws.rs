@@ -702,6 +702,19 @@ impl Writer {
                         )
                         .await;
                 }
+                if src.is_on_demand() {
+                    return self
+                        .error(
+                            &id,
+                            "failed_precondition",
+                            &format!(
+                                "source '{source}' is on_demand: it holds only the keys read \
+                                 lately, so it cannot be subscribed to; use get, or declare it \
+                                 mode = \"full\""
+                            ),
+                        )
+                        .await;
+                }
                 let sub = self.subscriber.subscribe(src, selection, initial);
                 self.by_id.insert(id.clone(), sub);
                 self.subs.insert(sub, SubInfo { id: id.clone() });
@@ -738,7 +751,25 @@ impl Writer {
                         )
                         .await;
                 }
-                let frame = match src.get(&key) {
+                // An on_demand source is read through its cache (a miss fetches).
+                let through = if let Some(od) = src.on_demand() {
+                    Some(od.get(&key).await)
+                } else if let Some(rows) = src.view_cache() {
+                    Some(rows.get(&key).await)
+                } else {
+                    None
+                };
+                let row = match through {
+                    None => src.get(&key),
+                    Some(Ok(slot)) => slot.value.map(|value| crate::store::Row {
+                        value,
+                        version: slot.version,
+                    }),
+                    Some(Err(e)) => {
+                        return self.error(&id, "unavailable", &e.to_string()).await;
+                    }
+                };
+                let frame = match row {
                     Some(row) => {
                         let c = Change::new(
                             src.name().clone(),

@@ -9,6 +9,7 @@
 //! swapped in with one atomic pointer store.
 
 pub mod on_demand;
+pub mod view_cache;
 pub(crate) mod writer;
 
 use std::collections::{BTreeSet, HashMap};
@@ -24,6 +25,7 @@ use tokio::sync::watch;
 use crate::config::Mode;
 
 pub use on_demand::{OnDemand, OnDemandStats};
+pub use view_cache::ViewCache;
 
 /// A stored value and the version that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +262,16 @@ pub struct Source {
     inputs: Vec<Arc<Source>>,
     /// For an `on_demand` topic: its resident keys (the keyspace above stays empty).
     on_demand: Option<Arc<OnDemand>>,
+    /// For an `on_demand` view: its resident rows (the keyspace above stays empty).
+    view_cache: Option<Arc<ViewCache>>,
+}
+
+/// What the writer can read of an input now, without waiting.
+pub(crate) enum Resident {
+    /// The value (`None` = the key is absent).
+    Value(Option<bytes::Bytes>),
+    /// An on_demand input that is not resident (or not pinned) yet.
+    Missing,
 }
 
 impl Source {
@@ -287,6 +299,7 @@ impl Source {
             moves: AtomicU64::new(0),
             inputs: Vec::new(),
             on_demand: None,
+            view_cache: None,
         }
     }
 
@@ -303,11 +316,43 @@ impl Source {
         self.on_demand.as_ref()
     }
 
-    /// True if this view reads an `on_demand` source, directly or through other views.
-    pub fn reads_on_demand(&self) -> bool {
-        self.inputs
-            .iter()
-            .any(|s| s.on_demand.is_some() || s.reads_on_demand())
+    /// The resident rows of an `on_demand` view; `None` for other sources.
+    pub fn view_cache(&self) -> Option<&Arc<ViewCache>> {
+        self.view_cache.as_ref()
+    }
+
+    /// An `on_demand` view whose rows live in `rows`.
+    pub(crate) fn with_view_cache(self, rows: Arc<ViewCache>) -> Self {
+        Source {
+            view_cache: Some(rows),
+            mode: Mode::OnDemand,
+            ..self
+        }
+    }
+
+    /// True for on_demand topics and views: only the keys read lately are held, so Scan and
+    /// Watch are not served from them.
+    pub fn is_on_demand(&self) -> bool {
+        self.on_demand.is_some() || self.view_cache.is_some()
+    }
+
+    /// For the writer: the value of `key` as far as it is held now. A full source always has
+    /// the answer; an on_demand topic has it for pinned keys whose value is known, an
+    /// on_demand view for resident rows.
+    pub(crate) fn resident(&self, key: &str) -> Resident {
+        if let Some(od) = &self.on_demand {
+            return match od.pinned(key) {
+                Some(slot) => Resident::Value(slot.value),
+                None => Resident::Missing,
+            };
+        }
+        if let Some(vc) = &self.view_cache {
+            return match vc.resident(key) {
+                Some(slot) => Resident::Value(slot.value),
+                None => Resident::Missing,
+            };
+        }
+        Resident::Value(self.get(key).map(|r| r.value))
     }
 
     /// A view's source. It is as fresh and as connected as the least fresh of `inputs`.
@@ -354,6 +399,9 @@ impl Source {
 
     /// Keys held (an `on_demand` topic: resident keys, absent ones included).
     pub fn len(&self) -> usize {
+        if let Some(rows) = &self.view_cache {
+            return usize::try_from(rows.resident_keys()).unwrap_or(usize::MAX);
+        }
         match &self.on_demand {
             Some(od) => usize::try_from(od.resident_keys()).unwrap_or(usize::MAX),
             None => self.rows.load().len(),
@@ -364,8 +412,11 @@ impl Source {
         self.len() == 0
     }
 
-    /// Bytes held (an `on_demand` topic: weighed bytes, per-key overhead included).
+    /// Bytes held (an `on_demand` topic or view: weighed bytes, per-key overhead included).
     pub fn bytes(&self) -> u64 {
+        if let Some(rows) = &self.view_cache {
+            return rows.resident_bytes();
+        }
         match &self.on_demand {
             Some(od) => od.resident_bytes(),
             None => self.rows.load().bytes(),
@@ -474,12 +525,6 @@ impl Source {
     /// Replaces every row at once; returns the old keyspace.
     pub(crate) fn swap(&self, keyspace: Keyspace) -> Arc<Keyspace> {
         self.rows.swap(Arc::new(keyspace))
-    }
-
-    pub(crate) fn set_epoch(&self, epoch: &str) {
-        if self.epoch.load().as_str() != epoch {
-            self.epoch.store(Arc::new(epoch.to_string()));
-        }
     }
 
     /// Moves the source to `version` of `epoch` and wakes waiters. A new epoch and its version

@@ -12,7 +12,11 @@
 //! before fetching covers the rest: changes after the subscription are pushed, and the keyed
 //! snapshot that answers the subscription carries the value as of that moment.
 //!
-//! Invariant: a key is subscribed on the feed stream while it is resident or loading. Requests
+//! Views over the topic (on_demand views, `views::engine`) pin the keys their resident rows read:
+//! a pinned key stays subscribed whether or not it is resident, and its newest pushed value is
+//! kept beside the pin, where the writer reads it without waiting.
+//!
+//! Invariant: a key is subscribed on the feed stream while it is resident, loading or pinned. Requests
 //! to the feed go through one ordered queue ([`KeyOp`]), and the feed client drops an
 //! unsubscribe for a key that is resident or loading again by the time it is sent.
 
@@ -106,6 +110,14 @@ impl KeyOps {
     }
 }
 
+/// A key pinned by view rows (and by view loads in progress): how many, and the newest value
+/// known for it (`None` until a fetch supplies it or a push sets it).
+#[derive(Debug, Default)]
+struct Pin {
+    count: u32,
+    slot: Option<Slot>,
+}
+
 /// A load in progress: its generation (so that only its own guard removes it) and the newest
 /// value the stream pushed meanwhile.
 type Loading = (u64, Option<Slot>);
@@ -117,6 +129,7 @@ pub struct OnDemand {
     idle: Option<Duration>,
     cache: Cache<Arc<str>, Slot>,
     loading: DashMap<Arc<str>, Loading>,
+    pins: DashMap<Arc<str>, Pin>,
     generation: AtomicU64,
     ops: Arc<KeyOps>,
     fetcher: ArcSwapOption<pb::feed_client::FeedClient<Channel>>,
@@ -170,6 +183,7 @@ impl OnDemand {
             idle,
             cache: builder.build(),
             loading: DashMap::new(),
+            pins: DashMap::new(),
             generation: AtomicU64::new(0),
             ops,
             fetcher: ArcSwapOption::empty(),
@@ -295,6 +309,12 @@ impl OnDemand {
     /// key, if it is newer than what is there. Returns false for a key that is neither.
     pub(crate) async fn apply(&self, key: &str, slot: Slot) -> bool {
         let mut wanted = false;
+        if let Some(mut p) = self.pins.get_mut(key) {
+            if p.slot.as_ref().is_none_or(|cur| slot.version > cur.version) {
+                p.slot = Some(slot.clone());
+            }
+            wanted = true;
+        }
         if let Some(mut l) = self.loading.get_mut(key) {
             if l.1.as_ref().is_none_or(|p| slot.version > p.version) {
                 l.1 = Some(slot.clone());
@@ -335,15 +355,18 @@ impl OnDemand {
         resident
     }
 
-    /// True while `key` is resident or loading: it must stay subscribed.
+    /// True while `key` is resident, loading or pinned: it must stay subscribed.
     pub(crate) fn wanted(&self, key: &str) -> bool {
-        self.loading.contains_key(key) || self.cache.contains_key(key)
+        self.loading.contains_key(key)
+            || self.pins.contains_key(key)
+            || self.cache.contains_key(key)
     }
 
-    /// Every key that must be subscribed: resident or loading.
+    /// Every key that must be subscribed: resident, loading or pinned.
     pub(crate) fn wanted_keys(&self) -> Vec<Arc<str>> {
         let mut keys: Vec<Arc<str>> = self.cache.iter().map(|(k, _)| (*k).clone()).collect();
         keys.extend(self.loading.iter().map(|e| e.key().clone()));
+        keys.extend(self.pins.iter().map(|e| e.key().clone()));
         keys.sort();
         keys.dedup();
         keys
@@ -381,15 +404,72 @@ impl OnDemand {
 
     /// Notes the origin epoch the stream reports. Versions of another epoch are not comparable,
     /// so a new epoch drops every resident key (readers load them again).
-    pub(crate) fn observe_epoch(&self, epoch: &str) {
+    /// Returns true when resident and pinned values were dropped.
+    pub(crate) fn observe_epoch(&self, epoch: &str) -> bool {
         let cur = self.epoch.load();
         if cur.as_str() == epoch {
-            return;
+            return false;
         }
         let had = !cur.is_empty();
         self.epoch.store(Arc::new(epoch.to_string()));
         if had {
             self.cache.invalidate_all();
+            // Pinned values too: the rows reading them are dropped (and computed again when
+            // read) once the writer sees these keys touched.
+            for mut p in self.pins.iter_mut() {
+                p.slot = None;
+            }
+        }
+        had
+    }
+
+    /// Adds a pin on `key` (created without a value when new). The key stays subscribed until
+    /// every pin is released with [`OnDemand::unpin`].
+    pub(crate) fn pin(&self, key: &Arc<str>) {
+        self.pins.entry(key.clone()).or_default().count += 1;
+    }
+
+    /// Releases one pin; the last one drops the pinned value and, unless the key is resident
+    /// or loading, unsubscribes it.
+    pub(crate) fn unpin(&self, key: &Arc<str>) {
+        let gone = self
+            .pins
+            .remove_if_mut(key, |_, p| {
+                p.count = p.count.saturating_sub(1);
+                p.count == 0
+            })
+            .is_some();
+        if gone && !self.wanted(key) {
+            self.ops.push(KeyOp::Unsubscribe(key.clone()));
+        }
+    }
+
+    /// The value of a pinned key: `None` when not pinned or not known yet.
+    pub(crate) fn pinned(&self, key: &str) -> Option<Slot> {
+        self.pins.get(key).and_then(|p| p.slot.clone())
+    }
+
+    /// True if some view row reads this topic (or a view load is fetching from it).
+    pub(crate) fn has_pins(&self) -> bool {
+        !self.pins.is_empty()
+    }
+
+    /// Every pinned key.
+    pub(crate) fn pinned_keys(&self) -> Vec<Arc<str>> {
+        self.pins.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Pinned keys now (view rows' inputs and view loads in progress).
+    pub fn pinned_count(&self) -> u64 {
+        self.pins.len() as u64
+    }
+
+    /// Gives a pinned key the value a read fetched, unless a newer one was pushed meanwhile.
+    pub(crate) fn supply(&self, key: &str, slot: Slot) {
+        if let Some(mut p) = self.pins.get_mut(key) {
+            if p.slot.as_ref().is_none_or(|cur| slot.version > cur.version) {
+                p.slot = Some(slot);
+            }
         }
     }
 }

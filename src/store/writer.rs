@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::view_cache::RowAnswer;
 use super::{Event, Row, Source, Staging};
 use crate::hub::Hub;
 
@@ -56,6 +57,20 @@ pub enum Op {
         epoch: String,
         version: u64,
     },
+    /// Pinned keys of an on_demand topic whose value changed (already applied beside the pins,
+    /// see `store::on_demand`): the view rows reading them are computed again.
+    Touch {
+        source: Arc<Source>,
+        keys: Vec<Arc<str>>,
+    },
+    /// A reader asks for the row of `key` in the on_demand view `view`.
+    ViewRow {
+        view: Arc<str>,
+        key: Arc<str>,
+        reply: oneshot::Sender<RowAnswer>,
+    },
+    /// Rows of an on_demand view were evicted: their inputs can be released.
+    Nudge,
 }
 
 /// Derived data maintained inside the writer (the view engine).
@@ -63,6 +78,13 @@ pub trait Derive: Send + 'static {
     /// Brings derived sources up to date with `events` (already applied to their sources) and
     /// returns the changes it made to derived sources.
     fn apply(&mut self, events: &[Event]) -> Vec<Event>;
+
+    /// Marks for recomputation the rows that read `keys` of `source` (pinned on_demand keys
+    /// whose value changed); they are recomputed at the next [`Derive::apply`].
+    fn touch(&mut self, source: &Arc<Source>, keys: &[Arc<str>]);
+
+    /// Computes the row of `key` in on_demand view `view` from what is resident, and keeps it.
+    fn row(&mut self, view: &str, key: Arc<str>) -> RowAnswer;
 }
 
 /// Counters of the writer, for tests, metrics and status.
@@ -208,6 +230,22 @@ impl Writer {
                     source.set_version(version);
                 }
             }
+            Op::Touch { source, keys } => {
+                if let Some(d) = self.derive.as_mut() {
+                    d.touch(&source, &keys);
+                }
+            }
+            Op::ViewRow { view, key, reply } => {
+                // Everything applied before the request is reflected in the views first, so
+                // the row is computed over the same state every other row is.
+                self.flush(events);
+                let answer = match self.derive.as_mut() {
+                    Some(d) => d.row(&view, key),
+                    None => RowAnswer::Refused(format!("no on_demand view named '{view}'")),
+                };
+                let _ = reply.send(answer);
+            }
+            Op::Nudge => {}
         }
     }
 

@@ -18,8 +18,10 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use super::{Compute, Lookup, Read, RowError, SourceId, View, ViewStats};
+use crate::store::on_demand::Slot;
+use crate::store::view_cache::{Replaced, RowAnswer};
 use crate::store::writer::Derive;
-use crate::store::{Clock, Event, Row, Source, Store};
+use crate::store::{Clock, Event, Resident, Row, Source, Store, ViewCache};
 
 type Dep = (SourceId, Arc<str>);
 
@@ -50,6 +52,9 @@ struct ViewState {
     dirty_groups: HashSet<Arc<str>>,
     version: u64,
     stats: Arc<ViewStats>,
+    /// An on_demand view: its resident rows. Only rows resident here are tracked in `rows`
+    /// (with `from[key]` as their first dependency), and nothing is written to `source`.
+    lazy: Option<Arc<ViewCache>>,
 }
 
 /// Hashes a pointer address: events name their source with the source's own `Arc<str>`, so
@@ -129,7 +134,14 @@ impl Engine {
                     inputs.push(r.source.clone());
                 }
             }
-            let source = store.add(Source::view(&v.name, inputs.clone(), clock));
+            let lazy = v
+                .on_demand
+                .map(|(max_bytes, idle)| ViewCache::new(&v.name, max_bytes, idle));
+            let mut source = Source::view(&v.name, inputs.clone(), clock);
+            if let Some(cache) = &lazy {
+                source = source.with_view_cache(cache.clone());
+            }
+            let source = store.add(source);
             let id = sources.len();
             sources.push(source.clone());
             by_name.insert(source.name().clone(), id);
@@ -154,11 +166,16 @@ impl Engine {
                 dirty_groups: HashSet::new(),
                 version: 0,
                 stats: Arc::new(ViewStats::default()),
+                lazy,
             });
         }
+        // An on_demand view tracks `from[key]` as a dependency of each resident row instead:
+        // a change to a key whose row is not resident concerns nobody.
         let mut from_of = vec![Vec::new(); sources.len()];
         for (i, v) in states.iter().enumerate() {
-            from_of[v.from].push(i);
+            if v.lazy.is_none() {
+                from_of[v.from].push(i);
+            }
         }
         let by_addr = sources
             .iter()
@@ -184,7 +201,7 @@ impl Engine {
     }
 
     /// Marks dirty every row that `(source, key)` feeds.
-    fn touch(&mut self, source: SourceId, key: &Arc<str>) {
+    fn mark(&mut self, source: SourceId, key: &Arc<str>) {
         for &v in &self.from_of[source] {
             self.views[v].dirty.insert(key.clone());
         }
@@ -201,12 +218,8 @@ impl Engine {
     /// Recomputes the dirty rows of every view, in dependency order; returns the view changes.
     fn run(&mut self, events: &[Event]) -> Vec<Event> {
         for ev in events {
-            let id = match self.by_addr.get(&addr(&ev.source)) {
-                Some(&id) => Some(id),
-                None => self.by_name.get(&ev.source).copied(),
-            };
-            if let Some(id) = id {
-                self.touch(id, &ev.key);
+            if let Some(id) = self.source_id(&ev.source) {
+                self.mark(id, &ev.key);
             }
         }
         let mut out = Vec::new();
@@ -214,12 +227,16 @@ impl Engine {
             if self.views[vi].dirty.is_empty() {
                 continue;
             }
-            let start = out.len();
-            self.process(vi, &mut out);
+            let changed: Vec<Arc<str>> = if self.views[vi].lazy.is_some() {
+                self.process_lazy(vi)
+            } else {
+                let start = out.len();
+                self.process(vi, &mut out);
+                out[start..].iter().map(|e| e.key.clone()).collect()
+            };
             let id = self.views[vi].id;
-            let changed: Vec<Arc<str>> = out[start..].iter().map(|e| e.key.clone()).collect();
             for key in &changed {
-                self.touch(id, key);
+                self.mark(id, key);
             }
         }
         if self.pending_sync {
@@ -245,20 +262,17 @@ impl Engine {
         let before = out.len();
         for key in dirty {
             let state = v.rows.remove(&key).unwrap_or_default();
-            let (result, deps) = compute(v, &self.sources, &key, &state.deps);
-            let result = match result {
-                Ok(r) => r,
-                Err(e) => {
-                    let n = v.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    if n == 0 || n.is_power_of_two() {
-                        warn!(view = %v.name, key = %key, error = %e, errors = n + 1, "view row not computed");
-                    } else {
-                        debug!(view = %v.name, key = %key, error = %e, "view row not computed");
-                    }
-                    None
-                }
-            };
-            set_deps(&mut self.reverse, vi, &key, &state.deps, &deps);
+            // Full views read only full sources: nothing is ever missing.
+            let (result, deps) = compute(v, &self.sources, &key, &state.deps, &mut Vec::new());
+            let result = settle(v, &key, result);
+            set_deps(
+                &mut self.reverse,
+                &self.sources,
+                vi,
+                &key,
+                &state.deps,
+                &deps,
+            );
             if v.grouped {
                 let group = regroup(v, &key, state.group, result);
                 if group.is_some() || !deps.is_empty() {
@@ -310,13 +324,28 @@ fn compute(
     sources: &[Arc<Source>],
     key: &Arc<str>,
     hint: &[Dep],
+    missing: &mut Vec<Dep>,
 ) -> (Result<Option<(Option<String>, Bytes)>, RowError>, Vec<Dep>) {
     let mut deps = Vec::new();
-    let Some(row) = sources[v.from].get(key) else {
-        return (Ok(None), deps);
+    if v.lazy.is_some() {
+        deps.push((v.from, key.clone()));
+    }
+    let from = match sources[v.from].resident(key) {
+        Resident::Value(Some(value)) => value,
+        Resident::Value(None) => return (Ok(None), deps),
+        Resident::Missing => {
+            missing.push((v.from, key.clone()));
+            return (
+                Err(RowError::NotResident {
+                    input: v.from_name.to_string(),
+                    key: key.to_string(),
+                }),
+                deps,
+            );
+        }
     };
     v.stats.recomputes.fetch_add(1, Ordering::Relaxed);
-    let value = match serde_json::from_slice(&row.value) {
+    let value = match serde_json::from_slice(&from) {
         Ok(value) => value,
         Err(e) => {
             return (
@@ -329,7 +358,7 @@ fn compute(
             )
         }
     };
-    let mut lookup = Lookup::new(&v.from_name, &v.reads, &mut deps, hint);
+    let mut lookup = Lookup::new(&v.from_name, &v.reads, &mut deps, hint, missing);
     if let Compute::Declared(d) = &v.compute {
         let result = d.compute(key, value, &mut lookup);
         return (result, deps);
@@ -420,9 +449,11 @@ fn emit(v: &ViewState, key: Arc<str>, new: Option<Bytes>, version: u64, out: &mu
     }
 }
 
-/// Updates the reverse index for row `key` of view `vi`, whose reads changed from `old` to `new`.
+/// Updates the reverse index for row `key` of view `vi`, whose reads changed from `old` to `new`,
+/// and the pins on on_demand inputs (one per distinct input key a row reads).
 fn set_deps(
     reverse: &mut [HashMap<Arc<str>, Readers>],
+    sources: &[Arc<Source>],
     vi: usize,
     key: &Arc<str>,
     old: &[Dep],
@@ -431,8 +462,8 @@ fn set_deps(
     if old == new {
         return;
     }
-    for d in old {
-        if new.contains(d) {
+    for (i, d) in old.iter().enumerate() {
+        if new.contains(d) || old[..i].contains(d) {
             continue;
         }
         if let Some(readers) = reverse[d.0].get_mut(&d.1) {
@@ -441,24 +472,215 @@ fn set_deps(
                 reverse[d.0].remove(&d.1);
             }
         }
+        if let Some(od) = sources[d.0].on_demand() {
+            od.unpin(&d.1);
+        }
     }
-    for d in new {
-        if old.contains(d) {
+    for (i, d) in new.iter().enumerate() {
+        if old.contains(d) || new[..i].contains(d) {
             continue;
         }
         reverse[d.0]
             .entry(d.1.clone())
             .or_default()
             .insert((vi, key.clone()));
+        if let Some(od) = sources[d.0].on_demand() {
+            od.pin(&d.1);
+        }
+    }
+}
+
+impl Engine {
+    /// Recomputes the dirty resident rows of on_demand view `vi`; returns the keys whose row
+    /// changed or was dropped (their readers are marked in turn).
+    fn process_lazy(&mut self, vi: usize) -> Vec<Arc<str>> {
+        let v = &mut self.views[vi];
+        let Some(cache) = v.lazy.clone() else {
+            return Vec::new();
+        };
+        let dirty: Vec<Arc<str>> = v.dirty.drain().collect();
+        let next = v.version + 1;
+        let mut changed = Vec::new();
+        for key in dirty {
+            // Only resident rows are tracked; a row evicted meanwhile is forgotten.
+            let Some(state) = v.rows.remove(&key) else {
+                continue;
+            };
+            if !cache.contains(&key) {
+                set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+                continue;
+            }
+            let mut missing = Vec::new();
+            let (result, deps) = compute(v, &self.sources, &key, &state.deps, &mut missing);
+            if !missing.is_empty() {
+                // An input is no longer held (a new origin epoch dropped its value, or a
+                // view row it read was evicted): the row goes too, and is computed again
+                // when read. Rows reading it are dropped in turn.
+                set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+                cache.invalidate(&key);
+                changed.push(key);
+                continue;
+            }
+            let value = settle(v, &key, result).map(|(_, b)| b);
+            let slot = Slot {
+                value,
+                version: next,
+            };
+            match cache.replace(key.clone(), slot) {
+                Replaced::NotResident => {
+                    set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+                }
+                r => {
+                    set_deps(
+                        &mut self.reverse,
+                        &self.sources,
+                        vi,
+                        &key,
+                        &state.deps,
+                        &deps,
+                    );
+                    v.rows.insert(key.clone(), RowState { deps, group: None });
+                    if r == Replaced::Changed {
+                        changed.push(key);
+                    }
+                }
+            }
+        }
+        if !changed.is_empty() {
+            v.version = next;
+            v.source.set_version(next);
+            v.stats
+                .changes
+                .fetch_add(changed.len() as u64, Ordering::Relaxed);
+        }
+        changed
+    }
+
+    /// Forgets the evicted rows of on_demand views: their dependency entries go, the pins on
+    /// their inputs are released, and rows of other views that read them are marked.
+    fn drain_evictions(&mut self) {
+        for vi in 0..self.views.len() {
+            let Some(cache) = self.views[vi].lazy.clone() else {
+                continue;
+            };
+            for key in cache.take_evicted() {
+                // Only the writer inserts: a key resident again was computed anew since.
+                if cache.contains(&key) {
+                    continue;
+                }
+                let Some(state) = self.views[vi].rows.remove(&key) else {
+                    continue;
+                };
+                set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+                let id = self.views[vi].id;
+                self.mark(id, &key);
+            }
+        }
+    }
+
+    fn dirty(&self) -> bool {
+        self.views.iter().any(|v| !v.dirty.is_empty())
+    }
+
+    fn source_id(&self, name: &Arc<str>) -> Option<SourceId> {
+        match self.by_addr.get(&addr(name)) {
+            Some(&id) => Some(id),
+            None => self.by_name.get(name).copied(),
+        }
+    }
+}
+
+/// The row a computation gave, or `None` (counted and logged) when it failed.
+#[allow(clippy::type_complexity)]
+fn settle(
+    v: &ViewState,
+    key: &str,
+    result: Result<Option<(Option<String>, Bytes)>, RowError>,
+) -> Option<(Option<String>, Bytes)> {
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            let n = v.stats.errors.fetch_add(1, Ordering::Relaxed);
+            if n == 0 || n.is_power_of_two() {
+                warn!(view = %v.name, key = %key, error = %e, errors = n + 1, "view row not computed");
+            } else {
+                debug!(view = %v.name, key = %key, error = %e, "view row not computed");
+            }
+            None
+        }
     }
 }
 
 impl Derive for Engine {
     fn apply(&mut self, events: &[Event]) -> Vec<Event> {
-        if events.is_empty() && !self.pending_sync {
+        self.drain_evictions();
+        if events.is_empty() && !self.pending_sync && !self.dirty() {
             return Vec::new();
         }
         self.run(events)
+    }
+
+    fn touch(&mut self, source: &Arc<Source>, keys: &[Arc<str>]) {
+        let Some(id) = self.source_id(source.name()) else {
+            return;
+        };
+        for key in keys {
+            self.mark(id, key);
+        }
+    }
+
+    fn row(&mut self, view: &str, key: Arc<str>) -> RowAnswer {
+        let Some(vi) = self
+            .views
+            .iter()
+            .position(|v| &*v.name == view && v.lazy.is_some())
+        else {
+            return RowAnswer::Refused(format!("no on_demand view named '{view}'"));
+        };
+        let v = &mut self.views[vi];
+        let Some(cache) = v.lazy.clone() else {
+            return RowAnswer::Refused(format!("no on_demand view named '{view}'"));
+        };
+        if v.rows.contains_key(&key) {
+            if let Some(slot) = cache.resident(&key) {
+                return RowAnswer::Row(slot);
+            }
+        }
+        // Not tracked, or tracked but evicted and not drained yet: computed from scratch.
+        let state = v.rows.remove(&key).unwrap_or_default();
+        let mut missing = Vec::new();
+        let (result, deps) = compute(v, &self.sources, &key, &state.deps, &mut missing);
+        if !missing.is_empty() {
+            set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+            missing.dedup();
+            return RowAnswer::Missing(
+                missing
+                    .into_iter()
+                    .map(|(id, k)| (self.sources[id].clone(), k))
+                    .collect(),
+            );
+        }
+        let value = settle(v, &key, result).map(|(_, b)| b);
+        // A row made resident gets a version of its own, so that per-key versions only grow
+        // across evictions.
+        let next = v.version + 1;
+        v.version = next;
+        v.source.set_version(next);
+        let slot = Slot {
+            value,
+            version: next,
+        };
+        set_deps(
+            &mut self.reverse,
+            &self.sources,
+            vi,
+            &key,
+            &state.deps,
+            &deps,
+        );
+        v.rows.insert(key.clone(), RowState { deps, group: None });
+        cache.insert(key, slot.clone());
+        RowAnswer::Row(slot)
     }
 }
 

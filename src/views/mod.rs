@@ -20,13 +20,14 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
 
 use crate::config::ConfigError;
 use crate::store::writer::Derive;
-use crate::store::{Clock, Source, Store};
+use crate::store::{Clock, Resident, Source, Store};
 
 pub use spec::{Include, Includes, ViewSpec};
 pub use standalone::{Changes, Standalone};
@@ -123,6 +124,8 @@ pub struct View {
     reads: Vec<String>,
     compute: Compute,
     description: Vec<String>,
+    /// On_demand: rows computed on first read and kept within (max_bytes, idle).
+    on_demand: Option<(u64, Option<Duration>)>,
 }
 
 impl fmt::Debug for View {
@@ -139,6 +142,7 @@ impl fmt::Debug for View {
                     Compute::Map(_) => false,
                 },
             )
+            .field("on_demand", &self.on_demand)
             .finish()
     }
 }
@@ -176,6 +180,7 @@ impl View {
             reads: Vec::new(),
             compute: Compute::Map(Arc::new(f)),
             description: Vec::new(),
+            on_demand: None,
         }
     }
 
@@ -191,6 +196,7 @@ impl View {
             reads: Vec::new(),
             compute: Compute::Group(Arc::new(f)),
             description: Vec::new(),
+            on_demand: None,
         }
     }
 
@@ -217,6 +223,29 @@ impl View {
             reads: Vec::new(),
             compute: Compute::Declared(Arc::new(d)),
             description: Vec::new(),
+            on_demand: None,
+        }
+    }
+
+    /// Makes the view on_demand: a row is computed when first read (fetching the on_demand
+    /// inputs it misses), kept while it is read within `max_bytes` (and `idle`), and kept
+    /// current by push while resident. Required for a view that reads an on_demand source;
+    /// not available for grouped views (a group's members are not known without every key).
+    pub fn on_demand(mut self, max_bytes: u64, idle: Option<Duration>) -> View {
+        self.on_demand = Some((max_bytes, idle));
+        self
+    }
+
+    /// True for an on_demand view.
+    pub fn is_on_demand(&self) -> bool {
+        self.on_demand.is_some()
+    }
+
+    fn grouped(&self) -> bool {
+        match &self.compute {
+            Compute::Group(_) => true,
+            Compute::Declared(d) => d.grouped(),
+            Compute::Map(_) => false,
         }
     }
 
@@ -260,6 +289,10 @@ pub enum RowError {
     NotObject { input: String, key: String },
     #[error("reads '{0}', which the view does not declare (View::reading)")]
     Undeclared(String),
+    /// An on_demand input that is not held yet: the engine fetches it and computes the row
+    /// again. A function should pass it on (`?`); the engine notices the read either way.
+    #[error("{input}[{key}] is not resident yet")]
+    NotResident { input: String, key: String },
     #[error("{0}")]
     Other(String),
 }
@@ -293,6 +326,8 @@ pub struct Lookup<'a> {
     /// What the previous computation of this row read, in order: a read of the same key reuses
     /// its `Arc<str>` instead of allocating one.
     hint: &'a [(SourceId, Arc<str>)],
+    /// Reads of on_demand inputs that are not held yet.
+    missing: &'a mut Vec<(SourceId, Arc<str>)>,
 }
 
 impl<'a> Lookup<'a> {
@@ -301,12 +336,14 @@ impl<'a> Lookup<'a> {
         reads: &'a [Read],
         deps: &'a mut Vec<(SourceId, Arc<str>)>,
         hint: &'a [(SourceId, Arc<str>)],
+        missing: &'a mut Vec<(SourceId, Arc<str>)>,
     ) -> Self {
         Lookup {
             from,
             reads,
             deps,
             hint,
+            missing,
         }
     }
 
@@ -319,7 +356,7 @@ impl<'a> Lookup<'a> {
     /// The raw value of `source[key]`, or `None` when absent.
     pub fn get_bytes(&mut self, source: &str, key: &str) -> Result<Option<Bytes>, RowError> {
         let slot = self.slot(source)?;
-        Ok(self.bytes_slot(slot, key))
+        self.bytes_slot(slot, key)
     }
 
     /// The name of the source the row comes from.
@@ -334,15 +371,24 @@ impl<'a> Lookup<'a> {
             .ok_or_else(|| RowError::Undeclared(source.to_string()))
     }
 
-    fn bytes_slot(&mut self, slot: usize, key: &str) -> Option<Bytes> {
+    fn bytes_slot(&mut self, slot: usize, key: &str) -> Result<Option<Bytes>, RowError> {
         let read = &self.reads[slot];
         let key: Arc<str> = match self.hint.get(self.deps.len()) {
             Some((id, k)) if *id == read.id && **k == *key => k.clone(),
             _ => Arc::from(key),
         };
-        let row = read.source.get(&key);
-        self.deps.push((read.id, key));
-        row.map(|r| r.value)
+        let row = read.source.resident(&key);
+        self.deps.push((read.id, key.clone()));
+        match row {
+            Resident::Value(v) => Ok(v),
+            Resident::Missing => {
+                self.missing.push((read.id, key.clone()));
+                Err(RowError::NotResident {
+                    input: read.name.to_string(),
+                    key: key.to_string(),
+                })
+            }
+        }
     }
 
     fn not_json(&self, slot: usize, key: &str, e: serde_json::Error) -> RowError {
@@ -354,7 +400,7 @@ impl<'a> Lookup<'a> {
     }
 
     pub(crate) fn get_slot(&mut self, slot: usize, key: &str) -> Result<Option<Value>, RowError> {
-        let Some(bytes) = self.bytes_slot(slot, key) else {
+        let Some(bytes) = self.bytes_slot(slot, key)? else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -364,7 +410,7 @@ impl<'a> Lookup<'a> {
 
     /// Like [`Lookup::get_slot`] but without building the value: only checks that it is JSON.
     pub(crate) fn raw_slot(&mut self, slot: usize, key: &str) -> Result<Option<Bytes>, RowError> {
-        let Some(bytes) = self.bytes_slot(slot, key) else {
+        let Some(bytes) = self.bytes_slot(slot, key)? else {
             return Ok(None);
         };
         match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
@@ -531,74 +577,68 @@ pub(crate) fn validate_specs(
     Ok(())
 }
 
-/// Refuses a view that reads an on_demand topic, directly or through other views: views are
-/// maintained in the writer over whole inputs, and an on_demand topic holds only the keys read
-/// lately (its pushed changes do not even pass through the writer). Run after
-/// [`validate_specs`], so names resolve and the graph has no cycles. The error names the view
-/// and the on_demand topic it depends on.
-pub(crate) fn refuse_on_demand_inputs(
-    file: &str,
-    specs: &[ViewSpec],
-    on_demand: &HashSet<String>,
-) -> Result<(), ConfigError> {
-    // For each view over on_demand data: the on_demand topic it reaches first.
-    let mut tainted: HashMap<&str, &str> = HashMap::new();
-    let by_name: HashMap<&str, &ViewSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
-    fn reaches<'a>(
-        name: &'a str,
-        by_name: &HashMap<&'a str, &'a ViewSpec>,
-        on_demand: &'a HashSet<String>,
-        seen: &mut HashSet<&'a str>,
-    ) -> Option<&'a str> {
-        if let Some(t) = on_demand.get(name) {
-            return Some(t.as_str());
+/// A view that reads on_demand data (an on_demand topic or view) must be on_demand itself: a
+/// full view has every row, and its inputs do not. `views` are (name, edges, on_demand); the
+/// error names the view, the field and the source.
+fn require_on_demand(
+    views: &[(&str, Vec<(String, &str)>, bool)],
+    on_demand_topics: &HashSet<String>,
+) -> Result<(), GraphError> {
+    let lazy: HashSet<&str> = views
+        .iter()
+        .filter(|(_, _, od)| *od)
+        .map(|(n, _, _)| *n)
+        .collect();
+    for (i, (name, edges, od)) in views.iter().enumerate() {
+        if *od {
+            continue;
         }
-        let spec = by_name.get(name)?;
-        if !seen.insert(name) {
-            return None;
+        for (field, src) in edges {
+            let what = if on_demand_topics.contains(*src) {
+                "an on_demand topic"
+            } else if lazy.contains(src) {
+                "an on_demand view"
+            } else {
+                continue;
+            };
+            return Err(GraphError {
+                view: i,
+                field: field.clone(),
+                message: format!(
+                    "reads '{src}', {what}, which holds only the keys read lately; a view over \
+                     on_demand data must be on_demand itself: declare view '{name}' \
+                     mode = \"on_demand\" (with max_bytes), or '{src}' mode = \"full\""
+                ),
+            });
         }
-        spec.edges()
-            .into_iter()
-            .find_map(|(_, src)| reaches(src, by_name, on_demand, seen))
-    }
-    for s in specs {
-        let mut seen = HashSet::new();
-        if let Some(t) = reaches(s.name.as_str(), &by_name, on_demand, &mut seen) {
-            tainted.insert(s.name.as_str(), t);
-        }
-    }
-    // The view that reads the topic itself is the declaration to change; in a valid graph
-    // every chain of views over an on_demand topic starts at one.
-    let direct = specs.iter().enumerate().find_map(|(i, s)| {
-        s.edges()
-            .into_iter()
-            .find(|(_, src)| on_demand.contains(*src))
-            .map(|(field, src)| (i, s, field, src.to_string()))
-    });
-    if let Some((i, s, field, topic)) = direct {
-        let mut above: Vec<&str> = tainted
-            .keys()
-            .copied()
-            .filter(|v| *v != s.name.as_str())
-            .collect();
-        above.sort_unstable();
-        let also = if above.is_empty() {
-            String::new()
-        } else {
-            format!(" (and so do the views over it: {})", above.join(", "))
-        };
-        return Err(ConfigError::invalid(
-            file,
-            format!("view[{i}].{field}"),
-            format!(
-                "view '{}' reads '{topic}', an on_demand topic{also}; views over on_demand \
-                 sources are not supported yet: declare '{topic}' mode = \"full\", or read it \
-                 without a view",
-                s.name
-            ),
-        ));
     }
     Ok(())
+}
+
+/// Checks that every view over on_demand data is declared on_demand (see
+/// [`require_on_demand`]). Run after [`validate_specs`], so names resolve.
+pub(crate) fn check_on_demand_views(
+    file: &str,
+    specs: &[ViewSpec],
+    on_demand_topics: &HashSet<String>,
+) -> Result<(), ConfigError> {
+    let graph: Vec<_> = specs
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.edges(),
+                s.mode == crate::config::Mode::OnDemand,
+            )
+        })
+        .collect();
+    require_on_demand(&graph, on_demand_topics).map_err(|e| {
+        ConfigError::invalid(
+            file,
+            format!("view[{}].{}", e.view, e.field),
+            format!("view '{}': {}", specs[e.view].name, e.message),
+        )
+    })
 }
 
 /// The views of a sidecar, ready to be attached to its store.
@@ -650,6 +690,30 @@ pub(crate) fn build(
         field: e.field,
         message: e.message,
     })?;
+    let on_demand_topics: HashSet<String> = store
+        .sources()
+        .iter()
+        .filter(|s| s.on_demand().is_some())
+        .map(|s| s.name().to_string())
+        .collect();
+    let marked: Vec<_> = views
+        .iter()
+        .map(|v| (v.name.as_str(), v.edges(), v.is_on_demand()))
+        .collect();
+    require_on_demand(&marked, &on_demand_topics).map_err(|e| ViewError::Invalid {
+        view: views[e.view].name.clone(),
+        field: e.field,
+        message: e.message,
+    })?;
+    if let Some(v) = views.iter().find(|v| v.is_on_demand() && v.grouped()) {
+        return Err(ViewError::Invalid {
+            view: v.name.clone(),
+            field: "group".into(),
+            message: "an on_demand view cannot group: a group's members are only known from \
+                      every key"
+                .into(),
+        });
+    }
     let mut slots: Vec<Option<View>> = views.into_iter().map(Some).collect();
     let ordered: Vec<View> = order.into_iter().filter_map(|i| slots[i].take()).collect();
     Ok(Some(ViewSet {
@@ -714,32 +778,48 @@ mod tests {
     }
 
     #[test]
-    fn views_over_on_demand_topics_are_refused_naming_the_view() {
+    fn views_over_on_demand_data_must_be_on_demand() {
         let specs = [
             ViewSpec::new("top", "mid").include("b", "brands", "brand_id"),
             ViewSpec::new("mid", "products").include("p", "prices", "id"),
             ViewSpec::new("plain", "brands"),
         ];
         check(&specs).unwrap();
-        assert!(refuse_on_demand_inputs("t.toml", &specs, &topics(&["users"])).is_ok());
-        let refused = |on_demand: &[&str]| {
-            refuse_on_demand_inputs("t.toml", &specs, &topics(on_demand))
+        assert!(check_on_demand_views("t.toml", &specs, &topics(&["users"])).is_ok());
+        let refused = |specs: &[ViewSpec], on_demand: &[&str]| {
+            check_on_demand_views("t.toml", specs, &topics(on_demand))
                 .unwrap_err()
                 .to_string()
         };
-        // The view reading the topic is named, not the first view declared over it.
-        let e = refused(&["prices"]);
+        // The view reading the topic is named, with the field and the way out.
+        let e = refused(&specs, &["prices"]);
         assert!(
-            e.contains("view[1].include.p.source: view 'mid' reads 'prices', an on_demand topic (and so do the views over it: top);"),
+            e.contains("view[1].include.p.source: view 'mid': reads 'prices', an on_demand topic"),
             "{e}"
         );
-        let e = refused(&["products"]);
+        assert!(e.contains("declare view 'mid' mode = \"on_demand\""), "{e}");
+        // Declared on_demand, it is accepted; a full view over it is not.
+        let specs = [
+            ViewSpec::new("top", "mid").include("b", "brands", "brand_id"),
+            ViewSpec::new("mid", "products")
+                .include("p", "prices", "id")
+                .on_demand(1 << 20),
+        ];
+        let e = refused(&specs, &["prices"]);
         assert!(
-            e.contains("view[1].from: view 'mid' reads 'products'"),
+            e.contains("view[0].from: view 'top': reads 'mid', an on_demand view"),
             "{e}"
         );
-        let e = refused(&["brands"]);
-        assert!(e.contains("view[0].include.b.source: view 'top' reads 'brands', an on_demand topic (and so do the views over it: plain);"), "{e}");
+        let specs = [specs[0].clone().on_demand(1 << 20), specs[1].clone()];
+        assert!(check_on_demand_views("t.toml", &specs, &topics(&["prices"])).is_ok());
+        // An on_demand view cannot group, and budgets have a floor.
+        let e = check(&[ViewSpec::new("g", "products")
+            .group_by("x")
+            .on_demand(1 << 20)])
+        .unwrap_err();
+        assert!(e.contains("view[0].group_by"), "{e}");
+        let e = check(&[ViewSpec::new("s", "products").on_demand(100)]).unwrap_err();
+        assert!(e.contains("view[0].max_bytes"), "{e}");
     }
 
     #[test]

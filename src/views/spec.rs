@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use super::expr::{key_text, Filter, KeyExpr, Path};
 use super::{Lookup, RowError, View};
+use crate::config::{ByteSize, Dur, Mode, DEFAULT_ON_DEMAND_BYTES, MIN_ON_DEMAND_BYTES};
 
 /// A `[[view]]` declaration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -34,6 +35,21 @@ pub struct ViewSpec {
     /// Makes the view an index: one row per distinct value of this field.
     #[serde(default)]
     pub group_by: Option<String>,
+    /// `"full"` (every row, maintained by the writer) or `"on_demand"` (rows computed when
+    /// first read and kept within `max_bytes`). A view over an on_demand source must be
+    /// on_demand.
+    #[serde(default = "full")]
+    pub mode: Mode,
+    /// The byte budget of an on_demand view (default 64 MiB).
+    #[serde(default)]
+    pub max_bytes: Option<ByteSize>,
+    /// An on_demand view drops rows not read (or changed) for this long.
+    #[serde(default)]
+    pub idle: Option<Dur>,
+}
+
+fn full() -> Mode {
+    Mode::Full
 }
 
 /// `[view.include]`: named lookups in declaration order.
@@ -92,7 +108,17 @@ impl ViewSpec {
             include: Includes::default(),
             select: None,
             group_by: None,
+            mode: Mode::Full,
+            max_bytes: None,
+            idle: None,
         }
+    }
+
+    /// Makes the view on_demand within `max_bytes` (see [`View::on_demand`]).
+    pub fn on_demand(mut self, max_bytes: u64) -> Self {
+        self.mode = Mode::OnDemand;
+        self.max_bytes = Some(ByteSize(max_bytes));
+        self
     }
 
     pub fn filter(mut self, expr: impl Into<String>) -> Self {
@@ -136,6 +162,44 @@ impl ViewSpec {
     /// Parses the expressions and builds the view. Errors name the field (`where`,
     /// `include.price.key`, ...) and say what is wrong.
     pub(crate) fn compile(&self) -> Result<View, (String, String)> {
+        match self.mode {
+            Mode::OnDemand => {
+                if self.group_by.is_some() {
+                    return Err((
+                        "group_by".into(),
+                        "an on_demand view cannot group: a group's members are only known from \
+                         every key (declare it mode = \"full\", over full sources)"
+                            .into(),
+                    ));
+                }
+                if let Some(b) = self.max_bytes {
+                    if b.0 < MIN_ON_DEMAND_BYTES {
+                        return Err((
+                            "max_bytes".into(),
+                            format!("{} bytes is below the minimum of 16KiB", b.0),
+                        ));
+                    }
+                }
+                if self
+                    .idle
+                    .is_some_and(|d| d.0 < std::time::Duration::from_secs(1))
+                {
+                    return Err((
+                        "idle".into(),
+                        "must be at least 1s (omit it to keep rows until the budget evicts them)"
+                            .into(),
+                    ));
+                }
+            }
+            Mode::Full => {
+                if self.max_bytes.is_some() || self.idle.is_some() {
+                    return Err((
+                        "mode".into(),
+                        "max_bytes and idle apply only to mode = \"on_demand\"".into(),
+                    ));
+                }
+            }
+        }
         let filter = match &self.filter {
             Some(f) => Some(Filter::parse(f).map_err(|e| ("where".to_string(), e))?),
             None => None,
@@ -227,11 +291,30 @@ impl ViewSpec {
                 group_by,
             },
         );
-        Ok(view.reading(reads).described(self.describe_body()))
+        let view = view.reading(reads).described(self.describe_body());
+        Ok(match self.mode {
+            Mode::OnDemand => view.on_demand(
+                self.max_bytes.map_or(DEFAULT_ON_DEMAND_BYTES, |b| b.0),
+                self.idle.map(|d| d.0),
+            ),
+            Mode::Full => view,
+        })
     }
 
     fn describe_body(&self) -> Vec<String> {
         let mut lines = Vec::new();
+        if self.mode == Mode::OnDemand {
+            let budget = self.max_bytes.map_or(DEFAULT_ON_DEMAND_BYTES, |b| b.0);
+            match self.idle {
+                Some(idle) => lines.push(format!(
+                    "on_demand: rows computed when read, within {budget} bytes, idle {:?}",
+                    idle.0
+                )),
+                None => lines.push(format!(
+                    "on_demand: rows computed when read, within {budget} bytes"
+                )),
+            }
+        }
         match &self.filter {
             Some(f) => lines.push(format!("from {} where {f}", self.from)),
             None => lines.push(format!("from {}", self.from)),

@@ -58,6 +58,16 @@ impl Standalone {
             ));
         }
         let set: Option<ViewSet> = build(specs, views, &mut store, clock)?;
+        // Rows of an on_demand view are computed by reads through a running sidecar's writer.
+        if let Some(v) = store.sources().iter().find(|s| s.view_cache().is_some()) {
+            return Err(ViewError::Invalid {
+                view: v.name().to_string(),
+                field: "mode".into(),
+                message: "on_demand views are computed on read by a sidecar; Standalone \
+                          maintains full views only"
+                    .into(),
+            });
+        }
         let stats = set.as_ref().map(|s| s.stats()).unwrap_or_default();
         let store = Arc::new(store);
         let engine = set.map(|s| s.attach(store.clone()));
