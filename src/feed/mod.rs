@@ -319,6 +319,13 @@ impl FeedClient {
             k.source.heard();
             k.source.mark_synced();
         }
+        if !self.keyed.is_empty() {
+            // Views over on_demand topics are synced by the writer once their inputs are.
+            self.writer
+                .send(Op::Nudge)
+                .await
+                .map_err(|_| FeedError::WriterGone)?;
+        }
         let idle = self.cfg.idle_timeout.0;
         let key_ops = self.key_ops.clone();
         loop {

@@ -335,13 +335,7 @@ fn compute(
         Resident::Value(None) => return (Ok(None), deps),
         Resident::Missing => {
             missing.push((v.from, key.clone()));
-            return (
-                Err(RowError::NotResident {
-                    input: v.from_name.to_string(),
-                    key: key.to_string(),
-                }),
-                deps,
-            );
+            return (Ok(None), deps);
         }
     };
     v.stats.recomputes.fetch_add(1, Ordering::Relaxed);

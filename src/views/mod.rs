@@ -289,10 +289,7 @@ pub enum RowError {
     NotObject { input: String, key: String },
     #[error("reads '{0}', which the view does not declare (View::reading)")]
     Undeclared(String),
-    /// An on_demand input that is not held yet: the engine fetches it and computes the row
-    /// again. A function should pass it on (`?`); the engine notices the read either way.
-    #[error("{input}[{key}] is not resident yet")]
-    NotResident { input: String, key: String },
+
     #[error("{0}")]
     Other(String),
 }
@@ -326,7 +323,7 @@ pub struct Lookup<'a> {
     /// What the previous computation of this row read, in order: a read of the same key reuses
     /// its `Arc<str>` instead of allocating one.
     hint: &'a [(SourceId, Arc<str>)],
-    /// Reads of on_demand inputs that are not held yet.
+    /// Reads of on_demand inputs that are not held yet (read as absent meanwhile).
     missing: &'a mut Vec<(SourceId, Arc<str>)>,
 }
 
@@ -382,11 +379,10 @@ impl<'a> Lookup<'a> {
         match row {
             Resident::Value(v) => Ok(v),
             Resident::Missing => {
-                self.missing.push((read.id, key.clone()));
-                Err(RowError::NotResident {
-                    input: read.name.to_string(),
-                    key: key.to_string(),
-                })
+                // Read as absent so that the computation goes on and finds the other inputs it
+                // misses in this round; the engine discards a row computed with a miss.
+                self.missing.push((read.id, key));
+                Ok(None)
             }
         }
     }

@@ -1,0 +1,450 @@
+//! on_demand views over loopback gRPC: a row is computed on first read, fetching the on_demand
+//! inputs its lookups miss (one round per link of a chain), computed once however many readers
+//! wait, kept current by push while resident, and its inputs released when it is evicted. The
+//! property at the end checks rows against a from-scratch recompute after random changes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use proptest::prelude::*;
+use serde_json::{json, Map, Value};
+use viewcar::config::{ByteSize, Mode};
+use viewcar::origin::Put;
+use viewcar::pb::cache::v1 as cache;
+use viewcar::views::ViewSpec;
+use viewcar::Sidecar;
+
+const TOPICS: [&str; 4] = ["products", "prices", "brands", "countries"];
+
+fn page(max_bytes: u64) -> ViewSpec {
+    ViewSpec::new("page", "products")
+        .filter("status == 'active'")
+        .include("price", "prices", "id")
+        .include("brand", "brands", "brand_id")
+        .include("country", "countries", "brand.country_id")
+        .on_demand(max_bytes)
+}
+
+/// An origin, and a sidecar holding every topic on_demand within `topic_bytes` with the
+/// on_demand view `page` within `view_bytes`.
+async fn setup(topic_bytes: u64, view_bytes: u64) -> (TestOrigin, Sidecar) {
+    let mut ocfg = origin_config();
+    ocfg.topics = TOPICS.iter().map(|t| t.to_string()).collect();
+    let origin = TestOrigin::start(ocfg).await;
+    let mut cfg = sidecar_config(&origin.url(), &TOPICS);
+    for t in &mut cfg.origins[0].topics {
+        t.mode = Mode::OnDemand;
+        t.max_bytes = Some(ByteSize(topic_bytes));
+    }
+    cfg.views = vec![page(view_bytes)];
+    let sidecar = start_sidecar(cfg).await;
+    (origin, sidecar)
+}
+
+fn put(origin: &TestOrigin, topic: &str, key: &str, v: Value) {
+    origin
+        .origin
+        .publish(topic, vec![Put::upsert(key, Bytes::from(v.to_string()))])
+        .expect("publish");
+}
+
+type Client = cache::cache_client::CacheClient<tonic::transport::Channel>;
+
+/// The row of `page[key]` as the sidecar answers it (`None` = no row).
+async fn row(client: &mut Client, key: &str) -> Option<Value> {
+    let item = client
+        .get(cache::GetRequest {
+            source: "page".into(),
+            key: key.into(),
+            options: Some(cache::ReadOptions {
+                wait_ms: 10_000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .item
+        .expect("item");
+    item.found
+        .then(|| serde_json::from_slice(&item.value).expect("a row is JSON"))
+}
+
+/// Reads `page[key]` until it equals `want` (pushes take their latency to land).
+async fn row_becomes(client: &mut Client, key: &str, want: &Option<Value>) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let got = row(client, key).await;
+        if got == *want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "page[{key}] is {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn view_stat(sidecar: &Sidecar, f: impl Fn(&viewcar::store::OnDemandStats) -> u64) -> u64 {
+    let s = source(sidecar, "page");
+    f(s.view_cache().expect("on_demand view").stats())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
+    within(async {
+        let (origin, sidecar) = setup(1 << 20, 1 << 20).await;
+        put(
+            &origin,
+            "products",
+            "p1",
+            json!({"id": "p1", "status": "active", "brand_id": "b1"}),
+        );
+        put(&origin, "prices", "p1", json!({"amount": 5}));
+        put(
+            &origin,
+            "brands",
+            "b1",
+            json!({"name": "B", "country_id": "DE"}),
+        );
+        put(&origin, "countries", "DE", json!({"name": "Germany"}));
+        let mut client = cache_client(&sidecar).await;
+        let want = json!({"id": "p1", "status": "active", "brand_id": "b1",
+            "price": {"amount": 5}, "brand": {"name": "B", "country_id": "DE"},
+            "country": {"name": "Germany"}});
+        assert_eq!(row(&mut client, "p1").await, Some(want.clone()));
+        // products[p1]; then prices[p1] and brands[b1] together; then countries[DE].
+        assert_eq!(
+            view_stat(&sidecar, |s| s.fetches.load(Ordering::Relaxed)),
+            3
+        );
+        assert_eq!(origin.origin.stats().fetches.load(Ordering::Relaxed), 4);
+        for (topic, key) in [
+            ("products", "p1"),
+            ("prices", "p1"),
+            ("brands", "b1"),
+            ("countries", "DE"),
+        ] {
+            assert!(
+                origin.origin.is_key_subscribed(topic, key),
+                "{topic}[{key}] subscribed"
+            );
+        }
+
+        // Changes at the end of the chain are pushed and the row follows, without a read miss
+        // or a Fetch.
+        put(&origin, "countries", "DE", json!({"name": "Deutschland"}));
+        let mut want = want;
+        want["country"] = json!({"name": "Deutschland"});
+        row_becomes(&mut client, "p1", &Some(want.clone())).await;
+        origin
+            .origin
+            .publish("prices", vec![Put::delete("p1")])
+            .expect("delete");
+        want["price"] = Value::Null;
+        row_becomes(&mut client, "p1", &Some(want.clone())).await;
+        put(
+            &origin,
+            "brands",
+            "b1",
+            json!({"name": "B", "country_id": "FR"}),
+        );
+        // A lookup key that moves to a key never read is a miss for the engine: the row is
+        // dropped and computed again at the next read, fetching countries[FR].
+        want["brand"] = json!({"name": "B", "country_id": "FR"});
+        want["country"] = Value::Null;
+        row_becomes(&mut client, "p1", &Some(want.clone())).await;
+        put(
+            &origin,
+            "products",
+            "p1",
+            json!({"id": "p1", "status": "gone", "brand_id": "b1"}),
+        );
+        row_becomes(&mut client, "p1", &None).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_of_a_missing_row_compute_it_once() {
+    within(async {
+        let (origin, sidecar) = setup(1 << 20, 1 << 20).await;
+        put(
+            &origin,
+            "products",
+            "p1",
+            json!({"id": "p1", "status": "active", "brand_id": "b1"}),
+        );
+        put(
+            &origin,
+            "brands",
+            "b1",
+            json!({"name": "B", "country_id": "DE"}),
+        );
+        put(&origin, "countries", "DE", json!({"name": "Germany"}));
+        let client = cache_client(&sidecar).await;
+        let reads = (0..100).map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { row(&mut c, "p1").await })
+        });
+        let rows: Vec<Option<Value>> = futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .map(|r| r.expect("reader"))
+            .collect();
+        assert!(rows.iter().all(|r| *r == rows[0]) && rows[0].is_some());
+        let n = |f: fn(&viewcar::store::OnDemandStats) -> &std::sync::atomic::AtomicU64| {
+            view_stat(&sidecar, |s| f(s).load(Ordering::Relaxed))
+        };
+        // One computation: every other reader waited for it or came after it.
+        assert_eq!(n(|s| &s.hits) + n(|s| &s.coalesced) + 1, 100);
+        // One Fetch per input key: products, prices (absent), brands, countries.
+        assert_eq!(origin.origin.stats().fetches.load(Ordering::Relaxed), 4);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_rows_release_their_inputs_and_are_no_longer_maintained() {
+    within(async {
+        let budget = 16 << 10;
+        let (origin, sidecar) = setup(1 << 20, budget).await;
+        let n = 300;
+        let pad = "x".repeat(200);
+        let puts: Vec<Put> = (0..n)
+            .map(|i| {
+                let v = json!({"id": format!("p{i}"), "status": "active", "pad": pad});
+                Put::upsert(format!("p{i}"), Bytes::from(v.to_string()))
+            })
+            .collect();
+        origin.origin.publish("products", puts).expect("seed");
+        let mut client = cache_client(&sidecar).await;
+        for i in 0..n {
+            assert!(row(&mut client, &format!("p{i}")).await.is_some());
+        }
+        let page = source(&sidecar, "page");
+        let rows = page.view_cache().expect("on_demand view").clone();
+        rows.sync();
+        let resident = rows.resident_keys();
+        assert!(
+            rows.resident_bytes() <= budget,
+            "{} bytes resident",
+            rows.resident_bytes()
+        );
+        assert!(resident > 0 && resident < n / 5, "{resident} rows resident");
+        // Each resident row pins its products key; evicted rows released theirs.
+        let products = source(&sidecar, "products")
+            .on_demand()
+            .expect("on_demand")
+            .clone();
+        eventually("pins = resident rows", || {
+            rows.sync();
+            products.pinned_count() == rows.resident_keys()
+        })
+        .await;
+        // A change to an evicted row's input recomputes nothing; one to a resident row's does.
+        let (evicted, kept) = {
+            let mut e = None;
+            let mut k = None;
+            for i in 0..n {
+                match rows.peek(&format!("p{i}")) {
+                    None if e.is_none() => e = Some(i),
+                    Some(_) if k.is_none() => k = Some(i),
+                    _ => {}
+                }
+            }
+            (e.expect("an evicted row"), k.expect("a resident row"))
+        };
+        let view_stats = sidecar.view_stats("page").expect("view stats").clone();
+        let recomputes = view_stats.recomputes.load(Ordering::Relaxed);
+        for i in [evicted, kept] {
+            let v = json!({"id": format!("p{i}"), "status": "active", "note": "changed"});
+            put(&origin, "products", &format!("p{i}"), v);
+        }
+        eventually("the resident row follows", || {
+            rows.peek(&format!("p{kept}"))
+                .and_then(|s| s.value)
+                .is_some_and(|v| {
+                    v.starts_with(br#"{"id":"p"#)
+                        && v.ends_with(
+                            b"\"note\":\"changed\",\"price\":null,\"brand\":null,\"country\":null}",
+                        )
+                })
+        })
+        .await;
+        assert_eq!(
+            view_stats.recomputes.load(Ordering::Relaxed),
+            recomputes + 1
+        );
+        assert!(rows.peek(&format!("p{evicted}")).is_none());
+    })
+    .await;
+}
+
+// ----- the property: rows equal a from-scratch recompute after random changes -----
+
+type Topic = BTreeMap<String, Bytes>;
+
+fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn path<'a>(row: &'a Map<String, Value>, p: &str) -> Option<&'a Value> {
+    let mut parts = p.split('.');
+    let mut v = row.get(parts.next()?)?;
+    for seg in parts {
+        v = v.as_object()?.get(seg)?;
+    }
+    Some(v)
+}
+
+/// `None` = the row is in error (not JSON somewhere it reads) and absent from the view.
+fn lookup(t: &Topic, key: Option<String>) -> Option<Value> {
+    let Some(k) = key else {
+        return Some(Value::Null);
+    };
+    match t.get(&k) {
+        None => Some(Value::Null),
+        Some(b) => serde_json::from_slice(b).ok(),
+    }
+}
+
+/// The oracle: `page[key]` computed from scratch over the origin's current data, by a naive
+/// implementation of the view's semantics.
+fn expected(m: &[Topic; 4], key: &str) -> Option<Value> {
+    let b = m[0].get(key)?;
+    let Ok(Value::Object(mut row)) = serde_json::from_slice::<Value>(b) else {
+        return None;
+    };
+    let price = lookup(&m[1], path(&row, "id").and_then(key_text))?;
+    row.insert("price".into(), price);
+    let brand = lookup(&m[2], path(&row, "brand_id").and_then(key_text))?;
+    row.insert("brand".into(), brand);
+    let country = lookup(&m[3], path(&row, "brand.country_id").and_then(key_text))?;
+    row.insert("country".into(), country);
+    (path(&row, "status") == Some(&json!("active"))).then_some(Value::Object(row))
+}
+
+const PRODUCTS: usize = 30;
+
+fn topic_key(topic: usize, i: usize) -> String {
+    match topic {
+        0 | 1 => format!("p{}", i % PRODUCTS),
+        2 => format!("b{}", i % 5),
+        _ => format!("c{}", i % 3),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Publish a value (`None` = delete) to `topic[key index]`.
+    Publish(usize, usize, Option<Bytes>),
+    /// Read `page[p{i}]` and check it against the oracle.
+    Read(usize),
+}
+
+fn value_for(topic: usize) -> BoxedStrategy<Bytes> {
+    let json = |v: Value| Bytes::from(v.to_string());
+    let good = match topic {
+        0 => (
+            0..PRODUCTS,
+            prop::bool::weighted(0.8),
+            0..6usize,
+            0..40usize,
+        )
+            .prop_map(move |(id, active, b, pad)| {
+                json(json!({"id": format!("p{id}"),
+                    "status": if active { "active" } else { "gone" },
+                    "brand_id": format!("b{b}"), "pad": "x".repeat(pad * 10)}))
+            })
+            .boxed(),
+        1 => (0..100u32)
+            .prop_map(move |a| json(json!({"amount": a})))
+            .boxed(),
+        2 => (0..4usize, 0..9u32)
+            .prop_map(move |(c, n)| {
+                json(json!({"name": format!("brand {n}"), "country_id": format!("c{c}")}))
+            })
+            .boxed(),
+        _ => (0..9u32)
+            .prop_map(move |n| json(json!({"name": format!("country {n}")})))
+            .boxed(),
+    };
+    prop_oneof![9 => good, 1 => Just(Bytes::from_static(b"\xffnot json"))].boxed()
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..4usize, 0..PRODUCTS)
+            .prop_flat_map(|(t, k)| {
+                prop_oneof![4 => value_for(t).prop_map(Some), 1 => Just(None)]
+                    .prop_map(move |v| Step::Publish(t, k, v))
+            }),
+        2 => (0..PRODUCTS).prop_map(Step::Read),
+    ]
+}
+
+async fn run_steps(steps: Vec<Step>) {
+    // Budgets small enough that rows and inputs are evicted during the run: a row can be up to
+    // ~700 bytes, so 16 KiB holds a few dozen.
+    let (origin, sidecar) = setup(16 << 10, 16 << 10).await;
+    let mut model: [Topic; 4] = Default::default();
+    let mut client = cache_client(&sidecar).await;
+    for s in steps {
+        match s {
+            Step::Publish(t, k, v) => {
+                let key = topic_key(t, k);
+                let put = match &v {
+                    Some(b) => Put::upsert(key.clone(), b.clone()),
+                    None => Put::delete(key.clone()),
+                };
+                origin
+                    .origin
+                    .publish(TOPICS[t], vec![put])
+                    .expect("publish");
+                match v {
+                    Some(b) => model[t].insert(key, b),
+                    None => model[t].remove(&key),
+                };
+            }
+            Step::Read(i) => {
+                let key = format!("p{i}");
+                row_becomes(&mut client, &key, &expected(&model, &key)).await;
+            }
+        }
+    }
+    // Quiescence: every row (resident or computed now) equals the recompute.
+    for i in 0..PRODUCTS {
+        let key = format!("p{i}");
+        row_becomes(&mut client, &key, &expected(&model, &key)).await;
+    }
+    drop(sidecar);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("VIEWS_OD_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(16),
+        max_shrink_iters: 64,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn on_demand_view_rows_equal_a_recompute(steps in prop::collection::vec(step(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(within(run_steps(steps)));
+    }
+}
