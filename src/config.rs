@@ -842,6 +842,28 @@ pub fn describe(cfg: &SidecarConfig) -> String {
     out
 }
 
+/// Refuses a count outside `min..=max`: zero, or so large that it is surely a mistake.
+fn check_range(
+    file: &str,
+    field: &str,
+    v: usize,
+    min: usize,
+    max: usize,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            file,
+            field,
+            format!("must be between {min} and {max}, got {v}"),
+        ))
+    }
+}
+
+/// Largest `stream_send_buffer`: each message may be up to `max_message_bytes`.
+const MAX_STREAM_SEND_BUFFER: usize = 1024;
+
 /// Source names are what readers type: keep them to a safe alphabet.
 pub(crate) fn check_name(file: &str, field: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
@@ -878,6 +900,10 @@ pub struct OriginConfig {
     pub retain_bytes: ByteSize,
     /// Batches queued per Sync stream; a stream that overflows is caught up by Reset + snapshot.
     pub stream_queue: usize,
+    /// Messages (batches, snapshot chunks, Progress) of one Sync stream waiting for the transport
+    /// to take them, each up to `max_message_bytes`. When it is full the stream sends nothing
+    /// more until the sidecar reads, so its `stream_queue` fills instead.
+    pub stream_send_buffer: usize,
     /// Snapshot chunk bounds.
     pub snapshot_chunk_entries: usize,
     pub snapshot_chunk_bytes: ByteSize,
@@ -930,6 +956,7 @@ impl Default for OriginConfig {
             retain_batches: 100_000,
             retain_bytes: ByteSize(64 << 20),
             stream_queue: 4096,
+            stream_send_buffer: 16,
             snapshot_chunk_entries: 1000,
             snapshot_chunk_bytes: ByteSize(1 << 20),
             max_message_bytes: ByteSize(16 << 20),
@@ -985,6 +1012,13 @@ impl OriginConfig {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));
             }
         }
+        check_range(
+            file,
+            "stream_send_buffer",
+            self.stream_send_buffer,
+            1,
+            MAX_STREAM_SEND_BUFFER,
+        )?;
         if self.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(
                 file,
@@ -1192,6 +1226,23 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn origin_stream_send_buffer_defaults_and_validates() {
+        let cfg = OriginConfig::parse("o.toml", "").unwrap();
+        assert_eq!(cfg.stream_send_buffer, 16);
+        let cfg = OriginConfig::parse("o.toml", "stream_send_buffer = 64\n").unwrap();
+        assert_eq!(cfg.stream_send_buffer, 64);
+        for text in [
+            "stream_send_buffer = 0\n",
+            "stream_send_buffer = 1025\n",
+            "stream_send_buffer = -1\n",
+        ] {
+            let err = OriginConfig::parse("o.toml", text).unwrap_err().to_string();
+            assert!(err.starts_with("o.toml:"), "{text}: {err}");
+            assert!(err.contains("stream_send_buffer"), "{text}: {err}");
         }
     }
 }
