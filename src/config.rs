@@ -309,6 +309,10 @@ pub struct Limits {
     pub max_wait: Dur,
     /// Feed messages buffered between the feed clients and the single writer.
     pub writer_queue: usize,
+    /// Most feed messages the writer applies in one step, from what is already queued, before
+    /// it runs the views and hands the changes to readers: a burst costs one view pass and one
+    /// dispatch, and a long one is still handed on in steps of this size.
+    pub writer_batch: usize,
     /// Most concurrent HTTP/2 streams per client connection on the Cache API.
     pub max_concurrent_streams: u32,
 }
@@ -325,6 +329,7 @@ impl Default for Limits {
             max_watch_keys: 10_000,
             max_wait: Dur(Duration::from_secs(30)),
             writer_queue: 1024,
+            writer_batch: 256,
             max_concurrent_streams: 1024,
         }
     }
@@ -578,6 +583,13 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));
             }
         }
+        check_range(
+            file,
+            "limits.writer_batch",
+            l.writer_batch,
+            1,
+            MAX_WRITER_BATCH,
+        )?;
         if l.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(
                 file,
@@ -899,6 +911,9 @@ fn check_range(
 
 /// Largest `stream_send_buffer`: each message may be up to `max_message_bytes`.
 const MAX_STREAM_SEND_BUFFER: usize = 1024;
+
+/// Largest `limits.writer_batch`: readers see nothing of a step until all of it is applied.
+const MAX_WRITER_BATCH: usize = 65_536;
 
 /// Largest `ws.send_batch_frames`.
 const MAX_WS_SEND_BATCH_FRAMES: usize = 4096;
@@ -1326,6 +1341,24 @@ mod tests {
                 .to_string();
             assert!(err.starts_with("t.toml:"), "{text}: {err}");
             assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn writer_batch_defaults_and_validates() {
+        let cfg = SidecarConfig::parse("t.toml", "").unwrap();
+        assert_eq!(cfg.limits.writer_batch, 256);
+        let cfg = SidecarConfig::parse("t.toml", "[limits]\nwriter_batch = 1\n").unwrap();
+        assert_eq!(cfg.limits.writer_batch, 1);
+        for text in [
+            "[limits]\nwriter_batch = 0\n",
+            "[limits]\nwriter_batch = 65537\n",
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:"), "{text}: {err}");
+            assert!(err.contains("limits.writer_batch"), "{text}: {err}");
         }
     }
 }
