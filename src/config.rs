@@ -294,6 +294,10 @@ pub struct Limits {
     pub max_message_bytes: ByteSize,
     /// Most keys in one BatchGet.
     pub max_batch_keys: usize,
+    /// Most times a BatchGet reads its keys to get an answer of whole versions (never half of
+    /// one Publish) while batches keep landing; each retry may first wait up to 20ms for a
+    /// batch in flight. If every attempt overlapped a batch, the last read is answered as is.
+    pub batch_read_attempts: usize,
     /// Scan page size when the request says 0.
     pub scan_default_limit: u32,
     /// Largest Scan page; larger requests are capped.
@@ -322,6 +326,7 @@ impl Default for Limits {
         Limits {
             max_message_bytes: ByteSize(16 << 20),
             max_batch_keys: 1000,
+            batch_read_attempts: 64,
             scan_default_limit: 100,
             scan_max_limit: 1000,
             watch_queue: 1024,
@@ -583,6 +588,13 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));
             }
         }
+        check_range(
+            file,
+            "limits.batch_read_attempts",
+            l.batch_read_attempts,
+            1,
+            MAX_BATCH_READ_ATTEMPTS,
+        )?;
         check_range(
             file,
             "limits.writer_batch",
@@ -912,6 +924,8 @@ fn check_range(
 /// Largest `stream_send_buffer`: each message may be up to `max_message_bytes`.
 const MAX_STREAM_SEND_BUFFER: usize = 1024;
 
+/// Largest `limits.batch_read_attempts`: with the wait before each retry, about 20s.
+const MAX_BATCH_READ_ATTEMPTS: usize = 1000;
 /// Largest `limits.writer_batch`: readers see nothing of a step until all of it is applied.
 const MAX_WRITER_BATCH: usize = 65_536;
 
@@ -1359,6 +1373,24 @@ mod tests {
                 .to_string();
             assert!(err.starts_with("t.toml:"), "{text}: {err}");
             assert!(err.contains("limits.writer_batch"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn batch_read_attempts_defaults_and_validates() {
+        let cfg = SidecarConfig::parse("t.toml", "").unwrap();
+        assert_eq!(cfg.limits.batch_read_attempts, 64);
+        let cfg = SidecarConfig::parse("t.toml", "[limits]\nbatch_read_attempts = 1\n").unwrap();
+        assert_eq!(cfg.limits.batch_read_attempts, 1);
+        for text in [
+            "[limits]\nbatch_read_attempts = 0\n",
+            "[limits]\nbatch_read_attempts = 1001\n",
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:"), "{text}: {err}");
+            assert!(err.contains("limits.batch_read_attempts"), "{text}: {err}");
         }
     }
 }
