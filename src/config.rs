@@ -245,6 +245,15 @@ pub struct WsConfig {
     pub idle_timeout: Dur,
     /// Bytes of outbound frames buffered per connection before a send waits for the socket.
     pub write_buffer_bytes: ByteSize,
+    /// Frames written before one flush, so a burst of changes costs few syscalls.
+    pub send_batch_frames: usize,
+    /// Bytes read from the socket at once. Client messages are small, and each read zeroes this
+    /// much of the connection's input buffer: tungstenite's own default of 128KiB was the
+    /// largest single cost of a subscriber connection in a profile of the fan-out.
+    pub read_buffer_bytes: ByteSize,
+    /// Parsed client requests buffered between the reading and the writing half of one
+    /// connection; when it is full the connection reads nothing more until the writer catches up.
+    pub command_queue: usize,
     /// When set, a client must present `Authorization: Bearer <token>` (or, for browsers,
     /// which cannot set headers on a WebSocket, `?access_token=<token>`); otherwise 401.
     pub token: Option<String>,
@@ -267,6 +276,9 @@ impl Default for WsConfig {
             ping_interval: Dur(Duration::from_secs(15)),
             idle_timeout: Dur(Duration::from_secs(45)),
             write_buffer_bytes: ByteSize(128 << 10),
+            send_batch_frames: 128,
+            read_buffer_bytes: ByteSize(4 << 10),
+            command_queue: 32,
             token: None,
             allowed_origins: Vec::new(),
         }
@@ -282,6 +294,10 @@ pub struct Limits {
     pub max_message_bytes: ByteSize,
     /// Most keys in one BatchGet.
     pub max_batch_keys: usize,
+    /// Most times a BatchGet reads its keys to get an answer of whole versions (never half of
+    /// one Publish) while batches keep landing; each retry may first wait up to 20ms for a
+    /// batch in flight. If every attempt overlapped a batch, the last read is answered as is.
+    pub batch_read_attempts: usize,
     /// Scan page size when the request says 0.
     pub scan_default_limit: u32,
     /// Largest Scan page; larger requests are capped.
@@ -297,6 +313,10 @@ pub struct Limits {
     pub max_wait: Dur,
     /// Feed messages buffered between the feed clients and the single writer.
     pub writer_queue: usize,
+    /// Most feed messages the writer applies in one step, from what is already queued, before
+    /// it runs the views and hands the changes to readers: a burst costs one view pass and one
+    /// dispatch, and a long one is still handed on in steps of this size.
+    pub writer_batch: usize,
     /// Most concurrent HTTP/2 streams per client connection on the Cache API.
     pub max_concurrent_streams: u32,
 }
@@ -306,6 +326,7 @@ impl Default for Limits {
         Limits {
             max_message_bytes: ByteSize(16 << 20),
             max_batch_keys: 1000,
+            batch_read_attempts: 64,
             scan_default_limit: 100,
             scan_max_limit: 1000,
             watch_queue: 1024,
@@ -313,6 +334,7 @@ impl Default for Limits {
             max_watch_keys: 10_000,
             max_wait: Dur(Duration::from_secs(30)),
             writer_queue: 1024,
+            writer_batch: 256,
             max_concurrent_streams: 1024,
         }
     }
@@ -566,6 +588,20 @@ impl SidecarConfig {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));
             }
         }
+        check_range(
+            file,
+            "limits.batch_read_attempts",
+            l.batch_read_attempts,
+            1,
+            MAX_BATCH_READ_ATTEMPTS,
+        )?;
+        check_range(
+            file,
+            "limits.writer_batch",
+            l.writer_batch,
+            1,
+            MAX_WRITER_BATCH,
+        )?;
         if l.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(
                 file,
@@ -694,6 +730,30 @@ impl WsConfig {
                 "must be at least 1KiB",
             ));
         }
+        check_range(
+            file,
+            "ws.send_batch_frames",
+            self.send_batch_frames,
+            1,
+            MAX_WS_SEND_BATCH_FRAMES,
+        )?;
+        if !(MIN_WS_READ_BUFFER..=MAX_WS_READ_BUFFER).contains(&self.read_buffer_bytes) {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.read_buffer_bytes",
+                format!(
+                    "must be between {MIN_WS_READ_BUFFER} and {MAX_WS_READ_BUFFER}, got {}",
+                    self.read_buffer_bytes
+                ),
+            ));
+        }
+        check_range(
+            file,
+            "ws.command_queue",
+            self.command_queue,
+            1,
+            MAX_WS_COMMAND_QUEUE,
+        )?;
         for (field, d) in [
             ("ws.reset_window", self.reset_window),
             ("ws.ping_interval", self.ping_interval),
@@ -842,6 +902,41 @@ pub fn describe(cfg: &SidecarConfig) -> String {
     out
 }
 
+/// Refuses a count outside `min..=max`: zero, or so large that it is surely a mistake.
+fn check_range(
+    file: &str,
+    field: &str,
+    v: usize,
+    min: usize,
+    max: usize,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            file,
+            field,
+            format!("must be between {min} and {max}, got {v}"),
+        ))
+    }
+}
+
+/// Largest `stream_send_buffer`: each message may be up to `max_message_bytes`.
+const MAX_STREAM_SEND_BUFFER: usize = 1024;
+
+/// Largest `limits.batch_read_attempts`: with the wait before each retry, about 20s.
+const MAX_BATCH_READ_ATTEMPTS: usize = 1000;
+/// Largest `limits.writer_batch`: readers see nothing of a step until all of it is applied.
+const MAX_WRITER_BATCH: usize = 65_536;
+
+/// Largest `ws.send_batch_frames`.
+const MAX_WS_SEND_BATCH_FRAMES: usize = 4096;
+/// Bounds of `ws.read_buffer_bytes`: each read zeroes this much, so more only costs.
+const MIN_WS_READ_BUFFER: ByteSize = ByteSize(256);
+const MAX_WS_READ_BUFFER: ByteSize = ByteSize(1 << 20);
+/// Largest `ws.command_queue`: each request may be up to `ws.max_message_bytes`.
+const MAX_WS_COMMAND_QUEUE: usize = 1024;
+
 /// Source names are what readers type: keep them to a safe alphabet.
 pub(crate) fn check_name(file: &str, field: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
@@ -878,6 +973,10 @@ pub struct OriginConfig {
     pub retain_bytes: ByteSize,
     /// Batches queued per Sync stream; a stream that overflows is caught up by Reset + snapshot.
     pub stream_queue: usize,
+    /// Messages (batches, snapshot chunks, Progress) of one Sync stream waiting for the transport
+    /// to take them, each up to `max_message_bytes`. When it is full the stream sends nothing
+    /// more until the sidecar reads, so its `stream_queue` fills instead.
+    pub stream_send_buffer: usize,
     /// Snapshot chunk bounds.
     pub snapshot_chunk_entries: usize,
     pub snapshot_chunk_bytes: ByteSize,
@@ -930,6 +1029,7 @@ impl Default for OriginConfig {
             retain_batches: 100_000,
             retain_bytes: ByteSize(64 << 20),
             stream_queue: 4096,
+            stream_send_buffer: 16,
             snapshot_chunk_entries: 1000,
             snapshot_chunk_bytes: ByteSize(1 << 20),
             max_message_bytes: ByteSize(16 << 20),
@@ -985,6 +1085,13 @@ impl OriginConfig {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));
             }
         }
+        check_range(
+            file,
+            "stream_send_buffer",
+            self.stream_send_buffer,
+            1,
+            MAX_STREAM_SEND_BUFFER,
+        )?;
         if self.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(
                 file,
@@ -1192,6 +1299,98 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn origin_stream_send_buffer_defaults_and_validates() {
+        let cfg = OriginConfig::parse("o.toml", "").unwrap();
+        assert_eq!(cfg.stream_send_buffer, 16);
+        let cfg = OriginConfig::parse("o.toml", "stream_send_buffer = 64\n").unwrap();
+        assert_eq!(cfg.stream_send_buffer, 64);
+        for text in [
+            "stream_send_buffer = 0\n",
+            "stream_send_buffer = 1025\n",
+            "stream_send_buffer = -1\n",
+        ] {
+            let err = OriginConfig::parse("o.toml", text).unwrap_err().to_string();
+            assert!(err.starts_with("o.toml:"), "{text}: {err}");
+            assert!(err.contains("stream_send_buffer"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn ws_connection_buffers_default_and_validate() {
+        let ws = SidecarConfig::parse("t.toml", "").unwrap().ws;
+        assert_eq!(ws.send_batch_frames, 128);
+        assert_eq!(ws.read_buffer_bytes, ByteSize(4096));
+        assert_eq!(ws.command_queue, 32);
+        let ws = SidecarConfig::parse(
+            "t.toml",
+            "[ws]\nsend_batch_frames = 1\nread_buffer_bytes = \"64KiB\"\ncommand_queue = 8\n",
+        )
+        .unwrap()
+        .ws;
+        assert_eq!(ws.send_batch_frames, 1);
+        assert_eq!(ws.read_buffer_bytes, ByteSize(64 << 10));
+        assert_eq!(ws.command_queue, 8);
+        for (text, field) in [
+            ("[ws]\nsend_batch_frames = 0\n", "ws.send_batch_frames"),
+            ("[ws]\nsend_batch_frames = 4097\n", "ws.send_batch_frames"),
+            ("[ws]\nread_buffer_bytes = 0\n", "ws.read_buffer_bytes"),
+            (
+                "[ws]\nread_buffer_bytes = \"255B\"\n",
+                "ws.read_buffer_bytes",
+            ),
+            (
+                "[ws]\nread_buffer_bytes = \"2MiB\"\n",
+                "ws.read_buffer_bytes",
+            ),
+            ("[ws]\ncommand_queue = 0\n", "ws.command_queue"),
+            ("[ws]\ncommand_queue = 1025\n", "ws.command_queue"),
+            ("[ws]\ncommand_queue = \"many\"\n", "command_queue"),
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:"), "{text}: {err}");
+            assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn writer_batch_defaults_and_validates() {
+        let cfg = SidecarConfig::parse("t.toml", "").unwrap();
+        assert_eq!(cfg.limits.writer_batch, 256);
+        let cfg = SidecarConfig::parse("t.toml", "[limits]\nwriter_batch = 1\n").unwrap();
+        assert_eq!(cfg.limits.writer_batch, 1);
+        for text in [
+            "[limits]\nwriter_batch = 0\n",
+            "[limits]\nwriter_batch = 65537\n",
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:"), "{text}: {err}");
+            assert!(err.contains("limits.writer_batch"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn batch_read_attempts_defaults_and_validates() {
+        let cfg = SidecarConfig::parse("t.toml", "").unwrap();
+        assert_eq!(cfg.limits.batch_read_attempts, 64);
+        let cfg = SidecarConfig::parse("t.toml", "[limits]\nbatch_read_attempts = 1\n").unwrap();
+        assert_eq!(cfg.limits.batch_read_attempts, 1);
+        for text in [
+            "[limits]\nbatch_read_attempts = 0\n",
+            "[limits]\nbatch_read_attempts = 1001\n",
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("t.toml:"), "{text}: {err}");
+            assert!(err.contains("limits.batch_read_attempts"), "{text}: {err}");
         }
     }
 }

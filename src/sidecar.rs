@@ -160,7 +160,7 @@ impl Sidecar {
         let writer_stats = Arc::new(WriterStats::default());
         let derive = derive.map(|d| d.attach(store.clone()));
         let writer = Writer::new(hub.clone(), derive, writer_stats.clone());
-        tasks.push(tokio::spawn(writer.run(wrx)));
+        tasks.push(tokio::spawn(writer.run(wrx, cfg.limits.writer_batch)));
 
         let mut feeds = HashMap::new();
         let mut origins = Vec::new();

@@ -96,6 +96,25 @@ fn malformed_values_are_refused_naming_the_field_and_what_was_expected() {
 }
 
 #[test]
+fn zero_or_absurd_bounds_are_refused_naming_the_key() {
+    refused(
+        "zero-writer-batch.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[limits]\nwriter_batch = 0\n"),
+        &["limits.writer_batch", "between 1 and 65536"],
+    );
+    refused(
+        "huge-command-queue.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[ws]\ncommand_queue = 1000000\n"),
+        &["ws.command_queue", "between 1 and 1024"],
+    );
+    refused(
+        "huge-read-buffer.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[ws]\nread_buffer_bytes = \"1GiB\"\n"),
+        &["ws.read_buffer_bytes", "between 256B and 1MiB"],
+    );
+}
+
+#[test]
 fn an_unreadable_file_is_a_usage_error() {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("no-such-viewcar.toml");
     let out = viewcar(&["check", "--config", path.to_str().unwrap()]);

@@ -727,7 +727,7 @@ impl pb::feed_server::Feed for FeedService {
                 inner.cfg.max_streams
             ))
         })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(inner.cfg.stream_send_buffer);
         let origin = self.origin.clone();
         let requests = request.into_inner();
         tokio::spawn(async move {

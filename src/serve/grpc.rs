@@ -18,8 +18,6 @@ use crate::pb::cache::v1 as pb;
 use crate::store::on_demand::Slot;
 use crate::store::{Keyspace, Source, Store};
 
-/// Reads a BatchGet makes to land between change batches (see `Source::read_begin`).
-const BATCH_READ_ATTEMPTS: usize = 64;
 /// Longest wait for a batch in flight to land before reading again.
 const BATCH_LAND_WAIT: Duration = Duration::from_millis(20);
 
@@ -292,10 +290,11 @@ impl pb::cache_server::Cache for CacheService {
         // Read under each source's batch sequence and read again if a batch landed meanwhile,
         // so the answer holds whole versions: never half of one Publish. While a batch is being
         // applied, wait for it to land (the writer publishes the version right after) instead
-        // of spinning. Only a writer that never pauses exhausts the bound; then the last read is
-        // answered.
+        // of spinning. Only a writer that never pauses exhausts the bound
+        // (`limits.batch_read_attempts`); then the last read is answered.
         let mut items = Vec::with_capacity(req.keys.len());
-        for attempt in 1..=BATCH_READ_ATTEMPTS {
+        let attempts = self.limits.batch_read_attempts;
+        for attempt in 1..=attempts {
             let seqs: Option<Vec<u64>> = sources.iter().map(|s| s.read_begin()).collect();
             items.clear();
             for (k, through) in req.keys.iter().zip(&through) {
@@ -312,7 +311,7 @@ impl pb::cache_server::Cache for CacheService {
                     .zip(&seqs)
                     .all(|(s, seq)| s.read_settled(*seq))
             });
-            if settled || attempt == BATCH_READ_ATTEMPTS {
+            if settled || attempt == attempts {
                 break;
             }
             for s in &sources {

@@ -51,14 +51,6 @@ pub const CLOSE_IDLE: u16 = 4000;
 /// `ws.reset_window`).
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 
-/// Frames written before one flush, so a burst costs few syscalls.
-const SEND_BATCH: usize = 128;
-/// Commands buffered between the reader and writer halves of a connection.
-const COMMAND_QUEUE: usize = 32;
-/// Bytes read from a socket at once. Client messages are small, and tungstenite zeroes this
-/// much of its input buffer on every read: its 128KiB default was the largest single cost of
-/// a subscriber connection in a profile of the fan-out.
-const READ_BUFFER: usize = 4096;
 /// How long a close frame may take to go out before the connection is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -202,7 +194,7 @@ async fn upgrade(
     let max = st.cfg.max_message_bytes.as_usize();
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(READ_BUFFER)
+        .read_buffer_size(st.cfg.read_buffer_bytes.as_usize())
         .write_buffer_size(st.cfg.write_buffer_bytes.as_usize())
         .on_upgrade(move |socket| connection(socket, st, peer, permit))
 }
@@ -250,7 +242,7 @@ async fn connection(
     st.stats.open.fetch_add(1, Ordering::Relaxed);
     debug!(%peer, "WebSocket connected");
     let (sink, stream) = socket.split();
-    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (tx, rx) = mpsc::channel(st.cfg.command_queue);
     let mut reader = tokio::spawn(read_half(stream, tx, st.clone()));
     let code = Writer::new(sink, &st, peer).run(rx).await;
     // Give the client's answer to a close frame time to arrive before the socket goes.
@@ -583,12 +575,12 @@ impl Writer {
         code
     }
 
-    /// Queues a frame; flushes every [`SEND_BATCH`] frames.
+    /// Queues a frame; flushes every `ws.send_batch_frames` frames.
     async fn feed(&mut self, msg: Message) -> Result<(), Stop> {
         self.sink.feed(msg).await.map_err(|_| Stop::Gone)?;
         self.st.stats.frames.fetch_add(1, Ordering::Relaxed);
         self.unsent += 1;
-        if self.unsent >= SEND_BATCH {
+        if self.unsent >= self.st.cfg.send_batch_frames {
             self.flush().await?;
         }
         Ok(())

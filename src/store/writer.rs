@@ -122,15 +122,16 @@ impl Writer {
         }
     }
 
-    /// Applies ops until every sender is gone.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+    /// Applies ops until every sender is gone, up to `batch` (`limits.writer_batch`, at least
+    /// 1) of them per flush.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Op>, batch: usize) {
         let mut events = Vec::new();
         while let Some(op) = rx.recv().await {
             self.apply(op, &mut events);
             // Drain what is already queued before handing changes on, so that a burst costs one
             // view pass and one hub dispatch.
-            let mut n = 0;
-            while n < 256 {
+            let mut n = 1;
+            while n < batch {
                 match rx.try_recv() {
                     Ok(op) => self.apply(op, &mut events),
                     Err(_) => break,
