@@ -573,11 +573,14 @@ pub(crate) fn validate_specs(
     Ok(())
 }
 
+/// A view for [`require_on_demand`]: its name, edges (field, source) and whether it is on_demand.
+type Marked<'a> = (&'a str, Vec<(String, &'a str)>, bool);
+
 /// A view that reads on_demand data (an on_demand topic or view) must be on_demand itself: a
 /// full view has every row, and its inputs do not. `views` are (name, edges, on_demand); the
 /// error names the view, the field and the source.
 fn require_on_demand(
-    views: &[(&str, Vec<(String, &str)>, bool)],
+    views: &[Marked<'_>],
     on_demand_topics: &HashSet<String>,
 ) -> Result<(), GraphError> {
     let lazy: HashSet<&str> = views
