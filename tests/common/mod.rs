@@ -185,20 +185,23 @@ pub async fn wait_source(source: &Source, what: &str, cond: impl Fn(&Source) -> 
         }
     })
     .await;
-    assert!(
-        waited.is_ok() && cond(source),
-        "source '{}' never reached: {what} (version {}, epoch {}, synced {})",
+    if waited.is_ok() && cond(source) {
+        return;
+    }
+    let (epoch, version) = source.position();
+    panic!(
+        "source '{}' never reached: {what} (at {epoch}@{version}, synced {})",
         source.name(),
-        source.version(),
-        source.epoch(),
         source.is_synced()
     );
 }
 
-/// Waits until the source has applied `version` of `epoch`.
+/// Waits until the source has applied `version` of `epoch`. The epoch and version are read
+/// together ([`Source::position`]), so a check never pairs one epoch with another's version.
 pub async fn wait_position(source: &Source, epoch: &str, version: u64) {
     wait_source(source, &format!("{epoch}@{version}"), |s| {
-        s.is_synced() && s.epoch().as_str() == epoch && s.version() >= version
+        let (at_epoch, at_version) = s.position();
+        s.is_synced() && at_epoch.as_str() == epoch && at_version >= version
     })
     .await
 }
