@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -771,4 +772,118 @@ pub fn run_viewcar(args: &[&str]) -> std::process::Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run viewcar")
+}
+
+// ----- the binary as a child process -----
+
+/// A `viewcar` command with no `VIEWCAR_*` setting inherited from the test's environment.
+pub fn viewcar() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_viewcar"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VIEWCAR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// A child process killed (SIGKILL) if the test ends before it exited.
+pub struct Running {
+    child: Option<Child>,
+    pub pid: u32,
+}
+
+impl Running {
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill {sig} {}", self.pid);
+    }
+
+    /// Kills the process with SIGKILL (`Child::kill`): it gets no chance to flush, sync or close
+    /// anything, as in a crash or an OOM kill. Returns once it is reaped.
+    pub fn kill(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("killed once");
+        child.kill().expect("SIGKILL viewcar");
+        child.wait().expect("reap viewcar")
+    }
+
+    /// Waits for the exit, at most `limit`.
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("waited once");
+        let waiting = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            (child, status)
+        });
+        match tokio::time::timeout(limit, waiting).await {
+            Ok(Ok((_, status))) => status.expect("wait for viewcar"),
+            _ => panic!("viewcar did not exit within {limit:?}"),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns `cmd` with its stderr (the JSON log) sent line by line to the returned receiver.
+pub fn spawn(mut cmd: Command) -> (Running, mpsc::UnboundedReceiver<String>) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn viewcar");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let pid = child.id();
+    (
+        Running {
+            child: Some(child),
+            pid,
+        },
+        rx,
+    )
+}
+
+/// The next JSON log line whose message is `message`; panics at the end of the log.
+pub async fn log_line(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    message: &str,
+) -> serde_json::Value {
+    loop {
+        let line = lines
+            .recv()
+            .await
+            .unwrap_or_else(|| panic!("log ended before {message:?}"));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"] == message {
+            return v;
+        }
+    }
+}
+
+pub fn addr(v: &serde_json::Value, field: &str) -> SocketAddr {
+    v["fields"][field]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address {field} in {v}"))
 }
