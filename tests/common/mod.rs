@@ -343,15 +343,27 @@ impl FakeStream {
 }
 
 /// A hand-written Feed server whose streams the test drives message by message, to produce what
-/// a correct origin never sends (gaps, odd orders).
+/// a correct origin never sends (gaps, odd orders). Fetch answers from rows the test sets
+/// ([`FakeOrigin::set_row`]) for topics given a position ([`FakeOrigin::set_position`]); for
+/// any other topic it is UNIMPLEMENTED.
 pub struct FakeOrigin {
     pub addr: SocketAddr,
     streams: mpsc::Receiver<FakeStream>,
     stop: Option<oneshot::Sender<()>>,
+    fetch: Arc<Mutex<FakeRows>>,
+}
+
+/// What a [`FakeOrigin`]'s Fetch answers: per topic, a position and rows (value, version).
+#[derive(Default)]
+struct FakeRows {
+    positions: std::collections::HashMap<String, feed::Position>,
+    rows: std::collections::HashMap<(String, String), (Vec<u8>, u64)>,
+    fetches: u64,
 }
 
 struct FakeFeed {
     streams: mpsc::Sender<FakeStream>,
+    fetch: Arc<Mutex<FakeRows>>,
 }
 
 #[tonic::async_trait]
@@ -375,9 +387,29 @@ impl feed::feed_server::Feed for FakeFeed {
 
     async fn fetch(
         &self,
-        _: Request<feed::FetchRequest>,
+        request: Request<feed::FetchRequest>,
     ) -> Result<Response<feed::FetchResponse>, Status> {
-        Err(Status::unimplemented("fake origin"))
+        let request = request.into_inner();
+        let mut fake = self.fetch.lock().unwrap();
+        let Some(position) = fake.positions.get(&request.topic).cloned() else {
+            return Err(Status::unimplemented("fake origin"));
+        };
+        fake.fetches += 1;
+        let mut response = feed::FetchResponse {
+            position: Some(position),
+            ..Default::default()
+        };
+        for key in request.keys {
+            match fake.rows.get(&(request.topic.clone(), key.clone())) {
+                Some((value, version)) => response.entries.push(feed::Entry {
+                    key,
+                    value: value.clone().into(),
+                    version: *version,
+                }),
+                None => response.missing.push(key),
+            }
+        }
+        Ok(Response::new(response))
     }
 
     async fn publish(
@@ -394,9 +426,13 @@ impl FakeOrigin {
         let addr = listener.local_addr().expect("fake address");
         let (tx, streams) = mpsc::channel(8);
         let (stop, stopped) = oneshot::channel::<()>();
+        let fetch = Arc::new(Mutex::new(FakeRows::default()));
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(feed::feed_server::FeedServer::new(FakeFeed { streams: tx }))
+                .add_service(feed::feed_server::FeedServer::new(FakeFeed {
+                    streams: tx,
+                    fetch: fetch.clone(),
+                }))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = stopped.await;
                 }),
@@ -405,7 +441,32 @@ impl FakeOrigin {
             addr,
             streams,
             stop: Some(stop),
+            fetch,
         }
+    }
+
+    /// From now on Fetch of `topic` answers at `epoch@version`, with the rows set for it.
+    pub fn set_position(&self, topic: &str, epoch: &str, version: u64) {
+        self.fetch.lock().unwrap().positions.insert(
+            topic.to_string(),
+            feed::Position {
+                epoch: epoch.to_string(),
+                version,
+            },
+        );
+    }
+
+    /// Fetch of `topic` answers `key` with `value` written at `version`.
+    pub fn set_row(&self, topic: &str, key: &str, value: &str, version: u64) {
+        self.fetch.lock().unwrap().rows.insert(
+            (topic.to_string(), key.to_string()),
+            (value.as_bytes().to_vec(), version),
+        );
+    }
+
+    /// Fetch calls answered so far.
+    pub fn fetches(&self) -> u64 {
+        self.fetch.lock().unwrap().fetches
     }
 
     pub fn url(&self) -> String {
