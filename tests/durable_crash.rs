@@ -131,14 +131,14 @@ type Acked = Arc<Mutex<Vec<(u64, Vec<feed::Change>)>>>;
 
 /// Publishes batches to `addr` one after another until a Publish fails, recording each
 /// acknowledged one (its position checked: `epoch`, and the version after the last one).
-/// Returns the batch whose Publish failed: it may or may not have been written.
+/// Returns the batch whose Publish failed (it may or may not have been written) and why.
 async fn publish_until_error(
     addr: SocketAddr,
     epoch: String,
     acked: Acked,
     count: watch::Sender<usize>,
     mut rng: StdRng,
-) -> Vec<feed::Change> {
+) -> (Vec<feed::Change>, tonic::Status) {
     let mut client = feed_client(addr).await;
     loop {
         let next = acked.lock().unwrap().len() as u64 + 1;
@@ -156,7 +156,7 @@ async fn publish_until_error(
                 acked.push((position.version, changes));
                 count.send_replace(acked.len());
             }
-            Err(_) => return changes,
+            Err(status) => return (changes, status),
         }
     }
 }
@@ -309,23 +309,28 @@ async fn crash_and_restart() {
         // while the next Publish is (most likely) in flight.
         let base = acked.lock().unwrap().len();
         let target = base + rng.random_range(1..=MAX_BEFORE_KILL);
-        let publisher = tokio::spawn(publish_until_error(
+        let mut publisher = tokio::spawn(publish_until_error(
             origin.addr,
             epoch.clone(),
             acked.clone(),
             count.clone(),
             StdRng::seed_from_u64(seed ^ (crash as u64 + 1)),
         ));
-        counted
-            .wait_for(|n| *n >= target)
-            .await
-            .expect("the publisher is running");
+        tokio::select! {
+            reached = counted.wait_for(|n| *n >= target) => {
+                reached.expect("the count is kept");
+            }
+            ended = &mut publisher => {
+                let (_, status) = ended.expect("publisher");
+                panic!("a Publish failed before the kill: {status:?}");
+            }
+        }
         // A random point in the next Publish's round trip (request in flight, batch being
         // written or synced, response on its way): not a wait for anything.
         tokio::time::sleep(Duration::from_micros(rng.random_range(0..6_000))).await;
         let connects = counter(&stats.connects);
         let status = origin.process.kill();
-        let in_doubt = tokio::time::timeout(DEADLINE, publisher)
+        let (in_doubt, failed) = tokio::time::timeout(DEADLINE, publisher)
             .await
             .expect("a Publish to a killed origin fails in time")
             .expect("publisher");
@@ -333,8 +338,9 @@ async fn crash_and_restart() {
         let (_, seen) = src.position();
         println!(
             "durable crash {crash}: killed ({status}) after {} batches acknowledged; the sidecar \
-             had version {seen}",
-            acked_before.len()
+             had version {seen}; the Publish in flight failed with {:?}",
+            acked_before.len(),
+            failed.code()
         );
 
         origin = start_origin(&config, data_dir.path()).await;
