@@ -5,20 +5,15 @@
 mod common;
 mod ops_support;
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use common::{channel, origin_config, put, within, TestOrigin};
+use common::{addr, channel, log_line, origin_config, put, spawn, viewcar, within, TestOrigin};
 use ops_support::{get, TempDir};
 use viewcar::pb::cache::v1 as cache;
-
-const BIN: &str = env!("CARGO_BIN_EXE_viewcar");
 
 /// A config whose addresses are all wrong on purpose: the test points them elsewhere with
 /// flags and environment variables.
@@ -34,107 +29,6 @@ name = "catalog-eu"
 address = "http://127.0.0.1:1"
 topics = ["prices"]
 "#;
-
-/// A `viewcar` command with no `VIEWCAR_*` setting inherited from the test's environment.
-fn viewcar() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VIEWCAR_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info");
-    cmd
-}
-
-/// A child process killed (SIGKILL) if the test ends before it exited.
-struct Running {
-    child: Option<Child>,
-    pid: u32,
-}
-
-impl Running {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success(), "kill {sig} {}", self.pid);
-    }
-
-    /// Waits for the exit, at most `limit`.
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("waited once");
-        let waiting = tokio::task::spawn_blocking(move || {
-            let status = child.wait();
-            (child, status)
-        });
-        match tokio::time::timeout(limit, waiting).await {
-            Ok(Ok((_, status))) => status.expect("wait for viewcar"),
-            _ => panic!("viewcar did not exit within {limit:?}"),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Spawns `cmd` with its stderr (the JSON log) sent line by line to the returned receiver.
-fn spawn(mut cmd: Command) -> (Running, mpsc::UnboundedReceiver<String>) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn viewcar");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let pid = child.id();
-    (
-        Running {
-            child: Some(child),
-            pid,
-        },
-        rx,
-    )
-}
-
-/// The next JSON log line whose message is `message`; panics at the end of the log.
-async fn log_line(lines: &mut mpsc::UnboundedReceiver<String>, message: &str) -> serde_json::Value {
-    loop {
-        let line = lines
-            .recv()
-            .await
-            .unwrap_or_else(|| panic!("log ended before {message:?}"));
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["fields"]["message"] == message {
-            return v;
-        }
-    }
-}
-
-fn addr(v: &serde_json::Value, field: &str) -> SocketAddr {
-    v["fields"][field]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no address {field} in {v}"))
-}
 
 #[tokio::test]
 async fn sidecar_binary_exits_zero_on_sigterm_within_the_grace_period() {

@@ -144,6 +144,175 @@ async fn bad_peer_oversized_message() {
     bad_peer(Bad::Oversized).await
 }
 
+// ----- bad peers on an on_demand topic -----
+
+/// What a broken origin sends on the keyed stream of an on_demand topic once the sidecar holds
+/// `a` resident (fetched at `e@1`, answered by a keyed snapshot at `e@1`, changed to `2` by the
+/// batch `e@2`).
+#[derive(Debug, Clone, Copy)]
+enum BadKeyed {
+    UnsubscribedTopic,
+    /// A chunk (not `last`) no Subscribe asked for, writing `a` at a newer version.
+    SnapshotAfterLast,
+    /// A whole keyed snapshot (`last`) no Subscribe asked for, writing `a` at a newer version.
+    UnaskedSnapshot,
+    /// The keyed snapshot answering the Subscribe of a new key `b` is at `e@1`, behind the `e@2`
+    /// the stream has already delivered, with an older `b` than the Fetch returned.
+    SnapshotBehindApplied,
+    Oversized,
+}
+
+/// An on_demand topic `t` read from a fake origin: one resident key, then a bad message. The
+/// sidecar must drop the stream, count a protocol error, keep serving what is resident as it
+/// was, subscribe the resident keys again on a new stream, and go on from there.
+async fn bad_keyed_peer(bad: BadKeyed) {
+    within(async {
+        let mut fake = FakeOrigin::start().await;
+        fake.set_position("t", "e", 1);
+        fake.set_row("t", "a", "1", 1);
+        let mut cfg = sidecar_config(&fake.url(), &["t"]);
+        cfg.origins[0].topics[0].mode = Mode::OnDemand;
+        cfg.limits.max_message_bytes = ByteSize(4096);
+        let sidecar = start_sidecar(cfg).await;
+        let t = source(&sidecar, "t");
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let mut s = fake.accept().await;
+
+        // A miss: the key is fetched and subscribed; the keyed snapshot answers the Subscribe.
+        assert_eq!(get_value(&sidecar, "t", "a").await.as_deref(), Some("1"));
+        let sub = s.next_subscribe().await;
+        assert_eq!(
+            (sub.topic.as_str(), sub.keys.as_slice()),
+            ("t", &["a".to_string()][..])
+        );
+        assert_eq!(sub.resume, None, "keyed subscriptions never resume");
+        s.snapshot("t", "e", 1, &[("a".into(), "1".into())], 10)
+            .await;
+        s.batch("t", "e", 1, 2, &[("a", Some("2"))]).await;
+        wait_position(&t, "e", 2).await;
+        fake.set_position("t", "e", 2);
+        fake.set_row("t", "a", "2", 2);
+        assert_eq!(get_value(&sidecar, "t", "a").await.as_deref(), Some("2"));
+        assert_eq!(fake.fetches(), 1, "a resident key is read from memory");
+
+        let newer_a = |last| feed::SnapshotChunk {
+            topic: "t".into(),
+            position: Some(feed::Position {
+                epoch: "e".into(),
+                version: 3,
+            }),
+            entries: vec![feed::Entry {
+                key: "a".into(),
+                value: "bad".into(),
+                version: 3,
+            }],
+            last,
+        };
+        match bad {
+            BadKeyed::UnsubscribedTopic => s.batch("other", "e", 0, 1, &[("x", Some("1"))]).await,
+            BadKeyed::SnapshotAfterLast => {
+                s.send(feed::sync_response::Kind::Snapshot(newer_a(false)))
+                    .await
+            }
+            BadKeyed::UnaskedSnapshot => {
+                s.send(feed::sync_response::Kind::Snapshot(newer_a(true)))
+                    .await
+            }
+            BadKeyed::SnapshotBehindApplied => {
+                fake.set_row("t", "b", "b2", 2);
+                assert_eq!(get_value(&sidecar, "t", "b").await.as_deref(), Some("b2"));
+                let sub = s.next_subscribe().await;
+                assert_eq!(sub.keys, vec!["b".to_string()]);
+                s.snapshot("t", "e", 1, &[("b".into(), "b1".into())], 10)
+                    .await
+            }
+            BadKeyed::Oversized => {
+                let big = "x".repeat(10_000);
+                s.batch("t", "e", 2, 3, &[("a", Some(big.as_str()))]).await
+            }
+        }
+
+        // The sidecar drops the stream and subscribes its resident keys again on a new one.
+        let again = tokio::time::timeout(Duration::from_secs(5), fake.accept()).await;
+        let resident_a = t
+            .on_demand()
+            .expect("on_demand source")
+            .peek("a")
+            .await
+            .map(|s| (s.value.map(|v| text(&v)), s.version));
+        let mut again = again.unwrap_or_else(|_| {
+            panic!(
+                "{bad:?}: the sidecar kept the stream (protocol errors {}, disconnects {}, \
+                 resident a = {resident_a:?})",
+                counter(&feed.protocol_errors),
+                counter(&feed.disconnects)
+            )
+        });
+        let sub = again.next_subscribe().await;
+        assert_eq!(sub.topic, "t");
+        assert!(sub.keys.contains(&"a".to_string()), "{bad:?}: {sub:?}");
+        assert_eq!(sub.resume, None);
+        assert_eq!(counter(&feed.protocol_errors), 1, "{bad:?} not counted");
+        assert!(counter(&feed.disconnects) >= 1);
+
+        // What is resident is still served, untouched by the bad message, without a Fetch.
+        let fetched = fake.fetches();
+        assert_eq!(
+            resident_a,
+            Some((Some("2".to_string()), 2)),
+            "{bad:?}: resident a changed"
+        );
+        assert_eq!(get_value(&sidecar, "t", "a").await.as_deref(), Some("2"));
+        if let BadKeyed::SnapshotBehindApplied = bad {
+            assert_eq!(get_value(&sidecar, "t", "b").await.as_deref(), Some("b2"));
+        }
+        assert_eq!(
+            fake.fetches(),
+            fetched,
+            "resident keys are read from memory"
+        );
+
+        // The new stream works: its keyed snapshot, then changes.
+        let entries: Vec<(String, String)> = sub
+            .keys
+            .iter()
+            .map(|k| (k.clone(), if k == "a" { "2" } else { "b2" }.to_string()))
+            .collect();
+        again.snapshot("t", "e", 2, &entries, 10).await;
+        again.batch("t", "e", 2, 3, &[("a", Some("3"))]).await;
+        wait_position(&t, "e", 3).await;
+        assert_eq!(get_value(&sidecar, "t", "a").await.as_deref(), Some("3"));
+        assert_eq!(counter(&feed.protocol_errors), 1);
+        sidecar.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keyed_peer_batch_for_unsubscribed_topic() {
+    bad_keyed_peer(BadKeyed::UnsubscribedTopic).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keyed_peer_snapshot_chunk_after_last() {
+    bad_keyed_peer(BadKeyed::SnapshotAfterLast).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keyed_peer_snapshot_nobody_asked_for() {
+    bad_keyed_peer(BadKeyed::UnaskedSnapshot).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keyed_peer_snapshot_behind_applied_version() {
+    bad_keyed_peer(BadKeyed::SnapshotBehindApplied).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_keyed_peer_oversized_message() {
+    bad_keyed_peer(BadKeyed::Oversized).await
+}
+
 // ----- history gone -----
 
 /// Waits until the feed has noticed the proxy went away.

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -185,20 +186,23 @@ pub async fn wait_source(source: &Source, what: &str, cond: impl Fn(&Source) -> 
         }
     })
     .await;
-    assert!(
-        waited.is_ok() && cond(source),
-        "source '{}' never reached: {what} (version {}, epoch {}, synced {})",
+    if waited.is_ok() && cond(source) {
+        return;
+    }
+    let (epoch, version) = source.position();
+    panic!(
+        "source '{}' never reached: {what} (at {epoch}@{version}, synced {})",
         source.name(),
-        source.version(),
-        source.epoch(),
         source.is_synced()
     );
 }
 
-/// Waits until the source has applied `version` of `epoch`.
+/// Waits until the source has applied `version` of `epoch`. The epoch and version are read
+/// together ([`Source::position`]), so a check never pairs one epoch with another's version.
 pub async fn wait_position(source: &Source, epoch: &str, version: u64) {
     wait_source(source, &format!("{epoch}@{version}"), |s| {
-        s.is_synced() && s.epoch().as_str() == epoch && s.version() >= version
+        let (at_epoch, at_version) = s.position();
+        s.is_synced() && at_epoch.as_str() == epoch && at_version >= version
     })
     .await
 }
@@ -339,15 +343,27 @@ impl FakeStream {
 }
 
 /// A hand-written Feed server whose streams the test drives message by message, to produce what
-/// a correct origin never sends (gaps, odd orders).
+/// a correct origin never sends (gaps, odd orders). Fetch answers from rows the test sets
+/// ([`FakeOrigin::set_row`]) for topics given a position ([`FakeOrigin::set_position`]); for
+/// any other topic it is UNIMPLEMENTED.
 pub struct FakeOrigin {
     pub addr: SocketAddr,
     streams: mpsc::Receiver<FakeStream>,
     stop: Option<oneshot::Sender<()>>,
+    fetch: Arc<Mutex<FakeRows>>,
+}
+
+/// What a [`FakeOrigin`]'s Fetch answers: per topic, a position and rows (value, version).
+#[derive(Default)]
+struct FakeRows {
+    positions: std::collections::HashMap<String, feed::Position>,
+    rows: std::collections::HashMap<(String, String), (Vec<u8>, u64)>,
+    fetches: u64,
 }
 
 struct FakeFeed {
     streams: mpsc::Sender<FakeStream>,
+    fetch: Arc<Mutex<FakeRows>>,
 }
 
 #[tonic::async_trait]
@@ -371,9 +387,29 @@ impl feed::feed_server::Feed for FakeFeed {
 
     async fn fetch(
         &self,
-        _: Request<feed::FetchRequest>,
+        request: Request<feed::FetchRequest>,
     ) -> Result<Response<feed::FetchResponse>, Status> {
-        Err(Status::unimplemented("fake origin"))
+        let request = request.into_inner();
+        let mut fake = self.fetch.lock().unwrap();
+        let Some(position) = fake.positions.get(&request.topic).cloned() else {
+            return Err(Status::unimplemented("fake origin"));
+        };
+        fake.fetches += 1;
+        let mut response = feed::FetchResponse {
+            position: Some(position),
+            ..Default::default()
+        };
+        for key in request.keys {
+            match fake.rows.get(&(request.topic.clone(), key.clone())) {
+                Some((value, version)) => response.entries.push(feed::Entry {
+                    key,
+                    value: value.clone().into(),
+                    version: *version,
+                }),
+                None => response.missing.push(key),
+            }
+        }
+        Ok(Response::new(response))
     }
 
     async fn publish(
@@ -390,9 +426,13 @@ impl FakeOrigin {
         let addr = listener.local_addr().expect("fake address");
         let (tx, streams) = mpsc::channel(8);
         let (stop, stopped) = oneshot::channel::<()>();
+        let fetch = Arc::new(Mutex::new(FakeRows::default()));
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(feed::feed_server::FeedServer::new(FakeFeed { streams: tx }))
+                .add_service(feed::feed_server::FeedServer::new(FakeFeed {
+                    streams: tx,
+                    fetch: fetch.clone(),
+                }))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = stopped.await;
                 }),
@@ -401,7 +441,32 @@ impl FakeOrigin {
             addr,
             streams,
             stop: Some(stop),
+            fetch,
         }
+    }
+
+    /// From now on Fetch of `topic` answers at `epoch@version`, with the rows set for it.
+    pub fn set_position(&self, topic: &str, epoch: &str, version: u64) {
+        self.fetch.lock().unwrap().positions.insert(
+            topic.to_string(),
+            feed::Position {
+                epoch: epoch.to_string(),
+                version,
+            },
+        );
+    }
+
+    /// Fetch of `topic` answers `key` with `value` written at `version`.
+    pub fn set_row(&self, topic: &str, key: &str, value: &str, version: u64) {
+        self.fetch.lock().unwrap().rows.insert(
+            (topic.to_string(), key.to_string()),
+            (value.as_bytes().to_vec(), version),
+        );
+    }
+
+    /// Fetch calls answered so far.
+    pub fn fetches(&self) -> u64 {
+        self.fetch.lock().unwrap().fetches
     }
 
     pub fn url(&self) -> String {
@@ -768,4 +833,118 @@ pub fn run_viewcar(args: &[&str]) -> std::process::Output {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run viewcar")
+}
+
+// ----- the binary as a child process -----
+
+/// A `viewcar` command with no `VIEWCAR_*` setting inherited from the test's environment.
+pub fn viewcar() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_viewcar"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VIEWCAR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// A child process killed (SIGKILL) if the test ends before it exited.
+pub struct Running {
+    child: Option<Child>,
+    pub pid: u32,
+}
+
+impl Running {
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill {sig} {}", self.pid);
+    }
+
+    /// Kills the process with SIGKILL (`Child::kill`): it gets no chance to flush, sync or close
+    /// anything, as in a crash or an OOM kill. Returns once it is reaped.
+    pub fn kill(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("killed once");
+        child.kill().expect("SIGKILL viewcar");
+        child.wait().expect("reap viewcar")
+    }
+
+    /// Waits for the exit, at most `limit`.
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("waited once");
+        let waiting = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            (child, status)
+        });
+        match tokio::time::timeout(limit, waiting).await {
+            Ok(Ok((_, status))) => status.expect("wait for viewcar"),
+            _ => panic!("viewcar did not exit within {limit:?}"),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns `cmd` with its stderr (the JSON log) sent line by line to the returned receiver.
+pub fn spawn(mut cmd: Command) -> (Running, mpsc::UnboundedReceiver<String>) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn viewcar");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let pid = child.id();
+    (
+        Running {
+            child: Some(child),
+            pid,
+        },
+        rx,
+    )
+}
+
+/// The next JSON log line whose message is `message`; panics at the end of the log.
+pub async fn log_line(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    message: &str,
+) -> serde_json::Value {
+    loop {
+        let line = lines
+            .recv()
+            .await
+            .unwrap_or_else(|| panic!("log ended before {message:?}"));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"] == message {
+            return v;
+        }
+    }
+}
+
+pub fn addr(v: &serde_json::Value, field: &str) -> SocketAddr {
+    v["fields"][field]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address {field} in {v}"))
 }
