@@ -127,6 +127,8 @@ struct KeyedState {
     seen: HashSet<Arc<str>>,
     /// A `Reset` came: the next snapshot is the origin's catch-up of the whole interest.
     catching_up: bool,
+    /// The position of the keyed snapshot being received (chunks before `last`).
+    snapshot_at: Option<Cursor>,
 }
 
 /// The feed client of one origin.
@@ -169,6 +171,7 @@ impl FeedClient {
                         answers: VecDeque::new(),
                         seen: HashSet::new(),
                         catching_up: false,
+                        snapshot_at: None,
                     },
                 ))
             })
@@ -260,6 +263,7 @@ impl FeedClient {
             k.answers.clear();
             k.seen.clear();
             k.catching_up = false;
+            k.snapshot_at = None;
         }
     }
 
@@ -609,6 +613,39 @@ impl FeedClient {
                 let pos = chunk.position.ok_or_else(|| {
                     FeedError::Protocol(format!("snapshot of '{topic}' without a position"))
                 })?;
+                // Checked before anything is applied: a chunk must answer something (a
+                // subscribe, or the catch-up after a Reset), never go behind what the stream
+                // delivered, and keep one position from its first chunk to `last`.
+                if !k.catching_up && k.answers.is_empty() {
+                    return Err(FeedError::Protocol(format!(
+                        "keyed snapshot of '{topic}' that no subscribe asked for"
+                    )));
+                }
+                let first = matches!(k.answers.front(), Some(Answer::First(_))) && !k.catching_up;
+                if let (false, Some(c)) = (first, &k.cursor) {
+                    if pos.epoch != c.epoch || pos.version < c.version {
+                        return Err(FeedError::Protocol(format!(
+                            "keyed snapshot of '{topic}' at {}@{} is behind the stream's \
+                             position {}@{}",
+                            pos.epoch, pos.version, c.epoch, c.version
+                        )));
+                    }
+                }
+                match &k.snapshot_at {
+                    Some(at) if at.epoch != pos.epoch || at.version != pos.version => {
+                        return Err(FeedError::Protocol(format!(
+                            "keyed snapshot of '{topic}' moved from {}@{} to {}@{} mid-way",
+                            at.epoch, at.version, pos.epoch, pos.version
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        k.snapshot_at = Some(Cursor {
+                            epoch: pos.epoch.clone(),
+                            version: pos.version,
+                        });
+                    }
+                }
                 // Keys pinned by view rows whose value changed: their rows are computed again.
                 let mut touched: Vec<Arc<str>> = Vec::new();
                 if k.od.observe_epoch(&pos.epoch) {
@@ -630,6 +667,7 @@ impl FeedClient {
                     return touch(&self.writer, &k.source, touched).await;
                 }
                 let seen = std::mem::take(&mut k.seen);
+                k.snapshot_at = None;
                 let at = Cursor {
                     epoch: pos.epoch,
                     version: pos.version,
@@ -725,6 +763,7 @@ impl FeedClient {
                 self.stats.resets.fetch_add(1, Ordering::Relaxed);
                 info!(origin = %self.spec.name, %topic, reason = %r.reason, "origin reset an on_demand topic; resident keys are refreshed");
                 k.seen.clear();
+                k.snapshot_at = None;
                 k.catching_up = true;
             }
         }
