@@ -257,26 +257,30 @@ fn duplicate_names_are_refused() {
 /// Views over on_demand topics are not maintained (yet): refused at check and at start, naming
 /// the view and the topic, also when the view reaches the topic through another view.
 #[test]
-fn views_over_on_demand_topics_are_refused() {
-    let path = write(
-        "on-demand-view.toml",
-        r#"
+fn views_over_on_demand_topics_must_be_on_demand() {
+    let config = |mode: &str| {
+        format!(
+            r#"
 [[origin]]
 name = "catalog"
 address = "http://127.0.0.1:1"
-topics = ["products", { name = "prices", mode = "on_demand" }]
+topics = ["products", {{ name = "prices", mode = "on_demand" }}]
 
 [[view]]
 name = "page"
 from = "priced"
+{mode}
 
 [[view]]
 name = "priced"
 from = "products"
+{mode}
 [view.include]
-price = { source = "prices", key = "id" }
-"#,
-    );
+price = {{ source = "prices", key = "id" }}
+"#
+        )
+    };
+    let path = write("on-demand-view.toml", &config(""));
     let file = path.to_str().unwrap();
     for cmd in ["check", "sidecar"] {
         let out = viewcar(&[cmd, "--config", file]);
@@ -285,11 +289,29 @@ price = { source = "prices", key = "id" }
         for n in [
             file,
             "view[1].include.price.source",
-            "view 'priced' reads 'prices', an on_demand topic (and so do the views over it: page)",
+            "view 'priced': reads 'prices', an on_demand topic",
+            "declare view 'priced' mode = \"on_demand\"",
         ] {
             assert!(err.contains(n), "{cmd}: no {n:?} in {err}");
         }
     }
+    // Declared on_demand (both: 'page' reads 'priced'), the config is accepted.
+    let path = write(
+        "on-demand-view-ok.toml",
+        &config("mode = \"on_demand\"\nmax_bytes = \"1MiB\""),
+    );
+    let out = viewcar(&["check", "--config", path.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("on_demand: rows computed when read, within 1048576 bytes"),
+        "{text}"
+    );
 }
 
 #[test]
