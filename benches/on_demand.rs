@@ -11,6 +11,10 @@
 //!   is in reads; the hit ratio of the on_demand run is printed after the group. `sequential`
 //!   is one reader; `concurrent` spreads the same reads over [`READERS`] tasks.
 //!
+//! - `hit/view_on_demand`, `miss/view_on_demand`: the same for the on_demand view `od_page`
+//!   (one row per key of `od`, including `full[id]`): a hit reads a resident row; a miss asks
+//!   the writer for the row, fetches `od[key]` (one round), and asks again.
+//!
 //! Wall time (the fetches wait on the network and on the origin's threads).
 //!
 //! `cargo bench --bench on_demand` (add `-- --quick` for a short run).
@@ -27,7 +31,8 @@ use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use viewcar::config::{ByteSize, Dur, Mode, OriginSpec, TopicSpec};
 use viewcar::store::on_demand::ENTRY_OVERHEAD;
-use viewcar::store::{OnDemand, Source};
+use viewcar::store::{OnDemand, Source, ViewCache};
+use viewcar::views::ViewSpec;
 use viewcar::{Origin, OriginConfig, Sidecar, SidecarConfig};
 
 /// Keys of each topic at the origin.
@@ -85,6 +90,7 @@ struct Setup {
     sidecar: Sidecar,
     full: Arc<Source>,
     od: Arc<OnDemand>,
+    view: Arc<ViewCache>,
     _origin: Origin,
 }
 
@@ -131,6 +137,10 @@ async fn setup(od_bytes: u64) -> Setup {
         ],
         tls: None,
     }];
+    // Rows of about twice a value: the row of `od` plus `full[id]`.
+    cfg.views = vec![ViewSpec::new("od_page", "od")
+        .include("full_row", "full", "id")
+        .on_demand(od_bytes * 2)];
     let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
     sidecar.synced().await;
     let full = sidecar.store().source("full").expect("full").clone();
@@ -146,10 +156,17 @@ async fn setup(od_bytes: u64) -> Setup {
         assert!(start.elapsed() < Duration::from_secs(30), "feed never up");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let view = sidecar
+        .store()
+        .source("od_page")
+        .and_then(|s| s.view_cache())
+        .expect("od_page")
+        .clone();
     Setup {
         sidecar,
         full,
         od,
+        view,
         _origin: origin,
     }
 }
@@ -170,8 +187,10 @@ fn hit_and_miss(c: &mut Criterion) {
     rt.block_on(async {
         for k in &hot {
             s.od.get(k).await.expect("warm");
+            s.view.get(k).await.expect("warm");
         }
         s.od.sync().await;
+        s.view.sync();
     });
 
     let mut g = c.benchmark_group("hit");
@@ -195,6 +214,17 @@ fn hit_and_miss(c: &mut Criterion) {
             start.elapsed()
         })
     });
+    g.bench_function("view_on_demand", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for i in 0..iters as usize {
+                    black_box(s.view.get(&hot[i % hot.len()]).await.expect("hit"));
+                }
+                start.elapsed()
+            })
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("miss");
@@ -213,9 +243,30 @@ fn hit_and_miss(c: &mut Criterion) {
             })
         })
     });
+    let fetched = s.od.stats().fetches.load(Ordering::Relaxed) - fetches;
+    // The view's budget holds about 1,000 rows too: a cycle far beyond it always misses.
+    let mut next_row = 50_000usize;
+    g.bench_function("view_on_demand", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    next_row = 50_000 + (next_row + 1) % (KEYS / 2);
+                    black_box(s.view.get(&key(next_row)).await.expect("miss"));
+                }
+                start.elapsed()
+            })
+        })
+    });
     g.finish();
+    let vs = s.view.stats();
+    println!(
+        "miss/view_on_demand: {} rounds of fetching, {} hits, {} misses in all",
+        vs.fetches.load(Ordering::Relaxed),
+        vs.hits.load(Ordering::Relaxed),
+        vs.misses.load(Ordering::Relaxed)
+    );
     let st = s.od.stats();
-    let fetched = st.fetches.load(Ordering::Relaxed) - fetches;
     println!(
         "miss/on_demand: {fetched} fetches, {} hits, {} misses in all",
         st.hits.load(Ordering::Relaxed),
