@@ -305,6 +305,9 @@ pub struct Limits {
     /// Distinct keys pending per Watch stream (each holds only its latest change) before the
     /// stream is reset and resent the current rows.
     pub watch_queue: usize,
+    /// Watch events per stream taken off its queue and waiting for the transport; when full,
+    /// changes wait (conflated) in `watch_queue`.
+    pub watch_send_buffer: usize,
     /// Most concurrent Watch streams.
     pub max_watches: usize,
     /// Most keys in one Watch request.
@@ -330,6 +333,7 @@ impl Default for Limits {
             scan_default_limit: 100,
             scan_max_limit: 1000,
             watch_queue: 1024,
+            watch_send_buffer: 64,
             max_watches: 10_000,
             max_watch_keys: 10_000,
             max_wait: Dur(Duration::from_secs(30)),
@@ -594,6 +598,13 @@ impl SidecarConfig {
             l.batch_read_attempts,
             1,
             MAX_BATCH_READ_ATTEMPTS,
+        )?;
+        check_range(
+            file,
+            "limits.watch_send_buffer",
+            l.watch_send_buffer,
+            1,
+            4096,
         )?;
         check_range(
             file,
@@ -1373,6 +1384,24 @@ mod tests {
                 .to_string();
             assert!(err.starts_with("t.toml:"), "{text}: {err}");
             assert!(err.contains("limits.writer_batch"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn watch_send_buffer_defaults_and_validates() {
+        let cfg = SidecarConfig::parse("t.toml", "").unwrap();
+        assert_eq!(cfg.limits.watch_send_buffer, 64);
+        for text in [
+            "[limits]\nwatch_send_buffer = 0\n",
+            "[limits]\nwatch_send_buffer = 4097\n",
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("t.toml") && err.contains("limits.watch_send_buffer"),
+                "{text}: {err}"
+            );
         }
     }
 

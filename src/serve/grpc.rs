@@ -406,7 +406,7 @@ impl pb::cache_server::Cache for CacheService {
             req.send_initial,
             self.limits.watch_queue,
         );
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(self.limits.watch_send_buffer);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
