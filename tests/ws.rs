@@ -461,3 +461,47 @@ async fn a_client_that_keeps_falling_behind_is_closed_with_4008() {
             >= 1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_sources_are_read_through_by_get_and_refuse_subscribe() {
+    let s = Setup::start_with(&["users"], |cfg| {
+        cfg.origins[0].topics[0].mode = viewcar::config::Mode::OnDemand;
+    })
+    .await;
+    s.put("users", &[("u1", json!({"name": "a"}))]);
+    let mut ws = s.connect().await;
+    // A key that is not resident is fetched, not answered from the (empty) full keyspace.
+    send(
+        &mut ws,
+        json!({"op": "get", "id": "g1", "source": "users", "key": "u1"}),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "value", "{v}");
+    assert_eq!(v["found"], true, "{v}");
+    assert_eq!(v["value"], json!({"name": "a"}), "{v}");
+    send(
+        &mut ws,
+        json!({"op": "get", "id": "g2", "source": "users", "key": "u2"}),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!(
+        (v["id"].as_str(), v["found"].as_bool()),
+        (Some("g2"), Some(false)),
+        "{v}"
+    );
+    // A subscription would get nothing for keys that are not resident: it is refused.
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "id": "s1", "source": "users", "keys": ["u1"]}),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], "failed_precondition", "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("on_demand"),
+        "{v}"
+    );
+}
