@@ -997,6 +997,13 @@ pub struct OriginConfig {
     pub max_publish_changes: usize,
     /// Most concurrent Sync streams.
     pub max_streams: usize,
+    /// Most keys one Sync stream may subscribe to in one topic (keyed interest, on_demand
+    /// sidecars); a Subscribe past it ends the stream with RESOURCE_EXHAUSTED.
+    pub max_subscribed_keys: usize,
+    /// HTTP/2 keepalive of the Feed server: a ping after this long without frames ...
+    pub keepalive_interval: Dur,
+    /// ... and the connection is closed when its ack takes longer than this.
+    pub keepalive_timeout: Dur,
     /// How often an idle subscription gets a Progress message.
     pub progress_interval: Dur,
     /// Serve on an address other than loopback.
@@ -1046,6 +1053,9 @@ impl Default for OriginConfig {
             max_message_bytes: ByteSize(16 << 20),
             max_publish_changes: 10_000,
             max_streams: 1024,
+            max_subscribed_keys: 1_000_000,
+            keepalive_interval: Dur(Duration::from_secs(10)),
+            keepalive_timeout: Dur(Duration::from_secs(10)),
             progress_interval: Dur(Duration::from_secs(2)),
             allow_non_loopback: false,
             tls: None,
@@ -1091,6 +1101,7 @@ impl OriginConfig {
             ("snapshot_chunk_entries", self.snapshot_chunk_entries),
             ("max_publish_changes", self.max_publish_changes),
             ("max_streams", self.max_streams),
+            ("max_subscribed_keys", self.max_subscribed_keys),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));
@@ -1103,6 +1114,14 @@ impl OriginConfig {
             1,
             MAX_STREAM_SEND_BUFFER,
         )?;
+        for (field, d) in [
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if d.0 < Duration::from_millis(100) {
+                return Err(ConfigError::invalid(file, field, "must be at least 100ms"));
+            }
+        }
         if self.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(
                 file,
@@ -1327,6 +1346,31 @@ mod tests {
             let err = OriginConfig::parse("o.toml", text).unwrap_err().to_string();
             assert!(err.starts_with("o.toml:"), "{text}: {err}");
             assert!(err.contains("stream_send_buffer"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn origin_subscription_and_keepalive_bounds_default_and_validate() {
+        let cfg = OriginConfig::parse("o.toml", "").unwrap();
+        assert_eq!(cfg.max_subscribed_keys, 1_000_000);
+        assert_eq!(cfg.keepalive_interval.0, Duration::from_secs(10));
+        let cfg = OriginConfig::parse(
+            "o.toml",
+            "max_subscribed_keys = 5\nkeepalive_interval = \"1s\"\nkeepalive_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.max_subscribed_keys, 5);
+        assert_eq!(cfg.keepalive_timeout.0, Duration::from_secs(2));
+        for (text, key) in [
+            ("max_subscribed_keys = 0\n", "max_subscribed_keys"),
+            ("keepalive_interval = \"10ms\"\n", "keepalive_interval"),
+            ("keepalive_timeout = \"0s\"\n", "keepalive_timeout"),
+        ] {
+            let err = OriginConfig::parse("o.toml", text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("o.toml:") && err.contains(key),
+                "{text}: {err}"
+            );
         }
     }
 

@@ -506,3 +506,53 @@ async fn closed_streams_reconnect_and_resume() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            max_subscribed_keys: 3,
+            ..origin_config()
+        })
+        .await;
+        origin
+            .origin
+            .publish("items", vec![put("a", "1"), put("b", "2")])
+            .unwrap();
+        let keyed = |keys: &[&str]| feed::SyncRequest {
+            kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
+                topic: "items".to_string(),
+                keys: keys.iter().map(|k| k.to_string()).collect(),
+                resume: None,
+            })),
+        };
+        let mut raw = origin.feed_client().await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(keyed(&["a", "b"])).await.unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().expect("keyed snapshot");
+        assert!(matches!(
+            first.kind,
+            Some(feed::sync_response::Kind::Snapshot(_))
+        ));
+        // Two keys already subscribed ("b" again does not count twice): 4 > 3.
+        tx.send(keyed(&["b", "c", "d"])).await.unwrap();
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("max_subscribed_keys"),
+            "{status:?}"
+        );
+    })
+    .await;
+}

@@ -676,8 +676,8 @@ impl Origin {
             server = server.tls_config(tls.load()?)?;
         }
         server
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_interval(Some(self.inner.cfg.keepalive_interval.0))
+            .http2_keepalive_timeout(Some(self.inner.cfg.keepalive_timeout.0))
             .add_service(self.service())
             .add_service(health_service)
             .add_service(reflection)

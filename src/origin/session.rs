@@ -239,6 +239,9 @@ impl Session {
         } else {
             Some(sub.keys.iter().map(|k| Arc::from(k.as_str())).collect())
         };
+        if let Some(keys) = &keys {
+            self.check_subscribed(&name, keys.len())?;
+        }
         let epoch = self.inner().epoch.clone();
         enum Start {
             Resume {
@@ -373,6 +376,8 @@ impl Session {
                 keys: Some(set), ..
             }) = ts.interests.get_mut(&self.id)
             {
+                let added = keys.iter().filter(|k| !set.contains(k.as_str())).count();
+                self.check_subscribed(&topic.name, set.len() + added)?;
                 set.extend(keys.iter().map(|k| Arc::from(k.as_str())));
             }
             (entries, version)
@@ -384,6 +389,18 @@ impl Session {
             last: true,
         }))
         .await
+    }
+
+    /// Refuses a keyed interest of more than `max_subscribed_keys` keys.
+    fn check_subscribed(&self, topic: &str, keys: usize) -> Result<(), End> {
+        let limit = self.inner().cfg.max_subscribed_keys;
+        if keys > limit {
+            return Err(End::Refused(Status::resource_exhausted(format!(
+                "this stream would subscribe {keys} keys of '{topic}'; the origin allows \
+                 {limit} per stream and topic (max_subscribed_keys)"
+            ))));
+        }
+        Ok(())
     }
 
     async fn send_reset(&self, topic: &str, reason: String) -> Result<(), End> {
