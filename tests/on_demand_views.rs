@@ -4,20 +4,23 @@
 //! property at the end checks rows against a from-scratch recompute after random changes.
 
 mod common;
+#[path = "common/oracle.rs"]
+mod oracle;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use proptest::prelude::*;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use viewcar::config::{ByteSize, Mode};
 use viewcar::origin::Put;
 use viewcar::pb::cache::v1 as cache;
 use viewcar::views::ViewSpec;
 use viewcar::Sidecar;
+
+use oracle::{key_text, lookup, path, Topic};
 
 const TOPICS: [&str; 4] = ["products", "prices", "brands", "countries"];
 
@@ -288,36 +291,6 @@ async fn evicted_rows_release_their_inputs_and_are_no_longer_maintained() {
 }
 
 // ----- the property: rows equal a from-scratch recompute after random changes -----
-
-type Topic = BTreeMap<String, Bytes>;
-
-fn key_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn path<'a>(row: &'a Map<String, Value>, p: &str) -> Option<&'a Value> {
-    let mut parts = p.split('.');
-    let mut v = row.get(parts.next()?)?;
-    for seg in parts {
-        v = v.as_object()?.get(seg)?;
-    }
-    Some(v)
-}
-
-/// `None` = the row is in error (not JSON somewhere it reads) and absent from the view.
-fn lookup(t: &Topic, key: Option<String>) -> Option<Value> {
-    let Some(k) = key else {
-        return Some(Value::Null);
-    };
-    match t.get(&k) {
-        None => Some(Value::Null),
-        Some(b) => serde_json::from_slice(b).ok(),
-    }
-}
 
 /// The oracle: `page[key]` computed from scratch over the origin's current data, by a naive
 /// implementation of the view's semantics.

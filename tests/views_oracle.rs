@@ -11,6 +11,12 @@ use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use viewcar::views::{Changes, Standalone, ViewSpec};
 
+#[path = "common/oracle.rs"]
+mod oracle;
+use oracle::{key_text, lookup, path, Topic};
+
+type Model = HashMap<&'static str, Topic>;
+
 const TOPICS: [&str; 4] = ["products", "prices", "brands", "countries"];
 
 fn specs() -> Vec<ViewSpec> {
@@ -35,37 +41,6 @@ fn specs() -> Vec<ViewSpec> {
 }
 
 // ----- the oracle -----
-
-type Topic = BTreeMap<String, Bytes>;
-type Model = HashMap<&'static str, Topic>;
-
-fn key_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn path<'a>(row: &'a Map<String, Value>, p: &str) -> Option<&'a Value> {
-    let mut parts = p.split('.');
-    let mut v = row.get(parts.next()?)?;
-    for seg in parts {
-        v = v.as_object()?.get(seg)?;
-    }
-    Some(v)
-}
-
-/// `None` = the row is in error (not JSON somewhere it reads) and absent from the view.
-fn lookup(t: &Topic, key: Option<String>) -> Option<Value> {
-    let Some(k) = key else {
-        return Some(Value::Null);
-    };
-    match t.get(&k) {
-        None => Some(Value::Null),
-        Some(b) => serde_json::from_slice(b).ok(),
-    }
-}
 
 fn object(b: &Bytes) -> Option<Map<String, Value>> {
     match serde_json::from_slice(b).ok()? {
