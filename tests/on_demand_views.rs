@@ -1,7 +1,8 @@
 //! on_demand views over loopback gRPC: a row is computed on first read, fetching the on_demand
 //! inputs its lookups miss (one round per link of a chain), computed once however many readers
 //! wait, kept current by push while resident, and its inputs released when it is evicted. The
-//! property at the end checks rows against a from-scratch recompute after random changes.
+//! property at the end checks rows against a from-scratch recompute after random changes,
+//! evictions, dropped streams and origin restarts (new epochs).
 
 mod common;
 #[path = "common/oracle.rs"]
@@ -33,12 +34,18 @@ fn page(max_bytes: u64) -> ViewSpec {
         .on_demand(max_bytes)
 }
 
+/// The origin's config: the four topics declared (a Fetch of a topic nobody published to yet
+/// is an absent key, not an unknown topic).
+fn origin_cfg() -> viewcar::OriginConfig {
+    let mut cfg = origin_config();
+    cfg.topics = TOPICS.iter().map(|t| t.to_string()).collect();
+    cfg
+}
+
 /// An origin, and a sidecar holding every topic on_demand within `topic_bytes` with the
 /// on_demand view `page` within `view_bytes`.
 async fn setup(topic_bytes: u64, view_bytes: u64) -> (TestOrigin, Sidecar) {
-    let mut ocfg = origin_config();
-    ocfg.topics = TOPICS.iter().map(|t| t.to_string()).collect();
-    let origin = TestOrigin::start(ocfg).await;
+    let origin = TestOrigin::start(origin_cfg()).await;
     let mut cfg = sidecar_config(&origin.url(), &TOPICS);
     for t in &mut cfg.origins[0].topics {
         t.mode = Mode::OnDemand;
@@ -78,12 +85,33 @@ async fn row(client: &mut Client, key: &str) -> Option<Value> {
         .then(|| serde_json::from_slice(&item.value).expect("a row is JSON"))
 }
 
-/// Reads `page[key]` until it equals `want` (pushes take their latency to land).
+/// The row of `page[key]`, or the error (a miss while the origin is unreachable).
+async fn try_row(client: &mut Client, key: &str) -> Result<Option<Value>, tonic::Status> {
+    let item = client
+        .get(cache::GetRequest {
+            source: "page".into(),
+            key: key.into(),
+            options: Some(cache::ReadOptions {
+                wait_ms: 10_000,
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .item
+        .expect("item");
+    Ok(item
+        .found
+        .then(|| serde_json::from_slice(&item.value).expect("a row is JSON")))
+}
+
+/// Reads `page[key]` until it equals `want` (pushes take their latency to land, and a miss
+/// fails while the origin is being redialled).
 async fn row_becomes(client: &mut Client, key: &str, want: &Option<Value>) {
     let start = tokio::time::Instant::now();
     loop {
-        let got = row(client, key).await;
-        if got == *want {
+        let got = try_row(client, key).await;
+        if got.as_ref().ok() == Some(want) {
             return;
         }
         assert!(
@@ -324,6 +352,11 @@ enum Step {
     Publish(usize, usize, Option<Bytes>),
     /// Read `page[p{i}]` and check it against the oracle.
     Read(usize),
+    /// The origin drops every stream: the sidecar redials, resubscribes what is resident or
+    /// pinned, and refreshes it from keyed snapshots (publishes may land before or after).
+    Cut,
+    /// The origin restarts empty, in a new epoch: every value held is void.
+    Restart,
 }
 
 fn value_for(topic: usize) -> BoxedStrategy<Bytes> {
@@ -364,13 +397,14 @@ fn step() -> impl Strategy<Value = Step> {
                     .prop_map(move |v| Step::Publish(t, k, v))
             }),
         2 => (0..PRODUCTS).prop_map(Step::Read),
+        1 => prop_oneof![4 => Just(Step::Cut), 1 => Just(Step::Restart)],
     ]
 }
 
 async fn run_steps(steps: Vec<Step>) {
     // Budgets small enough that rows and inputs are evicted during the run: a row can be up to
     // ~700 bytes, so 16 KiB holds a few dozen.
-    let (origin, sidecar) = setup(16 << 10, 16 << 10).await;
+    let (mut origin, sidecar) = setup(16 << 10, 16 << 10).await;
     let mut model: [Topic; 4] = Default::default();
     let mut client = cache_client(&sidecar).await;
     for s in steps {
@@ -393,6 +427,11 @@ async fn run_steps(steps: Vec<Step>) {
             Step::Read(i) => {
                 let key = format!("p{i}");
                 row_becomes(&mut client, &key, &expected(&model, &key)).await;
+            }
+            Step::Cut => origin.origin.close_streams(),
+            Step::Restart => {
+                origin.restart(origin_cfg()).await;
+                model = Default::default();
             }
         }
     }
