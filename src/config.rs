@@ -1022,6 +1022,9 @@ pub struct OriginConfig {
     pub fsync: Fsync,
     /// With `fsync = "interval"`: how often the batches written since the last sync are synced.
     pub fsync_interval: Dur,
+    /// The durable store's page cache (with `data_dir`). Served data is in memory anyway; the
+    /// cache serves the store's own writes and the load at start.
+    pub cache_bytes: ByteSize,
 }
 
 /// When the durable origin syncs a batch to disk.
@@ -1063,6 +1066,7 @@ impl Default for OriginConfig {
             data_dir: None,
             fsync: Fsync::EveryBatch,
             fsync_interval: Dur(Duration::from_secs(1)),
+            cache_bytes: ByteSize(64 << 20),
         }
     }
 }
@@ -1141,6 +1145,13 @@ impl OriginConfig {
                 file,
                 "progress_interval",
                 "must be above 0",
+            ));
+        }
+        if self.cache_bytes.0 < (1 << 20) {
+            return Err(ConfigError::invalid(
+                file,
+                "cache_bytes",
+                "must be at least 1MiB",
             ));
         }
         if self.fsync_interval.0.is_zero() {

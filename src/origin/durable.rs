@@ -95,11 +95,19 @@ pub(crate) fn batch_bytes(changes: &[pb::Change]) -> usize {
 impl Store {
     /// Opens (or creates) the database under `dir` and loads it. Returns the epoch to serve:
     /// the stored one, or a new one when there is none or the last run may have lost batches.
-    pub(crate) fn open(dir: &Path, fsync: Fsync) -> Result<(Store, Loaded), StoreError> {
+    /// `cache_bytes` bounds redb's page cache (its default is 1 GiB).
+    pub(crate) fn open(
+        dir: &Path,
+        fsync: Fsync,
+        cache_bytes: u64,
+    ) -> Result<(Store, Loaded), StoreError> {
         let name = dir.display().to_string();
         std::fs::create_dir_all(dir).map_err(|e| err(&name, e))?;
         let path: PathBuf = dir.join(FILE);
-        let db = Database::create(&path).map_err(|e| err(&name, e))?;
+        let db = Database::builder()
+            .set_cache_size(usize::try_from(cache_bytes).unwrap_or(usize::MAX))
+            .create(&path)
+            .map_err(|e| err(&name, e))?;
         let every_batch = fsync == Fsync::EveryBatch;
 
         let rtx = db.begin_read().map_err(|e| err(&name, e))?;
@@ -387,7 +395,7 @@ mod tests {
     #[test]
     fn the_log_is_trimmed_on_disk_and_an_unsynced_run_means_a_new_epoch() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, loaded) = Store::open(dir.path(), Fsync::EveryBatch).unwrap();
+        let (store, loaded) = Store::open(dir.path(), Fsync::EveryBatch, 8 << 20).unwrap();
         let epoch = loaded.epoch;
         for v in 1..=5u64 {
             let trim = if v > 3 { v - 3..v - 2 } else { 1..1 };
@@ -397,7 +405,7 @@ mod tests {
         }
         drop(store);
 
-        let (store, loaded) = Store::open(dir.path(), Fsync::Interval).unwrap();
+        let (store, loaded) = Store::open(dir.path(), Fsync::Interval, 8 << 20).unwrap();
         assert_eq!(loaded.epoch, epoch, "a clean close keeps the epoch");
         let t = &loaded.topics["t"];
         assert_eq!(t.version, 5);
@@ -412,7 +420,7 @@ mod tests {
         wtx.open_table(META).unwrap().insert(UNSYNCED, "1").unwrap();
         wtx.commit().unwrap();
         drop(db);
-        let (_store, loaded) = Store::open(dir.path(), Fsync::EveryBatch).unwrap();
+        let (_store, loaded) = Store::open(dir.path(), Fsync::EveryBatch, 8 << 20).unwrap();
         assert_ne!(loaded.epoch, epoch, "batches may be lost: a new epoch");
         assert_eq!(loaded.topics["t"].version, 5, "the data is kept");
     }

@@ -251,7 +251,7 @@ impl Origin {
         let Some(dir) = cfg.data_dir.clone() else {
             return Ok(Origin::new(cfg));
         };
-        let (store, loaded) = durable::Store::open(&dir, cfg.fsync)?;
+        let (store, loaded) = durable::Store::open(&dir, cfg.fsync, cfg.cache_bytes.0)?;
         let declared: Option<HashSet<&str>> = if cfg.topics.is_empty() {
             None
         } else {
