@@ -51,7 +51,13 @@ async fn setup(topic_bytes: u64, view_bytes: u64) -> (TestOrigin, Sidecar) {
         t.mode = Mode::OnDemand;
         t.max_bytes = Some(ByteSize(topic_bytes));
     }
-    cfg.views = vec![page(view_bytes)];
+    // `summary` is an on_demand view over the on_demand view `page`.
+    cfg.views = vec![
+        page(view_bytes),
+        ViewSpec::new("summary", "page")
+            .select(["id", "country.name as country"])
+            .on_demand(view_bytes),
+    ];
     let sidecar = start_sidecar(cfg).await;
     (origin, sidecar)
 }
@@ -85,11 +91,15 @@ async fn row(client: &mut Client, key: &str) -> Option<Value> {
         .then(|| serde_json::from_slice(&item.value).expect("a row is JSON"))
 }
 
-/// The row of `page[key]`, or the error (a miss while the origin is unreachable).
-async fn try_row(client: &mut Client, key: &str) -> Result<Option<Value>, tonic::Status> {
+/// The row of `view[key]`, or the error (a miss while the origin is unreachable).
+async fn try_row(
+    client: &mut Client,
+    view: &str,
+    key: &str,
+) -> Result<Option<Value>, tonic::Status> {
     let item = client
         .get(cache::GetRequest {
-            source: "page".into(),
+            source: view.into(),
             key: key.into(),
             options: Some(cache::ReadOptions {
                 wait_ms: 10_000,
@@ -105,18 +115,18 @@ async fn try_row(client: &mut Client, key: &str) -> Result<Option<Value>, tonic:
         .then(|| serde_json::from_slice(&item.value).expect("a row is JSON")))
 }
 
-/// Reads `page[key]` until it equals `want` (pushes take their latency to land, and a miss
+/// Reads `view[key]` until it equals `want` (pushes take their latency to land, and a miss
 /// fails while the origin is being redialled).
-async fn row_becomes(client: &mut Client, key: &str, want: &Option<Value>) {
+async fn row_becomes(client: &mut Client, view: &str, key: &str, want: &Option<Value>) {
     let start = tokio::time::Instant::now();
     loop {
-        let got = try_row(client, key).await;
+        let got = try_row(client, view, key).await;
         if got.as_ref().ok() == Some(want) {
             return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "page[{key}] is {got:?}, expected {want:?}"
+            "{view}[{key}] is {got:?}, expected {want:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -173,13 +183,13 @@ async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
         put(&origin, "countries", "DE", json!({"name": "Deutschland"}));
         let mut want = want;
         want["country"] = json!({"name": "Deutschland"});
-        row_becomes(&mut client, "p1", &Some(want.clone())).await;
+        row_becomes(&mut client, "page", "p1", &Some(want.clone())).await;
         origin
             .origin
             .publish("prices", vec![Put::delete("p1")])
             .expect("delete");
         want["price"] = Value::Null;
-        row_becomes(&mut client, "p1", &Some(want.clone())).await;
+        row_becomes(&mut client, "page", "p1", &Some(want.clone())).await;
         put(
             &origin,
             "brands",
@@ -190,14 +200,14 @@ async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
         // dropped and computed again at the next read, fetching countries[FR].
         want["brand"] = json!({"name": "B", "country_id": "FR"});
         want["country"] = Value::Null;
-        row_becomes(&mut client, "p1", &Some(want.clone())).await;
+        row_becomes(&mut client, "page", "p1", &Some(want.clone())).await;
         put(
             &origin,
             "products",
             "p1",
             json!({"id": "p1", "status": "gone", "brand_id": "b1"}),
         );
-        row_becomes(&mut client, "p1", &None).await;
+        row_becomes(&mut client, "page", "p1", &None).await;
     })
     .await;
 }
@@ -320,6 +330,20 @@ async fn evicted_rows_release_their_inputs_and_are_no_longer_maintained() {
 
 // ----- the property: rows equal a from-scratch recompute after random changes -----
 
+/// The oracle of `summary[key]`: the `page` row's `id` and `country.name`, when present.
+fn summary(m: &[Topic; 4], key: &str) -> Option<Value> {
+    let Value::Object(row) = expected(m, key)? else {
+        return None;
+    };
+    let mut out = serde_json::Map::new();
+    for (p, name) in [("id", "id"), ("country.name", "country")] {
+        if let Some(v) = path(&row, p) {
+            out.insert(name.to_string(), v.clone());
+        }
+    }
+    Some(Value::Object(out))
+}
+
 /// The oracle: `page[key]` computed from scratch over the origin's current data, by a naive
 /// implementation of the view's semantics.
 fn expected(m: &[Topic; 4], key: &str) -> Option<Value> {
@@ -352,6 +376,8 @@ enum Step {
     Publish(usize, usize, Option<Bytes>),
     /// Read `page[p{i}]` and check it against the oracle.
     Read(usize),
+    /// Read `summary[p{i}]` (a view over `page`) and check it against the oracle.
+    ReadSummary(usize),
     /// The origin drops every stream: the sidecar redials, resubscribes what is resident or
     /// pinned, and refreshes it from keyed snapshots (publishes may land before or after).
     Cut,
@@ -397,6 +423,7 @@ fn step() -> impl Strategy<Value = Step> {
                     .prop_map(move |v| Step::Publish(t, k, v))
             }),
         2 => (0..PRODUCTS).prop_map(Step::Read),
+        1 => (0..PRODUCTS).prop_map(Step::ReadSummary),
         1 => prop_oneof![4 => Just(Step::Cut), 1 => Just(Step::Restart)],
     ]
 }
@@ -426,7 +453,11 @@ async fn run_steps(steps: Vec<Step>) {
             }
             Step::Read(i) => {
                 let key = format!("p{i}");
-                row_becomes(&mut client, &key, &expected(&model, &key)).await;
+                row_becomes(&mut client, "page", &key, &expected(&model, &key)).await;
+            }
+            Step::ReadSummary(i) => {
+                let key = format!("p{i}");
+                row_becomes(&mut client, "summary", &key, &summary(&model, &key)).await;
             }
             Step::Cut => origin.origin.close_streams(),
             Step::Restart => {
@@ -438,7 +469,8 @@ async fn run_steps(steps: Vec<Step>) {
     // Quiescence: every row (resident or computed now) equals the recompute.
     for i in 0..PRODUCTS {
         let key = format!("p{i}");
-        row_becomes(&mut client, &key, &expected(&model, &key)).await;
+        row_becomes(&mut client, "page", &key, &expected(&model, &key)).await;
+        row_becomes(&mut client, "summary", &key, &summary(&model, &key)).await;
     }
     drop(sidecar);
 }
