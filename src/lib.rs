@@ -46,6 +46,7 @@ pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// Internals exposed for benchmarks and tools; not a stable API.
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::feed::{decode_streams as decode_feed_streams, replay as replay_feed, Replayed};
     pub use crate::metrics::parse_text as parse_prometheus_text;
     pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
     pub use crate::store::Clock;

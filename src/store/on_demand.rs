@@ -423,6 +423,11 @@ impl OnDemand {
         had
     }
 
+    /// The origin epoch the resident values belong to ("" before the first).
+    pub(crate) fn epoch(&self) -> Arc<String> {
+        self.epoch.load_full()
+    }
+
     /// Adds a pin on `key` (created without a value when new). The key stays subscribed until
     /// every pin is released with [`OnDemand::unpin`].
     pub(crate) fn pin(&self, key: &Arc<str>) {
