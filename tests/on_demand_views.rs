@@ -492,3 +492,45 @@ proptest! {
         rt.block_on(within(run_steps(steps)));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_on_demand_view_over_full_topics_computes_rows_on_read_only() {
+    within(async {
+        let origin = TestOrigin::start(origin_cfg()).await;
+        put(
+            &origin,
+            "products",
+            "p1",
+            json!({"id": "p1", "status": "active", "brand_id": "b1"}),
+        );
+        put(&origin, "brands", "b1", json!({"name": "B"}));
+        let mut cfg = sidecar_config(&origin.url(), &TOPICS);
+        cfg.views = vec![page(1 << 20)];
+        let sidecar = start_sidecar(cfg).await;
+        sidecar.synced().await;
+        let rows = source(&sidecar, "page")
+            .view_cache()
+            .expect("on_demand view")
+            .clone();
+        // Nothing is computed until read.
+        assert_eq!(rows.resident_keys(), 0);
+        let view_stats = sidecar.view_stats("page").expect("stats").clone();
+        assert_eq!(view_stats.recomputes.load(Ordering::Relaxed), 0);
+        let mut client = cache_client(&sidecar).await;
+        let got = row(&mut client, "p1").await.expect("a row");
+        assert_eq!(got["brand"], json!({"name": "B"}));
+        // Every input is held: no round of fetching.
+        assert_eq!(
+            view_stat(&sidecar, |s| s.fetches.load(Ordering::Relaxed)),
+            0
+        );
+        assert_eq!(origin.origin.stats().fetches.load(Ordering::Relaxed), 0);
+        // A change to a full input reaches the resident row through the writer.
+        put(&origin, "brands", "b1", json!({"name": "B2"}));
+        let mut want = got;
+        want["brand"] = json!({"name": "B2"});
+        row_becomes(&mut client, "page", "p1", &Some(want)).await;
+        assert_eq!(view_stat(&sidecar, |s| s.misses.load(Ordering::Relaxed)), 1);
+    })
+    .await;
+}
