@@ -11,9 +11,10 @@
 //!   is in reads; the hit ratio of the on_demand run is printed after the group. `sequential`
 //!   is one reader; `concurrent` spreads the same reads over [`READERS`] tasks.
 //!
-//! - `hit/view_on_demand`, `miss/view_on_demand`: the same for the on_demand view `od_page`
-//!   (one row per key of `od`, including `full[id]`): a hit reads a resident row; a miss asks
-//!   the writer for the row, fetches `od[key]` (one round), and asks again.
+//! - `hit/view_on_demand`, `miss/view_on_demand`, `zipf/sequential/view_on_demand`: the same
+//!   for the on_demand view `od_page` (one row per key of `od`, including `full[id]`; budget
+//!   twice the topic's, for rows twice the size): a hit reads a resident row; a miss asks the
+//!   writer for the row, fetches `od[key]` (one round), and asks again.
 //!
 //! Wall time (the fetches wait on the network and on the origin's threads).
 //!
@@ -294,8 +295,10 @@ fn zipf(c: &mut Criterion) {
     rt.block_on(async {
         for k in seq.iter().take(200_000) {
             s.od.get(k).await.expect("warm");
+            s.view.get(k).await.expect("warm");
         }
         s.od.sync().await;
+        s.view.sync();
     });
     let st = s.od.stats().clone();
     let (h0, m0) = (
@@ -336,6 +339,29 @@ fn zipf(c: &mut Criterion) {
     let (h1, m1) = (
         st.hits.load(Ordering::Relaxed),
         st.misses.load(Ordering::Relaxed),
+    );
+    let vs = s.view.stats().clone();
+    let (vh0, vm0) = (
+        vs.hits.load(Ordering::Relaxed),
+        vs.misses.load(Ordering::Relaxed),
+    );
+    g.bench_function("sequential/view_on_demand", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    for _ in 0..BATCH {
+                        at = (at + 1) % seq.len();
+                        black_box(s.view.get(&seq[at]).await.expect("read"));
+                    }
+                }
+                start.elapsed()
+            })
+        })
+    });
+    let (vh1, vm1) = (
+        vs.hits.load(Ordering::Relaxed),
+        vs.misses.load(Ordering::Relaxed),
     );
     for (name, on_demand) in [
         ("concurrent/on_demand", true),
@@ -380,6 +406,16 @@ fn zipf(c: &mut Criterion) {
     );
     let ratio = |h: u64, m: u64| 100.0 * h as f64 / (h + m).max(1) as f64;
     rt.block_on(s.od.sync());
+    s.view.sync();
+    println!(
+        "zipf view_on_demand hit ratio: sequential {:.1}% ({} reads); resident {} rows / {} \
+         bytes of a {} byte budget",
+        ratio(vh1 - vh0, vm1 - vm0),
+        vh1 - vh0 + vm1 - vm0,
+        s.view.resident_keys(),
+        s.view.resident_bytes(),
+        s.view.max_bytes(),
+    );
     println!(
         "zipf on_demand hit ratio: sequential {:.1}% ({} reads), concurrent {:.1}% ({} reads); \
          resident {} keys / {} bytes of a {} byte budget; coalesced waits {}",
