@@ -950,20 +950,7 @@ const MAX_WS_COMMAND_QUEUE: usize = 1024;
 
 /// Source names are what readers type: keep them to a safe alphabet.
 pub(crate) fn check_name(file: &str, field: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::invalid(
-            file,
-            field,
-            format!("invalid name {name:?}: expected 1 to 128 of [A-Za-z0-9_.-]"),
-        ))
-    }
+    crate::views::check_name(name).map_err(|message| ConfigError::invalid(file, field, message))
 }
 
 /// `origin.toml`: the settings of viewcar's own origin.

@@ -531,7 +531,8 @@ fn order_views(
     Ok(order)
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// The rule for source names (topics and views): what readers type, in a safe alphabet.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
