@@ -30,7 +30,7 @@ use crate::hub::Hub;
 use crate::readiness::Readiness;
 use crate::serve::ws::WsStats;
 use crate::store::writer::WriterStats;
-use crate::store::{OnDemandStats, Source, Store};
+use crate::store::{Held, OnDemandStats, Source, Store};
 use crate::views::ViewStats;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.
@@ -132,14 +132,7 @@ impl Metrics {
     /// Runs moka's pending housekeeping of every on_demand source, so that the resident keys
     /// and bytes a scrape reports are current (evictions happen in that housekeeping).
     pub(crate) async fn settle(&self) {
-        for s in self.store.sources() {
-            if let Some(od) = s.on_demand() {
-                od.sync().await;
-            }
-            if let Some(rows) = s.view_cache() {
-                rows.sync();
-            }
-        }
+        self.store.settle().await;
     }
 
     pub(crate) fn reads(&self) -> &Arc<ReadMetrics> {
@@ -278,34 +271,9 @@ impl Collector for Parts {
         )?;
 
         // on_demand topics and views: what they hold and how reads went.
-        struct Held<'a> {
-            source: &'a Source,
-            stats: &'a OnDemandStats,
-            keys: u64,
-            bytes: u64,
-            max: u64,
-        }
-        let on_demand: Vec<Held> = sources
+        let on_demand: Vec<(&Source, Held)> = sources
             .iter()
-            .filter_map(|s| {
-                if let Some(od) = s.on_demand() {
-                    return Some(Held {
-                        source: s,
-                        stats: od.stats(),
-                        keys: od.resident_keys(),
-                        bytes: od.resident_bytes(),
-                        max: od.max_bytes(),
-                    });
-                }
-                let rows = s.view_cache()?;
-                Some(Held {
-                    source: s,
-                    stats: rows.stats(),
-                    keys: rows.resident_keys(),
-                    bytes: rows.resident_bytes(),
-                    max: rows.max_bytes(),
-                })
-            })
+            .filter_map(|s| Some((&**s, s.held()?)))
             .collect();
         fn od_labels(s: &Source) -> Labels<'_> {
             vec![
@@ -358,7 +326,7 @@ impl Collector for Parts {
                 help,
                 on_demand
                     .iter()
-                    .map(|h| (od_labels(h.source), f(h.stats)))
+                    .map(|(s, h)| (od_labels(s), f(h.stats)))
                     .collect::<Vec<_>>(),
             )?;
         }
@@ -368,7 +336,7 @@ impl Collector for Parts {
             "on_demand keys resident (absent keys included), as of moka's last housekeeping",
             on_demand
                 .iter()
-                .map(|h| (od_labels(h.source), gauge(h.keys)))
+                .map(|(s, h)| (od_labels(s), gauge(h.keys)))
                 .collect::<Vec<_>>(),
         )?;
         family(
@@ -377,7 +345,7 @@ impl Collector for Parts {
             "on_demand weighed bytes resident: keys, values and a fixed per-key overhead",
             on_demand
                 .iter()
-                .map(|h| (od_labels(h.source), gauge(h.bytes)))
+                .map(|(s, h)| (od_labels(s), gauge(h.bytes)))
                 .collect::<Vec<_>>(),
         )?;
         family(
@@ -386,7 +354,7 @@ impl Collector for Parts {
             "on_demand byte budget (max_bytes)",
             on_demand
                 .iter()
-                .map(|h| (od_labels(h.source), gauge(h.max)))
+                .map(|(s, h)| (od_labels(s), gauge(h.max_bytes)))
                 .collect::<Vec<_>>(),
         )?;
 

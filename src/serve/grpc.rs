@@ -137,14 +137,10 @@ fn od_item(source: &str, key: String, slot: Slot) -> pb::Item {
     }
 }
 
-/// Reads `key` of an on_demand source through its cache: one Fetch per miss for a topic, the
-/// row computed once (fetching its missing inputs) for a view. `None` for other sources.
+/// Reads `key` of an on_demand source through its cache (see [`Source::read_through`]); `None`
+/// for other sources.
 async fn read_through(source: &Source, key: &str) -> Option<Result<pb::Item, Status>> {
-    let got = if let Some(od) = source.on_demand() {
-        od.get(key).await
-    } else {
-        source.view_cache()?.get(key).await
-    };
+    let got = source.read_through(key).await?;
     Some(
         got.map(|slot| od_item(source.name(), key.to_string(), slot))
             .map_err(|e| Status::unavailable(e.to_string())),
@@ -193,11 +189,10 @@ fn update_event(source: &str, u: Update) -> pb::WatchEvent {
 /// The on_demand counters of a SourceStatus (zero for other sources). For a view, `fetches`
 /// counts rounds of fetching a row's missing inputs.
 fn on_demand_status(s: &Source) -> pb::SourceStatus {
-    let (st, max_bytes) = match (s.on_demand(), s.view_cache()) {
-        (Some(od), _) => (od.stats(), od.max_bytes()),
-        (None, Some(rows)) => (rows.stats(), rows.max_bytes()),
-        (None, None) => return pb::SourceStatus::default(),
+    let Some(held) = s.held() else {
+        return pb::SourceStatus::default();
     };
+    let st = held.stats;
     let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     pb::SourceStatus {
         hits: n(&st.hits),
@@ -205,7 +200,7 @@ fn on_demand_status(s: &Source) -> pb::SourceStatus {
         fetches: n(&st.fetches),
         coalesced: n(&st.coalesced),
         evictions: n(&st.evictions),
-        max_bytes,
+        max_bytes: held.max_bytes,
         ..Default::default()
     }
 }
@@ -431,14 +426,7 @@ impl pb::cache_server::Cache for CacheService {
     ) -> Result<Response<pb::ListSourcesResponse>, Status> {
         // moka counts resident keys and bytes in its housekeeping: settle it so the status is
         // current (a status call, not a read path).
-        for s in self.store.sources() {
-            if let Some(od) = s.on_demand() {
-                od.sync().await;
-            }
-            if let Some(rows) = s.view_cache() {
-                rows.sync();
-            }
-        }
+        self.store.settle().await;
         let sources = self
             .store
             .sources()

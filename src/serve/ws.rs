@@ -744,14 +744,7 @@ impl Writer {
                         .await;
                 }
                 // An on_demand source is read through its cache (a miss fetches).
-                let through = if let Some(od) = src.on_demand() {
-                    Some(od.get(&key).await)
-                } else if let Some(rows) = src.view_cache() {
-                    Some(rows.get(&key).await)
-                } else {
-                    None
-                };
-                let row = match through {
+                let row = match src.read_through(&key).await {
                     None => src.get(&key),
                     Some(Ok(slot)) => slot.value.map(|value| crate::store::Row {
                         value,

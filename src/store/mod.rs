@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::config::Mode;
 
-pub use on_demand::{OnDemand, OnDemandStats};
+pub use on_demand::{OnDemand, OnDemandError, OnDemandStats, Slot};
 pub use view_cache::ViewCache;
 
 /// A stored value and the version that wrote it.
@@ -266,6 +266,19 @@ pub struct Source {
     view_cache: Option<Arc<ViewCache>>,
 }
 
+/// What an `on_demand` topic or view holds (see [`Source::held`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Held<'a> {
+    /// Hits, misses, fetches (for a view: rounds of fetching a row's inputs), coalesced waits,
+    /// evictions.
+    pub stats: &'a OnDemandStats,
+    /// Resident keys (absent keys included) and their weighed bytes, as of the last
+    /// housekeeping.
+    pub keys: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
 /// What the writer can read of an input now, without waiting.
 pub(crate) enum Resident {
     /// The value (`None` = the key is absent).
@@ -397,13 +410,10 @@ impl Source {
         self.rows.load_full()
     }
 
-    /// Keys held (an `on_demand` topic: resident keys, absent ones included).
+    /// Keys held (an `on_demand` topic or view: resident keys, absent ones included).
     pub fn len(&self) -> usize {
-        if let Some(rows) = &self.view_cache {
-            return usize::try_from(rows.resident_keys()).unwrap_or(usize::MAX);
-        }
-        match &self.on_demand {
-            Some(od) => usize::try_from(od.resident_keys()).unwrap_or(usize::MAX),
+        match self.held() {
+            Some(h) => usize::try_from(h.keys).unwrap_or(usize::MAX),
             None => self.rows.load().len(),
         }
     }
@@ -414,13 +424,50 @@ impl Source {
 
     /// Bytes held (an `on_demand` topic or view: weighed bytes, per-key overhead included).
     pub fn bytes(&self) -> u64 {
-        if let Some(rows) = &self.view_cache {
-            return rows.resident_bytes();
-        }
-        match &self.on_demand {
-            Some(od) => od.resident_bytes(),
+        match self.held() {
+            Some(h) => h.bytes,
             None => self.rows.load().bytes(),
         }
+    }
+
+    /// What an `on_demand` topic or view holds and how its reads went; `None` for full sources.
+    pub fn held(&self) -> Option<Held<'_>> {
+        if let Some(od) = &self.on_demand {
+            return Some(Held {
+                stats: od.stats(),
+                keys: od.resident_keys(),
+                bytes: od.resident_bytes(),
+                max_bytes: od.max_bytes(),
+            });
+        }
+        let rows = self.view_cache.as_ref()?;
+        Some(Held {
+            stats: rows.stats(),
+            keys: rows.resident_keys(),
+            bytes: rows.resident_bytes(),
+            max_bytes: rows.max_bytes(),
+        })
+    }
+
+    /// Runs the pending housekeeping (evictions) of an `on_demand` topic or view, so that what
+    /// [`Source::held`] reports is settled. Nothing for full sources.
+    pub async fn settle(&self) {
+        if let Some(od) = &self.on_demand {
+            od.sync().await;
+        }
+        if let Some(rows) = &self.view_cache {
+            rows.sync();
+        }
+    }
+
+    /// Reads `key` of an `on_demand` topic or view through its cache: a topic's miss is one
+    /// Fetch, a view's miss computes the row once (fetching its missing inputs). `None` for
+    /// full sources, which are read with [`Source::get`].
+    pub async fn read_through(&self, key: &str) -> Option<Result<Slot, OnDemandError>> {
+        if let Some(od) = &self.on_demand {
+            return Some(od.get(key).await);
+        }
+        Some(self.view_cache.as_ref()?.get(key).await)
     }
 
     pub fn version(&self) -> u64 {
@@ -594,6 +641,13 @@ impl Store {
     /// Sources in the order they were declared.
     pub fn sources(&self) -> &[Arc<Source>] {
         &self.order
+    }
+
+    /// [`Source::settle`] for every source: a status or a scrape reports settled figures.
+    pub async fn settle(&self) {
+        for s in &self.order {
+            s.settle().await;
+        }
     }
 }
 

@@ -147,8 +147,10 @@ impl std::fmt::Debug for OnDemand {
     }
 }
 
-fn weight(key: &str, slot: &Slot) -> u64 {
-    key.len() as u64 + slot.value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD
+/// moka's weight of a resident key (or view row): key, value and [`ENTRY_OVERHEAD`].
+pub(crate) fn weight(key: &str, slot: &Slot) -> u32 {
+    let w = key.len() as u64 + slot.value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD;
+    u32::try_from(w).unwrap_or(u32::MAX)
 }
 
 impl OnDemand {
@@ -172,7 +174,7 @@ impl OnDemand {
         };
         let mut builder = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|k: &Arc<str>, s: &Slot| u32::try_from(weight(k, s)).unwrap_or(u32::MAX))
+            .weigher(|k: &Arc<str>, s: &Slot| weight(k, s))
             .eviction_listener(listener);
         if let Some(idle) = idle {
             builder = builder.time_to_idle(idle);

@@ -24,7 +24,7 @@ use moka::ops::compute::Op as CacheOp;
 use moka::sync::Cache;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 
-use super::on_demand::{OnDemandError, OnDemandStats, Slot, ENTRY_OVERHEAD};
+use super::on_demand::{weight, OnDemandError, OnDemandStats, Slot};
 use super::writer::Op;
 use super::{OnDemand, Source};
 
@@ -80,11 +80,6 @@ impl std::fmt::Debug for ViewCache {
     }
 }
 
-fn weight(key: &str, slot: &Slot) -> u32 {
-    let w = key.len() as u64 + slot.value.as_ref().map_or(0, |v| v.len() as u64) + ENTRY_OVERHEAD;
-    u32::try_from(w).unwrap_or(u32::MAX)
-}
-
 /// Releases a pin taken while a row's inputs were fetched.
 struct Pinned {
     od: Arc<OnDemand>,
@@ -101,7 +96,7 @@ type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, OnDemandError>> + Send>>;
 
 impl ViewCache {
     /// An empty cache for view `name` holding at most `max_bytes` (keys, rows and
-    /// [`ENTRY_OVERHEAD`] per key), dropping rows not read for `idle`.
+    /// [`ENTRY_OVERHEAD`](super::on_demand::ENTRY_OVERHEAD) per key), dropping rows not read for `idle`.
     pub fn new(name: &str, max_bytes: u64, idle: Option<Duration>) -> Arc<Self> {
         let shared = Arc::new(Shared::default());
         let stats = Arc::new(OnDemandStats::default());
