@@ -488,52 +488,37 @@ impl Engine {
     /// Recomputes the dirty resident rows of on_demand view `vi`; returns the keys whose row
     /// changed or was dropped (their readers are marked in turn).
     fn process_lazy(&mut self, vi: usize) -> Vec<Arc<str>> {
-        let v = &mut self.views[vi];
-        let Some(cache) = v.lazy.clone() else {
+        let Some(cache) = self.views[vi].lazy.clone() else {
             return Vec::new();
         };
-        let dirty: Vec<Arc<str>> = v.dirty.drain().collect();
-        let next = v.version + 1;
+        let dirty: Vec<Arc<str>> = self.views[vi].dirty.drain().collect();
+        let next = self.views[vi].version + 1;
         let mut changed = Vec::new();
         for key in dirty {
             // Only resident rows are tracked; a row evicted meanwhile is forgotten.
-            let Some(state) = v.rows.remove(&key) else {
+            let Some(state) = self.views[vi].rows.remove(&key) else {
                 continue;
             };
             if !cache.contains(&key) {
-                set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+                self.untrack(vi, &key, &state.deps);
                 continue;
             }
-            let mut missing = Vec::new();
-            let (result, deps) = compute(v, &self.sources, &key, &state.deps, &mut missing);
-            if !missing.is_empty() {
+            let Ok((value, deps)) = self.compute_held(vi, &key, &state.deps) else {
                 // An input is no longer held (a new origin epoch dropped its value, or a
                 // view row it read was evicted): the row goes too, and is computed again
                 // when read. Rows reading it are dropped in turn.
-                set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
                 cache.invalidate(&key);
                 changed.push(key);
                 continue;
-            }
-            let value = settle(v, &key, result).map(|(_, b)| b);
+            };
             let slot = Slot {
                 value,
                 version: next,
             };
             match cache.replace(key.clone(), slot) {
-                Replaced::NotResident => {
-                    set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
-                }
+                Replaced::NotResident => self.untrack(vi, &key, &state.deps),
                 r => {
-                    set_deps(
-                        &mut self.reverse,
-                        &self.sources,
-                        vi,
-                        &key,
-                        &state.deps,
-                        &deps,
-                    );
-                    v.rows.insert(key.clone(), RowState { deps, group: None });
+                    self.track(vi, key.clone(), &state.deps, deps);
                     if r == Replaced::Changed {
                         changed.push(key);
                     }
@@ -541,6 +526,7 @@ impl Engine {
             }
         }
         if !changed.is_empty() {
+            let v = &mut self.views[vi];
             v.version = next;
             v.source.set_version(next);
             v.stats
@@ -548,6 +534,39 @@ impl Engine {
                 .fetch_add(changed.len() as u64, Ordering::Relaxed);
         }
         changed
+    }
+
+    /// Computes row `key` of on_demand view `vi` from what is held now; `old` is what it read
+    /// before. When an input is not held, the row stops being tracked (its dependency entries
+    /// and pins go) and the inputs to fetch are returned instead.
+    #[allow(clippy::type_complexity)]
+    fn compute_held(
+        &mut self,
+        vi: usize,
+        key: &Arc<str>,
+        old: &[Dep],
+    ) -> Result<(Option<Bytes>, Vec<Dep>), Vec<Dep>> {
+        let v = &self.views[vi];
+        let mut missing = Vec::new();
+        let (result, deps) = compute(v, &self.sources, key, old, &mut missing);
+        if !missing.is_empty() {
+            self.untrack(vi, key, old);
+            return Err(missing);
+        }
+        Ok((settle(v, key, result).map(|(_, b)| b), deps))
+    }
+
+    /// Tracks row `key` of view `vi` as reading `deps`; it read `old` before.
+    fn track(&mut self, vi: usize, key: Arc<str>, old: &[Dep], deps: Vec<Dep>) {
+        set_deps(&mut self.reverse, &self.sources, vi, &key, old, &deps);
+        self.views[vi]
+            .rows
+            .insert(key, RowState { deps, group: None });
+    }
+
+    /// Drops the dependency entries (and pins) of row `key` of view `vi`, which read `old`.
+    fn untrack(&mut self, vi: usize, key: &Arc<str>, old: &[Dep]) {
+        set_deps(&mut self.reverse, &self.sources, vi, key, old, &[]);
     }
 
     /// Forgets the evicted rows of on_demand views: their dependency entries go, the pins on
@@ -565,7 +584,7 @@ impl Engine {
                 let Some(state) = self.views[vi].rows.remove(&key) else {
                     continue;
                 };
-                set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
+                self.untrack(vi, &key, &state.deps);
                 let id = self.views[vi].id;
                 self.mark(id, &key);
             }
@@ -624,39 +643,38 @@ impl Derive for Engine {
     }
 
     fn row(&mut self, view: &str, key: Arc<str>) -> RowAnswer {
-        let Some(vi) = self
+        let found = self
             .views
             .iter()
-            .position(|v| &*v.name == view && v.lazy.is_some())
-        else {
+            .enumerate()
+            .find_map(|(vi, v)| Some((vi, v.lazy.clone()?)).filter(|_| &*v.name == view));
+        let Some((vi, cache)) = found else {
             return RowAnswer::Refused(format!("no on_demand view named '{view}'"));
         };
-        let v = &mut self.views[vi];
-        let Some(cache) = v.lazy.clone() else {
-            return RowAnswer::Refused(format!("no on_demand view named '{view}'"));
-        };
-        if v.rows.contains_key(&key) {
+        if self.views[vi].rows.contains_key(&key) {
             if let Some(slot) = cache.resident(&key) {
                 return RowAnswer::Row(slot);
             }
         }
         // Not tracked, or tracked but evicted and not drained yet: computed from scratch.
-        let state = v.rows.remove(&key).unwrap_or_default();
-        let mut missing = Vec::new();
-        let (result, deps) = compute(v, &self.sources, &key, &state.deps, &mut missing);
-        if !missing.is_empty() {
-            set_deps(&mut self.reverse, &self.sources, vi, &key, &state.deps, &[]);
-            missing.dedup();
-            return RowAnswer::Missing(
-                missing
-                    .into_iter()
-                    .map(|(id, k)| (self.sources[id].clone(), k))
-                    .collect(),
-            );
-        }
-        let value = settle(v, &key, result).map(|(_, b)| b);
+        let state = self.views[vi].rows.remove(&key).unwrap_or_default();
+        let (value, deps) = match self.compute_held(vi, &key, &state.deps) {
+            Ok(computed) => computed,
+            Err(mut missing) => {
+                // A key read twice is fetched once.
+                missing.sort_unstable();
+                missing.dedup();
+                return RowAnswer::Missing(
+                    missing
+                        .into_iter()
+                        .map(|(id, k)| (self.sources[id].clone(), k))
+                        .collect(),
+                );
+            }
+        };
         // A row made resident gets a version of its own, so that per-key versions only grow
         // across evictions.
+        let v = &mut self.views[vi];
         let next = v.version + 1;
         v.version = next;
         v.source.set_version(next);
@@ -664,15 +682,7 @@ impl Derive for Engine {
             value,
             version: next,
         };
-        set_deps(
-            &mut self.reverse,
-            &self.sources,
-            vi,
-            &key,
-            &state.deps,
-            &deps,
-        );
-        v.rows.insert(key.clone(), RowState { deps, group: None });
+        self.track(vi, key.clone(), &state.deps, deps);
         cache.insert(key, slot.clone());
         RowAnswer::Row(slot)
     }
