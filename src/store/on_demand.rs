@@ -126,7 +126,6 @@ type Loading = (u64, Option<Slot>);
 pub struct OnDemand {
     topic: Arc<str>,
     max_bytes: u64,
-    idle: Option<Duration>,
     cache: Cache<Arc<str>, Slot>,
     loading: DashMap<Arc<str>, Loading>,
     pins: DashMap<Arc<str>, Pin>,
@@ -182,7 +181,6 @@ impl OnDemand {
         Arc::new(OnDemand {
             topic: Arc::from(topic),
             max_bytes,
-            idle,
             cache: builder.build(),
             loading: DashMap::new(),
             pins: DashMap::new(),
@@ -203,7 +201,7 @@ impl OnDemand {
     }
 
     pub fn idle(&self) -> Option<Duration> {
-        self.idle
+        self.cache.policy().time_to_idle()
     }
 
     pub fn stats(&self) -> &Arc<OnDemandStats> {
@@ -541,6 +539,13 @@ mod tests {
         )
         .await;
         assert_eq!(od.peek("k").await.unwrap().value, None);
+    }
+
+    #[test]
+    fn the_idle_expiry_is_the_cache_policy() {
+        let idle = Duration::from_secs(5);
+        assert_eq!(OnDemand::new("t", 1 << 20, Some(idle)).idle(), Some(idle));
+        assert_eq!(OnDemand::new("t", 1 << 20, None).idle(), None);
     }
 
     #[tokio::test]

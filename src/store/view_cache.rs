@@ -63,7 +63,6 @@ struct Shared {
 pub struct ViewCache {
     name: Arc<str>,
     max_bytes: u64,
-    idle: Option<Duration>,
     cache: Cache<Arc<str>, Slot>,
     loads: DashMap<Arc<str>, Load>,
     shared: Arc<Shared>,
@@ -132,7 +131,6 @@ impl ViewCache {
         Arc::new(ViewCache {
             name: Arc::from(name),
             max_bytes,
-            idle,
             cache: builder.build(),
             loads: DashMap::new(),
             shared,
@@ -149,7 +147,7 @@ impl ViewCache {
     }
 
     pub fn idle(&self) -> Option<Duration> {
-        self.idle
+        self.cache.policy().time_to_idle()
     }
 
     /// Counters: hits, misses, `fetches` = rounds that fetched missing inputs, coalesced waits,
