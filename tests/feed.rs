@@ -137,16 +137,7 @@ async fn lost_connection_resumes_inside_the_window_without_a_snapshot() {
         wait_position(&t, &p0.epoch, p0.version).await;
 
         let mut client = cache_client(&sidecar).await;
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "t".into(),
-                keys: vec!["a".into(), "b".into()],
-                send_initial: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut client, "t", &["a", "b"], true).await;
         let mut events = Vec::new();
         collect_watch(&mut watch, &mut events, |e| {
             matches!(e.last(), Some(cache::watch_event::Kind::Synced(_)))
@@ -266,16 +257,7 @@ async fn origin_restart_with_a_new_epoch_gets_reset_and_a_fresh_snapshot() {
         let t = source(&sidecar, "t");
         wait_position(&t, &p0.epoch, p0.version).await;
         let mut client = cache_client(&sidecar).await;
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "t".into(),
-                keys: vec!["a".into(), "b".into()],
-                send_initial: false,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut client, "t", &["a", "b"], false).await;
         let mut events = Vec::new();
         collect_watch(&mut watch, &mut events, |e| !e.is_empty()).await;
 

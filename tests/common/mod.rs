@@ -243,6 +243,40 @@ pub fn get_request(source: &str, key: &str) -> cache::GetRequest {
     }
 }
 
+/// Opens a Watch of `keys` of `source` (a key list, no prefix).
+pub async fn open_watch(
+    client: &mut cache::cache_client::CacheClient<Channel>,
+    source: &str,
+    keys: &[&str],
+    send_initial: bool,
+) -> tonic::Streaming<cache::WatchEvent> {
+    client
+        .watch(cache::WatchRequest {
+            source: source.to_string(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            prefix: String::new(),
+            send_initial,
+        })
+        .await
+        .expect("Watch opens")
+        .into_inner()
+}
+
+/// Reads `watch` up to its Synced event: the initial rows are in and the stream is established
+/// end to end.
+pub async fn until_synced(watch: &mut tonic::Streaming<cache::WatchEvent>) {
+    loop {
+        let ev = watch
+            .message()
+            .await
+            .expect("watch stream")
+            .expect("watch open");
+        if matches!(ev.kind, Some(cache::watch_event::Kind::Synced(_))) {
+            return;
+        }
+    }
+}
+
 // ----- fake origin -----
 
 /// One Sync stream opened against a [`FakeOrigin`]: the test reads what the sidecar asks and
