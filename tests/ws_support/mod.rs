@@ -130,17 +130,7 @@ pub async fn connect_small_buffer(addr: SocketAddr) -> (Ws, SocketAddr) {
     let tcp = within("tcp connect", socket.connect(addr))
         .await
         .expect("tcp connect");
-    let local = tcp.local_addr().expect("local address");
-    let request = format!("ws://{addr}/ws")
-        .into_client_request()
-        .expect("request");
-    let (ws, _) = within(
-        "handshake",
-        tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)),
-    )
-    .await
-    .expect("WebSocket handshake");
-    (ws, local)
+    handshake(addr, tcp).await
 }
 
 pub async fn send(ws: &mut Ws, v: Value) {
@@ -263,6 +253,12 @@ pub async fn connect_at(addr: SocketAddr) -> (Ws, SocketAddr) {
     let tcp = within("tcp connect", TcpStream::connect(addr))
         .await
         .expect("tcp connect");
+    handshake(addr, tcp).await
+}
+
+/// The WebSocket handshake of `/ws` at `addr` over the connected `tcp`; returns the socket and
+/// the client's local address.
+async fn handshake(addr: SocketAddr, tcp: TcpStream) -> (Ws, SocketAddr) {
     let local = tcp.local_addr().expect("local address");
     let request = format!("ws://{addr}/ws")
         .into_client_request()
