@@ -130,7 +130,13 @@ pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
     cfg.feed.backoff_initial = Dur(Duration::from_millis(10));
     cfg.feed.backoff_max = Dur(Duration::from_millis(100));
     cfg.feed.connect_timeout = Dur(Duration::from_secs(2));
-    cfg.origins = vec![OriginSpec {
+    cfg.origins = vec![full_origin(address, topics)];
+    cfg
+}
+
+/// An origin named `o` at `address` (no TLS), with `topics` as full replicas.
+pub fn full_origin(address: &str, topics: &[&str]) -> OriginSpec {
+    OriginSpec {
         name: "o".to_string(),
         address: address.to_string(),
         topics: topics
@@ -143,8 +149,7 @@ pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
             })
             .collect(),
         tls: None,
-    }];
-    cfg
+    }
 }
 
 pub async fn start_sidecar(cfg: SidecarConfig) -> Sidecar {

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use viewcar::config::{Dur, Mode, OriginSpec, TopicSpec, WsConfig};
+use viewcar::config::{Dur, WsConfig};
 use viewcar::{Origin, OriginConfig, Put, Sidecar, SidecarConfig};
 
 /// The deadline of every wait: far above what any step takes on a loaded machine.
@@ -62,21 +65,8 @@ impl Setup {
                 .await;
         });
         let mut cfg = SidecarConfig::default();
-        cfg.listen.grpc = "127.0.0.1:0".parse().expect("literal");
-        cfg.origins = vec![OriginSpec {
-            name: "o".into(),
-            address: format!("http://{addr}"),
-            topics: topics
-                .iter()
-                .map(|t| TopicSpec {
-                    name: t.to_string(),
-                    mode: Mode::Full,
-                    max_bytes: None,
-                    idle: None,
-                })
-                .collect(),
-            tls: None,
-        }];
+        cfg.listen.grpc = common::loopback0();
+        cfg.origins = vec![common::full_origin(&format!("http://{addr}"), topics)];
         tweak(&mut cfg);
         cfg.validate("test").expect("valid test config");
         let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
