@@ -238,11 +238,16 @@ pub fn text(b: &[u8]) -> String {
 }
 
 pub fn get_request(source: &str, key: &str) -> cache::GetRequest {
+    get_waiting(source, key, 5_000)
+}
+
+/// A Get of `source[key]` that waits up to `wait_ms` for the source to be synced.
+pub fn get_waiting(source: &str, key: &str, wait_ms: u32) -> cache::GetRequest {
     cache::GetRequest {
         source: source.to_string(),
         key: key.to_string(),
         options: Some(cache::ReadOptions {
-            wait_ms: 5_000,
+            wait_ms,
             ..Default::default()
         }),
     }
