@@ -73,22 +73,7 @@ type Client = cache::cache_client::CacheClient<tonic::transport::Channel>;
 
 /// The row of `page[key]` as the sidecar answers it (`None` = no row).
 async fn row(client: &mut Client, key: &str) -> Option<Value> {
-    let item = client
-        .get(cache::GetRequest {
-            source: "page".into(),
-            key: key.into(),
-            options: Some(cache::ReadOptions {
-                wait_ms: 10_000,
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .item
-        .expect("item");
-    item.found
-        .then(|| serde_json::from_slice(&item.value).expect("a row is JSON"))
+    try_row(client, "page", key).await.expect("get")
 }
 
 /// The row of `view[key]`, or the error (a miss while the origin is unreachable).
@@ -98,14 +83,7 @@ async fn try_row(
     key: &str,
 ) -> Result<Option<Value>, tonic::Status> {
     let item = client
-        .get(cache::GetRequest {
-            source: view.into(),
-            key: key.into(),
-            options: Some(cache::ReadOptions {
-                wait_ms: 10_000,
-                ..Default::default()
-            }),
-        })
+        .get(get_waiting(view, key, 10_000))
         .await?
         .into_inner()
         .item
