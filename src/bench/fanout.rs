@@ -15,7 +15,7 @@ use super::procs::{self, OriginHost, Proc, SidecarProc, SidecarSpec};
 use super::report::{latency_cells, us, Table};
 use super::tree::{self, Catalog};
 use super::{BenchError, Ctx};
-use crate::demo::{self, CatalogSize};
+use crate::demo;
 use crate::pb::cache::v1 as pb;
 use crate::views::ViewSpec;
 
@@ -58,19 +58,7 @@ pub struct PageSetup {
 
 impl PageSetup {
     pub async fn start(ctx: &Ctx, products: usize) -> Result<PageSetup, BenchError> {
-        let origin = OriginHost::start(&demo::TOPICS).await?;
-        let size = CatalogSize {
-            products,
-            ..CatalogSize::default()
-        };
-        for (topic, puts) in demo::catalog(size, 1) {
-            for chunk in puts.chunks(5000) {
-                origin
-                    .origin
-                    .publish(topic, chunk.to_vec())
-                    .map_err(|e| BenchError::setup(format!("loading {topic}: {e}")))?;
-            }
-        }
+        let origin = OriginHost::with_catalog(products).await?;
         let sidecar = SidecarProc::start(
             &ctx.exe,
             SidecarSpec {
