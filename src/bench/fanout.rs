@@ -102,19 +102,7 @@ impl PageSetup {
             let catalog = catalog.clone();
             async move {
                 if view {
-                    let r = c
-                        .get(pb::GetRequest {
-                            source: "product_page".into(),
-                            key: id,
-                            options: None,
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if r.get_ref().item.as_ref().is_some_and(|it| it.found) {
-                        Ok(())
-                    } else {
-                        Err("product_page row not found".into())
-                    }
+                    procs::get_found(&mut c, "product_page", id).await
                 } else {
                     let keys = demo::TOPICS
                         .iter()

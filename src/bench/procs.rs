@@ -379,6 +379,28 @@ impl SidecarProc {
     }
 }
 
+/// One `Get` of `source[key]` from the sidecar, as a load op: an error if it fails or the row
+/// is not found.
+pub async fn get_found(
+    client: &mut pb::cache_client::CacheClient<Channel>,
+    source: &str,
+    key: String,
+) -> Result<(), String> {
+    let r = client
+        .get(pb::GetRequest {
+            source: source.to_string(),
+            key,
+            options: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.get_ref().item.as_ref().is_some_and(|it| it.found) {
+        Ok(())
+    } else {
+        Err(format!("{source} row not found"))
+    }
+}
+
 impl Drop for SidecarProc {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
