@@ -190,16 +190,7 @@ fn tree_op(tree: &TreeProc, ids: Arc<Vec<String>>) -> load::Op {
     let roots = Arc::new(tree.roots.clone());
     load::op(move |_, i| {
         let id = ids[(i as usize * 7919) % ids.len()].clone();
-        let calls = roots.iter().map(|c| {
-            let mut c = c.clone();
-            let req = pb::GetRequest {
-                source: String::new(),
-                key: id.clone(),
-                options: None,
-            };
-            async move { c.get(req).await }
-        });
-        let all = futures_util::future::join_all(calls);
+        let all = tree::get_all(&roots, &id);
         async move {
             for r in all.await {
                 r.map_err(|e| e.to_string())?;
