@@ -17,7 +17,7 @@ use tonic_health::pb::HealthCheckRequest;
 use common::{
     cache_client, channel, loopback0, open_watch, origin_config, until_synced, within, TestOrigin,
 };
-use ops_support::{get, sample};
+use ops_support::{get, health_watch, sample};
 use viewcar::config::Dur;
 use viewcar::internals::parse_prometheus_text;
 use viewcar::pb::cache::v1 as cache;
@@ -73,13 +73,7 @@ async fn readiness_flips_only_after_sync() {
             ServingStatus::NotServing
         );
         let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
-        let mut statuses = health
-            .watch(HealthCheckRequest {
-                service: "viewcar.cache.v1.Cache".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut statuses = health_watch(&mut health, "viewcar.cache.v1.Cache").await;
         let first = statuses.message().await.unwrap().unwrap();
         assert_eq!(first.status, ServingStatus::NotServing as i32);
 
@@ -360,13 +354,7 @@ async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
             }
         }
         let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
-        let mut statuses = health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut statuses = health_watch(&mut health, "").await;
         assert_eq!(
             statuses.message().await.unwrap().unwrap().status,
             ServingStatus::Serving as i32

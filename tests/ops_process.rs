@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use common::{
     addr, channel, log_line, open_watch, origin_config, put, spawn, until_synced, viewcar, within,
     TestOrigin,
 };
-use ops_support::{get, TempDir};
+use ops_support::{get, health_watch, TempDir};
 use viewcar::pb::cache::v1 as cache;
 
 /// A config whose addresses are all wrong on purpose: the test points them elsewhere with
@@ -60,13 +59,7 @@ async fn sidecar_binary_exits_zero_on_sigterm_within_the_grace_period() {
         // Ready: the health stream turns SERVING once the origin named by the environment
         // variable has been synced; /readyz agrees.
         let mut health = HealthClient::new(channel(grpc).await);
-        let mut statuses = health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut statuses = health_watch(&mut health, "").await;
         loop {
             let s = statuses.message().await.unwrap().expect("health stream");
             if s.status == ServingStatus::Serving as i32 {
