@@ -14,11 +14,12 @@ use viewcar::pb::cache::v1 as cache;
 use viewcar::pb::feed::v1 as feed;
 use viewcar::{Origin, OriginConfig};
 
-fn subscribe(topic: &str, resume: Option<feed::Position>) -> feed::SyncRequest {
+/// A Subscribe to `topic`: the whole topic for no `keys`, else those keys.
+fn subscribe(topic: &str, keys: &[&str], resume: Option<feed::Position>) -> feed::SyncRequest {
     feed::SyncRequest {
         kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
             topic: topic.to_string(),
-            keys: Vec::new(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
             resume,
         })),
     }
@@ -40,7 +41,7 @@ async fn snapshot_arrives_in_chunks_then_changes_and_deletes() {
         // What goes over the wire: several chunks, one position, `last` only on the final one.
         let mut raw = origin.feed_client().await;
         let (tx, rx) = mpsc::channel(1);
-        tx.send(subscribe("items", None)).await.unwrap();
+        tx.send(subscribe("items", &[], None)).await.unwrap();
         let mut stream = raw
             .sync(ReceiverStream::new(rx))
             .await
@@ -137,16 +138,7 @@ async fn lost_connection_resumes_inside_the_window_without_a_snapshot() {
         wait_position(&t, &p0.epoch, p0.version).await;
 
         let mut client = cache_client(&sidecar).await;
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "t".into(),
-                keys: vec!["a".into(), "b".into()],
-                send_initial: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut client, "t", &["a", "b"], true).await;
         let mut events = Vec::new();
         collect_watch(&mut watch, &mut events, |e| {
             matches!(e.last(), Some(cache::watch_event::Kind::Synced(_)))
@@ -266,16 +258,7 @@ async fn origin_restart_with_a_new_epoch_gets_reset_and_a_fresh_snapshot() {
         let t = source(&sidecar, "t");
         wait_position(&t, &p0.epoch, p0.version).await;
         let mut client = cache_client(&sidecar).await;
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "t".into(),
-                keys: vec!["a".into(), "b".into()],
-                send_initial: false,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut client, "t", &["a", "b"], false).await;
         let mut events = Vec::new();
         collect_watch(&mut watch, &mut events, |e| !e.is_empty()).await;
 
@@ -519,16 +502,11 @@ async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
             .origin
             .publish("items", vec![put("a", "1"), put("b", "2")])
             .unwrap();
-        let keyed = |keys: &[&str]| feed::SyncRequest {
-            kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
-                topic: "items".to_string(),
-                keys: keys.iter().map(|k| k.to_string()).collect(),
-                resume: None,
-            })),
-        };
         let mut raw = origin.feed_client().await;
         let (tx, rx) = mpsc::channel(4);
-        tx.send(keyed(&["a", "b"])).await.unwrap();
+        tx.send(subscribe("items", &["a", "b"], None))
+            .await
+            .unwrap();
         let mut stream = raw
             .sync(ReceiverStream::new(rx))
             .await
@@ -540,7 +518,9 @@ async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
             Some(feed::sync_response::Kind::Snapshot(_))
         ));
         // Two keys already subscribed ("b" again does not count twice): 4 > 3.
-        tx.send(keyed(&["b", "c", "d"])).await.unwrap();
+        tx.send(subscribe("items", &["b", "c", "d"], None))
+            .await
+            .unwrap();
         let status = loop {
             match stream.message().await {
                 Ok(Some(_)) => continue,

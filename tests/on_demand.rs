@@ -56,14 +56,7 @@ async fn get(
     key: &str,
 ) -> cache::Item {
     client
-        .get(cache::GetRequest {
-            source: TOPIC.to_string(),
-            key: key.to_string(),
-            options: Some(cache::ReadOptions {
-                wait_ms: 10_000,
-                ..Default::default()
-            }),
-        })
+        .get(get_waiting(TOPIC, key, 10_000))
         .await
         .expect("get")
         .into_inner()

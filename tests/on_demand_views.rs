@@ -69,26 +69,32 @@ fn put(origin: &TestOrigin, topic: &str, key: &str, v: Value) {
         .expect("publish");
 }
 
+/// The chain of rows behind `page[p1]`: the active product p1 (its price `price`, if any)
+/// of brand b1, from country DE.
+fn put_p1(origin: &TestOrigin, price: Option<Value>) {
+    put(
+        origin,
+        "products",
+        "p1",
+        json!({"id": "p1", "status": "active", "brand_id": "b1"}),
+    );
+    if let Some(price) = price {
+        put(origin, "prices", "p1", price);
+    }
+    put(
+        origin,
+        "brands",
+        "b1",
+        json!({"name": "B", "country_id": "DE"}),
+    );
+    put(origin, "countries", "DE", json!({"name": "Germany"}));
+}
+
 type Client = cache::cache_client::CacheClient<tonic::transport::Channel>;
 
 /// The row of `page[key]` as the sidecar answers it (`None` = no row).
 async fn row(client: &mut Client, key: &str) -> Option<Value> {
-    let item = client
-        .get(cache::GetRequest {
-            source: "page".into(),
-            key: key.into(),
-            options: Some(cache::ReadOptions {
-                wait_ms: 10_000,
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .item
-        .expect("item");
-    item.found
-        .then(|| serde_json::from_slice(&item.value).expect("a row is JSON"))
+    try_row(client, "page", key).await.expect("get")
 }
 
 /// The row of `view[key]`, or the error (a miss while the origin is unreachable).
@@ -98,14 +104,7 @@ async fn try_row(
     key: &str,
 ) -> Result<Option<Value>, tonic::Status> {
     let item = client
-        .get(cache::GetRequest {
-            source: view.into(),
-            key: key.into(),
-            options: Some(cache::ReadOptions {
-                wait_ms: 10_000,
-                ..Default::default()
-            }),
-        })
+        .get(get_waiting(view, key, 10_000))
         .await?
         .into_inner()
         .item
@@ -141,20 +140,7 @@ fn view_stat(sidecar: &Sidecar, f: impl Fn(&viewcar::store::OnDemandStats) -> u6
 async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
     within(async {
         let (origin, sidecar) = setup(1 << 20, 1 << 20).await;
-        put(
-            &origin,
-            "products",
-            "p1",
-            json!({"id": "p1", "status": "active", "brand_id": "b1"}),
-        );
-        put(&origin, "prices", "p1", json!({"amount": 5}));
-        put(
-            &origin,
-            "brands",
-            "b1",
-            json!({"name": "B", "country_id": "DE"}),
-        );
-        put(&origin, "countries", "DE", json!({"name": "Germany"}));
+        put_p1(&origin, Some(json!({"amount": 5})));
         let mut client = cache_client(&sidecar).await;
         let want = json!({"id": "p1", "status": "active", "brand_id": "b1",
             "price": {"amount": 5}, "brand": {"name": "B", "country_id": "DE"},
@@ -216,19 +202,7 @@ async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
 async fn concurrent_readers_of_a_missing_row_compute_it_once() {
     within(async {
         let (origin, sidecar) = setup(1 << 20, 1 << 20).await;
-        put(
-            &origin,
-            "products",
-            "p1",
-            json!({"id": "p1", "status": "active", "brand_id": "b1"}),
-        );
-        put(
-            &origin,
-            "brands",
-            "b1",
-            json!({"name": "B", "country_id": "DE"}),
-        );
-        put(&origin, "countries", "DE", json!({"name": "Germany"}));
+        put_p1(&origin, None);
         let client = cache_client(&sidecar).await;
         let reads = (0..100).map(|_| {
             let mut c = client.clone();

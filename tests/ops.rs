@@ -14,8 +14,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use common::{cache_client, channel, loopback0, origin_config, within, TestOrigin};
-use ops_support::{get, sample};
+use common::{
+    cache_client, channel, loopback0, open_watch, origin_config, until_synced, within, TestOrigin,
+};
+use ops_support::{get, health_watch, sample};
 use viewcar::config::Dur;
 use viewcar::internals::parse_prometheus_text;
 use viewcar::pb::cache::v1 as cache;
@@ -71,13 +73,7 @@ async fn readiness_flips_only_after_sync() {
             ServingStatus::NotServing
         );
         let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
-        let mut statuses = health
-            .watch(HealthCheckRequest {
-                service: "viewcar.cache.v1.Cache".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut statuses = health_watch(&mut health, "viewcar.cache.v1.Cache").await;
         let first = statuses.message().await.unwrap().unwrap();
         assert_eq!(first.status, ServingStatus::NotServing as i32);
 
@@ -338,23 +334,9 @@ async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
         sidecar.synced().await;
 
         let mut client = cache_client(&sidecar).await;
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "t".into(),
-                keys: vec!["a".into()],
-                prefix: String::new(),
-                send_initial: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut client, "t", &["a"], true).await;
         // Initial row, then synced: the stream is established end to end.
-        loop {
-            let ev = watch.message().await.unwrap().unwrap();
-            if let Some(cache::watch_event::Kind::Synced(_)) = ev.kind {
-                break;
-            }
-        }
+        until_synced(&mut watch).await;
         let (mut ws, _) =
             tokio_tungstenite::connect_async(format!("ws://{}/ws", sidecar.http_addr()))
                 .await
@@ -372,13 +354,7 @@ async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
             }
         }
         let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
-        let mut statuses = health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut statuses = health_watch(&mut health, "").await;
         assert_eq!(
             statuses.message().await.unwrap().unwrap().status,
             ServingStatus::Serving as i32

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
-use common::{addr, channel, log_line, origin_config, put, spawn, viewcar, within, TestOrigin};
-use ops_support::{get, TempDir};
+use common::{
+    addr, channel, log_line, open_watch, origin_config, put, spawn, until_synced, viewcar, within,
+    TestOrigin,
+};
+use ops_support::{get, health_watch, TempDir};
 use viewcar::pb::cache::v1 as cache;
 
 /// A config whose addresses are all wrong on purpose: the test points them elsewhere with
@@ -57,13 +59,7 @@ async fn sidecar_binary_exits_zero_on_sigterm_within_the_grace_period() {
         // Ready: the health stream turns SERVING once the origin named by the environment
         // variable has been synced; /readyz agrees.
         let mut health = HealthClient::new(channel(grpc).await);
-        let mut statuses = health
-            .watch(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut statuses = health_watch(&mut health, "").await;
         loop {
             let s = statuses.message().await.unwrap().expect("health stream");
             if s.status == ServingStatus::Serving as i32 {
@@ -74,22 +70,8 @@ async fn sidecar_binary_exits_zero_on_sigterm_within_the_grace_period() {
 
         // A Watch stays open across the signal: shutdown ends it instead of waiting for it.
         let mut client = cache::cache_client::CacheClient::new(channel(grpc).await);
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "prices".into(),
-                keys: vec!["p1".into()],
-                prefix: String::new(),
-                send_initial: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        loop {
-            let ev = watch.message().await.unwrap().expect("watch stream");
-            if let Some(cache::watch_event::Kind::Synced(_)) = ev.kind {
-                break;
-            }
-        }
+        let mut watch = open_watch(&mut client, "prices", &["p1"], true).await;
+        until_synced(&mut watch).await;
 
         let grace = Duration::from_secs(5);
         let start = Instant::now();

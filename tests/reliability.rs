@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use viewcar::config::{ByteSize, Dur, Mode, OriginSpec, TopicSpec};
 use viewcar::pb::feed::v1 as feed;
+use viewcar::store::Source;
 use viewcar::{FeedStats, OriginConfig, Sidecar};
 
 async fn get_value(sidecar: &Sidecar, src: &str, key: &str) -> Option<String> {
@@ -27,6 +28,35 @@ async fn get_value(sidecar: &Sidecar, src: &str, key: &str) -> Option<String> {
 
 // ----- bad peers -----
 
+/// A sidecar reading topic `t` of `fake` as `mode`, with messages limited to 4 KiB so that one
+/// large batch breaks the protocol; the topic's source and the feed's counters.
+async fn bad_peer_sidecar(fake: &FakeOrigin, mode: Mode) -> (Sidecar, Arc<Source>, Arc<FeedStats>) {
+    let mut cfg = sidecar_config(&fake.url(), &["t"]);
+    cfg.origins[0].topics[0].mode = mode;
+    cfg.limits.max_message_bytes = ByteSize(4096);
+    let sidecar = start_sidecar(cfg).await;
+    let t = source(&sidecar, "t");
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    (sidecar, t, feed)
+}
+
+/// A batch for a topic the sidecar never subscribed to.
+async fn send_batch_for_unsubscribed_topic(s: &FakeStream) {
+    s.batch("other", "e", 0, 1, &[("x", Some("1"))]).await
+}
+
+/// The batch `e@2 -> e@3` of `t`, larger than the sidecar's 4 KiB message limit.
+async fn send_oversized_batch(s: &FakeStream) {
+    let big = "x".repeat(10_000);
+    s.batch("t", "e", 2, 3, &[("a", Some(big.as_str()))]).await
+}
+
+/// The bad message `bad` was counted as one protocol error and the stream was dropped.
+fn assert_one_protocol_error(feed: &FeedStats, bad: impl std::fmt::Debug) {
+    assert_eq!(counter(&feed.protocol_errors), 1, "{bad:?} not counted");
+    assert!(counter(&feed.disconnects) >= 1);
+}
+
 /// What a broken origin sends once the sidecar has applied `e@1 {a: 1}` and `e@2 {b: 2}`.
 #[derive(Debug, Clone, Copy)]
 enum Bad {
@@ -42,11 +72,7 @@ enum Bad {
 async fn bad_peer(bad: Bad) {
     within(async {
         let mut fake = FakeOrigin::start().await;
-        let mut cfg = sidecar_config(&fake.url(), &["t"]);
-        cfg.limits.max_message_bytes = ByteSize(4096);
-        let sidecar = start_sidecar(cfg).await;
-        let t = source(&sidecar, "t");
-        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let (sidecar, t, feed) = bad_peer_sidecar(&fake, Mode::Full).await;
         let mut s = fake.accept().await;
         assert_eq!(s.next_subscribe().await.resume, None);
         s.snapshot("t", "e", 1, &[("a".into(), "1".into())], 10)
@@ -55,7 +81,7 @@ async fn bad_peer(bad: Bad) {
         wait_position(&t, "e", 2).await;
 
         match bad {
-            Bad::UnsubscribedTopic => s.batch("other", "e", 0, 1, &[("x", Some("1"))]).await,
+            Bad::UnsubscribedTopic => send_batch_for_unsubscribed_topic(&s).await,
             Bad::SnapshotBehindApplied => {
                 s.snapshot("t", "e", 1, &[("a".into(), "old".into())], 10)
                     .await
@@ -91,10 +117,7 @@ async fn bad_peer(bad: Bad) {
                 s.snapshot("t", "e", 4, &[("z".into(), "4".into())], 10)
                     .await
             }
-            Bad::Oversized => {
-                let big = "x".repeat(10_000);
-                s.batch("t", "e", 2, 3, &[("a", Some(big.as_str()))]).await
-            }
+            Bad::Oversized => send_oversized_batch(&s).await,
         }
 
         // The sidecar drops the stream and subscribes again on a new one, resuming where it was.
@@ -103,8 +126,7 @@ async fn bad_peer(bad: Bad) {
         assert_eq!(sub.topic, "t");
         let resume = sub.resume.expect("resubscribed with a resume point");
         assert_eq!((resume.epoch.as_str(), resume.version), ("e", 2));
-        assert_eq!(counter(&feed.protocol_errors), 1, "{bad:?} not counted");
-        assert!(counter(&feed.disconnects) >= 1);
+        assert_one_protocol_error(&feed, bad);
 
         // The last good data is still served, untouched by the bad message.
         assert_eq!(t.version(), 2);
@@ -170,12 +192,7 @@ async fn bad_keyed_peer(bad: BadKeyed) {
         let mut fake = FakeOrigin::start().await;
         fake.set_position("t", "e", 1);
         fake.set_row("t", "a", "1", 1);
-        let mut cfg = sidecar_config(&fake.url(), &["t"]);
-        cfg.origins[0].topics[0].mode = Mode::OnDemand;
-        cfg.limits.max_message_bytes = ByteSize(4096);
-        let sidecar = start_sidecar(cfg).await;
-        let t = source(&sidecar, "t");
-        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let (sidecar, t, feed) = bad_peer_sidecar(&fake, Mode::OnDemand).await;
         let mut s = fake.accept().await;
 
         // A miss: the key is fetched and subscribed; the keyed snapshot answers the Subscribe.
@@ -209,7 +226,7 @@ async fn bad_keyed_peer(bad: BadKeyed) {
             last,
         };
         match bad {
-            BadKeyed::UnsubscribedTopic => s.batch("other", "e", 0, 1, &[("x", Some("1"))]).await,
+            BadKeyed::UnsubscribedTopic => send_batch_for_unsubscribed_topic(&s).await,
             BadKeyed::SnapshotAfterLast => {
                 s.send(feed::sync_response::Kind::Snapshot(newer_a(false)))
                     .await
@@ -226,10 +243,7 @@ async fn bad_keyed_peer(bad: BadKeyed) {
                 s.snapshot("t", "e", 1, &[("b".into(), "b1".into())], 10)
                     .await
             }
-            BadKeyed::Oversized => {
-                let big = "x".repeat(10_000);
-                s.batch("t", "e", 2, 3, &[("a", Some(big.as_str()))]).await
-            }
+            BadKeyed::Oversized => send_oversized_batch(&s).await,
         }
 
         // The sidecar drops the stream and subscribes its resident keys again on a new one.
@@ -252,8 +266,7 @@ async fn bad_keyed_peer(bad: BadKeyed) {
         assert_eq!(sub.topic, "t");
         assert!(sub.keys.contains(&"a".to_string()), "{bad:?}: {sub:?}");
         assert_eq!(sub.resume, None);
-        assert_eq!(counter(&feed.protocol_errors), 1, "{bad:?} not counted");
-        assert!(counter(&feed.disconnects) >= 1);
+        assert_one_protocol_error(&feed, bad);
 
         // What is resident is still served, untouched by the bad message, without a Fetch.
         let fetched = fake.fetches();

@@ -51,22 +51,8 @@ async fn product_page_follows_a_published_price() {
         assert!(row["brand"]["name"].is_string() && row["country"]["name"].is_string());
         assert_eq!(first.staleness_ms, 0);
 
-        let mut watch = client
-            .watch(cache::WatchRequest {
-                source: "product_page".into(),
-                keys: vec![key.clone()],
-                prefix: String::new(),
-                send_initial: true,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        loop {
-            let ev = watch.message().await.unwrap().expect("watch open");
-            if matches!(ev.kind, Some(cache::watch_event::Kind::Synced(_))) {
-                break;
-            }
-        }
+        let mut watch = open_watch(&mut client, "product_page", &[&key], true).await;
+        until_synced(&mut watch).await;
 
         let price = json!({"id": key, "amount": 123_456, "currency": "EUR"}).to_string();
         origin

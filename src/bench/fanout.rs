@@ -15,7 +15,7 @@ use super::procs::{self, OriginHost, Proc, SidecarProc, SidecarSpec};
 use super::report::{latency_cells, us, Table};
 use super::tree::{self, Catalog};
 use super::{BenchError, Ctx};
-use crate::demo::{self, CatalogSize};
+use crate::demo;
 use crate::pb::cache::v1 as pb;
 use crate::views::ViewSpec;
 
@@ -58,19 +58,7 @@ pub struct PageSetup {
 
 impl PageSetup {
     pub async fn start(ctx: &Ctx, products: usize) -> Result<PageSetup, BenchError> {
-        let origin = OriginHost::start(&demo::TOPICS).await?;
-        let size = CatalogSize {
-            products,
-            ..CatalogSize::default()
-        };
-        for (topic, puts) in demo::catalog(size, 1) {
-            for chunk in puts.chunks(5000) {
-                origin
-                    .origin
-                    .publish(topic, chunk.to_vec())
-                    .map_err(|e| BenchError::setup(format!("loading {topic}: {e}")))?;
-            }
-        }
+        let origin = OriginHost::with_catalog(products).await?;
         let sidecar = SidecarProc::start(
             &ctx.exe,
             SidecarSpec {
@@ -114,19 +102,7 @@ impl PageSetup {
             let catalog = catalog.clone();
             async move {
                 if view {
-                    let r = c
-                        .get(pb::GetRequest {
-                            source: "product_page".into(),
-                            key: id,
-                            options: None,
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if r.get_ref().item.as_ref().is_some_and(|it| it.found) {
-                        Ok(())
-                    } else {
-                        Err("product_page row not found".into())
-                    }
+                    procs::get_found(&mut c, "product_page", id).await
                 } else {
                     let keys = demo::TOPICS
                         .iter()
@@ -214,16 +190,7 @@ fn tree_op(tree: &TreeProc, ids: Arc<Vec<String>>) -> load::Op {
     let roots = Arc::new(tree.roots.clone());
     load::op(move |_, i| {
         let id = ids[(i as usize * 7919) % ids.len()].clone();
-        let calls = roots.iter().map(|c| {
-            let mut c = c.clone();
-            let req = pb::GetRequest {
-                source: String::new(),
-                key: id.clone(),
-                options: None,
-            };
-            async move { c.get(req).await }
-        });
-        let all = futures_util::future::join_all(calls);
+        let all = tree::get_all(&roots, &id);
         async move {
             for r in all.await {
                 r.map_err(|e| e.to_string())?;

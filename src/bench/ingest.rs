@@ -20,7 +20,7 @@ use super::procs::{OriginHost, SidecarProc, SidecarSpec};
 use super::report::{rate, Table};
 use super::resp::{Redis, RedisServer, Reply};
 use super::{BenchError, Ctx};
-use crate::demo::{self, CatalogSize};
+use crate::demo;
 use crate::origin::Put;
 use crate::pb::cache::v1 as pb;
 
@@ -79,19 +79,7 @@ async fn burst(
     changes: usize,
     products: usize,
 ) -> Result<(f64, f64, u64), BenchError> {
-    let origin = OriginHost::start(&demo::TOPICS).await?;
-    let size = CatalogSize {
-        products,
-        ..CatalogSize::default()
-    };
-    for (topic, puts) in demo::catalog(size, 1) {
-        for chunk in puts.chunks(5000) {
-            origin
-                .origin
-                .publish(topic, chunk.to_vec())
-                .map_err(|e| BenchError::setup(e.to_string()))?;
-        }
-    }
+    let origin = OriginHost::with_catalog(products).await?;
     let sidecar = SidecarProc::start(
         &ctx.exe,
         SidecarSpec {

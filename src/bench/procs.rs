@@ -17,6 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::BenchError;
 use crate::config::{OriginConfig, SidecarConfig};
+use crate::demo::{self, CatalogSize};
 use crate::origin::Origin;
 use crate::pb::cache::v1 as pb;
 use crate::views::ViewSpec;
@@ -171,6 +172,24 @@ impl OriginHost {
                 .await;
         });
         Ok(OriginHost { origin, addr, stop })
+    }
+
+    /// An origin with the demo topics, loaded with the demo catalog of `products` products
+    /// (seed 1), published in batches of 5000 puts.
+    pub async fn with_catalog(products: usize) -> Result<OriginHost, BenchError> {
+        let host = OriginHost::start(&demo::TOPICS).await?;
+        let size = CatalogSize {
+            products,
+            ..CatalogSize::default()
+        };
+        for (topic, puts) in demo::catalog(size, 1) {
+            for chunk in puts.chunks(5000) {
+                host.origin
+                    .publish(topic, chunk.to_vec())
+                    .map_err(|e| BenchError::setup(format!("loading {topic}: {e}")))?;
+            }
+        }
+        Ok(host)
     }
 }
 
@@ -357,6 +376,28 @@ impl SidecarProc {
 
     pub fn has_view(&self, name: &str) -> bool {
         self.views.iter().any(|v| v == name)
+    }
+}
+
+/// One `Get` of `source[key]` from the sidecar, as a load op: an error if it fails or the row
+/// is not found.
+pub async fn get_found(
+    client: &mut pb::cache_client::CacheClient<Channel>,
+    source: &str,
+    key: String,
+) -> Result<(), String> {
+    let r = client
+        .get(pb::GetRequest {
+            source: source.to_string(),
+            key,
+            options: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.get_ref().item.as_ref().is_some_and(|it| it.found) {
+        Ok(())
+    } else {
+        Err(format!("{source} row not found"))
     }
 }
 

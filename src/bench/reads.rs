@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 
 use super::fanout::PageSetup;
 use super::load::{self, Samples};
+use super::procs;
 use super::report::{latency_cells, Table};
 use super::resp::{Redis, RedisServer, Reply};
 use super::{BenchError, Ctx};
@@ -25,7 +26,6 @@ use crate::config::Mode;
 use crate::demo::{self, CatalogSize};
 use crate::hub::Hub;
 use crate::internals::{Clock, Op, SnapEntry, Writer, WriterStats};
-use crate::pb::cache::v1 as pb;
 use crate::store::{Source, SourceKind};
 
 /// The catalog loaded into in-process sources, one per topic, through the sidecar's writer.
@@ -139,21 +139,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         load::op(move |w, i| {
             let mut c = clients[w % clients.len()].clone();
             let key = ids[(i as usize * 7919) % ids.len()].clone();
-            async move {
-                let r = c
-                    .get(pb::GetRequest {
-                        source: "products".into(),
-                        key,
-                        options: None,
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.get_ref().item.as_ref().is_some_and(|it| it.found) {
-                    Ok(())
-                } else {
-                    Err("not found".into())
-                }
-            }
+            async move { procs::get_found(&mut c, "products", key).await }
         })
     };
     let s = load::closed_loop(conc, warmup, run_for, get_op).await;

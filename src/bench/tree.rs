@@ -14,11 +14,13 @@
 //! stdin closes, so it never outlives the harness.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::future::JoinAll;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -143,16 +145,7 @@ impl Cache for Node {
         if !self.hop.service.is_zero() {
             tokio::time::sleep(self.hop.service).await;
         }
-        let calls = self.children.iter().map(|c| {
-            let mut c = c.clone();
-            let req = pb::GetRequest {
-                source: String::new(),
-                key: id.clone(),
-                options: None,
-            };
-            async move { c.get(req).await }
-        });
-        let deps = futures_util::future::join_all(calls).await;
+        let deps = get_all(&self.children, &id).await;
         let own = self.catalog.part(self.topic, &id);
         // {"<topic>": <row or null>, "deps": [<dependency parts>]}
         let mut body = BytesMut::with_capacity(256);
@@ -226,6 +219,23 @@ async fn bind_node(node: Node) -> Result<SocketAddr, BenchError> {
             .await;
     });
     Ok(addr)
+}
+
+/// `Get(id)` to every service of `services` at once: what the page does with level 1, and
+/// every service of the tree with the level below it.
+pub fn get_all(
+    services: &[pb::cache_client::CacheClient<Channel>],
+    id: &str,
+) -> JoinAll<impl Future<Output = Result<Response<pb::GetResponse>, Status>>> {
+    futures_util::future::join_all(services.iter().map(|c| {
+        let mut c = c.clone();
+        let req = pb::GetRequest {
+            source: String::new(),
+            key: id.to_string(),
+            options: None,
+        };
+        async move { c.get(req).await }
+    }))
 }
 
 fn client(addr: SocketAddr) -> Result<pb::cache_client::CacheClient<Channel>, BenchError> {

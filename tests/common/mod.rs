@@ -130,7 +130,13 @@ pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
     cfg.feed.backoff_initial = Dur(Duration::from_millis(10));
     cfg.feed.backoff_max = Dur(Duration::from_millis(100));
     cfg.feed.connect_timeout = Dur(Duration::from_secs(2));
-    cfg.origins = vec![OriginSpec {
+    cfg.origins = vec![full_origin(address, topics)];
+    cfg
+}
+
+/// An origin named `o` at `address` (no TLS), with `topics` as full replicas.
+pub fn full_origin(address: &str, topics: &[&str]) -> OriginSpec {
+    OriginSpec {
         name: "o".to_string(),
         address: address.to_string(),
         topics: topics
@@ -143,8 +149,7 @@ pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
             })
             .collect(),
         tls: None,
-    }];
-    cfg
+    }
 }
 
 pub async fn start_sidecar(cfg: SidecarConfig) -> Sidecar {
@@ -233,13 +238,52 @@ pub fn text(b: &[u8]) -> String {
 }
 
 pub fn get_request(source: &str, key: &str) -> cache::GetRequest {
+    get_waiting(source, key, 5_000)
+}
+
+/// A Get of `source[key]` that waits up to `wait_ms` for the source to be synced.
+pub fn get_waiting(source: &str, key: &str, wait_ms: u32) -> cache::GetRequest {
     cache::GetRequest {
         source: source.to_string(),
         key: key.to_string(),
         options: Some(cache::ReadOptions {
-            wait_ms: 5_000,
+            wait_ms,
             ..Default::default()
         }),
+    }
+}
+
+/// Opens a Watch of `keys` of `source` (a key list, no prefix).
+pub async fn open_watch(
+    client: &mut cache::cache_client::CacheClient<Channel>,
+    source: &str,
+    keys: &[&str],
+    send_initial: bool,
+) -> tonic::Streaming<cache::WatchEvent> {
+    client
+        .watch(cache::WatchRequest {
+            source: source.to_string(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            prefix: String::new(),
+            send_initial,
+        })
+        .await
+        .expect("Watch opens")
+        .into_inner()
+}
+
+/// Reads `watch` up to its Synced event: the initial rows are in and the stream is established
+/// end to end.
+pub async fn until_synced(watch: &mut tonic::Streaming<cache::WatchEvent>) {
+    loop {
+        let ev = watch
+            .message()
+            .await
+            .expect("watch stream")
+            .expect("watch open");
+        if matches!(ev.kind, Some(cache::watch_event::Kind::Synced(_))) {
+            return;
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Helpers of the operations tests: a minimal HTTP/1.1 GET over loopback (the admin endpoints
-//! need nothing more) and a WebSocket client.
+//! need nothing more), a WebSocket client and the gRPC health Watch.
 
 #![allow(dead_code)]
 
@@ -7,6 +7,23 @@ use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+/// Opens the gRPC health Watch of `service` ("" for the whole server).
+pub async fn health_watch(
+    health: &mut HealthClient<Channel>,
+    service: &str,
+) -> tonic::Streaming<HealthCheckResponse> {
+    health
+        .watch(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
 
 /// An HTTP response: status, headers (lower-cased names), body.
 #[derive(Debug)]

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use viewcar::config::{Dur, Mode, OriginSpec, TopicSpec, WsConfig};
+use viewcar::config::{Dur, WsConfig};
 use viewcar::{Origin, OriginConfig, Put, Sidecar, SidecarConfig};
 
 /// The deadline of every wait: far above what any step takes on a loaded machine.
@@ -62,21 +65,8 @@ impl Setup {
                 .await;
         });
         let mut cfg = SidecarConfig::default();
-        cfg.listen.grpc = "127.0.0.1:0".parse().expect("literal");
-        cfg.origins = vec![OriginSpec {
-            name: "o".into(),
-            address: format!("http://{addr}"),
-            topics: topics
-                .iter()
-                .map(|t| TopicSpec {
-                    name: t.to_string(),
-                    mode: Mode::Full,
-                    max_bytes: None,
-                    idle: None,
-                })
-                .collect(),
-            tls: None,
-        }];
+        cfg.listen.grpc = common::loopback0();
+        cfg.origins = vec![common::full_origin(&format!("http://{addr}"), topics)];
         tweak(&mut cfg);
         cfg.validate("test").expect("valid test config");
         let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
@@ -130,17 +120,7 @@ pub async fn connect_small_buffer(addr: SocketAddr) -> (Ws, SocketAddr) {
     let tcp = within("tcp connect", socket.connect(addr))
         .await
         .expect("tcp connect");
-    let local = tcp.local_addr().expect("local address");
-    let request = format!("ws://{addr}/ws")
-        .into_client_request()
-        .expect("request");
-    let (ws, _) = within(
-        "handshake",
-        tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)),
-    )
-    .await
-    .expect("WebSocket handshake");
-    (ws, local)
+    handshake(addr, tcp).await
 }
 
 pub async fn send(ws: &mut Ws, v: Value) {
@@ -263,6 +243,12 @@ pub async fn connect_at(addr: SocketAddr) -> (Ws, SocketAddr) {
     let tcp = within("tcp connect", TcpStream::connect(addr))
         .await
         .expect("tcp connect");
+    handshake(addr, tcp).await
+}
+
+/// The WebSocket handshake of `/ws` at `addr` over the connected `tcp`; returns the socket and
+/// the client's local address.
+async fn handshake(addr: SocketAddr, tcp: TcpStream) -> (Ws, SocketAddr) {
     let local = tcp.local_addr().expect("local address");
     let request = format!("ws://{addr}/ws")
         .into_client_request()
