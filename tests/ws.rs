@@ -469,6 +469,8 @@ async fn on_demand_sources_are_read_through_by_get_and_refuse_subscribe() {
     })
     .await;
     s.put("users", &[("u1", json!({"name": "a"}))]);
+    // Readiness counts full sources only; a get before the feed connects answers unavailable.
+    s.synced("users").await;
     let mut ws = s.connect().await;
     // A key that is not resident is fetched, not answered from the (empty) full keyspace.
     send(

@@ -235,6 +235,13 @@ impl Setup {
         })
         .await;
     }
+
+    /// Waits until `source` has synced: an on_demand topic once its feed is connected (the
+    /// sidecar's readiness waits for full sources only).
+    pub async fn synced(&self, source: &str) {
+        let source = self.sidecar.store().source(source).expect("source").clone();
+        common::wait_source(&source, "synced", |s| s.is_synced()).await;
+    }
 }
 
 /// A WebSocket to `addr`; returns the client's local address too (the hub labels the
