@@ -21,7 +21,8 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::{json, Value};
 use viewcar::demo::{self, CatalogSize};
-use viewcar::views::{Standalone, ViewSpec};
+use viewcar::views::ViewSpec;
+use viewcar::Standalone;
 
 /// The demo topics plus one that no view reads.
 const TOPICS: [&str; 7] = [

@@ -6,14 +6,16 @@
 //! so tests and benchmarks can rely on its shape.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use crate::config::{OriginConfig, OriginSpec, SidecarConfig, TopicSpec};
 use crate::origin::{Origin, Put};
@@ -314,7 +316,7 @@ pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
             .iter()
             .map(|t| TopicSpec {
                 name: t.to_string(),
-                mode: crate::config::Mode::Full,
+                mode: crate::types::Mode::Full,
                 max_bytes: None,
                 idle: None,
             })
@@ -342,5 +344,142 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(p.value.as_ref().unwrap()).unwrap();
             assert!(brands.contains(v["brand_id"].as_str().unwrap()));
         }
+    }
+}
+
+/// Binds `addr`, or any free port of its host when `addr` is taken.
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
+            info!(%addr, "address in use; taking any free port");
+            TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Where and how fast `viewcar demo` runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Where the embedded origin serves Feed (port 0 = any free port).
+    pub origin_listen: SocketAddr,
+    /// Where the sidecar serves the Cache API (port 0 = any free port).
+    pub grpc_listen: SocketAddr,
+    /// Where the sidecar serves WebSocket `/ws` (port 0 = any free port).
+    pub http_listen: SocketAddr,
+    /// Catalog changes published per second.
+    pub rate: u32,
+    /// Products in the catalog.
+    pub products: usize,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            origin_listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 7071)),
+            rate: 50,
+            products: 3000,
+        }
+    }
+}
+
+/// `viewcar demo`: an embedded origin with the demo catalog and a change generator, and a
+/// sidecar subscribed to it; prints the addresses and ways to read, runs until SIGTERM or
+/// SIGINT.
+pub async fn run(args: DemoOptions) -> ExitCode {
+    let origin_listener = match bind(args.origin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            return crate::cli::usage(format!("cannot listen on {}: {e}", args.origin_listen))
+        }
+    };
+    let origin_addr = match origin_listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return crate::cli::usage(e),
+    };
+    let origin = Origin::new(origin_config(origin_addr));
+    let size = CatalogSize {
+        products: args.products.max(1),
+        ..CatalogSize::default()
+    };
+    load(&origin, size, 1);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = {
+        let origin = origin.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _ = origin
+                .serve(origin_listener, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+        })
+    };
+    let grpc = match bind(args.grpc_listen).await.and_then(|l| l.local_addr()) {
+        Ok(a) => a,
+        Err(e) => return crate::cli::usage(format!("cannot listen on {}: {e}", args.grpc_listen)),
+    };
+    let http = match bind(args.http_listen).await.and_then(|l| l.local_addr()) {
+        Ok(a) => a,
+        Err(e) => return crate::cli::usage(format!("cannot listen on {}: {e}", args.http_listen)),
+    };
+    let mut cfg = sidecar_config(origin_addr, grpc);
+    cfg.listen.http = Some(http);
+    let sidecar = match crate::Sidecar::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "sidecar failed to start");
+            return ExitCode::FAILURE;
+        }
+    };
+    sidecar.synced().await;
+    let generator = tokio::spawn(generate(origin.clone(), size, args.rate, 2, stop_rx));
+    let g = sidecar.grpc_addr();
+    println!(
+        "viewcar demo is running ({} catalog changes/s). Ctrl-C stops it.",
+        args.rate
+    );
+    println!();
+    println!("  origin  (Feed API)   http://{origin_addr}");
+    println!("  sidecar (Cache API)  {g}");
+    println!("  sidecar (WebSocket)  ws://{}/ws", sidecar.http_addr());
+    println!("  status page          http://{}/", sidecar.http_addr());
+    println!();
+    println!("Sources:");
+    for s in sidecar.store().sources() {
+        println!(
+            "  {:<22} {:>6} keys  version {}",
+            s.name(),
+            s.len(),
+            s.version()
+        );
+    }
+    println!();
+    println!("Read a key (in another terminal):");
+    println!("  viewcar get product_page p00042 --addr {g}   # the whole product page, one read");
+    println!("  viewcar get products p00042 --addr {g}");
+    println!("  viewcar watch prices p00042 p00043 --addr {g}");
+    println!("  viewcar sources --addr {g}");
+    println!("  grpcurl -plaintext -import-path proto -proto viewcar/cache/v1/cache.proto \\");
+    println!(
+        "    -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
+    );
+    println!("Subscribe over WebSocket:");
+    println!(
+        "  cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043",
+        sidecar.http_addr()
+    );
+    crate::shutdown_signal().await;
+    stop_tx.send_replace(true);
+    let _ = generator.await;
+    let drained = sidecar.shutdown().await;
+    let _ = serving.await;
+    if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

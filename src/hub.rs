@@ -777,8 +777,8 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Mode;
     use crate::store::{Clock, Row, SourceKind};
+    use crate::types::Mode;
 
     fn source() -> Arc<Source> {
         let s = Source::new(

@@ -16,27 +16,60 @@
 //! - [`Sidecar`]: the sidecar, started from a [`SidecarConfig`].
 //! - [`pb`]: the generated protobuf types and gRPC clients/servers.
 
-pub mod bench;
+// Bottom: plain data shared by every layer.
 pub mod config;
-pub mod demo;
-mod feed;
-pub mod hub;
-mod metrics;
-pub mod origin;
+mod introspect;
 pub mod pb;
-mod readiness;
-mod serve;
-mod sidecar;
-pub mod store;
 pub mod tls;
+pub mod types;
+// Data: sources, subscriptions, views.
+pub mod hub;
+mod readiness;
+pub mod store;
 pub mod views;
+// Moving data: the single writer, the feed client, the origin.
+mod feed;
+pub mod origin;
+pub mod writer;
+// Serving.
+mod serve;
+// Top: wiring.
+#[cfg(feature = "bench")]
+pub mod bench;
+pub mod cli;
+pub mod demo;
+mod sidecar;
 
 pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
 pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;
 pub use serve::ws;
-pub use sidecar::{Sidecar, StartError};
+pub use sidecar::{check_config, Sidecar, StartError};
+pub use writer::Standalone;
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C): what stops `viewcar sidecar`, `origin` and
+/// `demo`.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
 
 /// Resolves once a shutdown flag flips to true (or its sender is gone).
 pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
@@ -46,10 +79,11 @@ pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// Internals exposed for benchmarks and tools; not a stable API.
 #[doc(hidden)]
 pub mod internals {
+    #[cfg(feature = "fuzzing")]
     pub use crate::feed::{decode_streams as decode_feed_streams, replay as replay_feed, Replayed};
-    pub use crate::metrics::parse_text as parse_prometheus_text;
-    pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
+    pub use crate::serve::metrics::parse_text as parse_prometheus_text;
     pub use crate::store::Clock;
     pub use crate::views::expr::{fuzz_filter, fuzz_key};
+    pub use crate::writer::{BatchChange, SnapEntry, Step, Writer, WriterStats};
     pub use crate::ws::fuzz_parse as fuzz_ws_request;
 }

@@ -5,14 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::net::TcpListener;
-use tracing::{error, info};
-use viewcar::config::Dur;
-use viewcar::pb::cache::v1 as cache;
-use viewcar::{demo, ConfigError, Origin, OriginConfig, Sidecar, SidecarConfig};
-
-/// Exit status for bad command lines and configs (EX_USAGE).
-const EX_USAGE: u8 = 64;
+use viewcar::cli::{self, usage};
+use viewcar::config::{Dur, OriginOverrides, SidecarOverrides};
+use viewcar::demo::DemoOptions;
+use viewcar::{ConfigError, OriginConfig, SidecarConfig};
 
 #[derive(Parser)]
 #[command(
@@ -34,7 +30,7 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -76,6 +72,7 @@ enum Command {
         addr: String,
     },
     /// Benchmarks: the fan-out tree vs the sidecar, reads beside Redis, freshness, ingest.
+    #[cfg(feature = "bench")]
     Bench(viewcar::bench::BenchArgs),
     /// List a sidecar's sources with their state.
     Sources {
@@ -84,7 +81,7 @@ enum Command {
     },
 }
 
-#[derive(clap::Args, Clone)]
+#[derive(clap::Parser, Clone)]
 struct DemoArgs {
     /// Where the embedded origin serves Feed (port 0 = any free port).
     #[arg(long, default_value = "127.0.0.1:7000")]
@@ -103,14 +100,14 @@ struct DemoArgs {
     products: usize,
 }
 
-impl Default for DemoArgs {
-    fn default() -> Self {
-        DemoArgs {
-            origin_listen: "127.0.0.1:7000".parse().expect("literal address"),
-            grpc_listen: "127.0.0.1:7070".parse().expect("literal address"),
-            http_listen: "127.0.0.1:7071".parse().expect("literal address"),
-            rate: 50,
-            products: 3000,
+impl From<DemoArgs> for DemoOptions {
+    fn from(a: DemoArgs) -> Self {
+        DemoOptions {
+            origin_listen: a.origin_listen,
+            grpc_listen: a.grpc_listen,
+            http_listen: a.http_listen,
+            rate: a.rate,
+            products: a.products,
         }
     }
 }
@@ -208,57 +205,61 @@ fn parse_dur(s: &str) -> Result<Dur, String> {
 }
 
 impl SidecarArgs {
-    /// The config file with every override applied, validated again.
+    /// The config file with every override applied, checked again (view graph included).
     fn load(&self) -> Result<SidecarConfig, ConfigError> {
         let mut cfg = SidecarConfig::load(&self.config)?;
-        cfg.apply_origin_env(std::env::vars())?;
-        for (name, address) in &self.origins {
-            cfg.set_origin_address(name, address, "--origin")?;
-        }
-        if let Some(a) = self.grpc_listen {
-            cfg.listen.grpc = a;
-        }
-        if let Some(a) = self.http_listen {
-            cfg.listen.http = Some(a);
-        }
-        if self.allow_non_loopback {
-            cfg.listen.allow_non_loopback = true;
-        }
-        if let Some(g) = self.shutdown_grace {
-            cfg.shutdown.grace = g;
-        }
-        if let Some(t) = &self.ws_token {
-            cfg.ws.token = Some(t.clone());
-        }
+        let overrides = SidecarOverrides {
+            grpc_listen: self.grpc_listen,
+            http_listen: self.http_listen,
+            allow_non_loopback: self.allow_non_loopback,
+            origins: self.origins.clone(),
+            shutdown_grace: self.shutdown_grace,
+            ws_token: self.ws_token.clone(),
+        };
+        cfg.apply_overrides(&overrides, std::env::vars())?;
         let from = format!(
             "{} (with command-line and environment overrides)",
             self.config.display()
         );
-        cfg.validate(&from)?;
+        viewcar::check_config(&from, &cfg)?;
         Ok(cfg)
     }
 }
 
-fn init_tracing(format: LogFormat, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+impl OriginArgs {
+    /// The config file (or the defaults) with every override applied, validated.
+    fn load(self) -> Result<OriginConfig, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => OriginConfig::load(path)?,
+            None => OriginConfig::default(),
+        };
+        let file = self
+            .config
+            .as_ref()
+            .map_or_else(|| "command line".to_string(), |p| p.display().to_string());
+        cfg.apply_overrides(OriginOverrides {
+            listen: self.listen,
+            allow_non_loopback: self.allow_non_loopback,
+            seed: self.seed,
+            publish_token: self.publish_token,
+            data_dir: self.data_dir,
+        });
+        cfg.validate(&file)?;
+        Ok(cfg)
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The bench prints its own progress; the embedded origin's info logs would bury it.
+    #[cfg(feature = "bench")]
     let default_filter = match cli.command {
         Some(Command::Bench(_)) => "warn",
         _ => "info",
     };
-    init_tracing(cli.log_format, default_filter);
+    #[cfg(not(feature = "bench"))]
+    let default_filter = "info";
+    cli::init_tracing(cli.log_format == LogFormat::Json, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -269,365 +270,40 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let command = cli.command.unwrap_or(Command::Demo(DemoArgs::default()));
+    let command = cli
+        .command
+        .unwrap_or(Command::Demo(DemoArgs::parse_from(["demo"])));
     runtime.block_on(run(command))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 async fn run(command: Command) -> ExitCode {
     match command {
-        Command::Demo(args) => run_demo(args).await,
-        Command::Origin(args) => run_origin(args).await,
-        Command::Sidecar(args) => {
-            let cfg = match args.load() {
-                Ok(c) => c,
-                Err(e) => return usage(e),
-            };
-            match Sidecar::start(cfg).await {
-                // 0 only when everything drained within the grace period, so that an
-                // orchestrator (or a script) can tell a clean stop from a cut-short one.
-                Ok(sidecar) => {
-                    if sidecar.run_until(shutdown_signal()).await {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    error!(error = %e, "sidecar failed to start");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Demo(args) => viewcar::demo::run(args.into()).await,
+        Command::Origin(args) => match args.load() {
+            Ok(cfg) => cli::run_origin(cfg).await,
+            Err(e) => usage(e),
+        },
+        Command::Sidecar(args) => match args.load() {
+            Ok(cfg) => cli::run_sidecar(cfg).await,
+            Err(e) => usage(e),
+        },
         Command::Check(args) => match args.load() {
             Ok(cfg) => {
                 print!("{}", viewcar::config::describe(&cfg));
+                print!("{}", viewcar::views::describe(&cfg.views));
                 ExitCode::SUCCESS
             }
             Err(e) => usage(e),
         },
-        Command::Get { source, key, addr } => client_get(&addr, source, key).await,
+        Command::Get { source, key, addr } => cli::get(&addr, source, key).await,
         Command::Watch {
             source,
             keys,
             prefix,
             addr,
-        } => client_watch(&addr, source, keys, prefix).await,
-        Command::Sources { addr } => client_sources(&addr).await,
+        } => cli::watch(&addr, source, keys, prefix).await,
+        Command::Sources { addr } => cli::sources(&addr).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => viewcar::bench::run(args).await,
-    }
-}
-
-fn usage(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("viewcar: {e}");
-    ExitCode::from(EX_USAGE)
-}
-
-async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
-        Ok(l) => Ok(l),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
-            info!(%addr, "address in use; taking any free port");
-            TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await
-        }
-        Err(e) => Err(e),
-    }
-}
-
-async fn run_demo(args: DemoArgs) -> ExitCode {
-    let origin_listener = match bind(args.origin_listen).await {
-        Ok(l) => l,
-        Err(e) => return usage(format!("cannot listen on {}: {e}", args.origin_listen)),
-    };
-    let origin_addr = match origin_listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => return usage(e),
-    };
-    let origin = Origin::new(demo::origin_config(origin_addr));
-    let size = demo::CatalogSize {
-        products: args.products.max(1),
-        ..demo::CatalogSize::default()
-    };
-    demo::load(&origin, size, 1);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serving = {
-        let origin = origin.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let _ = origin
-                .serve(origin_listener, async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-        })
-    };
-    let grpc = match bind(args.grpc_listen).await.and_then(|l| l.local_addr()) {
-        Ok(a) => a,
-        Err(e) => return usage(format!("cannot listen on {}: {e}", args.grpc_listen)),
-    };
-    let http = match bind(args.http_listen).await.and_then(|l| l.local_addr()) {
-        Ok(a) => a,
-        Err(e) => return usage(format!("cannot listen on {}: {e}", args.http_listen)),
-    };
-    let mut cfg = demo::sidecar_config(origin_addr, grpc);
-    cfg.listen.http = Some(http);
-    let sidecar = match Sidecar::start(cfg).await {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "sidecar failed to start");
-            return ExitCode::FAILURE;
-        }
-    };
-    sidecar.synced().await;
-    let generator = tokio::spawn(demo::generate(origin.clone(), size, args.rate, 2, stop_rx));
-    let g = sidecar.grpc_addr();
-    println!(
-        "viewcar demo is running ({} catalog changes/s). Ctrl-C stops it.",
-        args.rate
-    );
-    println!();
-    println!("  origin  (Feed API)   http://{origin_addr}");
-    println!("  sidecar (Cache API)  {g}");
-    println!("  sidecar (WebSocket)  ws://{}/ws", sidecar.http_addr());
-    println!("  status page          http://{}/", sidecar.http_addr());
-    println!();
-    println!("Sources:");
-    for s in sidecar.store().sources() {
-        println!(
-            "  {:<22} {:>6} keys  version {}",
-            s.name(),
-            s.len(),
-            s.version()
-        );
-    }
-    println!();
-    println!("Read a key (in another terminal):");
-    println!("  viewcar get product_page p00042 --addr {g}   # the whole product page, one read");
-    println!("  viewcar get products p00042 --addr {g}");
-    println!("  viewcar watch prices p00042 p00043 --addr {g}");
-    println!("  viewcar sources --addr {g}");
-    println!("  grpcurl -plaintext -import-path proto -proto viewcar/cache/v1/cache.proto \\");
-    println!(
-        "    -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
-    );
-    println!("Subscribe over WebSocket:");
-    println!(
-        "  cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043",
-        sidecar.http_addr()
-    );
-    shutdown_signal().await;
-    stop_tx.send_replace(true);
-    let _ = generator.await;
-    let drained = sidecar.shutdown().await;
-    let _ = serving.await;
-    if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
-}
-
-async fn run_origin(args: OriginArgs) -> ExitCode {
-    let mut cfg = match &args.config {
-        Some(path) => match OriginConfig::load(path) {
-            Ok(c) => c,
-            Err(e) => return usage(e),
-        },
-        None => OriginConfig::default(),
-    };
-    if let Some(l) = args.listen {
-        cfg.listen = l;
-    }
-    if args.allow_non_loopback {
-        cfg.allow_non_loopback = true;
-    }
-    if let Some(s) = args.seed {
-        cfg.seed = Some(s);
-    }
-    if let Some(t) = args.publish_token {
-        cfg.publish_token = Some(t);
-    }
-    if let Some(d) = args.data_dir {
-        cfg.data_dir = Some(d);
-    }
-    let file = args
-        .config
-        .as_ref()
-        .map_or_else(|| "command line".to_string(), |p| p.display().to_string());
-    if let Err(e) = cfg.validate(&file) {
-        return usage(e);
-    }
-    let listen = cfg.listen;
-    let origin = match Origin::with_seed(cfg) {
-        Ok(o) => o,
-        Err(e @ viewcar::OpenError::Seed(_)) => return usage(e),
-        Err(e) => {
-            error!(error = %e, "cannot open the origin's data directory");
-            return ExitCode::FAILURE;
-        }
-    };
-    let listener = match TcpListener::bind(listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!(%listen, error = %e, "cannot listen");
-            return ExitCode::FAILURE;
-        }
-    };
-    let addr = listener.local_addr().unwrap_or(listen);
-    info!(%addr, epoch = origin.epoch(), "origin serving Feed");
-    let served = origin.serve(listener, shutdown_signal()).await;
-    origin.close();
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!(error = %e, "origin server failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn cache_client(
-    addr: &str,
-) -> Result<cache::cache_client::CacheClient<tonic::transport::Channel>, ExitCode> {
-    let url = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    match cache::cache_client::CacheClient::connect(url).await {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            eprintln!("viewcar: cannot connect to {addr}: {e}");
-            Err(ExitCode::FAILURE)
-        }
-    }
-}
-
-fn show_value(v: &[u8]) -> String {
-    match std::str::from_utf8(v) {
-        Ok(s) => s.to_string(),
-        Err(_) => format!("<{} bytes, not UTF-8>", v.len()),
-    }
-}
-
-async fn client_get(addr: &str, source: String, key: String) -> ExitCode {
-    let mut client = match cache_client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let req = cache::GetRequest {
-        source,
-        key,
-        options: Some(cache::ReadOptions {
-            wait_ms: 1000,
-            ..Default::default()
-        }),
-    };
-    match client.get(req).await {
-        Ok(resp) => {
-            let resp = resp.into_inner();
-            let item = resp.item.unwrap_or_default();
-            if item.found {
-                println!("{}", show_value(&item.value));
-                eprintln!(
-                    "(key version {}, source version {}, staleness {} ms)",
-                    item.version, resp.source_version, resp.staleness_ms
-                );
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("not found (source version {})", resp.source_version);
-                ExitCode::from(1)
-            }
-        }
-        Err(s) => {
-            eprintln!("viewcar: {}: {}", s.code(), s.message());
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn client_watch(addr: &str, source: String, keys: Vec<String>, prefix: String) -> ExitCode {
-    let mut client = match cache_client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let req = cache::WatchRequest {
-        source,
-        keys,
-        prefix,
-        send_initial: true,
-    };
-    let mut stream = match client.watch(req).await {
-        Ok(s) => s.into_inner(),
-        Err(s) => {
-            eprintln!("viewcar: {}: {}", s.code(), s.message());
-            return ExitCode::FAILURE;
-        }
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(ev)) => match ev.kind {
-                Some(cache::watch_event::Kind::Upsert(i)) => {
-                    println!("upsert {} v{} {}", i.key, i.version, show_value(&i.value))
-                }
-                Some(cache::watch_event::Kind::Delete(i)) => {
-                    println!("delete {} v{}", i.key, i.version)
-                }
-                Some(cache::watch_event::Kind::Synced(v)) => println!("synced at version {v}"),
-                Some(cache::watch_event::Kind::Reset(r)) => println!("reset: {r}"),
-                None => {}
-            },
-            Ok(None) => return ExitCode::SUCCESS,
-            Err(s) => {
-                eprintln!("viewcar: {}: {}", s.code(), s.message());
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-}
-
-async fn client_sources(addr: &str) -> ExitCode {
-    let mut client = match cache_client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match client.list_sources(cache::ListSourcesRequest {}).await {
-        Ok(resp) => {
-            println!(
-                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
-                "source", "kind", "mode", "origin", "keys", "version", "synced", "stale_ms"
-            );
-            for s in resp.into_inner().sources {
-                println!(
-                    "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
-                    s.name, s.kind, s.mode, s.origin, s.keys, s.version, s.synced, s.staleness_ms
-                );
-            }
-            ExitCode::SUCCESS
-        }
-        Err(s) => {
-            eprintln!("viewcar: {}: {}", s.code(), s.message());
-            ExitCode::FAILURE
-        }
     }
 }

@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::config::Mode;
 use crate::store::Store;
+use crate::types::Mode;
 
 #[derive(Debug)]
 pub struct Readiness {

@@ -18,19 +18,20 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{Mode, SidecarConfig};
+use crate::config::{ConfigError, OriginSpec, SidecarConfig};
 use crate::feed::{FeedClient, FeedStats};
 use crate::hub::Hub;
-use crate::metrics::{Metrics, Parts, ReadTimingLayer};
+use crate::introspect;
 use crate::pb::cache::v1 as pb;
 use crate::readiness::Readiness;
 use crate::serve::admin::{self, Admin, OriginInfo};
 use crate::serve::grpc::CacheService;
-use crate::serve::introspect;
+use crate::serve::metrics::{Metrics, Parts, ReadTimingLayer};
 use crate::serve::ws::{self, WsStats};
-use crate::store::writer::{Writer, WriterStats};
 use crate::store::{Clock, OnDemand, Source, SourceKind, Store};
-use crate::views::{View, ViewStats};
+use crate::types::Mode;
+use crate::views::{TopicInfo, View, ViewError, ViewSet, ViewStats};
+use crate::writer::{Step, Writer, WriterStats};
 
 /// Why a sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +41,38 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The config (its view graph included) is not usable.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Views(#[from] crate::views::ViewError),
+    Config(#[from] ConfigError),
 }
 
-/// A started sidecar. Dropping it does not stop it; call [`Sidecar::shutdown`].
+/// Checks a sidecar config as `viewcar check` does: what config checks on its own, then the
+/// view graph (checked by `views`), reported as an error of `file`.
+pub fn check_config(file: &str, cfg: &SidecarConfig) -> Result<(), ConfigError> {
+    cfg.validate(file)?;
+    crate::views::check(&cfg.views, &topics(cfg)).map_err(|e| view_error(file, &e))
+}
+
+/// The topics of `cfg`, for the view graph.
+fn topics(cfg: &SidecarConfig) -> Vec<TopicInfo<'_>> {
+    cfg.origins
+        .iter()
+        .flat_map(|o| &o.topics)
+        .map(|t| (t.name.as_str(), t.mode))
+        .collect()
+}
+
+fn view_error(file: &str, e: &ViewError) -> ConfigError {
+    ConfigError::Invalid {
+        file: file.to_string(),
+        field: e.config_field(),
+        message: e.config_message(),
+    }
+}
+
+/// A started sidecar. [`Sidecar::shutdown`] stops it gracefully; dropping it stops it at once
+/// (every task is aborted and the listeners are closed), so an embedder or a test leaks no
+/// tasks or ports.
 pub struct Sidecar {
     store: Arc<Store>,
     hub: Arc<Hub>,
@@ -66,6 +92,201 @@ pub struct Sidecar {
 /// The gRPC name of the Cache service, as health checks name it.
 const CACHE_SERVICE: &str = "viewcar.cache.v1.Cache";
 
+/// A source per topic of every origin, and each origin with its sources.
+type PerOrigin = Vec<(OriginSpec, Vec<Arc<Source>>)>;
+
+/// Binds `addr` for a listener, naming it in the error.
+async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_err = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    if !local.ip().is_loopback() {
+        warn!(addr = %local, listener = what, "listening beyond loopback");
+    }
+    Ok((listener, local))
+}
+
+/// The topic replicas of `cfg`, added to `store`.
+fn add_topics(cfg: &SidecarConfig, store: &mut Store, clock: Clock) -> PerOrigin {
+    let live = cfg.feed.live_window.0;
+    let mut per_origin = Vec::new();
+    for o in &cfg.origins {
+        let origin: Arc<str> = Arc::from(o.name.as_str());
+        let sources: Vec<Arc<Source>> = o
+            .topics
+            .iter()
+            .map(|t| {
+                let kind = SourceKind::Topic {
+                    origin: origin.clone(),
+                };
+                let source = Source::new(&t.name, kind, t.mode, clock, live);
+                store.add(match t.mode {
+                    Mode::Full => source,
+                    Mode::OnDemand => source.with_on_demand(OnDemand::new(
+                        &t.name,
+                        t.budget(),
+                        t.idle.map(|d| d.0),
+                    )),
+                })
+            })
+            .collect();
+        per_origin.push((o.clone(), sources));
+    }
+    per_origin
+}
+
+/// The single writer, with the view engine, on its own task; returns its queue.
+fn start_writer(
+    cfg: &SidecarConfig,
+    store: &Store,
+    hub: &Arc<Hub>,
+    views: Option<ViewSet>,
+    stats: Arc<WriterStats>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> mpsc::Sender<Step> {
+    let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
+    for s in store.sources() {
+        if let Some(rows) = s.view_cache() {
+            rows.set_writer(crate::writer::desk(&wtx));
+        }
+    }
+    let writer = Writer::new(hub.clone(), views.map(ViewSet::into_engine), stats);
+    tasks.push(tokio::spawn(writer.run(wrx, cfg.limits.writer_batch)));
+    wtx
+}
+
+/// One feed client per origin, each on its own task.
+fn start_feeds(
+    cfg: &SidecarConfig,
+    per_origin: PerOrigin,
+    wtx: mpsc::Sender<Step>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> (HashMap<String, Arc<FeedStats>>, Vec<OriginInfo>) {
+    let mut feeds = HashMap::new();
+    let mut origins = Vec::new();
+    let max_message = cfg.limits.max_message_bytes.as_usize();
+    for (spec, sources) in per_origin {
+        let stats = Arc::new(FeedStats::default());
+        feeds.insert(spec.name.clone(), stats.clone());
+        origins.push(OriginInfo {
+            name: spec.name.clone(),
+            address: spec.address.clone(),
+            stats: stats.clone(),
+        });
+        let client = FeedClient::new(
+            spec,
+            cfg.feed.clone(),
+            max_message,
+            sources,
+            wtx.clone(),
+            stats,
+        );
+        tasks.push(tokio::spawn(client.run(shutdown.clone())));
+    }
+    (feeds, origins)
+}
+
+/// Reports SERVING on gRPC health once every full source has synced.
+fn announce_ready(
+    readiness: Arc<Readiness>,
+    health: tonic_health::server::HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = readiness.synced() => {}
+            _ = crate::signalled(&mut shutdown) => return,
+        }
+        if !readiness.is_draining() {
+            introspect::set_serving(&health, CACHE_SERVICE, true).await;
+            info!("ready: every full source has synced");
+        }
+    })
+}
+
+/// The Cache gRPC API (with health and reflection) on `listener`, until shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn serve_cache(
+    cfg: &SidecarConfig,
+    listener: TcpListener,
+    store: &Arc<Store>,
+    hub: &Arc<Hub>,
+    metrics: &Metrics,
+    readiness: &Arc<Readiness>,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> tonic_health::server::HealthReporter {
+    let max_message = cfg.limits.max_message_bytes.as_usize();
+    let timing = ReadTimingLayer::new(metrics.reads().clone());
+    let (health, health_service) = introspect::health(CACHE_SERVICE, shutdown.clone()).await;
+    let (reflection, reflection_alpha) = introspect::reflection(&[CACHE_SERVICE]);
+    tasks.push(announce_ready(
+        readiness.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let service = CacheService::new(
+        store.clone(),
+        hub.clone(),
+        cfg.limits.clone(),
+        shutdown.clone(),
+    );
+    let server = pb::cache_server::CacheServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let mut sd = shutdown.clone();
+    let grpc = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
+        .http2_keepalive_interval(Some(cfg.listen.keepalive_interval.0))
+        .http2_keepalive_timeout(Some(cfg.listen.keepalive_timeout.0))
+        .layer(timing)
+        .add_service(server)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
+        // binds itself, and a reply of more than one segment would wait for a delayed ACK.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = sd.wait_for(|s| *s).await;
+            },
+        );
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = grpc.await {
+            warn!(error = %e, "Cache API server failed");
+        }
+    }));
+    health
+}
+
+/// WebSocket `/ws` and the admin endpoints on `listener`, until shutdown.
+fn serve_http(
+    listener: TcpListener,
+    ws: ws::WsState,
+    admin: Admin,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let router = ws::router(ws).merge(admin::router(Arc::new(admin)));
+    let mut sd = shutdown.clone();
+    let http = axum::serve(
+        listener.tap_io(|tcp| {
+            // Pushed frames are small and latency-bound.
+            let _ = tcp.set_nodelay(true);
+        }),
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = sd.wait_for(|s| *s).await;
+    });
+    tokio::spawn(async move {
+        if let Err(e) = http.await {
+            warn!(error = %e, "http listener failed");
+        }
+    })
+}
+
 impl Sidecar {
     /// Builds the sources and views of `cfg`, binds the listeners, and starts syncing.
     pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, StartError> {
@@ -79,111 +300,24 @@ impl Sidecar {
         views: Vec<View>,
     ) -> Result<Sidecar, StartError> {
         // A config built in code gets the same checks as one read from a file.
-        cfg.validate("<config>")?;
+        const FILE: &str = "<config>";
+        cfg.validate(FILE)?;
         let clock = Clock::new();
-        let live = cfg.feed.live_window.0;
         let mut store = Store::new();
-        let mut per_origin = Vec::new();
-        for o in &cfg.origins {
-            let origin: Arc<str> = Arc::from(o.name.as_str());
-            let sources: Vec<Arc<Source>> = o
-                .topics
-                .iter()
-                .map(|t| {
-                    let source = Source::new(
-                        &t.name,
-                        SourceKind::Topic {
-                            origin: origin.clone(),
-                        },
-                        t.mode,
-                        clock,
-                        live,
-                    );
-                    store.add(match t.mode {
-                        Mode::Full => source,
-                        Mode::OnDemand => source.with_on_demand(OnDemand::new(
-                            &t.name,
-                            t.budget(),
-                            t.idle.map(|d| d.0),
-                        )),
-                    })
-                })
-                .collect();
-            per_origin.push((o.clone(), sources));
-        }
-        let derive = crate::views::build(&cfg.views, views, &mut store, clock)?;
-        let view_stats = derive.as_ref().map(|d| d.stats()).unwrap_or_default();
+        let per_origin = add_topics(&cfg, &mut store, clock);
+        let views = crate::views::build(&cfg.views, views, &mut store, clock)
+            .map_err(|e| view_error(FILE, &e))?;
+        let view_stats = views.as_ref().map(|v| v.stats()).unwrap_or_default();
         let store = Arc::new(store);
         let hub = Arc::new(Hub::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
-
-        let listener =
-            TcpListener::bind(cfg.listen.grpc)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: cfg.listen.grpc,
-                    source,
-                })?;
-        let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: cfg.listen.grpc,
-            source,
-        })?;
-        if !grpc_addr.ip().is_loopback() {
-            warn!(addr = %grpc_addr, "Cache API listens beyond loopback");
-        }
-
-        let http_bind = cfg.listen.http_addr();
-        let http_listener =
-            TcpListener::bind(http_bind)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: http_bind,
-                    source,
-                })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: http_bind,
-                source,
-            })?;
-        if !http_addr.ip().is_loopback() {
-            warn!(addr = %http_addr, "http listener (WebSocket) listens beyond loopback");
-        }
+        let (grpc_listener, grpc_addr) = bind(cfg.listen.grpc, "Cache API").await?;
+        let (http_listener, http_addr) = bind(cfg.listen.http_addr(), "http").await?;
 
         let mut tasks = Vec::new();
-        let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
-        for s in store.sources() {
-            if let Some(rows) = s.view_cache() {
-                rows.set_writer(wtx.downgrade());
-            }
-        }
         let writer_stats = Arc::new(WriterStats::default());
-        let derive = derive.map(|d| d.attach(store.clone()));
-        let writer = Writer::new(hub.clone(), derive, writer_stats.clone());
-        tasks.push(tokio::spawn(writer.run(wrx, cfg.limits.writer_batch)));
-
-        let mut feeds = HashMap::new();
-        let mut origins = Vec::new();
-        let max_message = cfg.limits.max_message_bytes.as_usize();
-        for (spec, sources) in per_origin {
-            let stats = Arc::new(FeedStats::default());
-            feeds.insert(spec.name.clone(), stats.clone());
-            origins.push(OriginInfo {
-                name: spec.name.clone(),
-                address: spec.address.clone(),
-                stats: stats.clone(),
-            });
-            let client = FeedClient::new(
-                spec,
-                cfg.feed.clone(),
-                max_message,
-                sources,
-                wtx.clone(),
-                stats,
-            );
-            tasks.push(tokio::spawn(client.run(shutdown_rx.clone())));
-        }
-        drop(wtx);
+        let wtx = start_writer(&cfg, &store, &hub, views, writer_stats.clone(), &mut tasks);
+        let (feeds, origins) = start_feeds(&cfg, per_origin, wtx, &shutdown_rx, &mut tasks);
 
         let readiness = Arc::new(Readiness::new(store.clone()));
         let ws_stats = Arc::new(WsStats::default());
@@ -200,58 +334,25 @@ impl Sidecar {
             ws: ws_stats.clone(),
             readiness: readiness.clone(),
         });
-        let timing = ReadTimingLayer::new(metrics.reads().clone());
-        let (health, health_service) = introspect::health(CACHE_SERVICE, shutdown_rx.clone()).await;
-        let (reflection, reflection_alpha) = introspect::reflection(&[CACHE_SERVICE]);
-        {
-            let readiness = readiness.clone();
-            let health = health.clone();
-            let mut sd = shutdown_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                tokio::select! {
-                    _ = readiness.synced() => {}
-                    _ = crate::signalled(&mut sd) => return,
-                }
-                if !readiness.is_draining() {
-                    introspect::set_serving(&health, CACHE_SERVICE, true).await;
-                    info!("ready: every full source has synced");
-                }
-            }));
-        }
-
-        let service = CacheService::new(
+        let health = serve_cache(
+            &cfg,
+            grpc_listener,
+            &store,
+            &hub,
+            &metrics,
+            &readiness,
+            &shutdown_rx,
+            &mut tasks,
+        )
+        .await;
+        let ws = ws::WsState::new(
             store.clone(),
             hub.clone(),
-            cfg.limits.clone(),
+            cfg.ws.clone(),
             shutdown_rx.clone(),
+            ws_stats.clone(),
         );
-        let server = pb::cache_server::CacheServer::new(service)
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
-        let mut sd = shutdown_rx.clone();
-        let grpc = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
-            .http2_keepalive_interval(Some(cfg.feed.keepalive_interval.0))
-            .http2_keepalive_timeout(Some(cfg.feed.keepalive_timeout.0))
-            .layer(timing)
-            .add_service(server)
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
-            // binds itself, and a reply of more than one segment would wait for a delayed ACK.
-            .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = sd.wait_for(|s| *s).await;
-                },
-            );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = grpc.await {
-                warn!(error = %e, "Cache API server failed");
-            }
-        }));
-        let admin = Arc::new(Admin {
+        let admin = Admin {
             metrics,
             readiness: readiness.clone(),
             store: store.clone(),
@@ -260,31 +361,8 @@ impl Sidecar {
             views: view_list,
             ws: ws_stats.clone(),
             started: Instant::now(),
-        });
-        let router = ws::router(ws::WsState::new(
-            store.clone(),
-            hub.clone(),
-            cfg.ws.clone(),
-            shutdown_rx.clone(),
-            ws_stats.clone(),
-        ))
-        .merge(admin::router(admin));
-        let mut sd = shutdown_rx.clone();
-        let http = axum::serve(
-            http_listener.tap_io(|tcp| {
-                // Pushed frames are small and latency-bound.
-                let _ = tcp.set_nodelay(true);
-            }),
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = sd.wait_for(|s| *s).await;
-        });
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = http.await {
-                warn!(error = %e, "http listener failed");
-            }
-        }));
+        };
+        tasks.push(serve_http(http_listener, ws, admin, &shutdown_rx));
         info!(grpc = %grpc_addr, http = %http_addr, sources = store.sources().len(), "sidecar started");
         Ok(Sidecar {
             store,
@@ -352,12 +430,12 @@ impl Sidecar {
 
     /// Stops feeds and listeners and waits for them, at most the grace period
     /// (`shutdown.grace`); returns whether everything finished within it.
-    pub async fn shutdown(self) -> bool {
+    pub async fn shutdown(mut self) -> bool {
         let start = Instant::now();
         self.readiness.drain();
         introspect::set_serving(&self.health, CACHE_SERVICE, false).await;
         self.shutdown.send_replace(true);
-        let mut tasks = self.tasks;
+        let mut tasks = std::mem::take(&mut self.tasks);
         let drained = tokio::time::timeout(self.grace, async {
             for t in tasks.iter_mut() {
                 let _ = t.await;
@@ -382,5 +460,16 @@ impl Sidecar {
         signal.await;
         info!(grace = ?self.grace, "shutting down");
         self.shutdown().await
+    }
+}
+
+impl Drop for Sidecar {
+    /// Stops what is still running at once: the shutdown signal for the listeners and feeds,
+    /// and an abort for every task (after [`Sidecar::shutdown`] there is none left).
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use viewcar::demo::{self, CatalogSize};
-use viewcar::views::Standalone;
+use viewcar::Standalone;
 
 fn catalog_sidecar() -> (Standalone, Vec<(&'static str, Vec<viewcar::Put>)>) {
     let mut s = Standalone::new(&demo::TOPICS, &demo::views(), Vec::new()).unwrap();

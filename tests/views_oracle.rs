@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use viewcar::views::{Changes, Standalone, ViewSpec};
+use viewcar::views::ViewSpec;
+use viewcar::writer::{Changes, Standalone};
 
 #[path = "common/oracle.rs"]
 mod oracle;

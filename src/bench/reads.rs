@@ -22,11 +22,12 @@ use super::procs;
 use super::report::{latency_cells, Table};
 use super::resp::{Redis, RedisServer, Reply};
 use super::{BenchError, Ctx};
-use crate::config::Mode;
 use crate::demo::{self, CatalogSize};
 use crate::hub::Hub;
-use crate::internals::{Clock, Op, SnapEntry, Writer, WriterStats};
+use crate::store::Clock;
 use crate::store::{Source, SourceKind};
+use crate::types::Mode;
+use crate::writer::{SnapEntry, Step, Writer, WriterStats};
 
 /// The catalog loaded into in-process sources, one per topic, through the sidecar's writer.
 fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
@@ -58,7 +59,7 @@ fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
             .collect();
         let mut events = Vec::new();
         writer.apply(
-            Op::SnapshotChunk {
+            Step::SnapshotChunk {
                 source: src.clone(),
                 epoch: "bench".into(),
                 version: 1,

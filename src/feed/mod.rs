@@ -15,16 +15,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use std::future::Future;
+use std::pin::Pin;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+
+use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::config::{FeedConfig, OriginSpec};
 use crate::pb::feed::v1 as pb;
 use crate::store::on_demand::{KeyOp, Slot};
-use crate::store::writer::{BatchChange, Op, SnapEntry};
-use crate::store::{OnDemand, Source};
+use crate::store::{Fetched, Fetcher, OnDemand, Source};
+use crate::writer::{BatchChange, SnapEntry, Step};
+
+#[cfg(any(test, feature = "fuzzing"))]
+mod replay;
+#[cfg(any(test, feature = "fuzzing"))]
+pub use replay::{decode_streams, replay, Replayed};
 
 /// Keys per keyed `Subscribe` / `Unsubscribe` request: well below the origin's limit, and a
 /// keyed snapshot answering one stays a small message.
@@ -140,7 +148,7 @@ pub(crate) struct FeedClient {
     keyed: HashMap<String, KeyedState>,
     /// Rung when an on_demand source queues a subscribe or unsubscribe.
     key_ops: Arc<Notify>,
-    writer: mpsc::Sender<Op>,
+    writer: mpsc::Sender<Step>,
     stats: Arc<FeedStats>,
 }
 
@@ -150,7 +158,7 @@ impl FeedClient {
         cfg: FeedConfig,
         max_message: usize,
         sources: Vec<Arc<Source>>,
-        writer: mpsc::Sender<Op>,
+        writer: mpsc::Sender<Step>,
         stats: Arc<FeedStats>,
     ) -> Self {
         let key_ops = Arc::new(Notify::new());
@@ -253,7 +261,7 @@ impl FeedClient {
             t.phase = Phase::AwaitSnapshot;
         }
         for source in aborts {
-            let _ = self.writer.send(Op::AbortSnapshot { source }).await;
+            let _ = self.writer.send(Step::AbortSnapshot { source }).await;
         }
         for k in self.keyed.values_mut() {
             k.source.set_connected(false);
@@ -286,7 +294,7 @@ impl FeedClient {
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message);
         for k in self.keyed.values() {
-            k.od.set_fetcher(Some(client.clone()));
+            k.od.set_fetcher(Some(Box::new(FetchClient(client.clone()))));
         }
         let (req_tx, req_rx) = self.request_channel();
         let mut backlog = self.open_stream(&req_tx);
@@ -306,7 +314,7 @@ impl FeedClient {
         if !self.keyed.is_empty() {
             // Views over on_demand topics are synced by the writer once their inputs are.
             self.writer
-                .send(Op::Nudge)
+                .send(Step::Nudge)
                 .await
                 .map_err(|_| FeedError::WriterGone)?;
         }
@@ -453,7 +461,7 @@ impl FeedClient {
                     t.phase = Phase::Live;
                     self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
                 }
-                Op::SnapshotChunk {
+                Step::SnapshotChunk {
                     source: t.source.clone(),
                     epoch: at.epoch,
                     version: at.version,
@@ -491,7 +499,7 @@ impl FeedClient {
                     return resubscribe(t, &topic, req_tx, &self.writer).await;
                 }
                 c.version = batch.version;
-                Op::Batch {
+                Step::Batch {
                     source: t.source.clone(),
                     epoch: batch.epoch,
                     version: batch.version,
@@ -520,7 +528,7 @@ impl FeedClient {
                 if pos.version > c.version {
                     c.version = pos.version;
                 }
-                Op::Progress {
+                Step::Progress {
                     source: t.source.clone(),
                     epoch: pos.epoch,
                     version: c.version,
@@ -535,7 +543,7 @@ impl FeedClient {
                 if !was_snapshot {
                     return Ok(());
                 }
-                Op::AbortSnapshot {
+                Step::AbortSnapshot {
                     source: t.source.clone(),
                 }
             }
@@ -789,7 +797,7 @@ impl FeedClient {
 /// Hands the writer the keys of an on_demand topic that view rows read and whose value just
 /// changed (the engine ignores keys no row reads any more).
 async fn touch(
-    writer: &mpsc::Sender<Op>,
+    writer: &mpsc::Sender<Step>,
     source: &Arc<Source>,
     keys: Vec<Arc<str>>,
 ) -> Result<(), FeedError> {
@@ -797,7 +805,7 @@ async fn touch(
         return Ok(());
     }
     writer
-        .send(Op::Touch {
+        .send(Step::Touch {
             source: source.clone(),
             keys,
         })
@@ -807,6 +815,37 @@ async fn touch(
 
 /// Logs a snapshot's progress every [`LOAD_LOG_EVERY`] while it loads, and its total when it
 /// took longer than that: an operator watching a large topic sync sees keys and a rate.
+/// `Feed.Fetch` over the stream's connection: how on_demand replicas read a miss.
+struct FetchClient(pb::feed_client::FeedClient<Channel>);
+
+impl Fetcher for FetchClient {
+    fn fetch<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, String>> + Send + 'a>> {
+        let request = pb::FetchRequest {
+            topic: topic.to_string(),
+            keys: vec![key.to_string()],
+        };
+        let mut client = self.0.clone();
+        Box::pin(async move {
+            let resp = client
+                .fetch(request)
+                .await
+                .map_err(|status| status.message().to_string())?
+                .into_inner();
+            let at = resp.position.map_or(0, |p| p.version);
+            let entry = resp
+                .entries
+                .into_iter()
+                .find(|e| e.key == key)
+                .map(|e| (e.value, e.version));
+            Ok(Fetched { at, entry })
+        })
+    }
+}
+
 fn log_loading(origin: &str, topic: &str, t: &mut TopicState, entries: usize, last: bool) {
     let Some(l) = t.loading.as_mut() else { return };
     l.keys += entries as u64;
@@ -856,12 +895,12 @@ async fn resubscribe(
     t: &mut TopicState,
     topic: &str,
     req_tx: &mpsc::Sender<pb::SyncRequest>,
-    writer: &mpsc::Sender<Op>,
+    writer: &mpsc::Sender<Step>,
 ) -> Result<(), FeedError> {
     t.phase = Phase::AwaitSnapshot;
     t.owed = t.owed.saturating_add(1);
     writer
-        .send(Op::AbortSnapshot {
+        .send(Step::AbortSnapshot {
             source: t.source.clone(),
         })
         .await
@@ -937,232 +976,4 @@ mod tests {
         let internal = tonic::Status::internal("origin failed");
         assert!(matches!(from_stream_status(internal), FeedError::Status(_)));
     }
-}
-
-/// What [`replay`] saw.
-#[doc(hidden)]
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Replayed {
-    /// Messages handled without error.
-    pub handled: usize,
-    /// Streams ended by a protocol error (the rest of that stream's messages are not read).
-    pub protocol_errors: usize,
-}
-
-/// For fuzzing and property tests: plays `streams` (each the messages of one Sync stream, in
-/// order) against a feed client of a full topic `t` and an on_demand topic `k`, as the session
-/// loop would, applying every writer step at once. A stream that breaks the protocol is dropped
-/// like a real one (the client disconnects, and the next stream starts from its cursors).
-/// Panics if an invariant breaks: the full topic's version never goes back within an epoch, and
-/// a resident on_demand key's version never goes back.
-#[doc(hidden)]
-pub async fn replay(streams: Vec<Vec<pb::SyncResponse>>) -> Replayed {
-    use crate::config::Mode;
-    use crate::store::writer::Writer;
-    use crate::store::{Clock, SourceKind};
-
-    let clock = Clock::new();
-    let origin: Arc<str> = Arc::from("o");
-    let full = Arc::new(Source::new(
-        "t",
-        SourceKind::Topic {
-            origin: origin.clone(),
-        },
-        Mode::Full,
-        clock,
-        Duration::from_secs(1),
-    ));
-    let od = OnDemand::new("k", 1 << 20, None);
-    let keyed = Arc::new(
-        Source::new(
-            "k",
-            SourceKind::Topic { origin },
-            Mode::OnDemand,
-            clock,
-            Duration::from_secs(1),
-        )
-        .with_on_demand(od.clone()),
-    );
-    let (wtx, mut wrx) = mpsc::channel(1 << 16);
-    let spec = OriginSpec {
-        name: "o".into(),
-        address: "http://127.0.0.1:1".into(),
-        topics: Vec::new(),
-        tls: None,
-    };
-    let mut client = FeedClient::new(
-        spec,
-        FeedConfig::default(),
-        16 << 20,
-        vec![full.clone(), keyed],
-        wtx,
-        Arc::new(FeedStats::default()),
-    );
-    let mut writer = Writer::new(
-        Arc::new(crate::hub::Hub::new()),
-        None,
-        Arc::new(crate::store::writer::WriterStats::default()),
-    );
-    // Keys of `k` read before the streams, so that keyed subscribes and snapshots have keys.
-    for key in ["a", "b", "c"] {
-        od.pin(&Arc::from(key));
-    }
-    let mut out = Replayed::default();
-    let mut events = Vec::new();
-    let mut last = full.position();
-    let mut resident: HashMap<String, u64> = HashMap::new();
-    let mut od_epoch = od.epoch();
-    for stream in streams {
-        let (req_tx, _req_rx) = client.request_channel();
-        client.open_stream(&req_tx);
-        for msg in stream {
-            let r = client.handle(msg, &req_tx).await;
-            while let Ok(op) = wrx.try_recv() {
-                writer.apply(op, &mut events);
-            }
-            writer.flush(&mut events);
-            let now = full.position();
-            assert!(
-                now.0 != last.0 || now.1 >= last.1,
-                "full topic went back from {}@{} to {}@{}",
-                last.0,
-                last.1,
-                now.0,
-                now.1
-            );
-            last = now;
-            // Versions of another epoch are not comparable.
-            let epoch = od.epoch();
-            if epoch != od_epoch {
-                resident.clear();
-                od_epoch = epoch;
-            }
-            for key in ["a", "b", "c"] {
-                if let Some(slot) = od.pinned(key) {
-                    let seen = resident.entry(key.to_string()).or_insert(slot.version);
-                    assert!(
-                        slot.version >= *seen,
-                        "k[{key}] went back from version {seen} to {}",
-                        slot.version
-                    );
-                    *seen = slot.version;
-                }
-            }
-            match r {
-                Ok(()) => out.handled += 1,
-                Err(FeedError::Protocol(_)) => {
-                    out.protocol_errors += 1;
-                    break;
-                }
-                Err(e) => panic!("replay: unexpected error {e}"),
-            }
-        }
-        client.disconnected().await;
-        while let Ok(op) = wrx.try_recv() {
-            writer.apply(op, &mut events);
-        }
-        writer.flush(&mut events);
-    }
-    out
-}
-
-/// For fuzzing and property tests: decodes arbitrary bytes into Sync streams for [`replay`]:
-/// up to 4 streams of up to 16 messages over the topics `t`, `k` and an unknown `x`, with two
-/// epochs, versions 0 to 7 and keys `a` to `d`, so that duplicates, gaps, regressions, stray
-/// chunks and epoch changes are frequent. Missing bytes read as zeros.
-#[doc(hidden)]
-pub fn decode_streams(data: &[u8]) -> Vec<Vec<pb::SyncResponse>> {
-    use pb::sync_response::Kind;
-    struct Input<'a>(&'a [u8]);
-    impl Input<'_> {
-        fn byte(&mut self) -> u8 {
-            match self.0.split_first() {
-                Some((b, rest)) => {
-                    self.0 = rest;
-                    *b
-                }
-                None => 0,
-            }
-        }
-        fn topic(&mut self) -> String {
-            ["t", "k", "t", "k", "x"][usize::from(self.byte() % 5)].to_string()
-        }
-        fn epoch(&mut self) -> String {
-            format!("e{}", self.byte() % 2)
-        }
-        fn version(&mut self) -> u64 {
-            u64::from(self.byte() % 8)
-        }
-        fn key(&mut self) -> String {
-            ["a", "b", "c", "d"][usize::from(self.byte() % 4)].to_string()
-        }
-        fn position(&mut self) -> Option<pb::Position> {
-            (self.byte() % 8 != 0).then(|| pb::Position {
-                epoch: self.epoch(),
-                version: self.version(),
-            })
-        }
-    }
-    let mut inp = Input(data);
-    let mut streams = Vec::new();
-    while !inp.0.is_empty() && streams.len() < 4 {
-        let n = usize::from(inp.byte() % 17);
-        let mut msgs = Vec::with_capacity(n);
-        for _ in 0..n {
-            let kind = match inp.byte() % 9 {
-                0..=2 => {
-                    let topic = inp.topic();
-                    let position = inp.position();
-                    let entries = (0..inp.byte() % 4)
-                        .map(|_| pb::Entry {
-                            key: inp.key(),
-                            value: bytes::Bytes::from(vec![b'v'; usize::from(inp.byte() % 3)]),
-                            version: inp.version(),
-                        })
-                        .collect();
-                    Kind::Snapshot(pb::SnapshotChunk {
-                        topic,
-                        position,
-                        entries,
-                        last: inp.byte() % 3 != 0,
-                    })
-                }
-                3..=5 => {
-                    let topic = inp.topic();
-                    let epoch = inp.epoch();
-                    let prev_version = inp.version();
-                    let version = if inp.byte() % 4 == 0 {
-                        inp.version()
-                    } else {
-                        prev_version + 1
-                    };
-                    let changes = (0..inp.byte() % 3)
-                        .map(|_| pb::Change {
-                            key: inp.key(),
-                            value: bytes::Bytes::from(vec![b'w'; usize::from(inp.byte() % 3)]),
-                            deleted: inp.byte() % 4 == 0,
-                        })
-                        .collect();
-                    Kind::Changes(pb::ChangeBatch {
-                        topic,
-                        epoch,
-                        prev_version,
-                        version,
-                        changes,
-                    })
-                }
-                6 | 7 => Kind::Progress(pb::Progress {
-                    topic: inp.topic(),
-                    position: inp.position(),
-                }),
-                _ => Kind::Reset(pb::Reset {
-                    topic: inp.topic(),
-                    reason: "replay".into(),
-                }),
-            };
-            msgs.push(pb::SyncResponse { kind: Some(kind) });
-        }
-        streams.push(msgs);
-    }
-    streams
 }

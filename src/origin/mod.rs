@@ -660,14 +660,14 @@ impl Origin {
             }
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (health, health_service) = crate::serve::introspect::health(FEED, stop_rx).await;
-        crate::serve::introspect::set_serving(&health, FEED, true).await;
-        let (reflection, reflection_alpha) = crate::serve::introspect::reflection(&[FEED]);
+        let (health, health_service) = crate::introspect::health(FEED, stop_rx).await;
+        crate::introspect::set_serving(&health, FEED, true).await;
+        let (reflection, reflection_alpha) = crate::introspect::reflection(&[FEED]);
         let me = self.clone();
         let shutdown = async move {
             shutdown.await;
             me.inner.shutting_down.store(true, Ordering::Release);
-            crate::serve::introspect::set_serving(&health, FEED, false).await;
+            crate::introspect::set_serving(&health, FEED, false).await;
             stop_tx.send_replace(true);
             me.close_streams();
         };

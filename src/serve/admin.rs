@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 
 use crate::feed::FeedStats;
 use crate::hub::Hub;
-use crate::metrics::{self, Metrics};
 use crate::readiness::Readiness;
+use crate::serve::metrics::{self, Metrics};
 use crate::serve::ws::WsStats;
 use crate::store::Store;
 use crate::views::ViewStats;

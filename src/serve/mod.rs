@@ -3,5 +3,5 @@
 
 pub(crate) mod admin;
 pub(crate) mod grpc;
-pub(crate) mod introspect;
+pub(crate) mod metrics;
 pub mod ws;

@@ -10,7 +10,6 @@
 
 pub mod on_demand;
 pub mod view_cache;
-pub(crate) mod writer;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,10 +21,10 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::watch;
 
-use crate::config::Mode;
+use crate::types::Mode;
 
-pub use on_demand::{OnDemand, OnDemandError, OnDemandStats, Slot};
-pub use view_cache::ViewCache;
+pub use on_demand::{Fetched, Fetcher, OnDemand, OnDemandError, OnDemandStats, Slot};
+pub use view_cache::{RowAnswer, RowDesk, RowRequest, ViewCache};
 
 /// A stored value and the version that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,9 +32,6 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use tokio::sync::Notify;
-use tonic::transport::Channel;
-
-use crate::pb::feed::v1 as pb;
 
 /// Bytes counted per resident key besides its key and value: moka's entry, the key's `Arc`, the
 /// slot and the access-order nodes, so that `max_bytes` bounds memory, not just payload.
@@ -60,6 +57,25 @@ pub enum OnDemandError {
     Fetch { topic: Arc<str>, message: String },
     #[error("Fetch of '{0}' took longer than {FETCH_TIMEOUT:?}")]
     Timeout(Arc<str>),
+}
+
+/// What one Fetch of a key answered: the origin's version at the time, and the key's value and
+/// version if the origin has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub at: u64,
+    pub entry: Option<(Bytes, u64)>,
+}
+
+/// Point reads from an origin, for misses. The store does no network I/O: the feed client
+/// implements this over `Feed.Fetch` and installs it while its stream is up.
+pub trait Fetcher: Send + Sync {
+    /// Fetches `key` of `topic`; the error is the origin's message.
+    fn fetch<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fetched, String>> + Send + 'a>>;
 }
 
 /// A request for the feed stream, in the order reads and evictions made it.
@@ -131,7 +147,7 @@ pub struct OnDemand {
     pins: DashMap<Arc<str>, Pin>,
     generation: AtomicU64,
     ops: Arc<KeyOps>,
-    fetcher: ArcSwapOption<pb::feed_client::FeedClient<Channel>>,
+    fetcher: ArcSwapOption<Box<dyn Fetcher>>,
     epoch: ArcSwap<String>,
     stats: Arc<OnDemandStats>,
 }
@@ -267,34 +283,29 @@ impl OnDemand {
             return Err(OnDemandError::NotConnected(self.topic.clone()));
         };
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        let request = pb::FetchRequest {
-            topic: self.topic.to_string(),
-            keys: vec![key.to_string()],
-        };
-        let mut client = (*client).clone();
-        let resp = match tokio::time::timeout(FETCH_TIMEOUT, client.fetch(request)).await {
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, client.fetch(&self.topic, key)).await;
+        let resp = match fetched {
             Err(_) => {
                 self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(OnDemandError::Timeout(self.topic.clone()));
             }
-            Ok(Err(status)) => {
+            Ok(Err(message)) => {
                 self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(OnDemandError::Fetch {
                     topic: self.topic.clone(),
-                    message: status.message().to_string(),
+                    message,
                 });
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => r,
         };
-        let at = resp.position.map_or(0, |p| p.version);
-        let mut slot = match resp.entries.into_iter().find(|e| *e.key == **key) {
-            Some(e) => Slot {
-                value: Some(e.value),
-                version: e.version,
+        let mut slot = match resp.entry {
+            Some((value, version)) => Slot {
+                value: Some(value),
+                version,
             },
             None => Slot {
                 value: None,
-                version: at,
+                version: resp.at,
             },
         };
         if let Some(pushed) = self.loading.get(key).and_then(|l| l.1.clone()) {
@@ -398,8 +409,8 @@ impl OnDemand {
     }
 
     /// The Fetch client on the feed's channel, while connected.
-    pub(crate) fn set_fetcher(&self, client: Option<pb::feed_client::FeedClient<Channel>>) {
-        self.fetcher.store(client.map(Arc::new));
+    pub(crate) fn set_fetcher(&self, fetcher: Option<Box<dyn Fetcher>>) {
+        self.fetcher.store(fetcher.map(Arc::new));
     }
 
     /// Notes the origin epoch the stream reports. Versions of another epoch are not comparable,
@@ -424,6 +435,7 @@ impl OnDemand {
     }
 
     /// The origin epoch the resident values belong to ("" before the first).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn epoch(&self) -> Arc<String> {
         self.epoch.load_full()
     }

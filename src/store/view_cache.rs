@@ -3,7 +3,7 @@
 //!
 //! Only the writer computes rows (so a row and the pushes to what it read are ordered), and it
 //! never waits: it computes from what is resident. A read that misses asks the writer for the
-//! row ([`Op::ViewRow`]); when an input is not resident the writer answers with the missing
+//! row ([`RowRequest::Row`], through the [`RowDesk`] the writer provides); when an input is not resident the writer answers with the missing
 //! `(source, key)` pairs, the reader fetches them (on_demand topics through their cache, pinning
 //! each key first so that no push to it is lost; on_demand views by reading their row) and asks
 //! again. Chained lookups (a brand, then its country) take one round per link.
@@ -22,15 +22,36 @@ use dashmap::DashMap;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op as CacheOp;
 use moka::sync::Cache;
-use tokio::sync::{mpsc, oneshot, OnceCell};
+use tokio::sync::{oneshot, OnceCell};
 
 use super::on_demand::{weight, OnDemandError, OnDemandStats, Slot};
-use super::writer::Op;
 use super::{OnDemand, Source};
 
 /// Most rounds of fetching inputs one row read takes before giving up: a chain of lookups
 /// longer than this, or inputs evicted again before the row could be computed every time.
 pub const MAX_ROUNDS: usize = 16;
+
+/// What an on_demand view asks of the writer, the only task that computes rows.
+#[derive(Debug)]
+pub enum RowRequest {
+    /// The row of `key` in the on_demand view `view`.
+    Row {
+        view: Arc<str>,
+        key: Arc<str>,
+        reply: oneshot::Sender<RowAnswer>,
+    },
+    /// Rows were evicted: their inputs can be released.
+    Evicted,
+}
+
+/// Where a view cache sends its [`RowRequest`]s: the writer's queue. A trait, so that the
+/// store does not know the writer that sits above it.
+pub trait RowDesk: Send + Sync {
+    /// Queues a request, waiting while the queue is full; false once the writer is gone.
+    fn ask(&self, request: RowRequest) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+    /// Queues a request if there is room now; never waits.
+    fn tell(&self, request: RowRequest);
+}
 
 /// What the writer answers to a row request.
 #[derive(Debug)]
@@ -53,10 +74,10 @@ pub(crate) enum Replaced {
 
 type Load = Arc<OnceCell<Result<Slot, OnDemandError>>>;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     evicted: Mutex<Vec<Arc<str>>>,
-    writer: OnceLock<mpsc::WeakSender<Op>>,
+    writer: OnceLock<Arc<dyn RowDesk>>,
 }
 
 /// The resident rows of one on_demand view.
@@ -116,8 +137,8 @@ impl ViewCache {
                     .push((*key).clone());
                 // Wake the writer to release the row's inputs; when its queue is full it is
                 // busy and drains the evictions at its next step anyway.
-                if let Some(w) = shared.writer.get().and_then(|w| w.upgrade()) {
-                    let _ = w.try_send(Op::Nudge);
+                if let Some(w) = shared.writer.get() {
+                    w.tell(RowRequest::Evicted);
                 }
             }
         };
@@ -178,7 +199,7 @@ impl ViewCache {
     }
 
     /// Where row requests and eviction reports go. Set once, when the writer starts.
-    pub(crate) fn set_writer(&self, writer: mpsc::WeakSender<Op>) {
+    pub(crate) fn set_writer(&self, writer: Arc<dyn RowDesk>) {
         let _ = self.shared.writer.set(writer);
     }
 
@@ -225,20 +246,16 @@ impl ViewCache {
         // pin what it read) or the read gives up.
         let mut pins: Vec<Pinned> = Vec::new();
         for _ in 0..MAX_ROUNDS {
-            let writer = self
-                .shared
-                .writer
-                .get()
-                .and_then(|w| w.upgrade())
-                .ok_or_else(|| self.stopped())?;
+            let writer = self.shared.writer.get().ok_or_else(|| self.stopped())?;
             let (tx, rx) = oneshot::channel();
-            let request = Op::ViewRow {
+            let request = RowRequest::Row {
                 view: self.name.clone(),
                 key: key.clone(),
                 reply: tx,
             };
-            writer.send(request).await.map_err(|_| self.stopped())?;
-            drop(writer);
+            if !writer.ask(request).await {
+                return Err(self.stopped());
+            }
             let missing = match rx.await.map_err(|_| self.stopped())? {
                 RowAnswer::Row(slot) => return Ok(slot),
                 RowAnswer::Refused(message) => {

@@ -20,7 +20,6 @@ use tracing::{debug, warn};
 use super::{Compute, Lookup, Read, RowError, SourceId, View, ViewStats};
 use crate::store::on_demand::Slot;
 use crate::store::view_cache::{Replaced, RowAnswer};
-use crate::store::writer::Derive;
 use crate::store::{Clock, Event, Resident, Row, Source, Store, ViewCache};
 
 type Dep = (SourceId, Arc<str>);
@@ -624,8 +623,11 @@ fn settle(
     }
 }
 
-impl Derive for Engine {
-    fn apply(&mut self, events: &[Event]) -> Vec<Event> {
+/// What the writer calls: the engine runs inside the writer's step.
+impl Engine {
+    /// Brings the views up to date with `events` (already applied to their sources) and returns
+    /// the changes it made to views.
+    pub(crate) fn apply(&mut self, events: &[Event]) -> Vec<Event> {
         self.drain_evictions();
         if events.is_empty() && !self.pending_sync && !self.dirty() {
             return Vec::new();
@@ -633,7 +635,9 @@ impl Derive for Engine {
         self.run(events)
     }
 
-    fn touch(&mut self, source: &Arc<Source>, keys: &[Arc<str>]) {
+    /// Marks for recomputation the rows that read `keys` of `source` (pinned on_demand keys
+    /// whose value changed); they are recomputed at the next [`Engine::apply`].
+    pub(crate) fn touch(&mut self, source: &Arc<Source>, keys: &[Arc<str>]) {
         let Some(id) = self.source_id(source.name()) else {
             return;
         };
@@ -642,7 +646,8 @@ impl Derive for Engine {
         }
     }
 
-    fn row(&mut self, view: &str, key: Arc<str>) -> RowAnswer {
+    /// Computes the row of `key` in on_demand view `view` from what is resident, and keeps it.
+    pub(crate) fn row(&mut self, view: &str, key: Arc<str>) -> RowAnswer {
         let found = self
             .views
             .iter()
@@ -696,7 +701,8 @@ mod tests {
     use serde_json::{json, Value};
 
     use crate::store::Event;
-    use crate::views::{RowError, Standalone, View, ViewSpec};
+    use crate::views::{RowError, View, ViewSpec};
+    use crate::writer::Standalone;
 
     fn put(key: &str, v: Value) -> (String, Option<Bytes>) {
         (key.to_string(), Some(Bytes::from(v.to_string())))

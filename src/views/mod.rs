@@ -14,7 +14,6 @@
 mod engine;
 pub(crate) mod expr;
 mod spec;
-mod standalone;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -25,12 +24,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::config::ConfigError;
-use crate::store::writer::Derive;
 use crate::store::{Clock, Resident, Source, Store};
+use crate::types::{check_name, Mode};
 
-pub use spec::{Include, Includes, ViewSpec};
-pub use standalone::{Changes, Standalone};
+pub use crate::config::{Include, Includes, ViewSpec};
 
 pub(crate) use engine::Engine;
 
@@ -417,16 +414,43 @@ impl<'a> Lookup<'a> {
 }
 
 /// A view set that cannot be built.
+/// A view that cannot be built: which view (with its index among the declared `[[view]]`s, when
+/// it was declared in the config), which field, and what is wrong. The caller reports it as a
+/// config error of its file ([`ViewError::config_field`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     #[error("view '{view}': {field}: {message}")]
     Invalid {
+        index: Option<usize>,
         view: String,
         field: String,
         message: String,
     },
     #[error("no topic named '{0}'")]
     UnknownTopic(String),
+}
+
+impl ViewError {
+    /// The config field at fault: `view[1].include.p.source` for a declared view.
+    pub fn config_field(&self) -> String {
+        match self {
+            ViewError::Invalid {
+                index: Some(i),
+                field,
+                ..
+            } => format!("view[{i}].{field}"),
+            ViewError::Invalid { view, field, .. } => format!("view '{view}'.{field}"),
+            ViewError::UnknownTopic(_) => "view".to_string(),
+        }
+    }
+
+    /// What is wrong, naming the view.
+    pub fn config_message(&self) -> String {
+        match self {
+            ViewError::Invalid { view, message, .. } => format!("view '{view}': {message}"),
+            e => e.to_string(),
+        }
+    }
 }
 
 /// A view graph problem: which view (by index), which field, what is wrong.
@@ -531,49 +555,6 @@ fn order_views(
     Ok(order)
 }
 
-/// The rule for source names (topics and views): what readers type, in a safe alphabet.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid name {name:?}: expected 1 to 128 of [A-Za-z0-9_.-]"
-        ))
-    }
-}
-
-/// Checks view declarations against the known source names (the topics): names, expressions,
-/// sources, cycles. Errors name the view and the field.
-pub(crate) fn validate_specs(
-    file: &str,
-    specs: &[ViewSpec],
-    sources: &HashSet<String>,
-) -> Result<(), ConfigError> {
-    for (i, s) in specs.iter().enumerate() {
-        if let Err((field, message)) = s.compile() {
-            return Err(ConfigError::invalid(
-                file,
-                format!("view[{i}].{field}"),
-                format!("view '{}': {message}", s.name),
-            ));
-        }
-    }
-    let graph: Vec<_> = specs.iter().map(|s| (s.name.as_str(), s.edges())).collect();
-    order_views(&graph, sources).map_err(|e| {
-        ConfigError::invalid(
-            file,
-            format!("view[{}].{}", e.view, e.field),
-            format!("view '{}': {}", specs[e.view].name, e.message),
-        )
-    })?;
-    Ok(())
-}
-
 /// A view for [`require_on_demand`]: its name, edges (field, source) and whether it is on_demand.
 type Marked<'a> = (&'a str, Vec<(String, &'a str)>, bool);
 
@@ -615,40 +596,15 @@ fn require_on_demand(
     Ok(())
 }
 
-/// Checks that every view over on_demand data is declared on_demand (see
-/// [`require_on_demand`]). Run after [`validate_specs`], so names resolve.
-pub(crate) fn check_on_demand_views(
-    file: &str,
-    specs: &[ViewSpec],
-    on_demand_topics: &HashSet<String>,
-) -> Result<(), ConfigError> {
-    let graph: Vec<_> = specs
-        .iter()
-        .map(|s| {
-            (
-                s.name.as_str(),
-                s.edges(),
-                s.mode == crate::config::Mode::OnDemand,
-            )
-        })
-        .collect();
-    require_on_demand(&graph, on_demand_topics).map_err(|e| {
-        ConfigError::invalid(
-            file,
-            format!("view[{}].{}", e.view, e.field),
-            format!("view '{}': {}", specs[e.view].name, e.message),
-        )
-    })
-}
-
 /// The views of a sidecar, ready to be attached to its store.
 pub(crate) struct ViewSet {
     engine: Engine,
 }
 
 impl ViewSet {
-    pub(crate) fn attach(self, _store: Arc<Store>) -> Box<dyn Derive> {
-        Box::new(self.engine)
+    /// The engine, for the writer to run.
+    pub(crate) fn into_engine(self) -> Engine {
+        self.engine
     }
 
     /// Counters of every view, by name.
@@ -657,18 +613,23 @@ impl ViewSet {
     }
 }
 
-/// Compiles `specs`, adds `extra` views, checks the graph against the sources already in
-/// `store`, adds a source per view, and returns the engine that maintains them (`None` when
-/// there are no views).
-pub(crate) fn build(
+/// A topic views may read: its name and whether it is on_demand.
+pub type TopicInfo<'a> = (&'a str, Mode);
+
+/// The one check of a view graph: compiles `specs` (errors name the field), adds `extra` views
+/// (registered from Rust), and checks names, sources, cycles and the on_demand rules against
+/// `topics`. Returns the views in dependency order (every view after the views it reads;
+/// otherwise in declaration order).
+pub fn plan(
     specs: &[ViewSpec],
     extra: Vec<View>,
-    store: &mut Store,
-    clock: Clock,
-) -> Result<Option<ViewSet>, ViewError> {
+    topics: &[TopicInfo<'_>],
+) -> Result<Vec<View>, ViewError> {
+    let declared = specs.len();
     let mut views = Vec::with_capacity(specs.len() + extra.len());
-    for s in specs {
+    for (i, s) in specs.iter().enumerate() {
         let v = s.compile().map_err(|(field, message)| ViewError::Invalid {
+            index: Some(i),
             view: s.name.clone(),
             field,
             message,
@@ -676,53 +637,82 @@ pub(crate) fn build(
         views.push(v);
     }
     views.extend(extra);
-    if views.is_empty() {
-        return Ok(None);
-    }
-    let topics: HashSet<String> = store
-        .sources()
-        .iter()
-        .map(|s| s.name().to_string())
-        .collect();
-    let graph: Vec<_> = views.iter().map(|v| (v.name.as_str(), v.edges())).collect();
-    let order = order_views(&graph, &topics).map_err(|e| ViewError::Invalid {
+    let invalid = |views: &[View], e: GraphError| ViewError::Invalid {
+        index: (e.view < declared).then_some(e.view),
         view: views[e.view].name.clone(),
         field: e.field,
         message: e.message,
-    })?;
-    let on_demand_topics: HashSet<String> = store
-        .sources()
+    };
+    let names: HashSet<String> = topics.iter().map(|(n, _)| n.to_string()).collect();
+    // A declared view's edges name its config fields (`include.price.source`); a view
+    // registered from Rust has only the sources it reads.
+    let edges: Vec<Vec<(String, &str)>> = specs
         .iter()
-        .filter(|s| s.on_demand().is_some())
-        .map(|s| s.name().to_string())
+        .map(ViewSpec::edges)
+        .chain(views[declared..].iter().map(View::edges))
+        .collect();
+    let graph: Vec<_> = views
+        .iter()
+        .zip(&edges)
+        .map(|(v, e)| (v.name.as_str(), e.clone()))
+        .collect();
+    let order = order_views(&graph, &names).map_err(|e| invalid(&views, e))?;
+    let on_demand_topics: HashSet<String> = topics
+        .iter()
+        .filter(|(_, m)| *m == Mode::OnDemand)
+        .map(|(n, _)| n.to_string())
         .collect();
     let marked: Vec<_> = views
         .iter()
-        .map(|v| (v.name.as_str(), v.edges(), v.is_on_demand()))
+        .zip(edges)
+        .map(|(v, e)| (v.name.as_str(), e, v.is_on_demand()))
         .collect();
-    require_on_demand(&marked, &on_demand_topics).map_err(|e| ViewError::Invalid {
-        view: views[e.view].name.clone(),
-        field: e.field,
-        message: e.message,
-    })?;
-    if let Some(v) = views.iter().find(|v| v.is_on_demand() && v.grouped()) {
-        return Err(ViewError::Invalid {
-            view: v.name.clone(),
-            field: "group".into(),
-            message: "an on_demand view cannot group: a group's members are only known from \
-                      every key"
-                .into(),
-        });
+    require_on_demand(&marked, &on_demand_topics).map_err(|e| invalid(&views, e))?;
+    if let Some(i) = views.iter().position(|v| v.is_on_demand() && v.grouped()) {
+        return Err(invalid(
+            &views,
+            GraphError {
+                view: i,
+                field: "group_by".into(),
+                message: "an on_demand view cannot group: a group's members are only known \
+                          from every key (declare it mode = \"full\", over full sources)"
+                    .into(),
+            },
+        ));
     }
     let mut slots: Vec<Option<View>> = views.into_iter().map(Some).collect();
-    let ordered: Vec<View> = order.into_iter().filter_map(|i| slots[i].take()).collect();
+    Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
+/// [`plan`] for a config's `[[view]]`s alone: what `viewcar check` runs.
+pub fn check(specs: &[ViewSpec], topics: &[TopicInfo<'_>]) -> Result<(), ViewError> {
+    plan(specs, Vec::new(), topics).map(|_| ())
+}
+
+/// Plans the views (see [`plan`]) over the sources already in `store`, adds a source per view,
+/// and returns the engine that maintains them (`None` when there are no views).
+pub(crate) fn build(
+    specs: &[ViewSpec],
+    extra: Vec<View>,
+    store: &mut Store,
+    clock: Clock,
+) -> Result<Option<ViewSet>, ViewError> {
+    if specs.is_empty() && extra.is_empty() {
+        return Ok(None);
+    }
+    let topics: Vec<TopicInfo<'_>> = store
+        .sources()
+        .iter()
+        .map(|s| (&**s.name(), s.mode()))
+        .collect();
+    let ordered = plan(specs, extra, &topics)?;
     Ok(Some(ViewSet {
         engine: Engine::new(ordered, store, clock),
     }))
 }
 
 /// The view graph for `viewcar check`: every view in dependency order, with what it reads.
-pub(crate) fn describe(specs: &[ViewSpec]) -> String {
+pub fn describe(specs: &[ViewSpec]) -> String {
     use std::fmt::Write;
     if specs.is_empty() {
         return "views: none\n".into();
@@ -772,9 +762,26 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
+    /// Checks `specs` over topics `products`, `prices` and `brands`, of which `on_demand` are
+    /// on_demand; the error as a config error reports it.
+    fn check_with(specs: &[ViewSpec], on_demand: &[&str]) -> Result<(), String> {
+        let topics: Vec<TopicInfo<'_>> = ["products", "prices", "brands", "users"]
+            .into_iter()
+            .map(|t| {
+                let mode = if on_demand.contains(&t) {
+                    Mode::OnDemand
+                } else {
+                    Mode::Full
+                };
+                (t, mode)
+            })
+            .collect();
+        super::check(specs, &topics)
+            .map_err(|e| format!("t.toml: {}: {}", e.config_field(), e.config_message()))
+    }
+
     fn check(specs: &[ViewSpec]) -> Result<(), String> {
-        validate_specs("t.toml", specs, &topics(&["products", "prices", "brands"]))
-            .map_err(|e| e.to_string())
+        check_with(specs, &[])
     }
 
     #[test]
@@ -785,12 +792,9 @@ mod tests {
             ViewSpec::new("plain", "brands"),
         ];
         check(&specs).unwrap();
-        assert!(check_on_demand_views("t.toml", &specs, &topics(&["users"])).is_ok());
-        let refused = |specs: &[ViewSpec], on_demand: &[&str]| {
-            check_on_demand_views("t.toml", specs, &topics(on_demand))
-                .unwrap_err()
-                .to_string()
-        };
+        assert!(check_with(&specs, &["users"]).is_ok());
+        let refused =
+            |specs: &[ViewSpec], on_demand: &[&str]| check_with(specs, on_demand).unwrap_err();
         // The view reading the topic is named, with the field and the way out.
         let e = refused(&specs, &["prices"]);
         assert!(
@@ -811,7 +815,7 @@ mod tests {
             "{e}"
         );
         let specs = [specs[0].clone().on_demand(1 << 20), specs[1].clone()];
-        assert!(check_on_demand_views("t.toml", &specs, &topics(&["prices"])).is_ok());
+        assert!(check_with(&specs, &["prices"]).is_ok());
         // An on_demand view cannot group, and budgets have a floor.
         let e = check(&[ViewSpec::new("g", "products")
             .group_by("x")

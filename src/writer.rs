@@ -2,19 +2,30 @@
 //!
 //! Everything that changes data — snapshot chunks, change batches, progress bookmarks from every
 //! origin — arrives here in one bounded queue and is applied in order. After each step the
-//! derived views are brought up to date (so a view is never behind its inputs once a step is
+//! view engine brings the views up to date (so a view is never behind its inputs once a step is
 //! applied) and the resulting changes are handed to the hub. Readers never block this task.
+//!
+//! The writer sits above the store, the views and the hub: it is the one place that calls all
+//! three. What the store needs of it (on_demand views asking for a row) goes through the store's
+//! [`RowDesk`] trait, implemented here.
+
+mod standalone;
+
+pub use standalone::{Changes, Standalone};
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::view_cache::RowAnswer;
-use super::{Event, Row, Source, Staging};
 use crate::hub::Hub;
+use crate::store::view_cache::{RowAnswer, RowDesk, RowRequest};
+use crate::store::{Event, Row, Source, Staging};
+use crate::views::Engine;
 
 /// One entry of a snapshot chunk.
 #[derive(Debug, Clone)]
@@ -33,7 +44,7 @@ pub struct BatchChange {
 
 /// A step for the writer, already checked by the feed client against the stream's protocol.
 #[derive(Debug)]
-pub enum Op {
+pub enum Step {
     /// A chunk of a snapshot at (epoch, version); the staged rows are swapped in on `last`.
     SnapshotChunk {
         source: Arc<Source>,
@@ -63,28 +74,11 @@ pub enum Op {
         source: Arc<Source>,
         keys: Vec<Arc<str>>,
     },
-    /// A reader asks for the row of `key` in the on_demand view `view`.
-    ViewRow {
-        view: Arc<str>,
-        key: Arc<str>,
-        reply: oneshot::Sender<RowAnswer>,
-    },
-    /// Rows of an on_demand view were evicted: their inputs can be released.
+    /// What an on_demand view's cache asks: a row, or to release evicted rows' inputs.
+    Rows(RowRequest),
+    /// Nothing to apply: wakes the writer so that it settles what happened meanwhile
+    /// (evictions) at its next flush.
     Nudge,
-}
-
-/// Derived data maintained inside the writer (the view engine).
-pub trait Derive: Send + 'static {
-    /// Brings derived sources up to date with `events` (already applied to their sources) and
-    /// returns the changes it made to derived sources.
-    fn apply(&mut self, events: &[Event]) -> Vec<Event>;
-
-    /// Marks for recomputation the rows that read `keys` of `source` (pinned on_demand keys
-    /// whose value changed); they are recomputed at the next [`Derive::apply`].
-    fn touch(&mut self, source: &Arc<Source>, keys: &[Arc<str>]);
-
-    /// Computes the row of `key` in on_demand view `view` from what is resident, and keeps it.
-    fn row(&mut self, view: &str, key: Arc<str>) -> RowAnswer;
 }
 
 /// Counters of the writer, for tests, metrics and status.
@@ -95,9 +89,10 @@ pub struct WriterStats {
     pub changes: std::sync::atomic::AtomicU64,
 }
 
+/// The single writer: applies steps to the store, runs the view engine, hands changes to the hub.
 pub struct Writer {
     hub: Arc<Hub>,
-    derive: Option<Box<dyn Derive>>,
+    engine: Option<Engine>,
     staged: HashMap<Arc<str>, Staged>,
     stats: Arc<WriterStats>,
 }
@@ -113,10 +108,10 @@ struct Staged {
 const EVENTS_KEPT: usize = 4096;
 
 impl Writer {
-    pub fn new(hub: Arc<Hub>, derive: Option<Box<dyn Derive>>, stats: Arc<WriterStats>) -> Self {
+    pub(crate) fn new(hub: Arc<Hub>, engine: Option<Engine>, stats: Arc<WriterStats>) -> Self {
         Writer {
             hub,
-            derive,
+            engine,
             staged: HashMap::new(),
             stats,
         }
@@ -124,7 +119,7 @@ impl Writer {
 
     /// Applies ops until every sender is gone, up to `batch` (`limits.writer_batch`, at least
     /// 1) of them per flush.
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Op>, batch: usize) {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Step>, batch: usize) {
         let mut events = Vec::new();
         while let Some(op) = rx.recv().await {
             self.apply(op, &mut events);
@@ -146,12 +141,10 @@ impl Writer {
         debug!("writer stopped");
     }
 
+    /// Brings the views up to date with `events` (already applied) and hands every change to
+    /// the hub.
     pub fn flush(&mut self, events: &mut Vec<Event>) {
-        if let Some(d) = self.derive.as_mut() {
-            // Also without events: a view whose inputs synced with no rows is marked synced here.
-            let derived = d.apply(events);
-            events.extend(derived);
-        }
+        self.derive(events);
         if events.is_empty() {
             return;
         }
@@ -159,19 +152,29 @@ impl Writer {
         events.clear();
     }
 
-    pub fn apply(&mut self, op: Op, events: &mut Vec<Event>) {
-        match op {
-            Op::SnapshotChunk {
+    /// Runs the view engine over `events` and appends the views' changes to them.
+    pub fn derive(&mut self, events: &mut Vec<Event>) {
+        if let Some(e) = self.engine.as_mut() {
+            // Also without events: a view whose inputs synced with no rows is marked synced here.
+            let derived = e.apply(events);
+            events.extend(derived);
+        }
+    }
+
+    /// Applies one step; the changes it made are appended to `events` (see [`Writer::flush`]).
+    pub fn apply(&mut self, step: Step, events: &mut Vec<Event>) {
+        match step {
+            Step::SnapshotChunk {
                 source,
                 epoch,
                 version,
                 entries,
                 last,
             } => self.snapshot_chunk(source, epoch, version, entries, last, events),
-            Op::AbortSnapshot { source } => {
+            Step::AbortSnapshot { source } => {
                 self.staged.remove(source.name());
             }
-            Op::Batch {
+            Step::Batch {
                 source,
                 epoch,
                 version,
@@ -221,7 +224,7 @@ impl Writer {
                 source.heard();
                 source.set_position(&epoch, version);
             }
-            Op::Progress {
+            Step::Progress {
                 source,
                 epoch,
                 version,
@@ -231,22 +234,22 @@ impl Writer {
                     source.set_version(version);
                 }
             }
-            Op::Touch { source, keys } => {
-                if let Some(d) = self.derive.as_mut() {
-                    d.touch(&source, &keys);
+            Step::Touch { source, keys } => {
+                if let Some(e) = self.engine.as_mut() {
+                    e.touch(&source, &keys);
                 }
             }
-            Op::ViewRow { view, key, reply } => {
+            Step::Rows(RowRequest::Row { view, key, reply }) => {
                 // Everything applied before the request is reflected in the views first, so
                 // the row is computed over the same state every other row is.
                 self.flush(events);
-                let answer = match self.derive.as_mut() {
-                    Some(d) => d.row(&view, key),
+                let answer = match self.engine.as_mut() {
+                    Some(e) => e.row(&view, key),
                     None => RowAnswer::Refused(format!("no on_demand view named '{view}'")),
                 };
                 let _ = reply.send(answer);
             }
-            Op::Nudge => {}
+            Step::Rows(RowRequest::Evicted) | Step::Nudge => {}
         }
     }
 
@@ -335,4 +338,32 @@ impl Writer {
             self.hub.reset_source(&name, "origin restarted (new epoch)");
         }
     }
+}
+
+/// The writer's side of the store's [`RowDesk`]: row requests join the writer's one queue, so a
+/// row is computed after every step queued before it.
+struct Desk(mpsc::WeakSender<Step>);
+
+impl RowDesk for Desk {
+    fn ask(&self, request: RowRequest) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(tx) => tx.send(Step::Rows(request)).await.is_ok(),
+                None => false,
+            }
+        })
+    }
+
+    fn tell(&self, request: RowRequest) {
+        // When the queue is full the writer is busy and settles evictions at its next step.
+        if let Some(tx) = self.0.upgrade() {
+            let _ = tx.try_send(Step::Rows(request));
+        }
+    }
+}
+
+/// A [`RowDesk`] that queues requests on the writer's queue `tx` without keeping the writer
+/// alive.
+pub(crate) fn desk(tx: &mpsc::Sender<Step>) -> Arc<dyn RowDesk> {
+    Arc::new(Desk(tx.downgrade()))
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{build, View, ViewError, ViewSet, ViewSpec, ViewStats};
-use crate::config::Mode;
+use super::{BatchChange, SnapEntry, Step, Writer, WriterStats};
 use crate::hub::Hub;
-use crate::store::writer::{BatchChange, Derive, Op, SnapEntry, Writer, WriterStats};
 use crate::store::{Clock, Event, Source, SourceKind, Store};
+use crate::types::Mode;
+use crate::views::{build, View, ViewError, ViewSet, ViewSpec, ViewStats};
 
 const EPOCH: &str = "standalone";
 
@@ -24,7 +24,8 @@ pub type Changes = Vec<(String, Option<Bytes>)>;
 ///
 /// ```
 /// use bytes::Bytes;
-/// use viewcar::views::{Standalone, ViewSpec};
+/// use viewcar::views::ViewSpec;
+/// use viewcar::Standalone;
 ///
 /// let spec = ViewSpec::new("priced", "products").include("price", "prices", "id");
 /// let mut s = Standalone::new(&["products", "prices"], &[spec], Vec::new()).unwrap();
@@ -36,7 +37,6 @@ pub type Changes = Vec<(String, Option<Bytes>)>;
 pub struct Standalone {
     store: Arc<Store>,
     writer: Writer,
-    engine: Option<Box<dyn Derive>>,
     stats: HashMap<String, Arc<ViewStats>>,
 }
 
@@ -61,6 +61,7 @@ impl Standalone {
         // Rows of an on_demand view are computed by reads through a running sidecar's writer.
         if let Some(v) = store.sources().iter().find(|s| s.view_cache().is_some()) {
             return Err(ViewError::Invalid {
+                index: None,
                 view: v.name().to_string(),
                 field: "mode".into(),
                 message: "on_demand views are computed on read by a sidecar; Standalone \
@@ -70,18 +71,21 @@ impl Standalone {
         }
         let stats = set.as_ref().map(|s| s.stats()).unwrap_or_default();
         let store = Arc::new(store);
-        let engine = set.map(|s| s.attach(store.clone()));
-        let writer = Writer::new(Arc::new(Hub::new()), None, Arc::new(WriterStats::default()));
+        let engine = set.map(ViewSet::into_engine);
+        let writer = Writer::new(
+            Arc::new(Hub::new()),
+            engine,
+            Arc::new(WriterStats::default()),
+        );
         let mut s = Standalone {
             store,
             writer,
-            engine,
             stats,
         };
         for t in topics {
             let source = s.topic(t)?;
             source.set_connected(true);
-            s.step(vec![Op::SnapshotChunk {
+            s.step(vec![Step::SnapshotChunk {
                 source,
                 epoch: EPOCH.into(),
                 version: 0,
@@ -125,7 +129,7 @@ impl Standalone {
             let source = self.topic(topic)?;
             let version = next.entry(topic).or_insert_with(|| source.version());
             *version += 1;
-            let op = Op::Batch {
+            let op = Step::Batch {
                 source,
                 epoch: EPOCH.into(),
                 version: *version,
@@ -147,7 +151,7 @@ impl Standalone {
     ) -> Result<Vec<Event>, ViewError> {
         let source = self.topic(topic)?;
         let version = source.version() + 1;
-        let events = self.step(vec![Op::SnapshotChunk {
+        let events = self.step(vec![Step::SnapshotChunk {
             source,
             epoch: EPOCH.into(),
             version,
@@ -166,14 +170,11 @@ impl Standalone {
 
     /// Runs the engine over the changes of a step, as the writer's flush does.
     fn derive(&mut self, mut events: Vec<Event>) -> Vec<Event> {
-        if let Some(e) = self.engine.as_mut() {
-            let derived = e.apply(&events);
-            events.extend(derived);
-        }
+        self.writer.derive(&mut events);
         events
     }
 
-    fn step(&mut self, ops: Vec<Op>) -> Vec<Event> {
+    fn step(&mut self, ops: Vec<Step>) -> Vec<Event> {
         let mut events = Vec::new();
         for op in ops {
             self.writer.apply(op, &mut events);

@@ -29,9 +29,9 @@ use crate::feed::FeedStats;
 use crate::hub::Hub;
 use crate::readiness::Readiness;
 use crate::serve::ws::WsStats;
-use crate::store::writer::WriterStats;
 use crate::store::{Held, OnDemandStats, Source, Store};
 use crate::views::ViewStats;
+use crate::writer::WriterStats;
 
 /// The `Content-Type` of what [`Metrics::render`] returns.
 pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;

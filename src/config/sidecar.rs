@@ -1,0 +1,654 @@
+//! `viewcar.toml`: the sidecar's listeners, bounds, origins and topics.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use super::{check_name, check_range, from_toml, read, ConfigError, ViewSpec};
+use crate::types::{check_on_demand_budget, ByteSize, Dur, Mode, DEFAULT_ON_DEMAND_BYTES};
+
+/// `viewcar.toml`: what the sidecar replicates, which views it maintains and where it serves them.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub ws: WsConfig,
+    #[serde(default)]
+    pub feed: FeedConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default, rename = "origin")]
+    pub origins: Vec<OriginSpec>,
+    #[serde(default, rename = "view")]
+    pub views: Vec<ViewSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// The Cache gRPC API.
+    #[serde(default = "default_grpc")]
+    pub grpc: SocketAddr,
+    /// The HTTP listener: WebSocket `/ws` (and the admin endpoints). Unset means
+    /// 127.0.0.1:7071, or port 0 (any free port) when `grpc` asks for port 0, so that
+    /// ephemeral sidecars (tests, tools) never collide on a fixed port.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+    /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
+    /// accident.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+    /// HTTP/2 keepalive of the Cache API: a PING after this long without frames ...
+    #[serde(default = "default_keepalive")]
+    pub keepalive_interval: Dur,
+    /// ... and the connection is closed when its answer takes longer than this.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_timeout: Dur,
+}
+
+fn default_keepalive() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_grpc() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7070))
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            grpc: default_grpc(),
+            http: None,
+            allow_non_loopback: false,
+            keepalive_interval: default_keepalive(),
+            keepalive_timeout: default_keepalive(),
+        }
+    }
+}
+
+impl ListenConfig {
+    /// Where the HTTP listener binds (see [`ListenConfig::http`]).
+    pub fn http_addr(&self) -> SocketAddr {
+        match self.http {
+            Some(a) => a,
+            None if self.grpc.port() == 0 => SocketAddr::new(self.grpc.ip(), 0),
+            None => SocketAddr::from(([127, 0, 0, 1], 7071)),
+        }
+    }
+}
+
+/// Bounds and access rules of the WebSocket endpoint (`/ws`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Most concurrent WebSocket connections; the next upgrade request gets 503.
+    pub max_connections: usize,
+    /// Most subscriptions open at once on one connection.
+    pub max_subscriptions: usize,
+    /// Most keys named by one subscribe.
+    pub max_keys: usize,
+    /// Largest inbound message (and frame); a larger one closes the connection with 1009.
+    pub max_message_bytes: ByteSize,
+    /// Changes pending per connection (distinct subscription keys; a newer value of a pending
+    /// key replaces it in place). Past it the connection's subscriptions are reset and resent
+    /// their current rows.
+    pub queue: usize,
+    /// A connection reset more than `max_resets` times within `reset_window` cannot keep up:
+    /// it is closed with code 4008.
+    pub max_resets: u32,
+    pub reset_window: Dur,
+    /// A Ping is sent this often; no frame at all from the client (a Pong included) for
+    /// `idle_timeout` closes the connection with code 4000.
+    pub ping_interval: Dur,
+    pub idle_timeout: Dur,
+    /// Bytes of outbound frames buffered per connection before a send waits for the socket.
+    pub write_buffer_bytes: ByteSize,
+    /// Frames written before one flush, so a burst of changes costs few syscalls.
+    pub send_batch_frames: usize,
+    /// Bytes read from the socket at once. Client messages are small, and each read zeroes this
+    /// much of the connection's input buffer: tungstenite's own default of 128KiB was the
+    /// largest single cost of a subscriber connection in a profile of the fan-out.
+    pub read_buffer_bytes: ByteSize,
+    /// Parsed client requests buffered between the reading and the writing half of one
+    /// connection; when it is full the connection reads nothing more until the writer catches up.
+    pub command_queue: usize,
+    /// When set, a client must present `Authorization: Bearer <token>` (or, for browsers,
+    /// which cannot set headers on a WebSocket, `?access_token=<token>`); otherwise 401.
+    pub token: Option<String>,
+    /// When non-empty, a request carrying an `Origin` header (every browser sends one) must
+    /// name one of these, such as "https://app.example.com"; otherwise 403. Requests without
+    /// `Origin` (non-browser clients) are not affected.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            max_connections: 1024,
+            max_subscriptions: 256,
+            max_keys: 10_000,
+            max_message_bytes: ByteSize(64 << 10),
+            queue: 4096,
+            max_resets: 5,
+            reset_window: Dur(Duration::from_secs(60)),
+            ping_interval: Dur(Duration::from_secs(15)),
+            idle_timeout: Dur(Duration::from_secs(45)),
+            write_buffer_bytes: ByteSize(128 << 10),
+            send_batch_frames: 128,
+            read_buffer_bytes: ByteSize(4 << 10),
+            command_queue: 32,
+            token: None,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// Bounds of the reader side. Every one is explicit so that a misbehaving client meets a clear
+/// limit instead of exhausting the pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC message accepted or sent, on the Cache API and on the feed.
+    pub max_message_bytes: ByteSize,
+    /// Most keys in one BatchGet.
+    pub max_batch_keys: usize,
+    /// Most times a BatchGet reads its keys to get an answer of whole versions (never half of
+    /// one Publish) while batches keep landing; each retry may first wait up to 20ms for a
+    /// batch in flight. If every attempt overlapped a batch, the last read is answered as is.
+    pub batch_read_attempts: usize,
+    /// Scan page size when the request says 0.
+    pub scan_default_limit: u32,
+    /// Largest Scan page; larger requests are capped.
+    pub scan_max_limit: u32,
+    /// Distinct keys pending per Watch stream (each holds only its latest change) before the
+    /// stream is reset and resent the current rows.
+    pub watch_queue: usize,
+    /// Watch events per stream taken off its queue and waiting for the transport; when full,
+    /// changes wait (conflated) in `watch_queue`.
+    pub watch_send_buffer: usize,
+    /// Most concurrent Watch streams.
+    pub max_watches: usize,
+    /// Most keys in one Watch request.
+    pub max_watch_keys: usize,
+    /// Longest `wait_ms` honoured; longer waits are capped.
+    pub max_wait: Dur,
+    /// Feed messages buffered between the feed clients and the single writer.
+    pub writer_queue: usize,
+    /// Most feed messages the writer applies in one step, from what is already queued, before
+    /// it runs the views and hands the changes to readers: a burst costs one view pass and one
+    /// dispatch, and a long one is still handed on in steps of this size.
+    pub writer_batch: usize,
+    /// Most concurrent HTTP/2 streams per client connection on the Cache API.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: ByteSize(16 << 20),
+            max_batch_keys: 1000,
+            batch_read_attempts: 64,
+            scan_default_limit: 100,
+            scan_max_limit: 1000,
+            watch_queue: 1024,
+            watch_send_buffer: 64,
+            max_watches: 10_000,
+            max_watch_keys: 10_000,
+            max_wait: Dur(Duration::from_secs(30)),
+            writer_queue: 1024,
+            writer_batch: 256,
+            max_concurrent_streams: 1024,
+        }
+    }
+}
+
+/// How the sidecar stops on SIGTERM/SIGINT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// In-flight reads, Watch streams and WebSockets get this long to finish after the
+    /// listeners stop accepting; whatever is still open then is dropped. Keep it below the
+    /// orchestrator's own limit (Kubernetes: `terminationGracePeriodSeconds`, 30 s by default).
+    pub grace: Dur,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// How the sidecar holds its feed streams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    /// First reconnect delay ceiling; each failure doubles it up to `backoff_max`. The actual
+    /// delay is uniformly random below the ceiling ("full jitter").
+    pub backoff_initial: Dur,
+    pub backoff_max: Dur,
+    pub connect_timeout: Dur,
+    /// HTTP/2 PING interval and how long to wait for its answer: together they bound how long a
+    /// silently dead origin goes unnoticed.
+    pub keepalive_interval: Dur,
+    pub keepalive_timeout: Dur,
+    /// No message at all (origins send Progress every few seconds) for this long: redial.
+    pub idle_timeout: Dur,
+    /// The feed counts as live (staleness 0) while the origin was heard from within this long.
+    pub live_window: Dur,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            backoff_initial: Dur(Duration::from_millis(100)),
+            backoff_max: Dur(Duration::from_secs(10)),
+            connect_timeout: Dur(Duration::from_secs(5)),
+            keepalive_interval: Dur(Duration::from_secs(10)),
+            keepalive_timeout: Dur(Duration::from_secs(10)),
+            idle_timeout: Dur(Duration::from_secs(30)),
+            live_window: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// One upstream origin and the topics replicated from it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSpec {
+    pub name: String,
+    /// `http://host:port`, or `https://host:port` with `tls`.
+    pub address: String,
+    pub topics: Vec<TopicSpec>,
+    /// TLS to this origin: the CA to verify it with, and a client certificate for mTLS.
+    #[serde(default)]
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
+impl TopicSpec {
+    /// The byte budget of an on_demand topic (`max_bytes`, or 64 MiB).
+    pub fn budget(&self) -> u64 {
+        self.max_bytes.map_or(DEFAULT_ON_DEMAND_BYTES, |b| b.0)
+    }
+}
+
+fn check_on_demand(file: &str, at: &str, t: &TopicSpec) -> Result<(), ConfigError> {
+    check_on_demand_budget(t.max_bytes, t.idle, "keys")
+        .map_err(|(field, message)| ConfigError::invalid(file, format!("{at}.{field}"), message))
+}
+
+/// A topic, written as its name (`"prices"`) or as a table (`{ name = "users", mode = "on_demand" }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub mode: Mode,
+    pub max_bytes: Option<ByteSize>,
+    pub idle: Option<Dur>,
+}
+
+impl<'de> Deserialize<'de> for TopicSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            name: String,
+            #[serde(default = "full")]
+            mode: Mode,
+            max_bytes: Option<ByteSize>,
+            idle: Option<Dur>,
+        }
+        fn full() -> Mode {
+            Mode::Full
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopicSpec;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a topic name or a table { name, mode, max_bytes, idle }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopicSpec, E> {
+                Ok(TopicSpec {
+                    name: v.to_string(),
+                    mode: Mode::Full,
+                    max_bytes: None,
+                    idle: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<TopicSpec, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(TopicSpec {
+                    name: t.name,
+                    mode: t.mode,
+                    max_bytes: t.max_bytes,
+                    idle: t.idle,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl SidecarConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (file, text) = read(path)?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let cfg: SidecarConfig = from_toml(file, text)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types alone cannot: names unique and well formed, addresses usable,
+    /// bounds non-zero, views well formed.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        if !self.listen.allow_non_loopback && !self.listen.grpc.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                file,
+                "listen.grpc",
+                format!(
+                    "{} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host",
+                    self.listen.grpc
+                ),
+            ));
+        }
+        let http = self.listen.http_addr();
+        if !self.listen.allow_non_loopback && !http.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                file,
+                "listen.http",
+                format!(
+                    "{http} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host"
+                ),
+            ));
+        }
+        if http.port() != 0 && http == self.listen.grpc {
+            return Err(ConfigError::invalid(
+                file,
+                "listen.http",
+                format!("{http} is also listen.grpc; give each listener its own port"),
+            ));
+        }
+        for (field, d) in [
+            ("listen.keepalive_interval", self.listen.keepalive_interval),
+            ("listen.keepalive_timeout", self.listen.keepalive_timeout),
+        ] {
+            if !(MIN_KEEPALIVE..=MAX_KEEPALIVE).contains(&d.0) {
+                return Err(ConfigError::invalid(
+                    file,
+                    field,
+                    format!(
+                        "must be between {MIN_KEEPALIVE:?} and {MAX_KEEPALIVE:?}, got {:?}",
+                        d.0
+                    ),
+                ));
+            }
+        }
+        self.ws.validate(file)?;
+        let l = &self.limits;
+        for (field, v) in [
+            ("limits.max_batch_keys", l.max_batch_keys),
+            ("limits.watch_queue", l.watch_queue),
+            ("limits.max_watches", l.max_watches),
+            ("limits.max_watch_keys", l.max_watch_keys),
+            ("limits.writer_queue", l.writer_queue),
+            ("limits.scan_default_limit", l.scan_default_limit as usize),
+            ("limits.scan_max_limit", l.scan_max_limit as usize),
+            (
+                "limits.max_concurrent_streams",
+                l.max_concurrent_streams as usize,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(file, field, "must be at least 1"));
+            }
+        }
+        check_range(
+            file,
+            "limits.batch_read_attempts",
+            l.batch_read_attempts,
+            1,
+            MAX_BATCH_READ_ATTEMPTS,
+        )?;
+        check_range(
+            file,
+            "limits.watch_send_buffer",
+            l.watch_send_buffer,
+            1,
+            4096,
+        )?;
+        check_range(
+            file,
+            "limits.writer_batch",
+            l.writer_batch,
+            1,
+            MAX_WRITER_BATCH,
+        )?;
+        if l.max_message_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "limits.max_message_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        if self.feed.backoff_initial.0.is_zero()
+            || self.feed.backoff_max < self.feed.backoff_initial
+        {
+            return Err(ConfigError::invalid(
+                file,
+                "feed.backoff_initial",
+                "must be above 0 and at most feed.backoff_max",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut origin_names = HashSet::new();
+        for (i, o) in self.origins.iter().enumerate() {
+            let at = format!("origin[{i}]");
+            check_name(file, &format!("{at}.name"), &o.name)?;
+            if !origin_names.insert(o.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.name"),
+                    format!("duplicate origin name '{}'", o.name),
+                ));
+            }
+            if !(o.address.starts_with("http://") || o.address.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.address"),
+                    format!("expected http://host:port, got {:?}", o.address),
+                ));
+            }
+            match (&o.tls, o.address.starts_with("https://")) {
+                (None, true) => return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.tls"),
+                    "an https:// origin needs tls = { ca = \"ca.pem\" } (and cert, key for mTLS)",
+                )),
+                (Some(_), false) => {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{at}.address"),
+                        "tls is set, so the address must be https://",
+                    ))
+                }
+                (Some(tls), true) => {
+                    if tls.cert.is_some() != tls.key.is_some() {
+                        return Err(ConfigError::invalid(
+                            file,
+                            format!("{at}.tls"),
+                            "cert and key go together (both for mTLS, or neither)",
+                        ));
+                    }
+                    crate::tls::check_files(file, &format!("{at}.tls"), tls.files())?;
+                }
+                (None, false) => {}
+            }
+            if o.topics.is_empty() {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("{at}.topics"),
+                    "lists no topics",
+                ));
+            }
+            for (j, t) in o.topics.iter().enumerate() {
+                let tat = format!("{at}.topics[{j}]");
+                check_name(file, &tat, &t.name)?;
+                if t.mode == Mode::OnDemand {
+                    check_on_demand(file, &tat, t)?;
+                } else if t.max_bytes.is_some() || t.idle.is_some() {
+                    return Err(ConfigError::invalid(
+                        file,
+                        tat,
+                        "max_bytes and idle apply only to mode = \"on_demand\"",
+                    ));
+                }
+                if !names.insert(t.name.clone()) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        format!("{tat}.name"),
+                        format!("duplicate source name '{}'", t.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WsConfig {
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("ws.max_connections", self.max_connections),
+            ("ws.max_subscriptions", self.max_subscriptions),
+            ("ws.max_keys", self.max_keys),
+            ("ws.queue", self.queue),
+            ("ws.max_resets", self.max_resets as usize),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(file, field, "must be at least 1"));
+            }
+        }
+        if self.max_message_bytes.0 < 256 {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.max_message_bytes",
+                "must be at least 256B",
+            ));
+        }
+        if self.write_buffer_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.write_buffer_bytes",
+                "must be at least 1KiB",
+            ));
+        }
+        check_range(
+            file,
+            "ws.send_batch_frames",
+            self.send_batch_frames,
+            1,
+            MAX_WS_SEND_BATCH_FRAMES,
+        )?;
+        if !(MIN_WS_READ_BUFFER..=MAX_WS_READ_BUFFER).contains(&self.read_buffer_bytes) {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.read_buffer_bytes",
+                format!(
+                    "must be between {MIN_WS_READ_BUFFER} and {MAX_WS_READ_BUFFER}, got {}",
+                    self.read_buffer_bytes
+                ),
+            ));
+        }
+        check_range(
+            file,
+            "ws.command_queue",
+            self.command_queue,
+            1,
+            MAX_WS_COMMAND_QUEUE,
+        )?;
+        for (field, d) in [
+            ("ws.reset_window", self.reset_window),
+            ("ws.ping_interval", self.ping_interval),
+        ] {
+            if d.0.is_zero() {
+                return Err(ConfigError::invalid(file, field, "must be above 0"));
+            }
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.idle_timeout",
+                "must be longer than ws.ping_interval (a client only answers pings)",
+            ));
+        }
+        if self.token.as_deref().is_some_and(|t| t.is_empty()) {
+            return Err(ConfigError::invalid(
+                file,
+                "ws.token",
+                "is empty; remove it to accept clients without a token",
+            ));
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if o.is_empty() || o.ends_with('/') {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("ws.allowed_origins[{i}]"),
+                    format!("expected an origin such as \"https://app.example.com\" (scheme, host, optional port; no path), got {o:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A human-readable summary of a valid config: listeners, origins and their topics (the view
+/// graph is described by `views`).
+pub fn describe(cfg: &SidecarConfig) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "listen.grpc = {}", cfg.listen.grpc);
+    let _ = writeln!(
+        out,
+        "listen.http = {} (WebSocket /ws)",
+        cfg.listen.http_addr()
+    );
+    for o in &cfg.origins {
+        let _ = writeln!(out, "origin {} ({})", o.name, o.address);
+        for t in &o.topics {
+            let _ = writeln!(out, "  topic {} [{}]", t.name, t.mode.as_str());
+        }
+    }
+    out
+}
+
+/// Bounds of an HTTP/2 keepalive setting: shorter floods the peer with pings, longer leaves a
+/// dead peer unnoticed for hours.
+const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
+const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
+
+/// Largest `limits.batch_read_attempts`: with the wait before each retry, about 20s.
+const MAX_BATCH_READ_ATTEMPTS: usize = 1000;
+/// Largest `limits.writer_batch`: readers see nothing of a step until all of it is applied.
+const MAX_WRITER_BATCH: usize = 65_536;
+
+/// Largest `ws.send_batch_frames`.
+const MAX_WS_SEND_BATCH_FRAMES: usize = 4096;
+/// Bounds of `ws.read_buffer_bytes`: each read zeroes this much, so more only costs.
+const MIN_WS_READ_BUFFER: ByteSize = ByteSize(256);
+const MAX_WS_READ_BUFFER: ByteSize = ByteSize(1 << 20);
+/// Largest `ws.command_queue`: each request may be up to `ws.max_message_bytes`.
+const MAX_WS_COMMAND_QUEUE: usize = 1024;
