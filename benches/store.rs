@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use dashmap::DashMap;
 use viewcar::config::Mode;
 use viewcar::hub::Hub;
-use viewcar::internals::{BatchChange, Clock, Op, SnapEntry, Writer, WriterStats};
+use viewcar::internals::{BatchChange, Clock, SnapEntry, Step, Writer, WriterStats};
 use viewcar::store::{Row, Source, SourceKind};
 
 const KEYS: usize = 100_000;
@@ -49,7 +49,7 @@ fn loaded(writer: &mut Writer, source: &Arc<Source>) {
         .collect();
     let mut events = Vec::new();
     writer.apply(
-        Op::SnapshotChunk {
+        Step::SnapshotChunk {
             source: source.clone(),
             epoch: "e".into(),
             version: 1,
@@ -62,7 +62,7 @@ fn loaded(writer: &mut Writer, source: &Arc<Source>) {
 }
 
 fn new_writer() -> Writer {
-    Writer::new(Arc::new(Hub::new()), None, Arc::new(WriterStats::default()))
+    Writer::without_views(Arc::new(Hub::new()), Arc::new(WriterStats::default()))
 }
 
 fn get(c: &mut Criterion) {
@@ -123,7 +123,7 @@ fn apply(c: &mut Criterion) {
                             }
                         })
                         .collect();
-                    Op::Batch {
+                    Step::Batch {
                         source: src.clone(),
                         epoch: "e".into(),
                         version,

@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
 use tracing::{error, info};
 
 use crate::pb::cache::v1 as cache;
@@ -70,21 +71,27 @@ pub async fn run_origin(cfg: OriginConfig) -> ExitCode {
     }
 }
 
-async fn cache_client(
-    addr: &str,
-) -> Result<cache::cache_client::CacheClient<tonic::transport::Channel>, ExitCode> {
+/// A command's outcome: `Err` carries the exit code of a failure already reported.
+type Outcome = Result<ExitCode, ExitCode>;
+
+async fn cache_client(addr: &str) -> Result<cache::cache_client::CacheClient<Channel>, ExitCode> {
     let url = if addr.starts_with("http") {
         addr.to_string()
     } else {
         format!("http://{addr}")
     };
-    match cache::cache_client::CacheClient::connect(url).await {
-        Ok(c) => Ok(c),
-        Err(e) => {
+    cache::cache_client::CacheClient::connect(url)
+        .await
+        .map_err(|e| {
             eprintln!("viewcar: cannot connect to {addr}: {e}");
-            Err(ExitCode::FAILURE)
-        }
-    }
+            ExitCode::FAILURE
+        })
+}
+
+/// Prints what the sidecar refused and returns failure.
+fn failed(s: tonic::Status) -> ExitCode {
+    eprintln!("viewcar: {}: {}", s.code(), s.message());
+    ExitCode::FAILURE
 }
 
 fn show_value(v: &[u8]) -> String {
@@ -94,11 +101,8 @@ fn show_value(v: &[u8]) -> String {
     }
 }
 
+/// `viewcar get`: one key, waiting up to a second for the source to sync.
 pub async fn get(addr: &str, source: String, key: String) -> ExitCode {
-    let mut client = match cache_client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = cache::GetRequest {
         source,
         key,
@@ -107,50 +111,45 @@ pub async fn get(addr: &str, source: String, key: String) -> ExitCode {
             ..Default::default()
         }),
     };
-    match client.get(req).await {
-        Ok(resp) => {
-            let resp = resp.into_inner();
-            let item = resp.item.unwrap_or_default();
-            if item.found {
-                println!("{}", show_value(&item.value));
-                eprintln!(
-                    "(key version {}, source version {}, staleness {} ms)",
-                    item.version, resp.source_version, resp.staleness_ms
-                );
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("not found (source version {})", resp.source_version);
-                ExitCode::from(1)
-            }
+    let run = async {
+        let resp = cache_client(addr)
+            .await?
+            .get(req)
+            .await
+            .map_err(failed)?
+            .into_inner();
+        let item = resp.item.unwrap_or_default();
+        if !item.found {
+            eprintln!("not found (source version {})", resp.source_version);
+            return Ok(ExitCode::from(1));
         }
-        Err(s) => {
-            eprintln!("viewcar: {}: {}", s.code(), s.message());
-            ExitCode::FAILURE
-        }
-    }
+        println!("{}", show_value(&item.value));
+        eprintln!(
+            "(key version {}, source version {}, staleness {} ms)",
+            item.version, resp.source_version, resp.staleness_ms
+        );
+        Outcome::Ok(ExitCode::SUCCESS)
+    };
+    run.await.unwrap_or_else(|code| code)
 }
 
+/// `viewcar watch`: every change of the keys (or the prefix), until the stream ends.
 pub async fn watch(addr: &str, source: String, keys: Vec<String>, prefix: String) -> ExitCode {
-    let mut client = match cache_client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let req = cache::WatchRequest {
         source,
         keys,
         prefix,
         send_initial: true,
     };
-    let mut stream = match client.watch(req).await {
-        Ok(s) => s.into_inner(),
-        Err(s) => {
-            eprintln!("viewcar: {}: {}", s.code(), s.message());
-            return ExitCode::FAILURE;
-        }
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(ev)) => match ev.kind {
+    let run = async {
+        let mut stream = cache_client(addr)
+            .await?
+            .watch(req)
+            .await
+            .map_err(failed)?
+            .into_inner();
+        while let Some(ev) = stream.message().await.map_err(failed)? {
+            match ev.kind {
                 Some(cache::watch_event::Kind::Upsert(i)) => {
                     println!("upsert {} v{} {}", i.key, i.version, show_value(&i.value))
                 }
@@ -160,42 +159,35 @@ pub async fn watch(addr: &str, source: String, keys: Vec<String>, prefix: String
                 Some(cache::watch_event::Kind::Synced(v)) => println!("synced at version {v}"),
                 Some(cache::watch_event::Kind::Reset(r)) => println!("reset: {r}"),
                 None => {}
-            },
-            Ok(None) => return ExitCode::SUCCESS,
-            Err(s) => {
-                eprintln!("viewcar: {}: {}", s.code(), s.message());
-                return ExitCode::FAILURE;
             }
         }
-    }
+        Outcome::Ok(ExitCode::SUCCESS)
+    };
+    run.await.unwrap_or_else(|code| code)
 }
 
+/// `viewcar sources`: every source of the sidecar with its state.
 pub async fn sources(addr: &str) -> ExitCode {
-    let mut client = match cache_client(addr).await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    match client.list_sources(cache::ListSourcesRequest {}).await {
-        Ok(resp) => {
+    let run = async {
+        let resp = cache_client(addr)
+            .await?
+            .list_sources(cache::ListSourcesRequest {})
+            .await
+            .map_err(failed)?;
+        println!(
+            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
+            "source", "kind", "mode", "origin", "keys", "version", "synced", "stale_ms"
+        );
+        for s in resp.into_inner().sources {
             println!(
                 "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
-                "source", "kind", "mode", "origin", "keys", "version", "synced", "stale_ms"
+                s.name, s.kind, s.mode, s.origin, s.keys, s.version, s.synced, s.staleness_ms
             );
-            for s in resp.into_inner().sources {
-                println!(
-                    "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
-                    s.name, s.kind, s.mode, s.origin, s.keys, s.version, s.synced, s.staleness_ms
-                );
-            }
-            ExitCode::SUCCESS
         }
-        Err(s) => {
-            eprintln!("viewcar: {}: {}", s.code(), s.message());
-            ExitCode::FAILURE
-        }
-    }
+        Outcome::Ok(ExitCode::SUCCESS)
+    };
+    run.await.unwrap_or_else(|code| code)
 }
-
 /// Sets up logging to stderr: `RUST_LOG` (or `default_filter`), text or JSON. Colours only when
 /// stderr is a terminal: a file, a pipe or `kubectl logs` gets plain text.
 pub fn init_tracing(json: bool, default_filter: &str) {

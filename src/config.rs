@@ -74,6 +74,63 @@ fn from_toml<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T
     })
 }
 
+/// A config document that checks itself after parsing (what types alone cannot say).
+trait Checked: serde::de::DeserializeOwned {
+    fn check(&self, file: &str) -> Result<(), ConfigError>;
+}
+
+impl Checked for SidecarConfig {
+    fn check(&self, file: &str) -> Result<(), ConfigError> {
+        self.validate(file)
+    }
+}
+
+impl Checked for OriginConfig {
+    fn check(&self, file: &str) -> Result<(), ConfigError> {
+        self.validate(file)
+    }
+}
+
+/// Parses and checks config text; `file` names it in errors.
+fn parse_checked<T: Checked>(file: &str, text: &str) -> Result<T, ConfigError> {
+    let cfg: T = from_toml(file, text)?;
+    cfg.check(file)?;
+    Ok(cfg)
+}
+
+/// Reads, parses and checks a config file.
+fn load_checked<T: Checked>(path: &Path) -> Result<T, ConfigError> {
+    let (file, text) = read(path)?;
+    parse_checked(&file, &text)
+}
+
+/// Refuses a token set to the empty string: a typo that would accept every client.
+fn check_token(
+    file: &str,
+    field: &str,
+    token: Option<&str>,
+    hint: &str,
+) -> Result<(), ConfigError> {
+    if token.is_some_and(str::is_empty) {
+        Err(ConfigError::invalid(
+            file,
+            field,
+            format!("is empty; {hint}"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Refuses a zero duration.
+fn check_positive(file: &str, field: &str, d: Dur) -> Result<(), ConfigError> {
+    if d.0.is_zero() {
+        Err(ConfigError::invalid(file, field, "must be above 0"))
+    } else {
+        Ok(())
+    }
+}
+
 /// Refuses a count outside `min..=max`: zero, or so large that it is surely a mistake.
 fn check_range(
     file: &str,
@@ -91,6 +148,24 @@ fn check_range(
             format!("must be between {min} and {max}, got {v}"),
         ))
     }
+}
+
+/// Checks that every TLS file exists and is readable, naming the field that points at it.
+fn check_tls_files(
+    file: &str,
+    at: &str,
+    files: Vec<(&'static str, &Path)>,
+) -> Result<(), ConfigError> {
+    for (field, path) in files {
+        if let Err(e) = std::fs::File::open(path) {
+            return Err(ConfigError::invalid(
+                file,
+                format!("{at}.{field}"),
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Source names are what readers type: keep them to a safe alphabet.
@@ -151,6 +226,35 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("mdoe"), "{err}");
+    }
+
+    /// A value of the wrong type names the key and what was expected in the file's terms, never
+    /// a Rust type ("expected struct ListenConfig").
+    #[test]
+    fn type_errors_name_the_expected_table_not_a_rust_type() {
+        for (text, key, expected) in [
+            (
+                "listen = \"127.0.0.1:7070\"\n",
+                "listen",
+                "a table [listen]",
+            ),
+            ("ws = 5\n", "ws", "a table [ws]"),
+            ("limits = 5\n", "limits", "a table [limits]"),
+            ("feed = \"x\"\n", "feed", "a table [feed]"),
+            ("shutdown = 1\n", "shutdown", "a table [shutdown]"),
+            ("origin = [1]\n", "origin", "an [[origin]] table"),
+            ("view = [\"v\"]\n", "view", "a [[view]] table"),
+        ] {
+            let err = SidecarConfig::parse("t.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(expected), "{text}: {err}");
+            assert!(!err.contains("struct"), "{text}: {err}");
+        }
+        let err = OriginConfig::parse("o.toml", "tls = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls = {") && !err.contains("struct"), "{err}");
     }
 
     #[test]

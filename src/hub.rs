@@ -120,12 +120,12 @@ pub struct QueueInfo {
     pub resets: u64,
 }
 
-type Slot = (SubId, Arc<str>);
+type PendingKey = (SubId, Arc<str>);
 
 #[derive(Default)]
 struct QueueState {
-    order: VecDeque<Slot>,
-    latest: HashMap<Slot, Arc<Change>>,
+    order: VecDeque<PendingKey>,
+    latest: HashMap<PendingKey, Arc<Change>>,
     /// Overflowed: nothing is queued until the consumer has re-read the current rows.
     lagged: bool,
     /// Subscriptions whose source started over (origin epoch changed), with the reason.
@@ -313,7 +313,7 @@ impl Hub {
         if st.lagged {
             return;
         }
-        let slot: Slot = (t.sub, change.key.clone());
+        let slot: PendingKey = (t.sub, change.key.clone());
         if let Some(old) = st.latest.get_mut(&slot) {
             *old = change.clone();
             st.conflated += 1;
@@ -410,7 +410,7 @@ pub struct Subscriber {
     pending: VecDeque<Delivery>,
     limit: Option<ResetLimit>,
     reset_times: VecDeque<Instant>,
-    drained: Vec<(Slot, Arc<Change>)>,
+    drained: Vec<(PendingKey, Arc<Change>)>,
 }
 
 impl Subscriber {
@@ -781,13 +781,7 @@ mod tests {
     use crate::types::Mode;
 
     fn source() -> Arc<Source> {
-        let s = Source::new(
-            "t",
-            SourceKind::View,
-            Mode::Full,
-            Clock::new(),
-            Duration::from_secs(60),
-        );
+        let s = crate::store::tests::test_source();
         s.mark_synced();
         Arc::new(s)
     }

@@ -37,6 +37,7 @@ fn builder(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
 
 /// The reflection services, v1 and v1alpha (older grpcurl and grpcui ask v1alpha), listing
 /// `services` besides health and reflection: only what the listener really serves.
+#[allow(clippy::expect_used)] // infallible: see below
 pub(crate) fn reflection(
     services: &[&str],
 ) -> (

@@ -14,15 +14,28 @@
 //!
 //! - [`origin`]: viewcar's own origin, embeddable in a Rust service ([`Origin`]).
 //! - [`Sidecar`]: the sidecar, started from a [`SidecarConfig`].
+//! - [`views`]: declaring views ([`views::ViewSpec`], [`views::View`]); [`Standalone`] runs
+//!   them without a sidecar.
 //! - [`pb`]: the generated protobuf types and gRPC clients/servers.
+//!
+//! Dependencies point down, never up (checked by `tests/layering.rs`): `types`, `config` at the
+//! bottom; then `store`, `hub`, `views`; then the single `writer`, the `feed` client and the
+//! `origin`; then `serve` (gRPC, WebSocket, admin); then the wiring (`sidecar`, `demo`, `cli`,
+//! `bench`).
+
+#![forbid(unsafe_code)]
+// Errors are values here: a panic in a sidecar takes the pod's reads down with it.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 // Bottom: plain data shared by every layer.
+
 pub mod config;
 mod introspect;
 pub mod pb;
 pub mod tls;
 pub mod types;
 // Data: sources, subscriptions, views.
+#[doc(hidden)]
 pub mod hub;
 mod readiness;
 pub mod store;
@@ -30,13 +43,17 @@ pub mod views;
 // Moving data: the single writer, the feed client, the origin.
 mod feed;
 pub mod origin;
+#[doc(hidden)]
 pub mod writer;
 // Serving.
 mod serve;
 // Top: wiring.
 #[cfg(feature = "bench")]
+#[doc(hidden)]
 pub mod bench;
+#[doc(hidden)]
 pub mod cli;
+#[doc(hidden)]
 pub mod demo;
 mod sidecar;
 
@@ -46,7 +63,7 @@ pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;
 pub use serve::ws;
 pub use sidecar::{check_config, Sidecar, StartError};
-pub use writer::Standalone;
+pub use writer::{Changes, Standalone};
 
 /// Resolves at the first SIGTERM or SIGINT (Ctrl-C): what stops `viewcar sidecar`, `origin` and
 /// `demo`.

@@ -24,7 +24,10 @@ pub enum TlsError {
 
 /// `[tls]` of `origin.toml`: serve Feed over TLS.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table tls = { cert = \"...\", key = \"...\" } (client_ca for mTLS)"
+)]
 pub struct ServerTls {
     /// The origin's certificate chain (PEM).
     pub cert: PathBuf,
@@ -37,7 +40,10 @@ pub struct ServerTls {
 
 /// `tls` of an `[[origin]]` in `viewcar.toml`: dial the origin over TLS (`https://` address).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table tls = { ca = \"...\" } (cert and key for mTLS)"
+)]
 pub struct ClientTls {
     /// CA certificate(s) (PEM) the origin's certificate must chain to.
     pub ca: PathBuf,
@@ -110,24 +116,6 @@ impl ClientTls {
         }
         v
     }
-}
-
-/// Checks that every file exists and is readable, naming the field that points at it.
-pub(crate) fn check_files(
-    file: &str,
-    at: &str,
-    files: Vec<(&'static str, &Path)>,
-) -> Result<(), crate::ConfigError> {
-    for (field, path) in files {
-        if let Err(e) = std::fs::File::open(path) {
-            return Err(crate::ConfigError::invalid(
-                file,
-                format!("{at}.{field}"),
-                format!("cannot read {}: {e}", path.display()),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Equal-length byte strings compared without an early exit, so that a wrong token's timing

@@ -117,7 +117,12 @@ impl Writer {
         }
     }
 
-    /// Applies ops until every sender is gone, up to `batch` (`limits.writer_batch`, at least
+    /// A writer of topics only (no views), for tools and the fuzz targets.
+    pub fn without_views(hub: Arc<Hub>, stats: Arc<WriterStats>) -> Self {
+        Self::new(hub, None, stats)
+    }
+
+    /// Applies steps until every sender is gone, up to `batch` (`limits.writer_batch`, at least
     /// 1) of them per flush.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Step>, batch: usize) {
         let mut events = Vec::new();

@@ -752,3 +752,75 @@ async fn added_latency_delays_changes_without_reordering_or_throttling_them() {
     })
     .await
 }
+
+// ----- an origin that holds its response headers back -----
+
+/// A Get that waits for the source: UNAVAILABLE "not synced" if the sidecar never counts the
+/// origin reachable.
+async fn get_waiting_value(sidecar: &Sidecar, src: &str, key: &str) -> Option<String> {
+    let mut client = cache_client(sidecar).await;
+    let item = client
+        .get(get_waiting(src, key, 10_000))
+        .await
+        .unwrap_or_else(|s| panic!("Get {src}/{key}: {}: {}", s.code(), s.message()))
+        .into_inner()
+        .item
+        .expect("item");
+    item.found.then(|| text(&item.value))
+}
+
+/// grpc-go and grpcio send the response headers of Sync together with the first message. A
+/// sidecar whose topics are all on_demand asks nothing on a new stream, so such an origin
+/// answers nothing: readiness and reads must not wait for the headers, and a key read
+/// meanwhile is still subscribed on the stream (which is what the origin is waiting for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_holding_its_headers_back_serves_on_demand_topics() {
+    within(async {
+        let mut fake = FakeOrigin::holding_headers().await;
+        fake.set_position("t", "e", 1);
+        fake.set_row("t", "a", "1", 1);
+        let (sidecar, t, _feed) = bad_peer_sidecar(&fake, Mode::OnDemand).await;
+        // Read through while no header has arrived: one Fetch.
+        assert_eq!(
+            get_waiting_value(&sidecar, "t", "a").await.as_deref(),
+            Some("1")
+        );
+        assert!(sidecar.readiness().is_ready(), "ready without headers");
+        // The key's Subscribe reaches the origin, which only now answers the stream.
+        let mut s = fake.accept().await;
+        let sub = s.next_subscribe().await;
+        assert_eq!(
+            (sub.topic.as_str(), sub.keys.as_slice()),
+            ("t", &["a".to_string()][..])
+        );
+        s.snapshot("t", "e", 1, &[("a".into(), "1".into())], 10)
+            .await;
+        s.batch("t", "e", 1, 2, &[("a", Some("2"))]).await;
+        wait_position(&t, "e", 2).await;
+        assert_eq!(get_value(&sidecar, "t", "a").await.as_deref(), Some("2"));
+        assert_eq!(fake.fetches(), 1, "the pushed value is read from memory");
+    })
+    .await;
+}
+
+/// The same origin with a full topic: the Subscribe is sent before any header, and the
+/// snapshot that comes with them syncs the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_holding_its_headers_back_serves_full_topics() {
+    within(async {
+        let mut fake = FakeOrigin::holding_headers().await;
+        let (sidecar, t, _feed) = bad_peer_sidecar(&fake, Mode::Full).await;
+        let mut s = fake.accept().await;
+        let sub = s.next_subscribe().await;
+        assert_eq!((sub.topic.as_str(), sub.keys.len()), ("t", 0));
+        s.snapshot("t", "e", 3, &[("a".into(), "x".into())], 10)
+            .await;
+        sidecar.synced().await;
+        wait_position(&t, "e", 3).await;
+        assert_eq!(
+            get_waiting_value(&sidecar, "t", "a").await.as_deref(),
+            Some("x")
+        );
+    })
+    .await;
+}

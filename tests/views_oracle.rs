@@ -10,7 +10,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use viewcar::views::ViewSpec;
-use viewcar::writer::{Changes, Standalone};
+use viewcar::{Changes, Standalone};
 
 #[path = "common/oracle.rs"]
 mod oracle;

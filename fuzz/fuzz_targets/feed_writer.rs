@@ -13,7 +13,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use viewcar::config::Mode;
 use viewcar::hub::Hub;
-use viewcar::internals::{BatchChange, Clock, Op, SnapEntry, Writer, WriterStats};
+use viewcar::internals::{BatchChange, Clock, SnapEntry, Step, Writer, WriterStats};
 use viewcar::store::{Source, SourceKind};
 
 /// The input, one byte at a time; zeros once it runs out.
@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let mut models: Vec<Model> = vec![Model::default(), Model::default()];
-    let mut writer = Writer::new(Arc::new(Hub::new()), None, Arc::new(WriterStats::default()));
+    let mut writer = Writer::without_views(Arc::new(Hub::new()), Arc::new(WriterStats::default()));
     let mut events = Vec::new();
     let mut step = 0;
     while !input.0.is_empty() && step < 512 {
@@ -133,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
                         m.version = v;
                     }
                 }
-                Op::SnapshotChunk {
+                Step::SnapshotChunk {
                     source,
                     epoch,
                     version,
@@ -143,7 +143,7 @@ fuzz_target!(|data: &[u8]| {
             }
             1 => {
                 m.staged = None;
-                Op::AbortSnapshot { source }
+                Step::AbortSnapshot { source }
             }
             2 => {
                 let epoch = input.epoch();
@@ -174,7 +174,7 @@ fuzz_target!(|data: &[u8]| {
                     m.epoch = epoch.clone();
                     m.version = version;
                 }
-                Op::Batch {
+                Step::Batch {
                     source,
                     epoch,
                     version,
@@ -187,7 +187,7 @@ fuzz_target!(|data: &[u8]| {
                 if m.epoch == epoch && version > m.version {
                     m.version = version;
                 }
-                Op::Progress {
+                Step::Progress {
                     source,
                     epoch,
                     version,

@@ -25,6 +25,7 @@ where
 }
 
 /// Latencies in nanoseconds, 1 ns .. 100 s at 3 significant digits.
+#[allow(clippy::expect_used)] // infallible: constant bounds, checked below
 pub fn histogram() -> Histogram<u64> {
     // Bounds are constants that hdrhistogram accepts (low >= 1, high >= 2 * low, sigfig <= 5).
     Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("constant, valid bounds")

@@ -35,7 +35,7 @@ fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
         products,
         ..CatalogSize::default()
     };
-    let mut writer = Writer::new(Arc::new(Hub::new()), None, Arc::new(WriterStats::default()));
+    let mut writer = Writer::without_views(Arc::new(Hub::new()), Arc::new(WriterStats::default()));
     let mut out = Vec::new();
     for (topic, puts) in demo::catalog(size, 1) {
         let src = Arc::new(Source::new(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{check_name, check_range, from_toml, read, ConfigError};
+use super::{check_name, check_range, ConfigError};
 use crate::types::{ByteSize, Dur};
 
 /// Largest `stream_send_buffer`: each message may be up to `max_message_bytes`.
@@ -14,7 +14,11 @@ const MAX_STREAM_SEND_BUFFER: usize = 1024;
 
 /// `origin.toml`: the settings of viewcar's own origin.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "the origin config: a TOML document with listen, topics, ..."
+)]
 pub struct OriginConfig {
     /// Where `Feed` is served.
     pub listen: SocketAddr,
@@ -120,15 +124,12 @@ impl Default for OriginConfig {
 impl OriginConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (file, text) = read(path)?;
-        Self::parse(&file, &text)
+        super::load_checked(path)
     }
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let cfg: OriginConfig = from_toml(file, text)?;
-        cfg.validate(file)?;
-        Ok(cfg)
+        super::parse_checked(file, text)
     }
 
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
@@ -186,13 +187,7 @@ impl OriginConfig {
                 "must be below max_message_bytes",
             ));
         }
-        if self.progress_interval.0.is_zero() {
-            return Err(ConfigError::invalid(
-                file,
-                "progress_interval",
-                "must be above 0",
-            ));
-        }
+        super::check_positive(file, "progress_interval", self.progress_interval)?;
         if self.cache_bytes.0 < (1 << 20) {
             return Err(ConfigError::invalid(
                 file,
@@ -200,13 +195,7 @@ impl OriginConfig {
                 "must be at least 1MiB",
             ));
         }
-        if self.fsync_interval.0.is_zero() {
-            return Err(ConfigError::invalid(
-                file,
-                "fsync_interval",
-                "must be above 0",
-            ));
-        }
+        super::check_positive(file, "fsync_interval", self.fsync_interval)?;
         if self
             .data_dir
             .as_ref()
@@ -218,15 +207,14 @@ impl OriginConfig {
                 "is empty; remove it to keep the origin in memory",
             ));
         }
-        if self.publish_token.as_deref().is_some_and(|t| t.is_empty()) {
-            return Err(ConfigError::invalid(
-                file,
-                "publish_token",
-                "is empty; remove it to accept publishes without a token",
-            ));
-        }
+        super::check_token(
+            file,
+            "publish_token",
+            self.publish_token.as_deref(),
+            "remove it to accept publishes without a token",
+        )?;
         if let Some(tls) = &self.tls {
-            crate::tls::check_files(file, "tls", tls.files())?;
+            super::check_tls_files(file, "tls", tls.files())?;
         }
         Ok(())
     }

@@ -9,12 +9,15 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{check_name, check_range, from_toml, read, ConfigError, ViewSpec};
+use super::{check_name, check_range, ConfigError, ViewSpec};
 use crate::types::{check_on_demand_budget, ByteSize, Dur, Mode, DEFAULT_ON_DEMAND_BYTES};
 
 /// `viewcar.toml`: what the sidecar replicates, which views it maintains and where it serves them.
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "the sidecar config: a TOML document with [listen], [[origin]], ..."
+)]
 pub struct SidecarConfig {
     #[serde(default)]
     pub listen: ListenConfig,
@@ -33,7 +36,10 @@ pub struct SidecarConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table [listen] with grpc, http, allow_non_loopback, ..."
+)]
 pub struct ListenConfig {
     /// The Cache gRPC API.
     #[serde(default = "default_grpc")]
@@ -88,7 +94,11 @@ impl ListenConfig {
 
 /// Bounds and access rules of the WebSocket endpoint (`/ws`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table [ws] with max_connections, queue, token, ..."
+)]
 pub struct WsConfig {
     /// Most concurrent WebSocket connections; the next upgrade request gets 503.
     pub max_connections: usize,
@@ -155,7 +165,11 @@ impl Default for WsConfig {
 /// Bounds of the reader side. Every one is explicit so that a misbehaving client meets a clear
 /// limit instead of exhausting the pod.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table [limits] with max_message_bytes, max_watches, ..."
+)]
 pub struct Limits {
     /// Largest gRPC message accepted or sent, on the Cache API and on the feed.
     pub max_message_bytes: ByteSize,
@@ -213,7 +227,11 @@ impl Default for Limits {
 
 /// How the sidecar stops on SIGTERM/SIGINT.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table [shutdown] with grace"
+)]
 pub struct ShutdownConfig {
     /// In-flight reads, Watch streams and WebSockets get this long to finish after the
     /// listeners stop accepting; whatever is still open then is dropped. Keep it below the
@@ -231,7 +249,11 @@ impl Default for ShutdownConfig {
 
 /// How the sidecar holds its feed streams.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table [feed] with backoff_initial, backoff_max, keepalive_interval, ..."
+)]
 pub struct FeedConfig {
     /// First reconnect delay ceiling; each failure doubles it up to `backoff_max`. The actual
     /// delay is uniformly random below the ceiling ("full jitter").
@@ -264,7 +286,10 @@ impl Default for FeedConfig {
 
 /// One upstream origin and the topics replicated from it.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an [[origin]] table with name, address, topics and optional tls"
+)]
 pub struct OriginSpec {
     pub name: String,
     /// `http://host:port`, or `https://host:port` with `tls`.
@@ -341,15 +366,12 @@ impl<'de> Deserialize<'de> for TopicSpec {
 impl SidecarConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (file, text) = read(path)?;
-        Self::parse(&file, &text)
+        super::load_checked(path)
     }
 
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let cfg: SidecarConfig = from_toml(file, text)?;
-        cfg.validate(file)?;
-        Ok(cfg)
+        super::parse_checked(file, text)
     }
 
     /// Checks what the types alone cannot: names unique and well formed, addresses usable,
@@ -493,7 +515,7 @@ impl SidecarConfig {
                             "cert and key go together (both for mTLS, or neither)",
                         ));
                     }
-                    crate::tls::check_files(file, &format!("{at}.tls"), tls.files())?;
+                    super::check_tls_files(file, &format!("{at}.tls"), tls.files())?;
                 }
                 (None, false) => {}
             }
@@ -595,13 +617,12 @@ impl WsConfig {
                 "must be longer than ws.ping_interval (a client only answers pings)",
             ));
         }
-        if self.token.as_deref().is_some_and(|t| t.is_empty()) {
-            return Err(ConfigError::invalid(
-                file,
-                "ws.token",
-                "is empty; remove it to accept clients without a token",
-            ));
-        }
+        super::check_token(
+            file,
+            "ws.token",
+            self.token.as_deref(),
+            "remove it to accept clients without a token",
+        )?;
         for (i, o) in self.allowed_origins.iter().enumerate() {
             if o.is_empty() || o.ends_with('/') {
                 return Err(ConfigError::invalid(

@@ -12,7 +12,10 @@ use crate::types::{ByteSize, Dur, Mode};
 
 /// A `[[view]]` declaration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a [[view]] table with name, from and optional where, include, select, group_by, mode"
+)]
 pub struct ViewSpec {
     pub name: String,
     /// The source (topic or view) with one row per key.

@@ -298,15 +298,11 @@ impl FeedClient {
         }
         let (req_tx, req_rx) = self.request_channel();
         let mut backlog = self.open_stream(&req_tx);
-        let mut stream = client.sync(ReceiverStream::new(req_rx)).await?.into_inner();
-        self.stats.connected.store(true, Ordering::Relaxed);
-        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        info!(origin = %self.spec.name, address = %self.spec.address, "feed connected");
-        for t in self.topics.values() {
-            t.source.set_connected(true);
-        }
+        // The connection is up: an on_demand source can read through from here on. Its
+        // readiness must not wait for the response headers of Sync: an origin may hold them
+        // back until its first message (grpc-go and grpcio do), and a stream with only keyed
+        // interest may have nothing to answer until a key is subscribed on it.
         for k in self.keyed.values() {
-            // An on_demand source is ready to read through once its origin is reachable.
             k.source.set_connected(true);
             k.source.heard();
             k.source.mark_synced();
@@ -318,8 +314,27 @@ impl FeedClient {
                 .await
                 .map_err(|_| FeedError::WriterGone)?;
         }
-        let idle = self.cfg.idle_timeout.0;
         let key_ops = self.key_ops.clone();
+        let sync = client.sync(ReceiverStream::new(req_rx));
+        tokio::pin!(sync);
+        // While the headers are held back, keys read meanwhile are still subscribed on the
+        // stream: the origin may be waiting for exactly that before it answers.
+        let mut stream = loop {
+            tokio::select! {
+                answer = &mut sync => break answer?.into_inner(),
+                _ = key_ops.notified() => backlog = self.send_key_ops(&req_tx),
+                _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => {
+                    backlog = self.send_key_ops(&req_tx);
+                }
+            }
+        };
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        info!(origin = %self.spec.name, address = %self.spec.address, "feed connected");
+        for t in self.topics.values() {
+            t.source.set_connected(true);
+        }
+        let idle = self.cfg.idle_timeout.0;
         loop {
             let next = tokio::select! {
                 m = tokio::time::timeout(idle, stream.message()) => Some(m),
@@ -478,10 +493,7 @@ impl FeedClient {
                 }
             }
             Kind::Changes(batch) => {
-                if t.phase != Phase::Live {
-                    return Ok(());
-                }
-                let Some(c) = &mut t.cursor else {
+                let Some(c) = live_cursor(t) else {
                     return Ok(());
                 };
                 if batch.epoch != c.epoch {
@@ -515,10 +527,7 @@ impl FeedClient {
             }
             Kind::Progress(p) => {
                 let Some(pos) = p.position else { return Ok(()) };
-                if t.phase != Phase::Live {
-                    return Ok(());
-                }
-                let Some(c) = &mut t.cursor else {
+                let Some(c) = live_cursor(t) else {
                     return Ok(());
                 };
                 if pos.epoch != c.epoch {
@@ -528,10 +537,11 @@ impl FeedClient {
                 if pos.version > c.version {
                     c.version = pos.version;
                 }
+                let version = c.version;
                 Step::Progress {
                     source: t.source.clone(),
                     epoch: pos.epoch,
-                    version: c.version,
+                    version,
                 }
             }
             Kind::Reset(r) => {
@@ -815,6 +825,15 @@ async fn touch(
 
 /// Logs a snapshot's progress every [`LOAD_LOG_EVERY`] while it loads, and its total when it
 /// took longer than that: an operator watching a large topic sync sees keys and a rate.
+/// The cursor of a topic that is streaming changes; `None` while its snapshot is awaited (a
+/// change or a Progress is then ignored: the snapshot supersedes it).
+fn live_cursor(t: &mut TopicState) -> Option<&mut Cursor> {
+    if t.phase != Phase::Live {
+        return None;
+    }
+    t.cursor.as_mut()
+}
+
 /// `Feed.Fetch` over the stream's connection: how on_demand replicas read a miss.
 struct FetchClient(pb::feed_client::FeedClient<Channel>);
 
@@ -856,28 +875,29 @@ fn log_loading(origin: &str, topic: &str, t: &mut TopicState, entries: usize, la
     } else {
         0
     };
-    if last {
-        if secs >= LOAD_LOG_EVERY.as_secs_f64() {
-            info!(
-                origin,
-                topic,
-                keys = l.keys,
-                secs = format!("{secs:.1}"),
-                keys_per_s = rate,
-                "snapshot received"
-            );
-        }
-        t.loading = None;
-    } else if now.duration_since(l.logged) >= LOAD_LOG_EVERY {
+    let done = last && secs >= LOAD_LOG_EVERY.as_secs_f64();
+    let progress = !last && now.duration_since(l.logged) >= LOAD_LOG_EVERY;
+    if progress {
         l.logged = now;
+    }
+    if done || progress {
+        let what = if last {
+            "snapshot received"
+        } else {
+            "snapshot loading"
+        };
+        let secs = format!("{secs:.1}");
         info!(
             origin,
             topic,
             keys = l.keys,
-            secs = format!("{secs:.1}"),
+            secs,
             keys_per_s = rate,
-            "snapshot loading"
+            "{what}"
         );
+    }
+    if last {
+        t.loading = None;
     }
 }
 

@@ -3,6 +3,9 @@
 //! panics when an invariant breaks. The only panicking code in the library, and not built into
 //! the binary.
 
+// A test harness: its checks are meant to panic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use super::*;
 
 /// What [`replay`] saw.

@@ -651,7 +651,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn row(v: &str, version: u64) -> Row {
@@ -751,15 +751,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn staleness_is_zero_only_while_live() {
-        let s = Source::new(
+    /// A full source `t` with a live window of a minute, for unit tests here and in the hub.
+    pub(crate) fn test_source() -> Source {
+        Source::new(
             "t",
             SourceKind::View,
             Mode::Full,
             Clock::new(),
             Duration::from_secs(60),
-        );
+        )
+    }
+
+    #[test]
+    fn staleness_is_zero_only_while_live() {
+        let s = test_source();
         s.set_connected(true);
         s.heard();
         assert_eq!(s.staleness_ms(), 0);

@@ -294,18 +294,23 @@ pub async fn until_synced(watch: &mut tonic::Streaming<cache::WatchEvent>) {
 pub struct FakeStream {
     pub requests: tonic::Streaming<feed::SyncRequest>,
     pub out: mpsc::Sender<Result<feed::SyncResponse, Status>>,
+    /// The request an origin that holds its headers back read before answering.
+    pub first: Option<feed::SyncRequest>,
 }
 
 impl FakeStream {
     /// The next Subscribe the sidecar sends on this stream.
     pub async fn next_subscribe(&mut self) -> feed::Subscribe {
         loop {
-            let req = self
-                .requests
-                .message()
-                .await
-                .expect("request stream")
-                .expect("sidecar closed the stream");
+            let req = match self.first.take() {
+                Some(first) => first,
+                None => self
+                    .requests
+                    .message()
+                    .await
+                    .expect("request stream")
+                    .expect("sidecar closed the stream"),
+            };
             if let Some(feed::sync_request::Kind::Subscribe(s)) = req.kind {
                 return s;
             }
@@ -408,6 +413,9 @@ struct FakeRows {
 struct FakeFeed {
     streams: mpsc::Sender<FakeStream>,
     fetch: Arc<Mutex<FakeRows>>,
+    /// Send no response headers until the first request has arrived (as a grpc-go or grpcio
+    /// origin does when its first message waits for a request).
+    hold_headers: bool,
 }
 
 #[tonic::async_trait]
@@ -419,10 +427,20 @@ impl feed::feed_server::Feed for FakeFeed {
         request: Request<tonic::Streaming<feed::SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let (out, rx) = mpsc::channel(64);
+        let mut requests = request.into_inner();
+        let first = if self.hold_headers {
+            match requests.message().await {
+                Ok(Some(first)) => Some(first),
+                _ => return Err(Status::cancelled("the sidecar left before asking")),
+            }
+        } else {
+            None
+        };
         self.streams
             .send(FakeStream {
-                requests: request.into_inner(),
+                requests,
                 out,
+                first,
             })
             .await
             .map_err(|_| Status::unavailable("test is gone"))?;
@@ -466,6 +484,16 @@ impl feed::feed_server::Feed for FakeFeed {
 
 impl FakeOrigin {
     pub async fn start() -> FakeOrigin {
+        Self::serve(false).await
+    }
+
+    /// A fake origin whose Sync handler awaits the stream's first request before it returns
+    /// its response, so no response headers reach the sidecar until it has asked something.
+    pub async fn holding_headers() -> FakeOrigin {
+        Self::serve(true).await
+    }
+
+    async fn serve(hold_headers: bool) -> FakeOrigin {
         let listener = TcpListener::bind(loopback0()).await.expect("bind fake");
         let addr = listener.local_addr().expect("fake address");
         let (tx, streams) = mpsc::channel(8);
@@ -476,6 +504,7 @@ impl FakeOrigin {
                 .add_service(feed::feed_server::FeedServer::new(FakeFeed {
                     streams: tx,
                     fetch: fetch.clone(),
+                    hold_headers,
                 }))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                     let _ = stopped.await;
