@@ -57,13 +57,39 @@ impl ConfigError {
     }
 }
 
-/// A config file's name (for errors) and text.
+/// Largest config file read: far above any real config, and `/dev/zero` cannot fill memory.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// A config file's name (for errors) and text. Only a regular file (or a link to one) of at
+/// most [`MAX_CONFIG_BYTES`] is read: a FIFO with no writer would block forever, a device
+/// could be endless.
 fn read(path: &Path) -> Result<(String, String), ConfigError> {
+    use std::io::Read;
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok((file, text)),
-        Err(source) => Err(ConfigError::Read { file, source }),
+    let fail = |source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(fail)?;
+    if !meta.is_file() {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
     }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(fail)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(fail)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {}", ByteSize(MAX_CONFIG_BYTES)),
+        )));
+    }
+    Ok((file, text))
 }
 
 /// TOML into a config type; the error names the file (toml's message names the key and line).
@@ -119,6 +145,25 @@ fn check_token(
         ))
     } else {
         Ok(())
+    }
+}
+
+/// Refuses a duration outside `min..=max`.
+fn check_duration(
+    file: &str,
+    field: &str,
+    d: Dur,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> Result<(), ConfigError> {
+    if (min..=max).contains(&d.0) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            file,
+            field,
+            format!("must be between {min:?} and {max:?}, got {:?}", d.0),
+        ))
     }
 }
 

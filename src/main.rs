@@ -250,7 +250,16 @@ impl OriginArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A bad flag or variable is a usage error (64), like a bad config; help and version are not
+    // errors.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { cli::EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     // The bench prints its own progress; the embedded origin's info logs would bury it.
     #[cfg(feature = "bench")]
     let default_filter = match cli.command {

@@ -171,7 +171,7 @@ fn start_feeds(
         feeds.insert(spec.name.clone(), stats.clone());
         origins.push(OriginInfo {
             name: spec.name.clone(),
-            address: spec.address.clone(),
+            address: crate::types::redact_address(&spec.address),
             stats: stats.clone(),
         });
         let client = FeedClient::new(

@@ -82,6 +82,9 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Longest duration any setting takes: a year and a day.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
 /// A duration written as a string with a unit: `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -99,12 +102,18 @@ impl Dur {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             other => {
                 return Err(format!(
-                    "unknown duration unit {other:?} in {s:?} (expected ms, s, m or h)"
+                    "unknown duration unit {other:?} in {s:?} (expected ms, s, m, h or d)"
                 ))
             }
         };
+        if d > MAX_DURATION {
+            return Err(format!(
+                "duration {s:?} is too long (at most 366d): added to a clock it would overflow"
+            ));
+        }
         Ok(Dur(d))
     }
 }
@@ -179,4 +188,46 @@ pub fn check_on_demand_budget(
         ));
     }
     Ok(())
+}
+
+/// `address` with any credentials in it (`http://user:secret@host:7000`) replaced by `***`, for
+/// logs and status pages.
+pub fn redact_address(address: &str) -> String {
+    let Some(scheme_end) = address.find("://") else {
+        return address.to_string();
+    };
+    let rest = &address[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &address[..scheme_end + 3], &rest[at..]),
+        None => address.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_an_address_are_redacted() {
+        assert_eq!(
+            redact_address("http://user:pa55word@host:7000"),
+            "http://***@host:7000"
+        );
+        assert_eq!(
+            redact_address("https://token@h:1/p@th"),
+            "https://***@h:1/p@th"
+        );
+        assert_eq!(redact_address("http://host:7000"), "http://host:7000");
+        assert_eq!(redact_address("http://h/a@b"), "http://h/a@b");
+        assert_eq!(redact_address("not a url"), "not a url");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        assert!(Dur::parse("366d").is_ok());
+        let err = Dur::parse("18446744073709551615s").unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+        assert!(Dur::parse("367d").is_err());
+    }
 }

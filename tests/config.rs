@@ -65,7 +65,7 @@ fn malformed_values_are_refused_naming_the_field_and_what_was_expected() {
     refused(
         "bad-duration.toml",
         "[feed]\nidle_timeout = \"10\"\n",
-        &["idle_timeout", "expected ms, s, m or h"],
+        &["idle_timeout", "expected ms, s, m, h or d"],
     );
     refused(
         "bad-size.toml",
@@ -143,4 +143,101 @@ fn a_good_file_passes_check_and_lists_its_sources() {
         stdout.contains("topic products") && stdout.contains("topic prices"),
         "{stdout}"
     );
+}
+
+/// Numbers at the edge of their type, which once passed `check` and then panicked (a semaphore
+/// past its permits, a channel too large, an instant overflowing) or broke the service (a feed
+/// that redials forever): refused with 64, naming the key.
+#[test]
+fn numbers_that_would_panic_or_break_the_service_are_refused() {
+    let huge = "2305843009213693952";
+    for (section, key) in [
+        ("ws", "max_connections"),
+        ("limits", "max_watches"),
+        ("limits", "writer_queue"),
+    ] {
+        refused(
+            &format!("huge-{key}.toml"),
+            &format!("{ORIGIN}topics = [\"a\"]\n[{section}]\n{key} = {huge}\n"),
+            &[&format!("{section}.{key}"), "between 1 and"],
+        );
+    }
+    refused(
+        "huge-keepalive.toml",
+        &format!(
+            "{ORIGIN}topics = [\"a\"]\n[feed]\nkeepalive_interval = \"18446744073709551615s\"\n"
+        ),
+        &["keepalive_interval", "too long"],
+    );
+    refused(
+        "zero-idle.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[feed]\nidle_timeout = \"0s\"\n"),
+        &["feed.idle_timeout", "between 1s and"],
+    );
+    for (key, value) in [
+        ("stream_queue", "4611686018427387904"),
+        ("max_streams", huge),
+    ] {
+        let path = write(&format!("origin-{key}.toml"), &format!("{key} = {value}\n"));
+        let out = viewcar(&["origin", "--config", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}: {err}");
+        assert!(
+            err.contains(key) && err.contains("between 1 and"),
+            "{key}: {err}"
+        );
+    }
+}
+
+/// A config path that is not a regular file is refused at once: `/dev/zero` once grew the
+/// process to gigabytes, and a FIFO with no writer hung it.
+#[test]
+fn a_config_that_is_not_a_regular_file_is_refused() {
+    let out = viewcar(&["check", "--config", "/dev/zero"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("/dev/zero") && err.contains("not a regular file"),
+        "{err}"
+    );
+    let fifo = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("viewcar-config-fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        let out = viewcar(&["check", "--config", fifo.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(64));
+        let _ = std::fs::remove_file(&fifo);
+    } else {
+        println!("skipped the FIFO case: mkfifo not found");
+    }
+    let big = write("big.toml", &format!("# {}\n", "x".repeat(5 << 20)));
+    let out = viewcar(&["check", "--config", big.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("larger than 4MiB"), "{err}");
+}
+
+/// Bad flags and variables are usage errors like bad config: 64, not clap's 2.
+#[test]
+fn bad_flags_and_variables_exit_64() {
+    let good = write("flags.toml", &format!("{ORIGIN}topics = [\"a\"]\n"));
+    let good = good.to_str().unwrap();
+    for args in [
+        vec!["check", "--config", good, "--grpc-listen", "notanaddr"],
+        vec!["--log-format", "xml", "check", "--config", good],
+        vec!["check"],
+        vec!["sidecar", "--no-such-flag", "--config", good],
+    ] {
+        let out = viewcar(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+    }
+    let out = common::viewcar()
+        .args(["check", "--config", good])
+        .env("VIEWCAR_ALLOW_NON_LOOPBACK", "maybe")
+        .output()
+        .expect("run viewcar");
+    assert_eq!(out.status.code(), Some(64));
+    let out = viewcar(&["--help"]);
+    assert_eq!(out.status.code(), Some(0), "help is not an error");
 }

@@ -425,3 +425,19 @@ async fn status_page_is_self_contained() {
     })
     .await
 }
+
+/// Credentials in an origin's address never reach the unauthenticated `/status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_an_origin_address_are_not_shown() {
+    within(async {
+        let listener = TcpListener::bind(loopback0()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = common::sidecar_config(&format!("http://user:pa55word@{addr}"), &["t"]);
+        let sidecar = common::start_sidecar(cfg).await;
+        let body = get(sidecar.http_addr(), "/status").await.body;
+        assert!(!body.contains("pa55word"), "{body}");
+        assert!(body.contains(&format!("http://***@{addr}")), "{body}");
+        sidecar.shutdown().await;
+    })
+    .await;
+}

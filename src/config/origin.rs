@@ -154,9 +154,7 @@ impl OriginConfig {
             ("max_streams", self.max_streams),
             ("max_subscribed_keys", self.max_subscribed_keys),
         ] {
-            if v == 0 {
-                return Err(ConfigError::invalid(file, field, "must be at least 1"));
-            }
+            check_range(file, field, v, 1, super::sidecar::MAX_COUNT)?;
         }
         check_range(
             file,
@@ -169,9 +167,13 @@ impl OriginConfig {
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
         ] {
-            if d.0 < Duration::from_millis(100) {
-                return Err(ConfigError::invalid(file, field, "must be at least 100ms"));
-            }
+            super::check_duration(
+                file,
+                field,
+                d,
+                super::sidecar::MIN_KEEPALIVE,
+                super::sidecar::MAX_KEEPALIVE,
+            )?;
         }
         if self.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(

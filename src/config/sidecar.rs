@@ -408,16 +408,7 @@ impl SidecarConfig {
             ("listen.keepalive_interval", self.listen.keepalive_interval),
             ("listen.keepalive_timeout", self.listen.keepalive_timeout),
         ] {
-            if !(MIN_KEEPALIVE..=MAX_KEEPALIVE).contains(&d.0) {
-                return Err(ConfigError::invalid(
-                    file,
-                    field,
-                    format!(
-                        "must be between {MIN_KEEPALIVE:?} and {MAX_KEEPALIVE:?}, got {:?}",
-                        d.0
-                    ),
-                ));
-            }
+            super::check_duration(file, field, d, MIN_KEEPALIVE, MAX_KEEPALIVE)?;
         }
         self.ws.validate(file)?;
         let l = &self.limits;
@@ -434,9 +425,7 @@ impl SidecarConfig {
                 l.max_concurrent_streams as usize,
             ),
         ] {
-            if v == 0 {
-                return Err(ConfigError::invalid(file, field, "must be at least 1"));
-            }
+            check_range(file, field, v, 1, MAX_COUNT)?;
         }
         check_range(
             file,
@@ -465,6 +454,49 @@ impl SidecarConfig {
                 "limits.max_message_bytes",
                 "must be at least 1KiB",
             ));
+        }
+        let f = &self.feed;
+        for (field, d, min, max) in [
+            (
+                "feed.connect_timeout",
+                f.connect_timeout,
+                MIN_KEEPALIVE,
+                MAX_KEEPALIVE,
+            ),
+            (
+                "feed.keepalive_interval",
+                f.keepalive_interval,
+                MIN_KEEPALIVE,
+                MAX_KEEPALIVE,
+            ),
+            (
+                "feed.keepalive_timeout",
+                f.keepalive_timeout,
+                MIN_KEEPALIVE,
+                MAX_KEEPALIVE,
+            ),
+            // Origins send Progress every few seconds; below a second the feed would redial
+            // between two of them.
+            (
+                "feed.idle_timeout",
+                f.idle_timeout,
+                Duration::from_secs(1),
+                MAX_KEEPALIVE,
+            ),
+            (
+                "feed.live_window",
+                f.live_window,
+                Duration::from_millis(1),
+                MAX_KEEPALIVE,
+            ),
+            (
+                "feed.backoff_max",
+                f.backoff_max,
+                Duration::from_millis(1),
+                MAX_KEEPALIVE,
+            ),
+        ] {
+            super::check_duration(file, field, d, min, max)?;
         }
         if self.feed.backoff_initial.0.is_zero()
             || self.feed.backoff_max < self.feed.backoff_initial
@@ -560,9 +592,7 @@ impl WsConfig {
             ("ws.queue", self.queue),
             ("ws.max_resets", self.max_resets as usize),
         ] {
-            if v == 0 {
-                return Err(ConfigError::invalid(file, field, "must be at least 1"));
-            }
+            check_range(file, field, v, 1, MAX_COUNT)?;
         }
         if self.max_message_bytes.0 < 256 {
             return Err(ConfigError::invalid(
@@ -648,7 +678,12 @@ pub fn describe(cfg: &SidecarConfig) -> String {
         cfg.listen.http_addr()
     );
     for o in &cfg.origins {
-        let _ = writeln!(out, "origin {} ({})", o.name, o.address);
+        let _ = writeln!(
+            out,
+            "origin {} ({})",
+            o.name,
+            crate::types::redact_address(&o.address)
+        );
         for t in &o.topics {
             let _ = writeln!(out, "  topic {} [{}]", t.name, t.mode.as_str());
         }
@@ -658,8 +693,12 @@ pub fn describe(cfg: &SidecarConfig) -> String {
 
 /// Bounds of an HTTP/2 keepalive setting: shorter floods the peer with pings, longer leaves a
 /// dead peer unnoticed for hours.
-const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
-const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
+pub(crate) const MIN_KEEPALIVE: Duration = Duration::from_millis(100);
+pub(crate) const MAX_KEEPALIVE: Duration = Duration::from_secs(3600);
+
+/// Largest count of any bound (connections, streams, keys, queue entries): far above what one
+/// process serves, far below what makes a semaphore or a channel panic.
+pub(crate) const MAX_COUNT: usize = 10_000_000;
 
 /// Largest `limits.batch_read_attempts`: with the wait before each retry, about 20s.
 const MAX_BATCH_READ_ATTEMPTS: usize = 1000;

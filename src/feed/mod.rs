@@ -27,6 +27,7 @@ use crate::config::{FeedConfig, OriginSpec};
 use crate::pb::feed::v1 as pb;
 use crate::store::on_demand::{KeyOp, Slot};
 use crate::store::{Fetched, Fetcher, OnDemand, Source};
+use crate::types::redact_address;
 use crate::writer::{BatchChange, SnapEntry, Step};
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -230,7 +231,7 @@ impl FeedClient {
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
-                    warn!(origin = %self.spec.name, address = %self.spec.address, error = %e, "feed disconnected")
+                    warn!(origin = %self.spec.name, address = %redact_address(&self.spec.address), error = %e, "feed disconnected")
                 }
                 Ok(()) => {}
             }
@@ -330,7 +331,7 @@ impl FeedClient {
         };
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        info!(origin = %self.spec.name, address = %self.spec.address, "feed connected");
+        info!(origin = %self.spec.name, address = %redact_address(&self.spec.address), "feed connected");
         for t in self.topics.values() {
             t.source.set_connected(true);
         }
