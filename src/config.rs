@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 use crate::views::ViewSpec;
 
+mod postgres;
+pub use postgres::{PgTls, PostgresConfig, TableSpec};
+
 /// A configuration that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -1012,6 +1015,9 @@ pub struct OriginConfig {
     /// The durable store's page cache (with `data_dir`). Served data is in memory anyway; the
     /// cache serves the store's own writes and the load at start.
     pub cache_bytes: ByteSize,
+    /// Take the topics from a Postgres database by logical replication (one topic per table)
+    /// instead of from `Publish`.
+    pub postgres: Option<PostgresConfig>,
 }
 
 /// When the durable origin syncs a batch to disk.
@@ -1054,6 +1060,7 @@ impl Default for OriginConfig {
             fsync: Fsync::EveryBatch,
             fsync_interval: Dur(Duration::from_secs(1)),
             cache_bytes: ByteSize(64 << 20),
+            postgres: None,
         }
     }
 }
@@ -1168,6 +1175,23 @@ impl OriginConfig {
         }
         if let Some(tls) = &self.tls {
             crate::tls::check_files(file, "tls", tls.files())?;
+        }
+        if let Some(pg) = &self.postgres {
+            pg.validate(file)?;
+            if self.seed.is_some() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "seed",
+                    "cannot be combined with [postgres]: the tables are the data",
+                ));
+            }
+            if self.data_dir.is_some() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "data_dir",
+                    "is not supported with [postgres] yet: remove it (each start copies the tables again)",
+                ));
+            }
         }
         Ok(())
     }

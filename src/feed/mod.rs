@@ -1149,6 +1149,7 @@ pub fn decode_streams(data: &[u8]) -> Vec<Vec<pb::SyncResponse>> {
                         prev_version,
                         version,
                         changes,
+                        group: None,
                     })
                 }
                 6 | 7 => Kind::Progress(pb::Progress {

@@ -373,6 +373,7 @@ impl FakeStream {
                     deleted: v.is_none(),
                 })
                 .collect(),
+            group: None,
         }))
         .await;
     }
