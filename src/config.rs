@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::views::ViewSpec;
 
 mod postgres;
-pub use postgres::{PgTls, PostgresConfig, TableSpec};
+pub use postgres::{describe_origin, PgTls, PostgresConfig, TableSpec};
 
 /// A configuration that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]

@@ -319,6 +319,15 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Check(args) if is_origin_config(&args.config) => {
+            match OriginConfig::load(&args.config) {
+                Ok(cfg) => {
+                    print!("{}", viewcar::config::describe_origin(&cfg));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => usage(e),
+            }
+        }
         Command::Check(args) => match args.load() {
             Ok(cfg) => {
                 print!("{}", viewcar::config::describe(&cfg));
@@ -336,6 +345,15 @@ async fn run(command: Command) -> ExitCode {
         Command::Sources { addr } => client_sources(&addr).await,
         Command::Bench(args) => viewcar::bench::run(args).await,
     }
+}
+
+/// An origin.toml rather than a viewcar.toml: it has a `[postgres]` section (a sidecar config
+/// never does), so `viewcar check` validates it as the origin's.
+fn is_origin_config(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("postgres"))
 }
 
 fn usage(e: impl std::fmt::Display) -> ExitCode {
@@ -478,12 +496,26 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
         return usage(e);
     }
     let listen = cfg.listen;
-    let origin = match Origin::with_seed(cfg) {
-        Ok(o) => o,
-        Err(e @ viewcar::OpenError::Seed(_)) => return usage(e),
-        Err(e) => {
-            error!(error = %e, "cannot open the origin's data directory");
-            return ExitCode::FAILURE;
+    // With [postgres] the origin takes its epoch from the database and its topics from the
+    // tables; the source is held (and follows the database) for as long as the origin serves.
+    let mut source = None;
+    let origin = if cfg.postgres.is_some() {
+        match viewcar::origin::postgres::PgOrigin::start(cfg).await {
+            Ok(pg) => {
+                let origin = pg.origin().clone();
+                source = Some(pg);
+                origin
+            }
+            Err(e) => return usage(e),
+        }
+    } else {
+        match Origin::with_seed(cfg) {
+            Ok(o) => o,
+            Err(e @ viewcar::OpenError::Seed(_)) => return usage(e),
+            Err(e) => {
+                error!(error = %e, "cannot open the origin's data directory");
+                return ExitCode::FAILURE;
+            }
         }
     };
     let listener = match TcpListener::bind(listen).await {
@@ -496,6 +528,7 @@ async fn run_origin(args: OriginArgs) -> ExitCode {
     let addr = listener.local_addr().unwrap_or(listen);
     info!(%addr, epoch = origin.epoch(), "origin serving Feed");
     let served = origin.serve(listener, shutdown_signal()).await;
+    drop(source);
     origin.close();
     match served {
         Ok(()) => ExitCode::SUCCESS,

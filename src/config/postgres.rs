@@ -220,12 +220,79 @@ impl PostgresConfig {
     }
 }
 
+/// What `viewcar check` prints for an origin.toml with `[postgres]` (a password in the URL is
+/// not printed).
+pub fn describe_origin(cfg: &super::OriginConfig) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "listen = {}", cfg.listen);
+    if let Some(pg) = &cfg.postgres {
+        let _ = writeln!(out, "postgres {}", redact(&pg.url));
+        let _ = writeln!(
+            out,
+            "  publication {}, slot {}, tls {}",
+            pg.publication,
+            pg.slot,
+            pg.tls.as_str()
+        );
+        for t in &pg.tables {
+            let key = if t.key().is_empty() {
+                "primary key".to_string()
+            } else {
+                t.key().join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "  topic {} <- table public.{} (key: {key})",
+                t.name(),
+                t.name()
+            );
+        }
+    }
+    out
+}
+
+/// The URL without its password: `postgres://user:secret@host` -> `postgres://user:***@host`,
+/// `password=secret` -> `password=***`.
+fn redact(url: &str) -> String {
+    if let Some(rest) = url.split_once("://") {
+        if let Some((auth, host)) = rest.1.split_once('@') {
+            if let Some((user, _)) = auth.split_once(':') {
+                return format!("{}://{user}:***@{host}", rest.0);
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::OriginConfig;
 
     fn err(text: &str) -> String {
         OriginConfig::parse("o.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn passwords_are_not_described() {
+        assert_eq!(
+            super::redact("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            super::redact("host=h password=pw dbname=d"),
+            "host=h password=*** dbname=d"
+        );
     }
 
     #[test]
