@@ -470,3 +470,65 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
     assert!(s.slots_lost >= 1, "{s:?}");
     assert!(src.origin().version("products").unwrap() > before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text, rev int)");
+    sql.exec("CREATE TABLE prices (id int PRIMARY KEY, amount int, rev int)");
+    sql.exec("INSERT INTO products VALUES (1, 'shoe', 0), (2, 'hat', 0)");
+    sql.exec("INSERT INTO prices VALUES (1, 10, 0), (2, 20, 0)");
+    let src = PgOrigin::start(origin_cfg(&pg, "atomic", &["products", "prices"]))
+        .await
+        .expect("start");
+    within(src.wait_copied(1)).await;
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let mut cfg = sidecar_config(&served.url(), &["products", "prices"]);
+    cfg.views =
+        vec![viewcar::views::ViewSpec::new("page", "products").include("price", "prices", "id")];
+    let sidecar = start_sidecar(cfg).await;
+    let mut client = cache_client(&sidecar).await;
+    let mut watch = open_watch(&mut client, "page", &["1"], true).await;
+    within(until_synced(&mut watch)).await;
+
+    const TXNS: i64 = 300;
+    let url = pg.url();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for i in 1..=TXNS {
+            c.exec(&format!(
+                "BEGIN; UPDATE products SET rev = {i} WHERE id = 1; \
+                 UPDATE prices SET rev = {i}, amount = amount + 1 WHERE id = 1; COMMIT"
+            ));
+        }
+    });
+    let mut seen = 0;
+    let mut last = 0;
+    within(async {
+        while last < TXNS {
+            let ev = watch.message().await.expect("watch").expect("open");
+            let Some(viewcar::pb::cache::v1::watch_event::Kind::Upsert(item)) = ev.kind else {
+                continue;
+            };
+            let row: Value = serde_json::from_slice(&item.value).expect("row JSON");
+            let (rev, price_rev) = (
+                row["rev"].as_i64().unwrap(),
+                row["price"]["rev"].as_i64().unwrap(),
+            );
+            assert_eq!(rev, price_rev, "half a transaction in the view row: {row}");
+            assert!(rev >= last, "went back from {last} to {rev}");
+            last = rev;
+            seen += 1;
+        }
+    })
+    .await;
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    assert!(seen > 0);
+    println!("view row pushed {seen} times over {TXNS} transactions, every one whole");
+}

@@ -142,6 +142,18 @@ pub(crate) struct FeedClient {
     key_ops: Arc<Notify>,
     writer: mpsc::Sender<Op>,
     stats: Arc<FeedStats>,
+    /// Batches of a transaction group received before its last one (`ChangeBatch.group`):
+    /// handed to the writer together, as one step, so no reader sees half of it.
+    held: Vec<Held>,
+    held_group: u64,
+}
+
+/// A batch of a group not yet handed to the writer, and the cursor to return to when the
+/// stream breaks before the group is whole.
+struct Held {
+    topic: String,
+    prev_version: u64,
+    op: Op,
 }
 
 impl FeedClient {
@@ -200,6 +212,8 @@ impl FeedClient {
             key_ops,
             writer,
             stats,
+            held: Vec::new(),
+            held_group: 0,
         }
     }
 
@@ -243,6 +257,16 @@ impl FeedClient {
     async fn disconnected(&mut self) {
         if self.stats.connected.swap(false, Ordering::Relaxed) {
             self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        // Half a group is never applied: its topics resume from before it.
+        for h in self.held.drain(..) {
+            if let Some(c) = self
+                .topics
+                .get_mut(&h.topic)
+                .and_then(|t| t.cursor.as_mut())
+            {
+                c.version = c.version.min(h.prev_version);
+            }
         }
         let mut aborts = Vec::new();
         for t in self.topics.values_mut() {
@@ -399,9 +423,19 @@ impl FeedClient {
             Kind::Reset(r) => &r.topic,
         }
         .clone();
+        let group = match &kind {
+            Kind::Changes(b) => b.group.clone(),
+            _ => None,
+        };
+        if !self.held.is_empty() && group.as_ref().map(|g| g.id) != Some(self.held_group) {
+            // Something other than the rest of the group: what was held is all this stream
+            // has of it (the origin lagged on a topic, or resumes topic by topic).
+            self.release_held().await?;
+        }
         if self.keyed.contains_key(&topic) {
             return self.handle_keyed(&topic, kind).await;
         }
+        let mut prev_version = 0;
         let Some(t) = self.topics.get_mut(&topic) else {
             return Err(FeedError::Protocol(format!(
                 "message for topic '{topic}', which this sidecar did not subscribe"
@@ -491,6 +525,7 @@ impl FeedClient {
                     return resubscribe(t, &topic, req_tx, &self.writer).await;
                 }
                 c.version = batch.version;
+                prev_version = batch.prev_version;
                 Op::Batch {
                     source: t.source.clone(),
                     epoch: batch.epoch,
@@ -540,8 +575,33 @@ impl FeedClient {
                 }
             }
         };
+        if let Some(g) = group {
+            self.held.push(Held {
+                topic,
+                prev_version,
+                op,
+            });
+            self.held_group = g.id;
+            return if g.last {
+                self.release_held().await
+            } else {
+                Ok(())
+            };
+        }
         self.writer
             .send(op)
+            .await
+            .map_err(|_| FeedError::WriterGone)
+    }
+
+    /// Hands the held batches of a group to the writer as one step.
+    async fn release_held(&mut self) -> Result<(), FeedError> {
+        let ops: Vec<Op> = self.held.drain(..).map(|h| h.op).collect();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .send(Op::Group(ops))
             .await
             .map_err(|_| FeedError::WriterGone)
     }

@@ -71,6 +71,9 @@ pub enum Op {
     },
     /// Rows of an on_demand view were evicted: their inputs can be released.
     Nudge,
+    /// The batches of one source transaction (several topics): applied in one step, so that
+    /// views and subscribers see all of it or none of it.
+    Group(Vec<Op>),
 }
 
 /// Derived data maintained inside the writer (the view engine).
@@ -247,6 +250,11 @@ impl Writer {
                 let _ = reply.send(answer);
             }
             Op::Nudge => {}
+            Op::Group(ops) => {
+                for op in ops {
+                    self.apply(op, events);
+                }
+            }
         }
     }
 
