@@ -532,3 +532,44 @@ async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
     assert!(seen > 0);
     println!("view row pushed {seen} times over {TXNS} transactions, every one whole");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE items (id int PRIMARY KEY, label text)");
+    sql.exec("CREATE TABLE counts (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO counts VALUES (1, 0)");
+    let mut cfg = origin_cfg(&pg, "large_txn", &["items", "counts"]);
+    cfg.max_message_bytes = viewcar::config::ByteSize(16 << 10);
+    cfg.snapshot_chunk_bytes = viewcar::config::ByteSize(4 << 10);
+    let src = PgOrigin::start(cfg).await.expect("start");
+    within(src.wait_copied(1)).await;
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["items", "counts"])).await;
+    let items = source(&sidecar, "items");
+    let counts = source(&sidecar, "counts");
+    wait_source(&counts, "synced", |s| s.is_synced()).await;
+    // About 200 KiB in one transaction: at least a dozen messages of 16 KiB.
+    sql.exec(
+        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
+         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
+    );
+    until_equal(&src, &pg, "items", "id::text").await;
+    let version = src.origin().version("items").unwrap();
+    assert_eq!(src.origin().version("counts"), Some(version));
+    let batches = src
+        .origin()
+        .stats()
+        .published
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(batches >= 12, "{batches} batches");
+    // The sidecar applied the group whole: when counts says 1000, all the items are there.
+    wait_source(&counts, "the count", |s| {
+        s.get("1")
+            .is_some_and(|r| r.value.as_ref() == br#"{"id":1,"n":1000}"#)
+    })
+    .await;
+    assert_eq!(items.len(), 1000);
+    assert_eq!(items.version(), version);
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::super::{retain, session, Batch, Origin, SessionId, Stored, Topic};
+use super::super::{retain, session, Batch, Origin, SessionId, Stored, Topic, FEED_OVERHEAD};
 use crate::pb::feed::v1 as pb;
 
 impl Origin {
@@ -52,9 +52,13 @@ impl Origin {
 
     /// Applies one transaction: for each `(topic, changes)`, one version `version` of that
     /// topic. Topics already at or past `version` are left alone (the transaction was applied
-    /// before a reconnect). When it touches several topics, each stream gets its batches one
-    /// after the other marked as one group, the last one it gets flagged `last`, so that a
-    /// sidecar applies them in one step. Returns the number of topics changed.
+    /// before a reconnect). Changes that would not fit one feed message (`max_message_bytes`)
+    /// are split into several batches at the versions just below `version` (`version - k + 1
+    /// ..= version`: past the topic's previous version, since the transaction's own WAL lies
+    /// between them, and the same on every origin with the same limit). When that makes more
+    /// than one batch, each stream gets them one after the other marked as one group, the last
+    /// one it gets flagged `last`, so that a sidecar applies them in one step. Returns the
+    /// number of batches made.
     pub(crate) fn apply_txn(&self, version: u64, parts: Vec<(String, Vec<pb::Change>)>) -> usize {
         let mut parts: Vec<(Arc<Topic>, Vec<pb::Change>)> = parts
             .into_iter()
@@ -63,72 +67,107 @@ impl Origin {
             .collect();
         // One lock order (by name) for every multi-topic apply.
         parts.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        let (topics, mut changes): (Vec<Arc<Topic>>, Vec<Vec<pb::Change>>) =
-            parts.into_iter().unzip();
+        let (topics, changes): (Vec<Arc<Topic>>, Vec<Vec<pb::Change>>) = parts.into_iter().unzip();
         let mut guards: Vec<_> = topics.iter().map(|t| t.lock()).collect();
-        let mut batches: Vec<Option<Arc<Batch>>> = Vec::with_capacity(topics.len());
-        for (changes, st) in changes.iter_mut().zip(guards.iter_mut()) {
+        let mut batches: Vec<Vec<Arc<Batch>>> = Vec::with_capacity(topics.len());
+        for ((t, changes), st) in topics.iter().zip(changes).zip(guards.iter_mut()) {
             if version <= st.version {
-                batches.push(None);
+                batches.push(Vec::new());
                 continue;
             }
-            let mut bytes = 0;
-            for c in changes.iter() {
-                bytes += c.key.len() + c.value.len() + 8;
-                if c.deleted {
-                    st.data.remove(c.key.as_str());
-                } else {
-                    st.data.insert(
-                        Arc::from(c.key.as_str()),
-                        Stored {
-                            value: c.value.clone(),
-                            version,
-                        },
-                    );
+            let mut chunks = self.split(&t.name, changes);
+            let room = version - st.version;
+            if chunks.len() as u64 > room {
+                // Not enough versions between the previous one and this: one oversized batch.
+                chunks = vec![chunks.into_iter().flatten().collect()];
+            }
+            let first = version + 1 - chunks.len() as u64;
+            let mut made = Vec::with_capacity(chunks.len());
+            for (j, chunk) in chunks.into_iter().enumerate() {
+                let v = first + j as u64;
+                let mut bytes = 0;
+                for c in &chunk {
+                    bytes += c.key.len() + c.value.len() + 8;
+                    if c.deleted {
+                        st.data.remove(c.key.as_str());
+                    } else {
+                        st.data.insert(
+                            Arc::from(c.key.as_str()),
+                            Stored {
+                                value: c.value.clone(),
+                                version: v,
+                            },
+                        );
+                    }
                 }
+                let batch = Arc::new(Batch {
+                    version: v,
+                    changes: chunk,
+                    bytes,
+                });
+                st.log_bytes += batch.bytes;
+                st.log.push_back(batch.clone());
+                made.push(batch);
             }
             st.version = version;
-            let batch = Arc::new(Batch {
-                version,
-                changes: std::mem::take(changes),
-                bytes,
-            });
-            st.log_bytes += batch.bytes;
-            st.log.push_back(batch.clone());
             retain(&self.inner.cfg, st);
-            batches.push(Some(batch));
+            batches.push(made);
         }
-        let applied = batches.iter().filter(|b| b.is_some()).count();
-        if applied == 0 {
+        let made: usize = batches.iter().map(Vec::len).sum();
+        if made == 0 {
             return 0;
         }
-        // The last batch of the group that each stream will get.
-        let mut last: HashMap<SessionId, usize> = HashMap::new();
-        if applied > 1 {
-            for (i, (st, b)) in guards.iter().zip(&batches).enumerate() {
-                let Some(b) = b else { continue };
-                for (sid, interest) in &st.interests {
-                    if session::wants(interest, b) {
-                        last.insert(*sid, i);
+        let grouped = made > 1;
+        // The last batch of the group that each stream will get: (topic index, batch index).
+        let mut last: HashMap<SessionId, (usize, usize)> = HashMap::new();
+        if grouped {
+            for (i, (st, bs)) in guards.iter().zip(&batches).enumerate() {
+                for (j, b) in bs.iter().enumerate() {
+                    for (sid, interest) in &st.interests {
+                        if session::wants(interest, b) {
+                            last.insert(*sid, (i, j));
+                        }
                     }
                 }
             }
         }
         for (i, (t, st)) in topics.iter().zip(guards.iter_mut()).enumerate() {
-            let Some(b) = &batches[i] else { continue };
             let st = &mut **st;
-            for (sid, interest) in st.interests.iter_mut() {
-                let group = (applied > 1).then(|| pb::TxGroup {
-                    id: version,
-                    last: last.get(sid) == Some(&i),
-                });
-                session::offer(&self.inner, &t.name, interest, b, group);
+            for (j, b) in batches[i].iter().enumerate() {
+                for (sid, interest) in st.interests.iter_mut() {
+                    let group = grouped.then(|| pb::TxGroup {
+                        id: version,
+                        last: last.get(sid) == Some(&(i, j)),
+                    });
+                    session::offer(&self.inner, &t.name, interest, b, group);
+                }
             }
         }
         self.inner
             .stats
             .published
-            .fetch_add(applied as u64, Ordering::Relaxed);
-        applied
+            .fetch_add(made as u64, Ordering::Relaxed);
+        made
+    }
+
+    /// `changes` cut into runs that each fit one feed message of this origin.
+    fn split(&self, topic: &str, changes: Vec<pb::Change>) -> Vec<Vec<pb::Change>> {
+        use prost::encoding::message;
+        let limit = self.inner.cfg.max_message_bytes.as_usize();
+        let room = limit.saturating_sub(FEED_OVERHEAD + topic.len() + self.inner.epoch.len());
+        let mut out: Vec<Vec<pb::Change>> = vec![Vec::new()];
+        let mut size = 0;
+        for c in changes {
+            let len = message::encoded_len(5, &c);
+            if size + len > room && !out.last().is_some_and(Vec::is_empty) {
+                out.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(run) = out.last_mut() {
+                run.push(c);
+            }
+        }
+        out
     }
 }
