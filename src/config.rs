@@ -1185,11 +1185,11 @@ impl OriginConfig {
                     "cannot be combined with [postgres]: the tables are the data",
                 ));
             }
-            if self.data_dir.is_some() {
+            if self.data_dir.is_some() && self.fsync == Fsync::Interval {
                 return Err(ConfigError::invalid(
                     file,
-                    "data_dir",
-                    "is not supported with [postgres] yet: remove it (each start copies the tables again)",
+                    "fsync",
+                    "\"interval\" cannot be used with [postgres]: the slot may only be told what is on disk",
                 ));
             }
         }

@@ -573,3 +573,75 @@ async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole(
     assert_eq!(items.len(), 1000);
     assert_eq!(items.version(), version);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_origin_restarted_during_writes_resumes_from_its_slot_without_a_snapshot() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO products SELECT i, 0 FROM generate_series(1, 100) i");
+    let dir = tempfile::tempdir().expect("data dir");
+    let mut cfg = origin_cfg(&pg, "durable", &["products"]);
+    cfg.data_dir = Some(dir.path().to_path_buf());
+    let src = PgOrigin::start(cfg.clone()).await.expect("start");
+    within(src.wait_copied(1)).await;
+    let epoch = src.origin().epoch().to_string();
+    let mut served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "synced", |s| s.is_synced()).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    assert_eq!(counter(&feed.snapshots), 1);
+
+    let url = pg.url();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for i in 0..400 {
+            if i == 200 {
+                let _ = go_tx.send(());
+            }
+            c.exec(&format!(
+                "UPDATE products SET n = n + 1 WHERE id = {}",
+                i % 100 + 1
+            ));
+        }
+    });
+    // Halfway through the writes, the origin goes away (its source aborted, the feed cut) and a
+    // new one opens the same data directory and slot on the same address.
+    tokio::task::spawn_blocking(move || go_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    served.stop().await;
+    src.close();
+    drop(src);
+    let src = PgOrigin::start(cfg).await.expect("restart");
+    assert_eq!(src.origin().epoch(), epoch, "same database, same epoch");
+    within(src.wait_streaming()).await;
+    assert_eq!(src.status().copies, 0, "resumed from the slot, no copy");
+    let _served = TestOrigin::start_on(src.origin().clone(), served.addr).await;
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    until_equal(&src, &pg, "products", "id::text").await;
+    let version = src.origin().version("products").unwrap();
+    wait_source(&products, "the origin's version", |s| {
+        s.version() == version
+    })
+    .await;
+    let want = pg.connect().table("products", "id::text");
+    for (k, v) in &want {
+        let row = products.get(k).expect("row at the sidecar");
+        assert_eq!(&serde_json::from_slice::<Value>(&row.value).unwrap(), v);
+    }
+    assert_eq!(products.len(), want.len());
+    assert_eq!(
+        counter(&feed.snapshots),
+        1,
+        "the sidecar resumed without a snapshot"
+    );
+}

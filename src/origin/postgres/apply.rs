@@ -8,17 +8,30 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::super::{retain, session, Batch, Origin, SessionId, Stored, Topic, FEED_OVERHEAD};
+use super::super::{
+    retain, session, Batch, Origin, SessionId, StoreError, Stored, Topic, FEED_OVERHEAD,
+};
 use crate::pb::feed::v1 as pb;
 
 impl Origin {
     /// Replaces the data of `topic` with `rows`, all at `version` (the copy's position). The
     /// retained window is emptied (nothing before `version` can be resumed from), and every
     /// stream subscribed to the topic is caught up with Reset + snapshot.
-    pub(crate) fn replace_topic(&self, topic: &str, rows: Vec<(String, Bytes)>, version: u64) {
+    pub(crate) fn replace_topic(
+        &self,
+        topic: &str,
+        rows: Vec<(String, Bytes)>,
+        version: u64,
+    ) -> Result<(), StoreError> {
         let Ok(t) = self.topic(topic, false) else {
-            return;
+            return Ok(());
         };
+        if self.inner.store.is_some() {
+            match self.inner.store_guard().as_ref() {
+                Some(store) => store.replace_topic(topic, &rows, version, version)?,
+                None => return Err(StoreError::Closed),
+            }
+        }
         let data: imbl::OrdMap<Arc<str>, Stored> = rows
             .into_iter()
             .map(|(k, value)| (Arc::from(k.as_str()), Stored { value, version }))
@@ -32,6 +45,7 @@ impl Origin {
         for interest in st.interests.values_mut() {
             session::resnapshot(&t.name, interest);
         }
+        Ok(())
     }
 
     /// The current value of `key` in `topic`.
@@ -59,7 +73,11 @@ impl Origin {
     /// than one batch, each stream gets them one after the other marked as one group, the last
     /// one it gets flagged `last`, so that a sidecar applies them in one step. Returns the
     /// number of batches made.
-    pub(crate) fn apply_txn(&self, version: u64, parts: Vec<(String, Vec<pb::Change>)>) -> usize {
+    pub(crate) fn apply_txn(
+        &self,
+        version: u64,
+        parts: Vec<(String, Vec<pb::Change>)>,
+    ) -> Result<usize, StoreError> {
         let mut parts: Vec<(Arc<Topic>, Vec<pb::Change>)> = parts
             .into_iter()
             .filter(|(_, c)| !c.is_empty())
@@ -69,22 +87,62 @@ impl Origin {
         parts.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         let (topics, changes): (Vec<Arc<Topic>>, Vec<Vec<pb::Change>>) = parts.into_iter().unzip();
         let mut guards: Vec<_> = topics.iter().map(|t| t.lock()).collect();
-        let mut batches: Vec<Vec<Arc<Batch>>> = Vec::with_capacity(topics.len());
-        for ((t, changes), st) in topics.iter().zip(changes).zip(guards.iter_mut()) {
+        // Per topic, the batches (version, changes) this transaction makes.
+        let mut planned: Vec<Vec<(u64, Vec<pb::Change>)>> = Vec::with_capacity(topics.len());
+        for ((t, changes), st) in topics.iter().zip(changes).zip(guards.iter()) {
             if version <= st.version {
-                batches.push(Vec::new());
+                planned.push(Vec::new());
                 continue;
             }
             let mut chunks = self.split(&t.name, changes);
-            let room = version - st.version;
-            if chunks.len() as u64 > room {
+            if chunks.len() as u64 > version - st.version {
                 // Not enough versions between the previous one and this: one oversized batch.
                 chunks = vec![chunks.into_iter().flatten().collect()];
             }
             let first = version + 1 - chunks.len() as u64;
-            let mut made = Vec::with_capacity(chunks.len());
-            for (j, chunk) in chunks.into_iter().enumerate() {
-                let v = first + j as u64;
+            planned.push(
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, c)| (first + j as u64, c))
+                    .collect(),
+            );
+        }
+        let made: usize = planned.iter().map(Vec::len).sum();
+        if made == 0 {
+            return Ok(0);
+        }
+        // On disk first (with a data directory): the slot is told only what is there.
+        if self.inner.store.is_some() {
+            let parts: Vec<(&str, Vec<(u64, &[pb::Change])>, u64)> = topics
+                .iter()
+                .zip(&planned)
+                .zip(guards.iter())
+                .filter(|((_, p), _)| !p.is_empty())
+                .map(|((t, p), st)| {
+                    // The batch at the floor stays on disk (or the copy's empty one): reloaded,
+                    // the log then starts where streams can resume from.
+                    let keep_from = st.floor;
+                    (
+                        &*t.name,
+                        p.iter().map(|(v, c)| (*v, c.as_slice())).collect(),
+                        keep_from,
+                    )
+                })
+                .collect();
+            match self.inner.store_guard().as_ref() {
+                Some(store) => store.write_txn(&parts, version)?,
+                None => return Err(StoreError::Closed),
+            }
+        }
+        let mut batches: Vec<Vec<Arc<Batch>>> = Vec::with_capacity(topics.len());
+        for (p, st) in planned.into_iter().zip(guards.iter_mut()) {
+            if p.is_empty() {
+                batches.push(Vec::new());
+                continue;
+            }
+            let mut made = Vec::with_capacity(p.len());
+            for (v, chunk) in p {
                 let mut bytes = 0;
                 for c in &chunk {
                     bytes += c.key.len() + c.value.len() + 8;
@@ -112,10 +170,6 @@ impl Origin {
             st.version = version;
             retain(&self.inner.cfg, st);
             batches.push(made);
-        }
-        let made: usize = batches.iter().map(Vec::len).sum();
-        if made == 0 {
-            return 0;
         }
         let grouped = made > 1;
         // The last batch of the group that each stream will get: (topic index, batch index).
@@ -147,7 +201,7 @@ impl Origin {
             .stats
             .published
             .fetch_add(made as u64, Ordering::Relaxed);
-        made
+        Ok(made)
     }
 
     /// `changes` cut into runs that each fit one feed message of this origin.

@@ -8,7 +8,10 @@
 //! identifier and timeline, a version is a transaction's commit position. A transaction
 //! becomes one version of each topic it touched, sent to every stream as one group.
 //!
-//! Without a data directory the copy is redone at every start (the slot is recreated); a slot
+//! With a data directory, each transaction is written there (with the position it reached, in
+//! one commit) before the slot is told it was consumed, so a restart, even after kill -9,
+//! resumes from the slot with the same epoch and retained window, and sidecars resume without
+//! a snapshot. Without one the copy is redone at every start (the slot is recreated). A slot
 //! lost while running is recreated and the tables copied again at the new consistent point,
 //! which is past every position served before, so sidecars resnapshot (Reset) but positions
 //! stay comparable.
@@ -62,6 +65,14 @@ pub enum PgError {
     Sql(String),
     #[error("replication failed: {0}")]
     Replication(String),
+    #[error("the origin's data directory: {0}")]
+    Storage(String),
+}
+
+impl From<super::StoreError> for PgError {
+    fn from(e: super::StoreError) -> Self {
+        PgError::Storage(e.to_string())
+    }
 }
 
 impl PgError {
@@ -101,6 +112,8 @@ impl PgError {
 pub struct PgStatus {
     /// `connecting`, `copying` or `streaming`.
     pub phase: &'static str,
+    /// Streaming has started at least once since this origin started.
+    pub streamed: bool,
     /// Initial copies completed (1 after a normal start; more after a lost slot).
     pub copies: u64,
     /// Rows read by the copy in progress (or the last one).
@@ -164,8 +177,29 @@ impl PgOrigin {
                 }
             }
         };
-        let origin = Origin::build(cfg, identity.clone(), None, Default::default());
-        info!(epoch = %identity, tables = ?pg.table_names(), slot = %pg.slot, "origin follows postgres");
+        let origin = match cfg.data_dir.clone() {
+            None => Origin::build(cfg, identity.clone(), None, Default::default()),
+            Some(dir) => {
+                let id = identity.clone();
+                blocking(move || {
+                    let stored = super::durable::Store::stored_epoch(&dir)?;
+                    if stored.as_deref() != Some(id.as_str()) {
+                        if let Some(old) = stored {
+                            warn!(dir = %dir.display(), stored = %old, epoch = %id, "the data directory holds another database's or timeline's data; copying the tables again");
+                        }
+                        super::durable::Store::reset_epoch(&dir, &id)?;
+                    }
+                    Ok(Origin::open(cfg)?)
+                })
+                .await?
+            }
+        };
+        // What the data directory holds, and where it resumes from.
+        let resumed = match origin.inner.store_guard().as_ref() {
+            Some(store) => store.source_position()?,
+            None => None,
+        };
+        info!(epoch = %identity, tables = ?pg.table_names(), slot = %pg.slot, resumes_after = ?resumed, "origin follows postgres");
         let (tx, status) = watch::channel(PgStatus {
             phase: "connecting",
             ..Default::default()
@@ -176,8 +210,8 @@ impl PgOrigin {
             urls,
             epoch: identity,
             tables: HashMap::new(),
-            applied: 0,
-            loaded: false,
+            applied: resumed.unwrap_or(0),
+            loaded: resumed.is_some(),
             status: tx,
         };
         let task = tokio::spawn(source.run());
@@ -186,6 +220,13 @@ impl PgOrigin {
             status,
             task,
         })
+    }
+
+    /// Stops following the database and releases the data directory (a clean close; the
+    /// origin serves what it holds as long as a clone lives).
+    pub fn close(&self) {
+        self.task.abort();
+        self.origin.close();
     }
 
     /// The origin: serve it, read its topics.
@@ -201,6 +242,13 @@ impl PgOrigin {
     /// A receiver of every status change.
     pub fn watch_status(&self) -> watch::Receiver<PgStatus> {
         self.status.clone()
+    }
+
+    /// Waits until the source streams from the slot (after a copy, or resuming a data
+    /// directory).
+    pub async fn wait_streaming(&self) {
+        let mut rx = self.status.clone();
+        let _ = rx.wait_for(|s| s.streamed).await;
     }
 
     /// Waits until `n` initial copies in all have been loaded (1 = the first).
@@ -543,7 +591,12 @@ impl Source {
             stream = self.copy(stream).await?;
         }
         stream.start(None).await.map_err(PgError::from_pg)?;
-        self.status.send_modify(|s| s.phase = "streaming");
+        let applied = self.applied;
+        self.status.send_modify(|s| {
+            s.phase = "streaming";
+            s.streamed = true;
+            s.applied = s.applied.max(applied);
+        });
         info!(slot = %self.pg.slot, from = self.applied, "streaming from postgres");
         self.stream(stream).await
     }
@@ -595,7 +648,7 @@ impl Source {
         }
         let stream = rows.finish().await.map_err(PgError::from_pg)?;
         for (table, rows) in loaded {
-            self.origin.replace_topic(&table, rows, at);
+            self.origin.replace_topic(&table, rows, at)?;
         }
         self.applied = at;
         self.loaded = true;
@@ -698,12 +751,13 @@ impl Source {
                     let changes = std::mem::take(&mut txn);
                     if version > self.applied {
                         if !changes.is_empty() {
-                            self.origin.apply_txn(version, changes.into_changes());
+                            self.origin.apply_txn(version, changes.into_changes())?;
                         }
                         self.applied = version;
                     }
-                    // Without a data directory nothing is kept across a restart (the copy is
-                    // taken again), so what is applied in memory may be confirmed.
+                    // With a data directory the transaction is on disk now; without one
+                    // nothing is kept across a restart (the copy is taken again), so what is
+                    // applied in memory may be confirmed.
                     feedback.update_applied_lsn(end_lsn);
                     feedback.update_flushed_lsn(end_lsn);
                     let server = stream.current_lsn();
