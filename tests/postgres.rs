@@ -645,3 +645,48 @@ async fn a_durable_origin_restarted_during_writes_resumes_from_its_slot_without_
         "the sidecar resumed without a snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_listing_two_origins_continues_on_the_other_without_a_snapshot() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    let a = PgOrigin::start(origin_cfg(&pg, "failover_a", &["products"]))
+        .await
+        .expect("a");
+    within(a.wait_copied(1)).await;
+    let b = PgOrigin::start(origin_cfg(&pg, "failover_b", &["products"]))
+        .await
+        .expect("b");
+    within(b.wait_copied(1)).await;
+    let mut served_a = TestOrigin::start_on(a.origin().clone(), loopback0()).await;
+    let served_b = TestOrigin::start_on(b.origin().clone(), loopback0()).await;
+    let mut cfg = sidecar_config(&served_a.url(), &["products"]);
+    cfg.origins[0].fallback = vec![served_b.url()];
+    let sidecar = start_sidecar(cfg).await;
+    let products = source(&sidecar, "products");
+    // A change after both copies: its version is inside both origins' windows.
+    sql.exec("UPDATE products SET name = 'a2' WHERE id = 1");
+    until_equal(&a, &pg, "products", "id::text").await;
+    until_equal(&b, &pg, "products", "id::text").await;
+    let v = a.origin().version("products").unwrap();
+    assert_eq!(b.origin().version("products"), Some(v));
+    wait_source(&products, "the update", |s| s.version() == v).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    assert_eq!(counter(&feed.snapshots), 1);
+
+    served_a.stop().await;
+    a.close();
+    sql.exec("UPDATE products SET name = 'a3' WHERE id = 1");
+    sql.exec("INSERT INTO products VALUES (3, 'c')");
+    until_equal(&b, &pg, "products", "id::text").await;
+    let v = b.origin().version("products").unwrap();
+    wait_source(&products, "the changes through b", |s| s.version() == v).await;
+    assert_eq!(products.len(), 3);
+    assert_eq!(
+        counter(&feed.snapshots),
+        1,
+        "continued on the other origin without a snapshot"
+    );
+}

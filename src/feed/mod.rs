@@ -146,6 +146,9 @@ pub(crate) struct FeedClient {
     /// handed to the writer together, as one step, so no reader sees half of it.
     held: Vec<Held>,
     held_group: u64,
+    /// The origin's addresses and the one dialled now: a lost feed redials the next one.
+    addresses: Vec<String>,
+    current: usize,
 }
 
 /// A batch of a group not yet handed to the writer, and the cursor to return to when the
@@ -204,6 +207,7 @@ impl FeedClient {
             })
             .collect();
         FeedClient {
+            addresses: spec.addresses(),
             spec,
             cfg,
             max_message,
@@ -214,6 +218,7 @@ impl FeedClient {
             stats,
             held: Vec::new(),
             held_group: 0,
+            current: 0,
         }
     }
 
@@ -236,9 +241,18 @@ impl FeedClient {
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
-                    warn!(origin = %self.spec.name, address = %self.spec.address, error = %e, "feed disconnected")
+                    warn!(origin = %self.spec.name, address = %self.address(), error = %e, "feed disconnected")
                 }
                 Ok(()) => {}
+            }
+            if self.addresses.len() > 1 {
+                // Another address of the same origin serves the same positions: resume there.
+                self.current = (self.current + 1) % self.addresses.len();
+                if heard {
+                    attempt = 0;
+                    info!(origin = %self.spec.name, next = %self.address(), "trying the next address");
+                    continue;
+                }
             }
             attempt = if heard && !broke {
                 0
@@ -252,6 +266,13 @@ impl FeedClient {
                 _ = crate::signalled(&mut shutdown) => return,
             }
         }
+    }
+
+    /// The address dialled now.
+    fn address(&self) -> &str {
+        self.addresses
+            .get(self.current)
+            .map_or(self.spec.address.as_str(), String::as_str)
     }
 
     async fn disconnected(&mut self) {
@@ -293,7 +314,7 @@ impl FeedClient {
 
     async fn session(&mut self, heard: &mut bool) -> Result<(), FeedError> {
         let c = &self.cfg;
-        let endpoint = Endpoint::from_shared(self.spec.address.clone())
+        let endpoint = Endpoint::from_shared(self.address().to_string())
             .map_err(|e| FeedError::Address(e.to_string()))?
             .connect_timeout(c.connect_timeout.0)
             .http2_keep_alive_interval(c.keepalive_interval.0)
@@ -317,7 +338,7 @@ impl FeedClient {
         let mut stream = client.sync(ReceiverStream::new(req_rx)).await?.into_inner();
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        info!(origin = %self.spec.name, address = %self.spec.address, "feed connected");
+        info!(origin = %self.spec.name, address = %self.address(), "feed connected");
         for t in self.topics.values() {
             t.source.set_connected(true);
         }
@@ -1047,6 +1068,7 @@ pub async fn replay(streams: Vec<Vec<pb::SyncResponse>>) -> Replayed {
     let spec = OriginSpec {
         name: "o".into(),
         address: "http://127.0.0.1:1".into(),
+        fallback: Vec::new(),
         topics: Vec::new(),
         tls: None,
     };
