@@ -256,7 +256,8 @@ fn main() -> ExitCode {
     // The bench prints its own progress; the embedded origin's info logs would bury it.
     let default_filter = match cli.command {
         Some(Command::Bench(_)) => "warn",
-        _ => "info",
+        // The replication crate logs every query it sends at info; the origin logs what matters.
+        _ => "info,pg_walstream=warn",
     };
     init_tracing(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -122,6 +122,8 @@ pub struct PgStatus {
     pub applied: u64,
     /// The database's WAL position as last reported to the stream.
     pub server_lsn: u64,
+    /// Milliseconds between the last applied transaction's commit and its apply here.
+    pub lag_ms: u64,
     /// Transactions applied.
     pub transactions: u64,
     /// Failures so far, and the last one.
@@ -680,10 +682,37 @@ impl Source {
         let cancel = CancellationToken::new();
         let feedback = stream.shared_lsn_feedback.clone();
         let mut txn = Txn::default();
+        let mut in_txn = false;
+        let idle = self.pg.status_interval.0.min(Duration::from_secs(1));
         loop {
-            let ev = stream.next_event(&cancel).await.map_err(PgError::from_pg)?;
+            let ev = match tokio::time::timeout(idle, stream.next_event(&cancel)).await {
+                Ok(ev) => ev.map_err(PgError::from_pg)?,
+                Err(_) => {
+                    // Idle between transactions: everything the server sent up to its last
+                    // keepalive is applied (a transaction at or below it was delivered
+                    // before it), so the slot may move there. Without this a quiet database
+                    // keeps WAL for the slot, and a server shutting down waits for the reply.
+                    if !in_txn {
+                        let at = stream.current_lsn();
+                        if at > 0 {
+                            feedback.update_applied_lsn(at);
+                            feedback.update_flushed_lsn(at);
+                            stream.send_feedback().await.map_err(PgError::from_pg)?;
+                        }
+                        let applied = self.applied;
+                        self.status.send_modify(|s| {
+                            s.server_lsn = at.max(applied);
+                            s.lag_ms = 0;
+                        });
+                    }
+                    continue;
+                }
+            };
             match ev.event_type {
-                EventType::Begin { .. } => txn = Txn::default(),
+                EventType::Begin { .. } => {
+                    txn = Txn::default();
+                    in_txn = true;
+                }
                 EventType::Insert {
                     schema,
                     table,
@@ -745,8 +774,14 @@ impl Source {
                 EventType::Commit {
                     commit_lsn,
                     end_lsn,
-                    ..
+                    commit_timestamp,
                 } => {
+                    in_txn = false;
+                    let lag_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64)
+                        .saturating_sub(commit_timestamp.timestamp_millis())
+                        .max(0) as u64;
                     let version = commit_lsn.value();
                     let changes = std::mem::take(&mut txn);
                     if version > self.applied {
@@ -766,6 +801,7 @@ impl Source {
                         s.applied = applied;
                         s.server_lsn = server.max(applied);
                         s.transactions += 1;
+                        s.lag_ms = lag_ms;
                     });
                 }
                 _ => {}
