@@ -122,6 +122,7 @@ async fn setup(od_bytes: u64) -> Setup {
     cfg.origins = vec![OriginSpec {
         name: "o".to_string(),
         address: format!("http://{addr}"),
+        fallback: Vec::new(),
         topics: vec![
             TopicSpec {
                 name: "full".to_string(),

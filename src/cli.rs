@@ -20,6 +20,15 @@ pub fn usage(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EX_USAGE)
 }
 
+/// An origin.toml rather than a viewcar.toml: it has a `[postgres]` section (a sidecar config
+/// never does), so `viewcar check` validates it as the origin's.
+pub fn is_origin_config(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("postgres"))
+}
+
 /// `viewcar sidecar`: runs until SIGTERM or SIGINT. 0 only when everything drained within the
 /// grace period, so that an orchestrator (or a script) can tell a clean stop from a cut-short
 /// one; 64 for a config the views refuse.
@@ -43,12 +52,26 @@ pub async fn run_sidecar(cfg: SidecarConfig) -> ExitCode {
 /// `viewcar origin`: serves Feed from `cfg` (already validated) until SIGTERM or SIGINT.
 pub async fn run_origin(cfg: OriginConfig) -> ExitCode {
     let listen = cfg.listen;
-    let origin = match Origin::with_seed(cfg) {
-        Ok(o) => o,
-        Err(e @ crate::OpenError::Seed(_)) => return usage(e),
-        Err(e) => {
-            error!(error = %e, "cannot open the origin's data directory");
-            return ExitCode::FAILURE;
+    // With [postgres] the origin takes its epoch from the database and its topics from the
+    // tables; the source is held (and follows the database) for as long as the origin serves.
+    let mut source = None;
+    let origin = if cfg.postgres.is_some() {
+        match crate::origin::postgres::PgOrigin::start(cfg).await {
+            Ok(pg) => {
+                let origin = pg.origin().clone();
+                source = Some(pg);
+                origin
+            }
+            Err(e) => return usage(e),
+        }
+    } else {
+        match Origin::with_seed(cfg) {
+            Ok(o) => o,
+            Err(e @ crate::OpenError::Seed(_)) => return usage(e),
+            Err(e) => {
+                error!(error = %e, "cannot open the origin's data directory");
+                return ExitCode::FAILURE;
+            }
         }
     };
     let listener = match TcpListener::bind(listen).await {
@@ -61,6 +84,7 @@ pub async fn run_origin(cfg: OriginConfig) -> ExitCode {
     let addr = listener.local_addr().unwrap_or(listen);
     info!(%addr, epoch = origin.epoch(), "origin serving Feed");
     let served = origin.serve(listener, crate::shutdown_signal()).await;
+    drop(source);
     origin.close();
     match served {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@
 
 mod origin;
 mod overrides;
+mod postgres;
 mod sidecar;
 mod view;
 
@@ -19,6 +20,7 @@ use std::path::Path;
 pub use crate::types::{ByteSize, Dur, Mode, DEFAULT_ON_DEMAND_BYTES, MIN_ON_DEMAND_BYTES};
 pub use origin::{Fsync, OriginConfig};
 pub use overrides::{origin_address_env, OriginOverrides, SidecarOverrides};
+pub use postgres::{describe_origin, PgTls, PostgresConfig, TableSpec};
 pub use sidecar::{
     describe, FeedConfig, Limits, ListenConfig, OriginSpec, ShutdownConfig, SidecarConfig,
     TopicSpec, WsConfig,

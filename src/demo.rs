@@ -312,6 +312,7 @@ pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
     cfg.origins.push(OriginSpec {
         name: "catalog".into(),
         address: format!("http://{origin}"),
+        fallback: Vec::new(),
         topics: TOPICS
             .iter()
             .map(|t| TopicSpec {

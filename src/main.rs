@@ -264,10 +264,11 @@ fn main() -> ExitCode {
     #[cfg(feature = "bench")]
     let default_filter = match cli.command {
         Some(Command::Bench(_)) => "warn",
-        _ => "info",
+        // The replication crate logs every query it sends at info; the origin logs what matters.
+        _ => "info,pg_walstream=warn",
     };
     #[cfg(not(feature = "bench"))]
-    let default_filter = "info";
+    let default_filter = "info,pg_walstream=warn";
     cli::init_tracing(cli.log_format == LogFormat::Json, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -296,6 +297,15 @@ async fn run(command: Command) -> ExitCode {
             Ok(cfg) => cli::run_sidecar(cfg).await,
             Err(e) => usage(e),
         },
+        Command::Check(args) if cli::is_origin_config(&args.config) => {
+            match OriginConfig::load(&args.config) {
+                Ok(cfg) => {
+                    print!("{}", viewcar::config::describe_origin(&cfg));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => usage(e),
+            }
+        }
         Command::Check(args) => match args.load() {
             Ok(cfg) => {
                 print!("{}", viewcar::config::describe(&cfg));

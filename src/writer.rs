@@ -79,6 +79,9 @@ pub enum Step {
     /// Nothing to apply: wakes the writer so that it settles what happened meanwhile
     /// (evictions) at its next flush.
     Nudge,
+    /// The batches of one source transaction (several topics): applied in one step, so that
+    /// views and subscribers see all of it or none of it.
+    Group(Vec<Step>),
 }
 
 /// Counters of the writer, for tests, metrics and status.
@@ -255,6 +258,11 @@ impl Writer {
                 let _ = reply.send(answer);
             }
             Step::Rows(RowRequest::Evicted) | Step::Nudge => {}
+            Step::Group(steps) => {
+                for step in steps {
+                    self.apply(step, events);
+                }
+            }
         }
     }
 

@@ -241,3 +241,55 @@ fn bad_flags_and_variables_exit_64() {
     let out = viewcar(&["--help"]);
     assert_eq!(out.status.code(), Some(0), "help is not an error");
 }
+
+#[test]
+fn an_origin_address_may_be_a_list_and_each_is_checked() {
+    let good = write(
+        "address-list.toml",
+        "[[origin]]\nname = \"o\"\naddress = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\ntopics = [\"a\"]\n",
+    );
+    let out = viewcar(&["check", "--config", good.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("http://127.0.0.1:1, http://127.0.0.1:2"),
+        "{text}"
+    );
+    refused(
+        "address-list-bad.toml",
+        "[[origin]]\nname = \"o\"\naddress = [\"http://127.0.0.1:1\", \"127.0.0.1:2\"]\ntopics = [\"a\"]\n",
+        &["origin[0].address[1]", "http://host:port"],
+    );
+}
+
+#[test]
+fn an_origin_config_with_postgres_is_checked_as_such() {
+    let good = write(
+        "pg-origin.toml",
+        "[postgres]\nurl = \"postgres://u:secret@127.0.0.1/db\"\ntables = [\"products\"]\n",
+    );
+    let out = viewcar(&["check", "--config", good.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("topic products <- table public.products"),
+        "{text}"
+    );
+    assert!(!text.contains("secret"), "{text}");
+    let bad = write(
+        "pg-origin-bad.toml",
+        "[postgres]\nurl = \"postgres://u@h/db\"\ntables = [\"products\"]\nsnapshot_chunk_rows = 0\n",
+    );
+    let out = viewcar(&["check", "--config", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("postgres.snapshot_chunk_rows"), "{err}");
+}

@@ -547,6 +547,7 @@ async fn reconnect_storm_is_spread_by_jitter_and_resnapshots_once() {
             .map(|t| OriginSpec {
                 name: format!("o-{t}"),
                 address: proxy.url(),
+                fallback: Vec::new(),
                 topics: vec![TopicSpec {
                     name: t.clone(),
                     mode: Mode::Full,

@@ -75,6 +75,9 @@ pub struct OriginConfig {
     /// The durable store's page cache (with `data_dir`). Served data is in memory anyway; the
     /// cache serves the store's own writes and the load at start.
     pub cache_bytes: ByteSize,
+    /// Take the topics from a Postgres database by logical replication (one topic per table)
+    /// instead of from `Publish`.
+    pub postgres: Option<super::PostgresConfig>,
 }
 
 /// When the durable origin syncs a batch to disk.
@@ -117,6 +120,7 @@ impl Default for OriginConfig {
             fsync: Fsync::EveryBatch,
             fsync_interval: Dur(Duration::from_secs(1)),
             cache_bytes: ByteSize(64 << 20),
+            postgres: None,
         }
     }
 }
@@ -217,6 +221,23 @@ impl OriginConfig {
         )?;
         if let Some(tls) = &self.tls {
             super::check_tls_files(file, "tls", tls.files())?;
+        }
+        if let Some(pg) = &self.postgres {
+            pg.validate(file)?;
+            if self.seed.is_some() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "seed",
+                    "cannot be combined with [postgres]: the tables are the data",
+                ));
+            }
+            if self.data_dir.is_some() && self.fsync == Fsync::Interval {
+                return Err(ConfigError::invalid(
+                    file,
+                    "fsync",
+                    "\"interval\" cannot be used with [postgres]: the slot may only be told what is on disk",
+                ));
+            }
         }
         Ok(())
     }

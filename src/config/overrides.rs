@@ -113,6 +113,7 @@ impl SidecarConfig {
         match self.origins.iter_mut().find(|o| o.name == name) {
             Some(o) => {
                 o.address = address.to_string();
+                o.fallback.clear();
                 Ok(())
             }
             None => Err(ConfigError::invalid(
@@ -141,7 +142,10 @@ impl SidecarConfig {
                 .filter(|&i| origin_address_env(&self.origins[i].name) == var)
                 .collect();
             match matching.as_slice() {
-                [i] => self.origins[*i].address = value,
+                [i] => {
+                    self.origins[*i].address = value;
+                    self.origins[*i].fallback.clear();
+                }
                 [] => {
                     return Err(ConfigError::invalid(
                         "environment",

@@ -286,18 +286,75 @@ impl Default for FeedConfig {
 
 /// One upstream origin and the topics replicated from it.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(
-    deny_unknown_fields,
-    expecting = "an [[origin]] table with name, address, topics and optional tls"
-)]
+#[serde(from = "RawOriginSpec")]
 pub struct OriginSpec {
     pub name: String,
     /// `http://host:port`, or `https://host:port` with `tls`.
     pub address: String,
+    /// More addresses of the same origin (replicas or relays serving its positions), written
+    /// `address = ["http://a:7000", "http://b:7000"]`: a lost feed is redialled at the next
+    /// one, resuming from the position held.
+    pub fallback: Vec<String>,
     pub topics: Vec<TopicSpec>,
     /// TLS to this origin: the CA to verify it with, and a client certificate for mTLS.
-    #[serde(default)]
     pub tls: Option<crate::tls::ClientTls>,
+}
+
+/// `[[origin]]` as written: `address` is a string or a list.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an [[origin]] table with name, address, topics and optional tls"
+)]
+struct RawOriginSpec {
+    name: String,
+    address: OneOrMany,
+    topics: Vec<TopicSpec>,
+    #[serde(default)]
+    tls: Option<crate::tls::ClientTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an address \"http://host:port\" or a list of them"
+)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<RawOriginSpec> for OriginSpec {
+    fn from(r: RawOriginSpec) -> Self {
+        let (address, fallback) = match r.address {
+            OneOrMany::One(a) => (a, Vec::new()),
+            OneOrMany::Many(mut v) => {
+                // An empty list is refused by validate (an empty address).
+                let first = if v.is_empty() {
+                    String::new()
+                } else {
+                    v.remove(0)
+                };
+                (first, v)
+            }
+        };
+        OriginSpec {
+            name: r.name,
+            address,
+            fallback,
+            topics: r.topics,
+            tls: r.tls,
+        }
+    }
+}
+
+impl OriginSpec {
+    /// Every address, in the order they are tried.
+    pub fn addresses(&self) -> Vec<String> {
+        std::iter::once(self.address.clone())
+            .chain(self.fallback.iter().cloned())
+            .collect()
+    }
 }
 
 impl TopicSpec {
@@ -526,6 +583,23 @@ impl SidecarConfig {
                     format!("expected http://host:port, got {:?}", o.address),
                 ));
             }
+            for (j, a) in o.fallback.iter().enumerate() {
+                let field = format!("{at}.address[{}]", j + 1);
+                if !(a.starts_with("http://") || a.starts_with("https://")) {
+                    return Err(ConfigError::invalid(
+                        file,
+                        field,
+                        format!("expected http://host:port, got {a:?}"),
+                    ));
+                }
+                if a.starts_with("https://") != o.address.starts_with("https://") {
+                    return Err(ConfigError::invalid(
+                        file,
+                        field,
+                        "every address of an origin uses the same scheme (tls applies to each)",
+                    ));
+                }
+            }
             match (&o.tls, o.address.starts_with("https://")) {
                 (None, true) => return Err(ConfigError::invalid(
                     file,
@@ -682,7 +756,11 @@ pub fn describe(cfg: &SidecarConfig) -> String {
             out,
             "origin {} ({})",
             o.name,
-            crate::types::redact_address(&o.address)
+            o.addresses()
+                .iter()
+                .map(|a| crate::types::redact_address(a))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         for t in &o.topics {
             let _ = writeln!(out, "  topic {} [{}]", t.name, t.mode.as_str());

@@ -151,6 +151,21 @@ pub(crate) struct FeedClient {
     key_ops: Arc<Notify>,
     writer: mpsc::Sender<Step>,
     stats: Arc<FeedStats>,
+    /// Batches of a transaction group received before its last one (`ChangeBatch.group`):
+    /// handed to the writer together, as one step, so no reader sees half of it.
+    held: Vec<Held>,
+    held_group: u64,
+    /// The origin's addresses and the one dialled now: a lost feed redials the next one.
+    addresses: Vec<String>,
+    current: usize,
+}
+
+/// A batch of a group not yet handed to the writer, and the cursor to return to when the
+/// stream breaks before the group is whole.
+struct Held {
+    topic: String,
+    prev_version: u64,
+    op: Step,
 }
 
 impl FeedClient {
@@ -201,6 +216,7 @@ impl FeedClient {
             })
             .collect();
         FeedClient {
+            addresses: spec.addresses(),
             spec,
             cfg,
             max_message,
@@ -209,6 +225,9 @@ impl FeedClient {
             key_ops,
             writer,
             stats,
+            held: Vec::new(),
+            held_group: 0,
+            current: 0,
         }
     }
 
@@ -231,9 +250,18 @@ impl FeedClient {
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
-                    warn!(origin = %self.spec.name, address = %redact_address(&self.spec.address), error = %e, "feed disconnected")
+                    warn!(origin = %self.spec.name, address = %redact_address(self.address()), error = %e, "feed disconnected")
                 }
                 Ok(()) => {}
+            }
+            if self.addresses.len() > 1 {
+                // Another address of the same origin serves the same positions: resume there.
+                self.current = (self.current + 1) % self.addresses.len();
+                if heard {
+                    attempt = 0;
+                    info!(origin = %self.spec.name, next = %redact_address(self.address()), "trying the next address");
+                    continue;
+                }
             }
             attempt = if heard && !broke {
                 0
@@ -249,9 +277,26 @@ impl FeedClient {
         }
     }
 
+    /// The address dialled now.
+    fn address(&self) -> &str {
+        self.addresses
+            .get(self.current)
+            .map_or(self.spec.address.as_str(), String::as_str)
+    }
+
     async fn disconnected(&mut self) {
         if self.stats.connected.swap(false, Ordering::Relaxed) {
             self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        // Half a group is never applied: its topics resume from before it.
+        for h in self.held.drain(..) {
+            if let Some(c) = self
+                .topics
+                .get_mut(&h.topic)
+                .and_then(|t| t.cursor.as_mut())
+            {
+                c.version = c.version.min(h.prev_version);
+            }
         }
         let mut aborts = Vec::new();
         for t in self.topics.values_mut() {
@@ -278,7 +323,7 @@ impl FeedClient {
 
     async fn session(&mut self, heard: &mut bool) -> Result<(), FeedError> {
         let c = &self.cfg;
-        let endpoint = Endpoint::from_shared(self.spec.address.clone())
+        let endpoint = Endpoint::from_shared(self.address().to_string())
             .map_err(|e| FeedError::Address(e.to_string()))?
             .connect_timeout(c.connect_timeout.0)
             .http2_keep_alive_interval(c.keepalive_interval.0)
@@ -331,7 +376,7 @@ impl FeedClient {
         };
         self.stats.connected.store(true, Ordering::Relaxed);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        info!(origin = %self.spec.name, address = %redact_address(&self.spec.address), "feed connected");
+        info!(origin = %self.spec.name, address = %redact_address(self.address()), "feed connected");
         for t in self.topics.values() {
             t.source.set_connected(true);
         }
@@ -423,9 +468,19 @@ impl FeedClient {
             Kind::Reset(r) => &r.topic,
         }
         .clone();
+        let group = match &kind {
+            Kind::Changes(b) => b.group,
+            _ => None,
+        };
+        if !self.held.is_empty() && group.as_ref().map(|g| g.id) != Some(self.held_group) {
+            // Something other than the rest of the group: what was held is all this stream
+            // has of it (the origin lagged on a topic, or resumes topic by topic).
+            self.release_held().await?;
+        }
         if self.keyed.contains_key(&topic) {
             return self.handle_keyed(&topic, kind).await;
         }
+        let mut prev_version = 0;
         let Some(t) = self.topics.get_mut(&topic) else {
             return Err(FeedError::Protocol(format!(
                 "message for topic '{topic}', which this sidecar did not subscribe"
@@ -512,6 +567,7 @@ impl FeedClient {
                     return resubscribe(t, &topic, req_tx, &self.writer).await;
                 }
                 c.version = batch.version;
+                prev_version = batch.prev_version;
                 Step::Batch {
                     source: t.source.clone(),
                     epoch: batch.epoch,
@@ -559,8 +615,33 @@ impl FeedClient {
                 }
             }
         };
+        if let Some(g) = group {
+            self.held.push(Held {
+                topic,
+                prev_version,
+                op,
+            });
+            self.held_group = g.id;
+            return if g.last {
+                self.release_held().await
+            } else {
+                Ok(())
+            };
+        }
         self.writer
             .send(op)
+            .await
+            .map_err(|_| FeedError::WriterGone)
+    }
+
+    /// Hands the held batches of a group to the writer as one step.
+    async fn release_held(&mut self) -> Result<(), FeedError> {
+        let ops: Vec<Step> = self.held.drain(..).map(|h| h.op).collect();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .send(Step::Group(ops))
             .await
             .map_err(|_| FeedError::WriterGone)
     }

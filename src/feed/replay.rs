@@ -56,6 +56,7 @@ pub async fn replay(streams: Vec<Vec<pb::SyncResponse>>) -> Replayed {
     let spec = OriginSpec {
         name: "o".into(),
         address: "http://127.0.0.1:1".into(),
+        fallback: Vec::new(),
         topics: Vec::new(),
         tls: None,
     };
@@ -218,6 +219,7 @@ pub fn decode_streams(data: &[u8]) -> Vec<Vec<pb::SyncResponse>> {
                         prev_version,
                         version,
                         changes,
+                        group: None,
                     })
                 }
                 6 | 7 => Kind::Progress(pb::Progress {

@@ -38,6 +38,11 @@ const EPOCH: &str = "epoch";
 /// Present while a run with `fsync = "interval"` has the database open: found at open, it
 /// means that run ended without syncing its last batches.
 const UNSYNCED: &str = "unsynced_run";
+/// The database position (commit LSN) the last source transaction written reached, for an
+/// origin fed by Postgres: it resumes after it.
+const SOURCE_POSITION: &str = "source_position";
+/// Set for an origin whose versions are a database's commit positions, not contiguous.
+const SPARSE: &str = "sparse_versions";
 
 /// Why the durable copy could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -235,10 +240,16 @@ impl Store {
         }
         // The log must end at the topic's version and have no holes; a prefix that does not
         // join the rest (left by an older retention) is dropped, as resuming from it is
-        // impossible anyway.
+        // impossible anyway. Versions of a database-fed origin are commit positions, with
+        // gaps between them by nature: its log is kept whole.
+        let meta = rtx.open_table(META).map_err(|e| err(dir, e))?;
+        let sparse = meta.get(SPARSE).map_err(|e| err(dir, e))?.is_some();
         for t in topics.values_mut() {
             while t.log.back().is_some_and(|b| b.version > t.version) {
                 t.log.pop_back();
+            }
+            if sparse {
+                continue;
             }
             let mut expect = t.version;
             let mut keep = 0;
@@ -344,6 +355,140 @@ impl Store {
             self.dirty.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// The database position of the last source transaction written (an origin fed by
+    /// Postgres), if any.
+    pub(crate) fn source_position(&self) -> Result<Option<u64>, StoreError> {
+        let dir = &self.dir;
+        let rtx = self.db.begin_read().map_err(|e| err(dir, e))?;
+        let meta = rtx.open_table(META).map_err(|e| err(dir, e))?;
+        let v = meta.get(SOURCE_POSITION).map_err(|e| err(dir, e))?;
+        Ok(v.and_then(|v| v.value().parse().ok()))
+    }
+
+    /// Writes one source transaction in one commit: for each topic its batches `(version,
+    /// changes)` and its log below `keep_from` dropped, and the source `position` it reached.
+    pub(crate) fn write_txn(
+        &self,
+        parts: &[(&str, Vec<(u64, &[pb::Change])>, u64)],
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let dir = &self.dir;
+        let mut wtx = self.db.begin_write().map_err(|e| err(dir, e))?;
+        wtx.set_durability(if self.every_batch {
+            Durability::Immediate
+        } else {
+            Durability::None
+        });
+        {
+            let mut rows = wtx.open_table(ROWS).map_err(|e| err(dir, e))?;
+            let mut versions = wtx.open_table(VERSIONS).map_err(|e| err(dir, e))?;
+            let mut log = wtx.open_table(LOG).map_err(|e| err(dir, e))?;
+            for (topic, batches, keep_from) in parts {
+                for (version, changes) in batches {
+                    let mut encoded = Vec::with_capacity(batch_bytes(changes));
+                    for c in changes.iter() {
+                        // Writing into a Vec cannot run out of room.
+                        let _ = c.encode_length_delimited(&mut encoded);
+                        if c.deleted {
+                            rows.remove((*topic, c.key.as_str()))
+                                .map_err(|e| err(dir, e))?;
+                        } else {
+                            rows.insert((*topic, c.key.as_str()), (*version, &c.value[..]))
+                                .map_err(|e| err(dir, e))?;
+                        }
+                    }
+                    versions.insert(*topic, *version).map_err(|e| err(dir, e))?;
+                    log.insert((*topic, *version), encoded.as_slice())
+                        .map_err(|e| err(dir, e))?;
+                }
+                log.retain_in((*topic, 0)..(*topic, *keep_from), |_, _| false)
+                    .map_err(|e| err(dir, e))?;
+            }
+            let mut meta = wtx.open_table(META).map_err(|e| err(dir, e))?;
+            meta.insert(SOURCE_POSITION, position.to_string().as_str())
+                .map_err(|e| err(dir, e))?;
+        }
+        wtx.commit().map_err(|e| err(dir, e))?;
+        if !self.every_batch {
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Replaces every row of `topic` with `rows` at `version` (an initial copy), empties its
+    /// log, and records the source `position`, in one commit.
+    pub(crate) fn replace_topic(
+        &self,
+        topic: &str,
+        rows_in: &[(String, Bytes)],
+        version: u64,
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let dir = &self.dir;
+        let mut wtx = self.db.begin_write().map_err(|e| err(dir, e))?;
+        wtx.set_durability(Durability::Immediate);
+        {
+            let mut rows = wtx.open_table(ROWS).map_err(|e| err(dir, e))?;
+            rows.retain_in((topic, "")..=(topic, "\u{10FFFF}"), |_, _| false)
+                .map_err(|e| err(dir, e))?;
+            for (k, v) in rows_in {
+                rows.insert((topic, k.as_str()), (version, &v[..]))
+                    .map_err(|e| err(dir, e))?;
+            }
+            let mut versions = wtx.open_table(VERSIONS).map_err(|e| err(dir, e))?;
+            versions.insert(topic, version).map_err(|e| err(dir, e))?;
+            let mut log = wtx.open_table(LOG).map_err(|e| err(dir, e))?;
+            log.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)
+                .map_err(|e| err(dir, e))?;
+            // An empty batch at the copy's version marks where the log starts: reloaded, the
+            // topic resumes streams that are at the copy (versions are not contiguous here, so
+            // the start could not be told from the first change after it).
+            log.insert((topic, version), &[][..])
+                .map_err(|e| err(dir, e))?;
+            let mut meta = wtx.open_table(META).map_err(|e| err(dir, e))?;
+            meta.insert(SOURCE_POSITION, position.to_string().as_str())
+                .map_err(|e| err(dir, e))?;
+        }
+        wtx.commit().map_err(|e| err(dir, e))
+    }
+
+    /// Sets the epoch stored under `dir` (creating the database if needed), marks its versions
+    /// as sparse (commit positions), and forgets the source position: what is stored belongs to another database or timeline, and is
+    /// served under `epoch` only until a new copy replaces it.
+    pub(crate) fn reset_epoch(dir: &Path, epoch: &str) -> Result<(), StoreError> {
+        let name = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|e| err(&name, e))?;
+        let db = Database::create(dir.join(FILE)).map_err(|e| err(&name, e))?;
+        let wtx = db.begin_write().map_err(|e| err(&name, e))?;
+        {
+            let mut meta = wtx.open_table(META).map_err(|e| err(&name, e))?;
+            meta.insert(EPOCH, epoch).map_err(|e| err(&name, e))?;
+            meta.insert(SPARSE, "1").map_err(|e| err(&name, e))?;
+            meta.remove(SOURCE_POSITION).map_err(|e| err(&name, e))?;
+            meta.remove(UNSYNCED).map_err(|e| err(&name, e))?;
+        }
+        wtx.commit().map_err(|e| err(&name, e))
+    }
+
+    /// The epoch stored under `dir`, if there is a database there.
+    pub(crate) fn stored_epoch(dir: &Path) -> Result<Option<String>, StoreError> {
+        let name = dir.display().to_string();
+        let path = dir.join(FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = Database::create(path).map_err(|e| err(&name, e))?;
+        let rtx = db.begin_read().map_err(|e| err(&name, e))?;
+        let meta = match rtx.open_table(META) {
+            Ok(m) => m,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(&name, e)),
+        };
+        let unsynced = meta.get(UNSYNCED).map_err(|e| err(&name, e))?.is_some();
+        let epoch = meta.get(EPOCH).map_err(|e| err(&name, e))?;
+        Ok(epoch.filter(|_| !unsynced).map(|e| e.value().to_string()))
     }
 
     /// Drops log versions of `topic` below `keep_from` (retention applied at open).

@@ -9,6 +9,7 @@
 //! is full is marked lagged for that topic and caught up later with `Reset` + snapshot.
 
 mod durable;
+pub mod postgres;
 mod seed;
 mod session;
 
@@ -68,6 +69,8 @@ pub enum PublishError {
     },
     #[error("publish not applied: the origin could not write it to its data directory: {0}")]
     Storage(String),
+    #[error("topic '{0}' is the Postgres table of the same name: write to the database, not to the origin")]
+    TableBacked(String),
 }
 
 /// Room kept below `max_message_bytes` for what a feed message adds around the published
@@ -79,6 +82,7 @@ impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::Storage(_) => Status::unavailable(e.to_string()),
+            PublishError::TableBacked(_) => Status::failed_precondition(e.to_string()),
             e => Status::invalid_argument(e.to_string()),
         }
     }
@@ -166,6 +170,10 @@ pub(crate) struct TopicState {
     pub version: u64,
     pub log: VecDeque<Arc<Batch>>,
     pub log_bytes: usize,
+    /// The version just before the oldest retained batch: a stream that has applied at least
+    /// this resumes from the log. Versions need not be contiguous (a database-fed topic uses
+    /// commit positions), so this is kept, not derived from the first batch.
+    pub floor: u64,
     pub interests: HashMap<SessionId, Interest>,
 }
 
@@ -183,6 +191,7 @@ impl Topic {
                 version: 0,
                 log: VecDeque::new(),
                 log_bytes: 0,
+                floor: 0,
                 interests: HashMap::new(),
             }),
         }
@@ -273,6 +282,10 @@ impl Origin {
                 st.version = t.version;
                 st.log_bytes = t.log.iter().map(|b| b.bytes).sum();
                 st.log = t.log;
+                st.floor = st
+                    .log
+                    .front()
+                    .map_or(st.version, |b| b.version.saturating_sub(1));
                 retain(&cfg, &mut st);
                 let keep_from = st.log.front().map_or(st.version + 1, |b| b.version);
                 store.trim(&name, keep_from)?;
@@ -427,6 +440,9 @@ impl Origin {
         if topic.is_empty() {
             return Err(PublishError::EmptyTopic);
         }
+        if postgres::is_table(&self.inner.cfg, topic) {
+            return Err(PublishError::TableBacked(topic.to_string()));
+        }
         if changes.is_empty() {
             return Err(PublishError::NoChanges);
         }
@@ -506,7 +522,7 @@ impl Origin {
         retain(&self.inner.cfg, &mut st);
         let st = &mut *st;
         for interest in st.interests.values_mut() {
-            session::offer(&self.inner, &t.name, interest, &batch);
+            session::offer(&self.inner, &t.name, interest, &batch, None);
         }
         self.inner.stats.published.fetch_add(1, Ordering::Relaxed);
         Ok(pb::Position {
@@ -700,6 +716,7 @@ fn retain(cfg: &OriginConfig, st: &mut TopicState) {
     while st.log.len() > max_n || (st.log_bytes > max_b && st.log.len() > 1) {
         if let Some(b) = st.log.pop_front() {
             st.log_bytes -= b.bytes;
+            st.floor = b.version;
         }
     }
 }

@@ -20,15 +20,21 @@ type Out = mpsc::Sender<Result<pb::SyncResponse, Status>>;
 
 /// The bounded queue from publishers to one session.
 pub(crate) struct Queue {
-    tx: mpsc::Sender<(Arc<str>, Arc<Batch>)>,
+    tx: mpsc::Sender<(Arc<str>, Arc<Batch>, Option<pb::TxGroup>)>,
     lagged: Mutex<HashSet<Arc<str>>>,
     wake: Notify,
 }
 
 /// Called by `publish` under the topic lock: queue the batch for this stream, or mark the
-/// stream lagged for the topic. Never waits.
-pub(crate) fn offer(inner: &Inner, topic: &Arc<str>, interest: &mut Interest, batch: &Arc<Batch>) {
-    if interest.lagged {
+/// stream lagged for the topic. Never waits. `group` marks a batch of a transaction group.
+pub(crate) fn offer(
+    inner: &Inner,
+    topic: &Arc<str>,
+    interest: &mut Interest,
+    batch: &Arc<Batch>,
+    group: Option<pb::TxGroup>,
+) {
+    if !wants(interest, batch) {
         return;
     }
     let batch = match &interest.keys {
@@ -51,24 +57,40 @@ pub(crate) fn offer(inner: &Inner, topic: &Arc<str>, interest: &mut Interest, ba
         }
     };
     interest.pending.fetch_add(1, Ordering::AcqRel);
-    match interest.queue.tx.try_send((topic.clone(), batch)) {
+    match interest.queue.tx.try_send((topic.clone(), batch, group)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             interest.pending.fetch_sub(1, Ordering::AcqRel);
-            interest.lagged = true;
             inner.stats.lagged.fetch_add(1, Ordering::Relaxed);
-            interest
-                .queue
-                .lagged
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(topic.clone());
-            interest.queue.wake.notify_one();
+            resnapshot(topic, interest);
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {
             interest.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
+}
+
+/// Whether `batch` goes to the stream of `interest`: not while it is lagged (a snapshot
+/// follows), and for keyed interest only when the batch changes one of its keys.
+pub(crate) fn wants(interest: &Interest, batch: &Batch) -> bool {
+    !interest.lagged
+        && interest
+            .keys
+            .as_ref()
+            .is_none_or(|keys| batch.changes.iter().any(|c| keys.contains(c.key.as_str())))
+}
+
+/// Makes the stream of `interest` catch up on `topic` with Reset + snapshot: its queue
+/// overflowed, or the topic's data was replaced (a new initial copy of a table).
+pub(crate) fn resnapshot(topic: &Arc<str>, interest: &mut Interest) {
+    interest.lagged = true;
+    interest
+        .queue
+        .lagged
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(topic.clone());
+    interest.queue.wake.notify_one();
 }
 
 struct SessTopic {
@@ -136,7 +158,7 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
                     Err(End::Gone)
                 }
             },
-            Some((topic, batch)) = rx.recv() => s.send_batch(&topic, batch).await,
+            Some((topic, batch, group)) = rx.recv() => s.send_batch(&topic, batch, group).await,
             _ = tick.tick() => s.progress().await,
         };
         if let Err(e) = step {
@@ -256,9 +278,9 @@ impl Session {
         let (start, version) = {
             let mut ts = topic.lock();
             let version = ts.version;
-            let first = ts.log.front().map_or(version + 1, |b| b.version);
+            let floor = ts.floor;
             let start = match &sub.resume {
-                Some(p) if p.epoch == epoch && p.version <= version && p.version + 1 >= first => {
+                Some(p) if p.epoch == epoch && p.version <= version && p.version >= floor => {
                     let tail = ts
                         .log
                         .iter()
@@ -279,8 +301,7 @@ impl Session {
                     } else {
                         format!(
                             "version {} is older than the retained window (oldest retained {})",
-                            p.version,
-                            first.saturating_sub(1)
+                            p.version, floor
                         )
                     }),
                 },
@@ -332,6 +353,8 @@ impl Session {
                         prev_version: cursor,
                         version: b.version,
                         changes,
+                        // Resumed tails go topic by topic, not in transaction order.
+                        group: None,
                     }))
                     .await?;
                     self.inner()
@@ -466,7 +489,12 @@ impl Session {
         Ok(())
     }
 
-    async fn send_batch(&mut self, topic: &Arc<str>, batch: Arc<Batch>) -> Result<(), End> {
+    async fn send_batch(
+        &mut self,
+        topic: &Arc<str>,
+        batch: Arc<Batch>,
+        group: Option<pb::TxGroup>,
+    ) -> Result<(), End> {
         let Some(st) = self.topics.get_mut(topic) else {
             return Ok(());
         };
@@ -483,6 +511,7 @@ impl Session {
             prev_version,
             version: batch.version,
             changes: batch.changes.clone(),
+            group,
         };
         self.send(pb::sync_response::Kind::Changes(msg)).await?;
         self.inner()

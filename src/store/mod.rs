@@ -484,7 +484,7 @@ impl Source {
     pub fn position(&self) -> (Arc<String>, u64) {
         loop {
             let seq = self.moves.load(Ordering::Acquire);
-            if seq % 2 == 0 {
+            if seq.is_multiple_of(2) {
                 let epoch = self.epoch.load_full();
                 let version = self.version.load(Ordering::Acquire);
                 std::sync::atomic::fence(Ordering::Acquire);
@@ -538,7 +538,7 @@ impl Source {
     /// The batch sequence before a multi-key read: `None` while a batch is being applied.
     pub fn read_begin(&self) -> Option<u64> {
         let seq = self.writes.load(Ordering::Acquire);
-        (seq % 2 == 0).then_some(seq)
+        seq.is_multiple_of(2).then_some(seq)
     }
 
     /// True if no batch was applied since `read_begin` returned `seq`: what was read in

@@ -139,6 +139,7 @@ pub fn full_origin(address: &str, topics: &[&str]) -> OriginSpec {
     OriginSpec {
         name: "o".to_string(),
         address: address.to_string(),
+        fallback: Vec::new(),
         topics: topics
             .iter()
             .map(|t| TopicSpec {
@@ -378,6 +379,7 @@ impl FakeStream {
                     deleted: v.is_none(),
                 })
                 .collect(),
+            group: None,
         }))
         .await;
     }

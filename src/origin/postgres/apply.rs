@@ -1,0 +1,227 @@
+//! How a database's rows enter the origin's topics: an initial copy replaces a topic's data
+//! at the copy's position, and a transaction becomes one version (its commit position) of each
+//! topic it touched, pushed to every stream as one group.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::super::{
+    retain, session, Batch, Origin, SessionId, StoreError, Stored, Topic, FEED_OVERHEAD,
+};
+use crate::pb::feed::v1 as pb;
+
+impl Origin {
+    /// Replaces the data of `topic` with `rows`, all at `version` (the copy's position). The
+    /// retained window is emptied (nothing before `version` can be resumed from), and every
+    /// stream subscribed to the topic is caught up with Reset + snapshot.
+    pub(crate) fn replace_topic(
+        &self,
+        topic: &str,
+        rows: Vec<(String, Bytes)>,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let Ok(t) = self.topic(topic, false) else {
+            return Ok(());
+        };
+        if self.inner.store.is_some() {
+            match self.inner.store_guard().as_ref() {
+                Some(store) => store.replace_topic(topic, &rows, version, version)?,
+                None => return Err(StoreError::Closed),
+            }
+        }
+        let data: imbl::OrdMap<Arc<str>, Stored> = rows
+            .into_iter()
+            .map(|(k, value)| (Arc::from(k.as_str()), Stored { value, version }))
+            .collect();
+        let mut st = t.lock();
+        st.data = data;
+        st.version = version;
+        st.log.clear();
+        st.log_bytes = 0;
+        st.floor = version;
+        for interest in st.interests.values_mut() {
+            session::resnapshot(&t.name, interest);
+        }
+        Ok(())
+    }
+
+    /// The current value of `key` in `topic`.
+    pub(crate) fn value(&self, topic: &str, key: &str) -> Option<Bytes> {
+        let t = self.topic(topic, false).ok()?;
+        let st = t.lock();
+        st.data.get(key).map(|s| s.value.clone())
+    }
+
+    /// Every key of `topic`.
+    pub(crate) fn keys(&self, topic: &str) -> Vec<String> {
+        let Ok(t) = self.topic(topic, false) else {
+            return Vec::new();
+        };
+        let data = t.lock().data.clone();
+        data.keys().map(|k| k.to_string()).collect()
+    }
+
+    /// Applies one transaction: for each `(topic, changes)`, one version `version` of that
+    /// topic. Topics already at or past `version` are left alone (the transaction was applied
+    /// before a reconnect). Changes that would not fit one feed message (`max_message_bytes`)
+    /// are split into several batches at the versions just below `version` (`version - k + 1
+    /// ..= version`: past the topic's previous version, since the transaction's own WAL lies
+    /// between them, and the same on every origin with the same limit). When that makes more
+    /// than one batch, each stream gets them one after the other marked as one group, the last
+    /// one it gets flagged `last`, so that a sidecar applies them in one step. Returns the
+    /// number of batches made.
+    pub(crate) fn apply_txn(
+        &self,
+        version: u64,
+        parts: Vec<(String, Vec<pb::Change>)>,
+    ) -> Result<usize, StoreError> {
+        let mut parts: Vec<(Arc<Topic>, Vec<pb::Change>)> = parts
+            .into_iter()
+            .filter(|(_, c)| !c.is_empty())
+            .filter_map(|(name, c)| self.topic(&name, false).ok().map(|t| (t, c)))
+            .collect();
+        // One lock order (by name) for every multi-topic apply.
+        parts.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let (topics, changes): (Vec<Arc<Topic>>, Vec<Vec<pb::Change>>) = parts.into_iter().unzip();
+        let mut guards: Vec<_> = topics.iter().map(|t| t.lock()).collect();
+        // Per topic, the batches (version, changes) this transaction makes.
+        let mut planned: Vec<Vec<(u64, Vec<pb::Change>)>> = Vec::with_capacity(topics.len());
+        for ((t, changes), st) in topics.iter().zip(changes).zip(guards.iter()) {
+            if version <= st.version {
+                planned.push(Vec::new());
+                continue;
+            }
+            let mut chunks = self.split(&t.name, changes);
+            if chunks.len() as u64 > version - st.version {
+                // Not enough versions between the previous one and this: one oversized batch.
+                chunks = vec![chunks.into_iter().flatten().collect()];
+            }
+            let first = version + 1 - chunks.len() as u64;
+            planned.push(
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, c)| (first + j as u64, c))
+                    .collect(),
+            );
+        }
+        let made: usize = planned.iter().map(Vec::len).sum();
+        if made == 0 {
+            return Ok(0);
+        }
+        // On disk first (with a data directory): the slot is told only what is there.
+        if self.inner.store.is_some() {
+            let parts: Vec<(&str, Vec<(u64, &[pb::Change])>, u64)> = topics
+                .iter()
+                .zip(&planned)
+                .zip(guards.iter())
+                .filter(|((_, p), _)| !p.is_empty())
+                .map(|((t, p), st)| {
+                    // The batch at the floor stays on disk (or the copy's empty one): reloaded,
+                    // the log then starts where streams can resume from.
+                    let keep_from = st.floor;
+                    (
+                        &*t.name,
+                        p.iter().map(|(v, c)| (*v, c.as_slice())).collect(),
+                        keep_from,
+                    )
+                })
+                .collect();
+            match self.inner.store_guard().as_ref() {
+                Some(store) => store.write_txn(&parts, version)?,
+                None => return Err(StoreError::Closed),
+            }
+        }
+        let mut batches: Vec<Vec<Arc<Batch>>> = Vec::with_capacity(topics.len());
+        for (p, st) in planned.into_iter().zip(guards.iter_mut()) {
+            if p.is_empty() {
+                batches.push(Vec::new());
+                continue;
+            }
+            let mut made = Vec::with_capacity(p.len());
+            for (v, chunk) in p {
+                let mut bytes = 0;
+                for c in &chunk {
+                    bytes += c.key.len() + c.value.len() + 8;
+                    if c.deleted {
+                        st.data.remove(c.key.as_str());
+                    } else {
+                        st.data.insert(
+                            Arc::from(c.key.as_str()),
+                            Stored {
+                                value: c.value.clone(),
+                                version: v,
+                            },
+                        );
+                    }
+                }
+                let batch = Arc::new(Batch {
+                    version: v,
+                    changes: chunk,
+                    bytes,
+                });
+                st.log_bytes += batch.bytes;
+                st.log.push_back(batch.clone());
+                made.push(batch);
+            }
+            st.version = version;
+            retain(&self.inner.cfg, st);
+            batches.push(made);
+        }
+        let grouped = made > 1;
+        // The last batch of the group that each stream will get: (topic index, batch index).
+        let mut last: HashMap<SessionId, (usize, usize)> = HashMap::new();
+        if grouped {
+            for (i, (st, bs)) in guards.iter().zip(&batches).enumerate() {
+                for (j, b) in bs.iter().enumerate() {
+                    for (sid, interest) in &st.interests {
+                        if session::wants(interest, b) {
+                            last.insert(*sid, (i, j));
+                        }
+                    }
+                }
+            }
+        }
+        for (i, (t, st)) in topics.iter().zip(guards.iter_mut()).enumerate() {
+            let st = &mut **st;
+            for (j, b) in batches[i].iter().enumerate() {
+                for (sid, interest) in st.interests.iter_mut() {
+                    let group = grouped.then(|| pb::TxGroup {
+                        id: version,
+                        last: last.get(sid) == Some(&(i, j)),
+                    });
+                    session::offer(&self.inner, &t.name, interest, b, group);
+                }
+            }
+        }
+        self.inner
+            .stats
+            .published
+            .fetch_add(made as u64, Ordering::Relaxed);
+        Ok(made)
+    }
+
+    /// `changes` cut into runs that each fit one feed message of this origin.
+    fn split(&self, topic: &str, changes: Vec<pb::Change>) -> Vec<Vec<pb::Change>> {
+        use prost::encoding::message;
+        let limit = self.inner.cfg.max_message_bytes.as_usize();
+        let room = limit.saturating_sub(FEED_OVERHEAD + topic.len() + self.inner.epoch.len());
+        let mut out: Vec<Vec<pb::Change>> = vec![Vec::new()];
+        let mut size = 0;
+        for c in changes {
+            let len = message::encoded_len(5, &c);
+            if size + len > room && !out.last().is_some_and(Vec::is_empty) {
+                out.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            if let Some(run) = out.last_mut() {
+                run.push(c);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,692 @@
+//! An origin fed by a real Postgres (logical replication): the initial copy under concurrent
+//! writes, every kind of row change, positions shared by two origins, a lost slot, and a
+//! transaction seen whole through a sidecar's view. Each test starts its own server (initdb in a
+//! temp dir, wal_level = logical, a free port, stopped at the end); without Postgres installed
+//! the tests print `skipped: postgres not found` and pass.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use common::*;
+use viewcar::config::{Dur, PostgresConfig, TableSpec};
+use viewcar::origin::postgres::{PgOrigin, PgStatus};
+use viewcar::OriginConfig;
+
+/// A Postgres server of its own, in a temp dir; stopped (immediate) when dropped.
+struct Pg {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    as_postgres: bool,
+}
+
+fn pg_bin() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+impl Pg {
+    fn start() -> Option<Pg> {
+        let Some(bin) = pg_bin() else {
+            println!("skipped: postgres not found");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        if root {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown")
+                .success();
+            assert!(ok, "chown the data dir to postgres");
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("port")
+            .port();
+        let pg = Pg {
+            bin,
+            dir,
+            port,
+            as_postgres: root,
+        };
+        let data = pg.data();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let opts = format!(
+            "-c wal_level=logical -c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+             -c max_replication_slots=20 -c max_wal_senders=20 -c fsync=off -c synchronous_commit=off",
+            pg.dir.path().display()
+        );
+        let log = pg.dir.path().join("log");
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        Some(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let path = self.bin.join(tool);
+        let out = if self.as_postgres {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&path)
+                .args(args)
+                .current_dir("/")
+                .output()
+        } else {
+            Command::new(&path).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A plain SQL connection (blocking; use it from a blocking thread or briefly).
+    fn connect(&self) -> Sql {
+        Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{}?sslmode=disable",
+            self.url()
+        ))
+        .expect("connect to postgres"))
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let data = self.data();
+        let path = self.bin.join("pg_ctl");
+        let args = ["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"];
+        let _ = if self.as_postgres {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&path)
+                .args(args)
+                .current_dir("/")
+                .output()
+        } else {
+            Command::new(&path).args(args).output()
+        };
+    }
+}
+
+struct Sql(pg_walstream::PgReplicationConnection);
+
+impl Sql {
+    fn exec(&mut self, sql: &str) {
+        self.0.exec(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn rows(&mut self, sql: &str) -> Vec<Vec<String>> {
+        let r = self.0.exec(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        (0..r.ntuples())
+            .map(|i| {
+                (0..r.nfields())
+                    .map(|j| r.get_value(i, j).unwrap_or_default())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// `key -> row as JSON` of a table, the oracle a replica must equal.
+    fn table(&mut self, table: &str, key: &str) -> BTreeMap<String, Value> {
+        self.rows(&format!(
+            "SELECT {key}, row_to_json(t)::text FROM {table} t"
+        ))
+        .into_iter()
+        .map(|r| {
+            (
+                r[0].clone(),
+                serde_json::from_str(&r[1]).expect("row_to_json"),
+            )
+        })
+        .collect()
+    }
+}
+
+fn origin_cfg(pg: &Pg, slot: &str, tables: &[&str]) -> OriginConfig {
+    OriginConfig {
+        listen: loopback0(),
+        progress_interval: Dur(Duration::from_millis(100)),
+        postgres: Some(PostgresConfig {
+            url: pg.url(),
+            publication: "viewcar".into(),
+            slot: slot.into(),
+            tables: tables
+                .iter()
+                .map(|t| TableSpec::Name(t.to_string()))
+                .collect(),
+            tls: viewcar::config::PgTls::Disable,
+            snapshot_chunk_rows: 1000,
+            status_interval: Dur(Duration::from_millis(200)),
+            retry_min: Dur(Duration::from_millis(20)),
+            retry_max: Dur(Duration::from_millis(200)),
+        }),
+        ..OriginConfig::default()
+    }
+}
+
+/// `key -> JSON` of an origin topic.
+fn replica(o: &viewcar::Origin, topic: &str) -> BTreeMap<String, Value> {
+    o.rows(topic)
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::from_slice(&v).expect("JSON value")))
+        .collect()
+}
+
+/// Waits (on status changes, under the deadline) until the origin's topic equals the table.
+async fn until_equal(src: &PgOrigin, pg: &Pg, table: &str, key: &str) {
+    let mut sql = pg.connect();
+    let want = sql.table(table, key);
+    let mut rx: watch::Receiver<PgStatus> = src.watch_status();
+    let done = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if replica(src.origin(), table) == want {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let got = replica(src.origin(), table);
+    if done.is_err() || got != want {
+        let missing: Vec<_> = want
+            .keys()
+            .filter(|k| !got.contains_key(*k))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = got
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .take(5)
+            .collect();
+        let differ: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+            .take(3)
+            .collect();
+        panic!(
+            "topic {table} != table: {} vs {} rows; missing {missing:?}; extra {extra:?}; differ {differ:?}; status {:?}",
+            got.len(),
+            want.len(),
+            src.status()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_change_reaches_the_topic() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec(
+        "CREATE TABLE products (id int PRIMARY KEY, name text, price numeric, active bool, \
+         doc jsonb, score float8, big text)",
+    );
+    sql.exec("CREATE TABLE prices (sku text, region text, amount int8, PRIMARY KEY (sku, region))");
+    sql.exec(
+        "INSERT INTO products VALUES (1, 'one', 12.50, true, '{\"tags\": [\"a\"]}', 0.25, 'x'), \
+         (2, 'two', 3, false, NULL, NULL, NULL)",
+    );
+    sql.exec("INSERT INTO prices VALUES ('s1', 'eu', 100), ('s1', 'us', 120), ('s2', 'eu', 7)");
+    let src = PgOrigin::start(origin_cfg(&pg, "every_change", &["products", "prices"]))
+        .await
+        .expect("start");
+    within(src.wait_copied(1)).await;
+    assert!(
+        src.origin().epoch().starts_with("pg-"),
+        "{}",
+        src.origin().epoch()
+    );
+    until_equal(&src, &pg, "products", "id::text").await;
+    until_equal(&src, &pg, "prices", "sku || '/' || region").await;
+    let copy_version = src.origin().version("products").unwrap();
+    assert_eq!(copy_version, src.status().applied);
+
+    // Insert, update, delete, and a key update (delete old + put new).
+    sql.exec("INSERT INTO products VALUES (3, 'three', 1.5, true, '[1, 2]', 1e300, NULL)");
+    sql.exec("UPDATE products SET name = 'uno', price = price + 1 WHERE id = 1");
+    sql.exec("DELETE FROM products WHERE id = 2");
+    sql.exec("UPDATE products SET id = 30 WHERE id = 3");
+    sql.exec("UPDATE prices SET region = 'apac' WHERE sku = 's2'");
+    until_equal(&src, &pg, "products", "id::text").await;
+    until_equal(&src, &pg, "prices", "sku || '/' || region").await;
+    let rows = replica(src.origin(), "products");
+    assert!(!rows.contains_key("3") && rows.contains_key("30"));
+    assert_eq!(rows["1"]["price"], serde_json::json!(13.5));
+    assert_eq!(rows["1"]["active"], Value::Bool(true));
+    assert_eq!(rows["1"]["doc"]["tags"][0], "a");
+    assert!(src.origin().version("products").unwrap() > copy_version);
+
+    // A TOASTed column left unchanged by an update keeps its value.
+    sql.exec(
+        "INSERT INTO products (id, name, big) SELECT 4, 'toasted', string_agg(md5(i::text), '') \
+         FROM generate_series(1, 4000) i",
+    );
+    sql.exec("UPDATE products SET name = 'still toasted' WHERE id = 4");
+    until_equal(&src, &pg, "products", "id::text").await;
+    let big = replica(src.origin(), "products")["4"]["big"]
+        .as_str()
+        .unwrap()
+        .len();
+    assert_eq!(big, 4000 * 32);
+
+    // TRUNCATE empties the topic; rows inserted after it in the same transaction stay.
+    sql.exec("BEGIN; TRUNCATE prices; INSERT INTO prices VALUES ('s9', 'eu', 1); COMMIT");
+    until_equal(&src, &pg, "prices", "sku || '/' || region").await;
+    assert_eq!(replica(src.origin(), "prices").len(), 1);
+
+    // Publish to a table-backed topic is refused, naming it.
+    let err = src
+        .origin()
+        .publish("products", vec![put("9", "{}")])
+        .unwrap_err();
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        status.message().contains("products"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_key_is_refused_by_name() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE keyless (a int, b text)");
+    let src = PgOrigin::start(origin_cfg(&pg, "keyless", &["keyless"]))
+        .await
+        .expect("start");
+    let mut rx = src.watch_status();
+    let s = within(rx.wait_for(|s| s.failures > 0))
+        .await
+        .unwrap()
+        .clone();
+    let e = s.last_error.unwrap();
+    assert!(e.contains("'keyless'") && e.contains("primary key"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_under_concurrent_writes_equals_the_table() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE items (id int PRIMARY KEY, n int, label text)");
+    sql.exec("INSERT INTO items SELECT i, 0, 'item ' || i FROM generate_series(1, 10000) i");
+    // Writers run before, during and after the copy: updates, inserts and deletes.
+    let writer_url = pg.url();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{writer_url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for round in 0..600 {
+            let id = (round * 7919) % 10000 + 1;
+            c.exec(&format!("UPDATE items SET n = n + 1 WHERE id = {id}"));
+            c.exec(&format!(
+                "INSERT INTO items VALUES ({}, {round}, 'new') ON CONFLICT (id) DO UPDATE SET n = -1",
+                10000 + round
+            ));
+            if round % 3 == 0 {
+                c.exec(&format!("DELETE FROM items WHERE id = {}", id + 1));
+            }
+        }
+    });
+    let src = PgOrigin::start(origin_cfg(&pg, "copy_under_writes", &["items"]))
+        .await
+        .expect("start");
+    within(src.wait_copied(1)).await;
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    until_equal(&src, &pg, "items", "id::text").await;
+    assert!(src.status().copied_rows >= 10000, "{:?}", src.status());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_origins_on_one_database_serve_the_same_positions() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    let a = PgOrigin::start(origin_cfg(&pg, "origin_a", &["products"]))
+        .await
+        .expect("a");
+    within(a.wait_copied(1)).await;
+    let b = PgOrigin::start(origin_cfg(&pg, "origin_b", &["products"]))
+        .await
+        .expect("b");
+    within(b.wait_copied(1)).await;
+    for i in 0..20 {
+        sql.exec(&format!("UPDATE products SET name = 'v{i}' WHERE id = 1"));
+    }
+    sql.exec("INSERT INTO products VALUES (3, 'c')");
+    until_equal(&a, &pg, "products", "id::text").await;
+    until_equal(&b, &pg, "products", "id::text").await;
+    assert_eq!(a.origin().epoch(), b.origin().epoch());
+    assert_eq!(
+        a.origin().version("products"),
+        b.origin().version("products")
+    );
+    let ka = a
+        .origin()
+        .fetch("products", &["1".into(), "3".into()])
+        .unwrap();
+    let kb = b
+        .origin()
+        .fetch("products", &["1".into(), "3".into()])
+        .unwrap();
+    let versions = |r: &viewcar::pb::feed::v1::FetchResponse| {
+        r.entries.iter().map(|e| e.version).collect::<Vec<_>>()
+    };
+    assert_eq!(versions(&ka), versions(&kb));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    let src = PgOrigin::start(origin_cfg(&pg, "dropped", &["products"]))
+        .await
+        .expect("start");
+    within(src.wait_copied(1)).await;
+    let before = src.origin().version("products").unwrap();
+    // End the origin's walsender and drop its slot before it reconnects.
+    let mut dropped = false;
+    for _ in 0..200 {
+        sql.exec(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = 'dropped' AND active_pid IS NOT NULL",
+        );
+        let r = pg.connect().0.exec(
+            "SELECT pg_drop_replication_slot('dropped') FROM pg_replication_slots WHERE slot_name = 'dropped'",
+        );
+        if r.is_ok() {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "could not drop the slot");
+    sql.exec("INSERT INTO products VALUES (3, 'written while the slot was gone')");
+    within(src.wait_copied(2)).await;
+    until_equal(&src, &pg, "products", "id::text").await;
+    let s = src.status();
+    assert!(s.slots_lost >= 1, "{s:?}");
+    assert!(src.origin().version("products").unwrap() > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text, rev int)");
+    sql.exec("CREATE TABLE prices (id int PRIMARY KEY, amount int, rev int)");
+    sql.exec("INSERT INTO products VALUES (1, 'shoe', 0), (2, 'hat', 0)");
+    sql.exec("INSERT INTO prices VALUES (1, 10, 0), (2, 20, 0)");
+    let src = PgOrigin::start(origin_cfg(&pg, "atomic", &["products", "prices"]))
+        .await
+        .expect("start");
+    within(src.wait_copied(1)).await;
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let mut cfg = sidecar_config(&served.url(), &["products", "prices"]);
+    cfg.views =
+        vec![viewcar::views::ViewSpec::new("page", "products").include("price", "prices", "id")];
+    let sidecar = start_sidecar(cfg).await;
+    let mut client = cache_client(&sidecar).await;
+    let mut watch = open_watch(&mut client, "page", &["1"], true).await;
+    within(until_synced(&mut watch)).await;
+
+    const TXNS: i64 = 300;
+    let url = pg.url();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for i in 1..=TXNS {
+            c.exec(&format!(
+                "BEGIN; UPDATE products SET rev = {i} WHERE id = 1; \
+                 UPDATE prices SET rev = {i}, amount = amount + 1 WHERE id = 1; COMMIT"
+            ));
+        }
+    });
+    let mut seen = 0;
+    let mut last = 0;
+    within(async {
+        while last < TXNS {
+            let ev = watch.message().await.expect("watch").expect("open");
+            let Some(viewcar::pb::cache::v1::watch_event::Kind::Upsert(item)) = ev.kind else {
+                continue;
+            };
+            let row: Value = serde_json::from_slice(&item.value).expect("row JSON");
+            let (rev, price_rev) = (
+                row["rev"].as_i64().unwrap(),
+                row["price"]["rev"].as_i64().unwrap(),
+            );
+            assert_eq!(rev, price_rev, "half a transaction in the view row: {row}");
+            assert!(rev >= last, "went back from {last} to {rev}");
+            last = rev;
+            seen += 1;
+        }
+    })
+    .await;
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    assert!(seen > 0);
+    println!("view row pushed {seen} times over {TXNS} transactions, every one whole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE items (id int PRIMARY KEY, label text)");
+    sql.exec("CREATE TABLE counts (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO counts VALUES (1, 0)");
+    let mut cfg = origin_cfg(&pg, "large_txn", &["items", "counts"]);
+    cfg.max_message_bytes = viewcar::config::ByteSize(16 << 10);
+    cfg.snapshot_chunk_bytes = viewcar::config::ByteSize(4 << 10);
+    let src = PgOrigin::start(cfg).await.expect("start");
+    within(src.wait_copied(1)).await;
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["items", "counts"])).await;
+    let items = source(&sidecar, "items");
+    let counts = source(&sidecar, "counts");
+    wait_source(&counts, "synced", |s| s.is_synced()).await;
+    // About 200 KiB in one transaction: at least a dozen messages of 16 KiB.
+    sql.exec(
+        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
+         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
+    );
+    until_equal(&src, &pg, "items", "id::text").await;
+    let version = src.origin().version("items").unwrap();
+    assert_eq!(src.origin().version("counts"), Some(version));
+    let batches = src
+        .origin()
+        .stats()
+        .published
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(batches >= 12, "{batches} batches");
+    // The sidecar applied the group whole: when counts says 1000, all the items are there.
+    wait_source(&counts, "the count", |s| {
+        s.get("1")
+            .is_some_and(|r| r.value.as_ref() == br#"{"id":1,"n":1000}"#)
+    })
+    .await;
+    assert_eq!(items.len(), 1000);
+    assert_eq!(items.version(), version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_origin_restarted_during_writes_resumes_from_its_slot_without_a_snapshot() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO products SELECT i, 0 FROM generate_series(1, 100) i");
+    let dir = tempfile::tempdir().expect("data dir");
+    let mut cfg = origin_cfg(&pg, "durable", &["products"]);
+    cfg.data_dir = Some(dir.path().to_path_buf());
+    let src = PgOrigin::start(cfg.clone()).await.expect("start");
+    within(src.wait_copied(1)).await;
+    let epoch = src.origin().epoch().to_string();
+    let mut served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "synced", |s| s.is_synced()).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    assert_eq!(counter(&feed.snapshots), 1);
+
+    let url = pg.url();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for i in 0..400 {
+            if i == 200 {
+                let _ = go_tx.send(());
+            }
+            c.exec(&format!(
+                "UPDATE products SET n = n + 1 WHERE id = {}",
+                i % 100 + 1
+            ));
+        }
+    });
+    // Halfway through the writes, the origin goes away (its source aborted, the feed cut) and a
+    // new one opens the same data directory and slot on the same address.
+    tokio::task::spawn_blocking(move || go_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    served.stop().await;
+    src.close();
+    drop(src);
+    let src = PgOrigin::start(cfg).await.expect("restart");
+    assert_eq!(src.origin().epoch(), epoch, "same database, same epoch");
+    within(src.wait_streaming()).await;
+    assert_eq!(src.status().copies, 0, "resumed from the slot, no copy");
+    let _served = TestOrigin::start_on(src.origin().clone(), served.addr).await;
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    until_equal(&src, &pg, "products", "id::text").await;
+    let version = src.origin().version("products").unwrap();
+    wait_source(&products, "the origin's version", |s| {
+        s.version() == version
+    })
+    .await;
+    let want = pg.connect().table("products", "id::text");
+    for (k, v) in &want {
+        let row = products.get(k).expect("row at the sidecar");
+        assert_eq!(&serde_json::from_slice::<Value>(&row.value).unwrap(), v);
+    }
+    assert_eq!(products.len(), want.len());
+    assert_eq!(
+        counter(&feed.snapshots),
+        1,
+        "the sidecar resumed without a snapshot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_listing_two_origins_continues_on_the_other_without_a_snapshot() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    let a = PgOrigin::start(origin_cfg(&pg, "failover_a", &["products"]))
+        .await
+        .expect("a");
+    within(a.wait_copied(1)).await;
+    let b = PgOrigin::start(origin_cfg(&pg, "failover_b", &["products"]))
+        .await
+        .expect("b");
+    within(b.wait_copied(1)).await;
+    let mut served_a = TestOrigin::start_on(a.origin().clone(), loopback0()).await;
+    let served_b = TestOrigin::start_on(b.origin().clone(), loopback0()).await;
+    let mut cfg = sidecar_config(&served_a.url(), &["products"]);
+    cfg.origins[0].fallback = vec![served_b.url()];
+    let sidecar = start_sidecar(cfg).await;
+    let products = source(&sidecar, "products");
+    // A change after both copies: its version is inside both origins' windows.
+    sql.exec("UPDATE products SET name = 'a2' WHERE id = 1");
+    until_equal(&a, &pg, "products", "id::text").await;
+    until_equal(&b, &pg, "products", "id::text").await;
+    let v = a.origin().version("products").unwrap();
+    assert_eq!(b.origin().version("products"), Some(v));
+    wait_source(&products, "the update", |s| s.version() == v).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    assert_eq!(counter(&feed.snapshots), 1);
+
+    served_a.stop().await;
+    a.close();
+    sql.exec("UPDATE products SET name = 'a3' WHERE id = 1");
+    sql.exec("INSERT INTO products VALUES (3, 'c')");
+    until_equal(&b, &pg, "products", "id::text").await;
+    let v = b.origin().version("products").unwrap();
+    wait_source(&products, "the changes through b", |s| s.version() == v).await;
+    assert_eq!(products.len(), 3);
+    assert_eq!(
+        counter(&feed.snapshots),
+        1,
+        "continued on the other origin without a snapshot"
+    );
+}
