@@ -445,7 +445,7 @@ impl FeedClient {
         }
         .clone();
         let group = match &kind {
-            Kind::Changes(b) => b.group.clone(),
+            Kind::Changes(b) => b.group,
             _ => None,
         };
         if !self.held.is_empty() && group.as_ref().map(|g| g.id) != Some(self.held_group) {
