@@ -113,6 +113,7 @@ async fn main() {
     cfg.origins = vec![OriginSpec {
         name: "o".into(),
         address: format!("http://{origin_addr}"),
+        fallback: Vec::new(),
         topics: vec![TopicSpec {
             name: "t".into(),
             mode: Mode::Full,

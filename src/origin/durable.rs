@@ -44,6 +44,10 @@ const SOURCE_POSITION: &str = "source_position";
 /// Set for an origin whose versions are a database's commit positions, not contiguous.
 const SPARSE: &str = "sparse_versions";
 
+/// One topic's part of a source transaction: the topic, its batches `(version, changes)`, and
+/// the version below which its log is dropped.
+pub(crate) type TxnPart<'a> = (&'a str, Vec<(u64, &'a [pb::Change])>, u64);
+
 /// Why the durable copy could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -369,11 +373,7 @@ impl Store {
 
     /// Writes one source transaction in one commit: for each topic its batches `(version,
     /// changes)` and its log below `keep_from` dropped, and the source `position` it reached.
-    pub(crate) fn write_txn(
-        &self,
-        parts: &[(&str, Vec<(u64, &[pb::Change])>, u64)],
-        position: u64,
-    ) -> Result<(), StoreError> {
+    pub(crate) fn write_txn(&self, parts: &[TxnPart<'_>], position: u64) -> Result<(), StoreError> {
         let dir = &self.dir;
         let mut wtx = self.db.begin_write().map_err(|e| err(dir, e))?;
         wtx.set_durability(if self.every_batch {

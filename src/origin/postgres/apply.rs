@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::super::durable::TxnPart;
 use super::super::{
     retain, session, Batch, Origin, SessionId, StoreError, Stored, Topic, FEED_OVERHEAD,
 };
@@ -114,7 +115,7 @@ impl Origin {
         }
         // On disk first (with a data directory): the slot is told only what is there.
         if self.inner.store.is_some() {
-            let parts: Vec<(&str, Vec<(u64, &[pb::Change])>, u64)> = topics
+            let parts: Vec<TxnPart<'_>> = topics
                 .iter()
                 .zip(&planned)
                 .zip(guards.iter())

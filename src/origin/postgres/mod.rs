@@ -644,7 +644,7 @@ impl Source {
             };
             out.push((key, meta.value_of(&row.data, None)));
             n += 1;
-            if n % 10_000 == 0 {
+            if n.is_multiple_of(10_000) {
                 self.status.send_modify(|s| s.copied_rows = n);
             }
         }
