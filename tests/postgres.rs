@@ -690,3 +690,86 @@ async fn a_sidecar_listing_two_origins_continues_on_the_other_without_a_snapshot
         "continued on the other origin without a snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_durable_origin_process_during_writes_loses_nothing_and_needs_no_snapshot() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO products SELECT i, 0 FROM generate_series(1, 200) i");
+    let dir = tempfile::tempdir().expect("data dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = write_file(
+        "postgres-tests",
+        &format!("kill9-{port}.toml"),
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nprogress_interval = \"100ms\"\n\
+             [postgres]\nurl = \"{}\"\nslot = \"kill9\"\ntables = [\"products\"]\ntls = \"disable\"\n\
+             retry_min = \"20ms\"\nretry_max = \"200ms\"\n",
+            dir.path().display(),
+            pg.url()
+        ),
+    );
+    let start = || async {
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "origin", "--config"])
+            .arg(&config);
+        let (process, mut log) = spawn(cmd);
+        let serving = within(log_line(&mut log, "origin serving Feed")).await;
+        (process, log, addr(&serving, "addr"))
+    };
+    let (mut first, _log1, at) = start().await;
+    let sidecar = start_sidecar(sidecar_config(&format!("http://{at}"), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "the copy", |s| s.len() == 200).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    let snapshots = counter(&feed.snapshots);
+
+    let url = pg.url();
+    let (half_tx, half_rx) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for i in 0..400 {
+            if i == 200 {
+                let _ = half_tx.send(());
+            }
+            c.exec(&format!(
+                "BEGIN; UPDATE products SET n = n + 1 WHERE id = {}; \
+                 UPDATE products SET n = n + 1 WHERE id = {}; COMMIT",
+                i % 200 + 1,
+                (i * 7) % 200 + 1
+            ));
+        }
+    });
+    tokio::task::spawn_blocking(move || half_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    first.kill();
+    let (_second, _log2, again) = start().await;
+    assert_eq!(again, at);
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    let want = pg.connect().table("products", "id::text");
+    let equal = |s: &viewcar::store::Source| {
+        want.iter().all(|(k, v)| {
+            s.get(k)
+                .and_then(|r| serde_json::from_slice::<Value>(&r.value).ok())
+                .is_some_and(|g| &g == v)
+        }) && s.len() == want.len()
+    };
+    wait_source(&products, "the replica equal to the table", equal).await;
+    assert_eq!(
+        counter(&feed.snapshots),
+        snapshots,
+        "the sidecar resumed on the restarted origin without a snapshot"
+    );
+}
