@@ -447,6 +447,12 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
         .expect("start");
     within(src.wait_copied(1)).await;
     let before = src.origin().version("products").unwrap();
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "the copy", |s| s.len() == 2).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    assert_eq!(counter(&feed.snapshots), 1);
     // End the origin's walsender and drop its slot before it reconnects.
     let mut dropped = false;
     for _ in 0..200 {
@@ -468,7 +474,15 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
     until_equal(&src, &pg, "products", "id::text").await;
     let s = src.status();
     assert!(s.slots_lost >= 1, "{s:?}");
-    assert!(src.origin().version("products").unwrap() > before);
+    let after = src.origin().version("products").unwrap();
+    assert!(after > before);
+    // The sidecar is told (Reset) and resnapshots once, at the new copy's position.
+    wait_source(&products, "the new copy", |s| {
+        s.version() == after && s.len() == 3
+    })
+    .await;
+    assert_eq!(counter(&feed.resets), 1);
+    assert_eq!(counter(&feed.snapshots), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
