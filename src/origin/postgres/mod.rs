@@ -267,6 +267,11 @@ impl PgOrigin {
     }
 }
 
+/// Rows between two progress lines of the initial copy in the log.
+const PROGRESS_ROWS: u64 = 500_000;
+/// How often the replication lag is logged.
+const LAG_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// The two connection strings: replication (the slot) and plain (SQL, the copy).
 #[derive(Clone)]
 struct Urls {
@@ -646,6 +651,13 @@ impl Source {
             n += 1;
             if n.is_multiple_of(10_000) {
                 self.status.send_modify(|s| s.copied_rows = n);
+                if n.is_multiple_of(PROGRESS_ROWS) {
+                    info!(
+                        rows = n,
+                        ms = started.elapsed().as_millis() as u64,
+                        "initial copy in progress"
+                    );
+                }
             }
         }
         let stream = rows.finish().await.map_err(PgError::from_pg)?;
@@ -684,7 +696,19 @@ impl Source {
         let mut txn = Txn::default();
         let mut in_txn = false;
         let idle = self.pg.status_interval.0.min(Duration::from_secs(1));
+        let mut logged = std::time::Instant::now();
         loop {
+            if logged.elapsed() >= LAG_LOG_EVERY {
+                logged = std::time::Instant::now();
+                let s = self.status.borrow().clone();
+                info!(
+                    lag_bytes = s.lag_bytes(),
+                    lag_ms = s.lag_ms,
+                    applied = s.applied,
+                    transactions = s.transactions,
+                    "replication"
+                );
+            }
             let ev = match tokio::time::timeout(idle, stream.next_event(&cancel)).await {
                 Ok(ev) => ev.map_err(PgError::from_pg)?,
                 Err(_) => {
