@@ -359,6 +359,36 @@ async fn a_table_without_a_key_is_refused_by_name() {
         .clone();
     let e = s.last_error.unwrap();
     assert!(e.contains("'keyless'") && e.contains("primary key"), "{e}");
+    drop(src);
+
+    // A key chosen in the config must be what deletes carry: refused until REPLICA IDENTITY
+    // FULL, then followed.
+    sql.exec("INSERT INTO keyless VALUES (1, 'x'), (2, 'y')");
+    let mut cfg = origin_cfg(&pg, "keyless_keyed", &["keyless"]);
+    if let Some(pg) = cfg.postgres.as_mut() {
+        pg.tables = vec![TableSpec::Table {
+            name: "keyless".into(),
+            key: vec!["a".into()],
+        }];
+    }
+    let src = PgOrigin::start(cfg.clone()).await.expect("start");
+    let mut rx = src.watch_status();
+    let s = within(rx.wait_for(|s| s.failures > 0))
+        .await
+        .unwrap()
+        .clone();
+    let e = s.last_error.unwrap();
+    assert!(
+        e.contains("'keyless'") && e.contains("REPLICA IDENTITY"),
+        "{e}"
+    );
+    drop(src);
+    sql.exec("ALTER TABLE keyless REPLICA IDENTITY FULL");
+    let src = PgOrigin::start(cfg).await.expect("start");
+    within(src.wait_copied(1)).await;
+    sql.exec("DELETE FROM keyless WHERE a = 1");
+    sql.exec("UPDATE keyless SET b = 'z' WHERE a = 2");
+    until_equal(&src, &pg, "keyless", "a::text").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

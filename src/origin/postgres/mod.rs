@@ -55,8 +55,10 @@ pub enum PgError {
     SlotInUse { slot: String, pid: String },
     #[error("table '{0}' (in [postgres] tables) does not exist in schema public")]
     NoTable(String),
-    #[error("table '{0}' has neither a primary key nor a replica identity index: give it one, or set its key columns in [postgres] tables")]
+    #[error("table '{0}' has neither a primary key nor a replica identity, so deletes would not name their row: add a primary key, or set REPLICA IDENTITY FULL and its key columns in [postgres] tables")]
     NoKey(String),
+    #[error("table '{table}': key column '{column}' is not in its replica identity, so deletes would not name the row; ALTER TABLE {table} REPLICA IDENTITY FULL (or USING INDEX over the key)")]
+    KeyNotInIdentity { table: String, column: String },
     #[error("table '{table}' has no column '{column}' (a key column in [postgres] tables)")]
     NoColumn { table: String, column: String },
     #[error("the database is not the one this origin follows (it was {was}, it is {now}): restart the origin to serve the new epoch")]
@@ -406,23 +408,31 @@ fn prepare(url: &str, pg: &PostgresConfig, loaded: bool) -> Result<Prepared, PgE
                 types.insert(n.clone(), t.parse().unwrap_or(0));
             }
         }
+        let mut index = |which: &str| -> Result<Vec<String>, PgError> {
+            Ok(exec(
+                &mut c,
+                &format!(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+                     AND a.attnum = ANY(i.indkey) WHERE i.indrelid = {oid} AND i.{which} \
+                     ORDER BY array_position(i.indkey::int2[], a.attnum)"
+                ),
+            )?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect())
+        };
+        let pk = index("indisprimary")?;
+        let replident = index("indisreplident")?;
+        // The columns an UPDATE or DELETE carries to name its old row.
+        let identity: Option<Vec<String>> = match ident.as_str() {
+            "f" => None,
+            "i" => Some(replident.clone()),
+            "n" => Some(Vec::new()),
+            _ => Some(pk.clone()),
+        };
         let key: Vec<String> = if spec.key().is_empty() {
-            let mut index = |which: &str| -> Result<Vec<String>, PgError> {
-                Ok(exec(
-                    &mut c,
-                    &format!(
-                        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
-                         AND a.attnum = ANY(i.indkey) WHERE i.indrelid = {oid} AND i.{which} \
-                         ORDER BY array_position(i.indkey::int2[], a.attnum)"
-                    ),
-                )?
-                .into_iter()
-                .filter_map(|r| r.into_iter().next().flatten())
-                .collect())
-            };
-            let pk = index("indisprimary")?;
             if pk.is_empty() {
-                index("indisreplident")?
+                replident
             } else {
                 pk
             }
@@ -437,8 +447,16 @@ fn prepare(url: &str, pg: &PostgresConfig, loaded: bool) -> Result<Prepared, PgE
             }
             spec.key().to_vec()
         };
-        if key.is_empty() || ident == "n" {
+        if key.is_empty() || identity.as_ref().is_some_and(|i| i.is_empty()) {
             return Err(PgError::NoKey(name.into()));
+        }
+        if let Some(identity) = &identity {
+            if let Some(col) = key.iter().find(|k| !identity.contains(k)) {
+                return Err(PgError::KeyNotInIdentity {
+                    table: name.into(),
+                    column: col.clone(),
+                });
+            }
         }
         tables.push(TableMeta {
             name: name.into(),
