@@ -359,6 +359,36 @@ async fn a_table_without_a_key_is_refused_by_name() {
         .clone();
     let e = s.last_error.unwrap();
     assert!(e.contains("'keyless'") && e.contains("primary key"), "{e}");
+    drop(src);
+
+    // A key chosen in the config must be what deletes carry: refused until REPLICA IDENTITY
+    // FULL, then followed.
+    sql.exec("INSERT INTO keyless VALUES (1, 'x'), (2, 'y')");
+    let mut cfg = origin_cfg(&pg, "keyless_keyed", &["keyless"]);
+    if let Some(pg) = cfg.postgres.as_mut() {
+        pg.tables = vec![TableSpec::Table {
+            name: "keyless".into(),
+            key: vec!["a".into()],
+        }];
+    }
+    let src = PgOrigin::start(cfg.clone()).await.expect("start");
+    let mut rx = src.watch_status();
+    let s = within(rx.wait_for(|s| s.failures > 0))
+        .await
+        .unwrap()
+        .clone();
+    let e = s.last_error.unwrap();
+    assert!(
+        e.contains("'keyless'") && e.contains("REPLICA IDENTITY"),
+        "{e}"
+    );
+    drop(src);
+    sql.exec("ALTER TABLE keyless REPLICA IDENTITY FULL");
+    let src = PgOrigin::start(cfg).await.expect("start");
+    within(src.wait_copied(1)).await;
+    sql.exec("DELETE FROM keyless WHERE a = 1");
+    sql.exec("UPDATE keyless SET b = 'z' WHERE a = 2");
+    until_equal(&src, &pg, "keyless", "a::text").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,6 +477,12 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
         .expect("start");
     within(src.wait_copied(1)).await;
     let before = src.origin().version("products").unwrap();
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "the copy", |s| s.len() == 2).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    assert_eq!(counter(&feed.snapshots), 1);
     // End the origin's walsender and drop its slot before it reconnects.
     let mut dropped = false;
     for _ in 0..200 {
@@ -468,7 +504,15 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
     until_equal(&src, &pg, "products", "id::text").await;
     let s = src.status();
     assert!(s.slots_lost >= 1, "{s:?}");
-    assert!(src.origin().version("products").unwrap() > before);
+    let after = src.origin().version("products").unwrap();
+    assert!(after > before);
+    // The sidecar is told (Reset) and resnapshots once, at the new copy's position.
+    wait_source(&products, "the new copy", |s| {
+        s.version() == after && s.len() == 3
+    })
+    .await;
+    assert_eq!(counter(&feed.resets), 1);
+    assert_eq!(counter(&feed.snapshots), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,5 +732,88 @@ async fn a_sidecar_listing_two_origins_continues_on_the_other_without_a_snapshot
         counter(&feed.snapshots),
         1,
         "continued on the other origin without a snapshot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_durable_origin_process_during_writes_loses_nothing_and_needs_no_snapshot() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO products SELECT i, 0 FROM generate_series(1, 200) i");
+    let dir = tempfile::tempdir().expect("data dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = write_file(
+        "postgres-tests",
+        &format!("kill9-{port}.toml"),
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nprogress_interval = \"100ms\"\n\
+             [postgres]\nurl = \"{}\"\nslot = \"kill9\"\ntables = [\"products\"]\ntls = \"disable\"\n\
+             retry_min = \"20ms\"\nretry_max = \"200ms\"\n",
+            dir.path().display(),
+            pg.url()
+        ),
+    );
+    let start = || async {
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "origin", "--config"])
+            .arg(&config);
+        let (process, mut log) = spawn(cmd);
+        let serving = within(log_line(&mut log, "origin serving Feed")).await;
+        (process, log, addr(&serving, "addr"))
+    };
+    let (mut first, _log1, at) = start().await;
+    let sidecar = start_sidecar(sidecar_config(&format!("http://{at}"), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "the copy", |s| s.len() == 200).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    let snapshots = counter(&feed.snapshots);
+
+    let url = pg.url();
+    let (half_tx, half_rx) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let mut c = Sql(pg_walstream::PgReplicationConnection::connect(&format!(
+            "{url}?sslmode=disable"
+        ))
+        .expect("connect"));
+        for i in 0..400 {
+            if i == 200 {
+                let _ = half_tx.send(());
+            }
+            c.exec(&format!(
+                "BEGIN; UPDATE products SET n = n + 1 WHERE id = {}; \
+                 UPDATE products SET n = n + 1 WHERE id = {}; COMMIT",
+                i % 200 + 1,
+                (i * 7) % 200 + 1
+            ));
+        }
+    });
+    tokio::task::spawn_blocking(move || half_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    first.kill();
+    let (_second, _log2, again) = start().await;
+    assert_eq!(again, at);
+    tokio::task::spawn_blocking(move || writer.join().expect("writer"))
+        .await
+        .unwrap();
+    let want = pg.connect().table("products", "id::text");
+    let equal = |s: &viewcar::store::Source| {
+        want.iter().all(|(k, v)| {
+            s.get(k)
+                .and_then(|r| serde_json::from_slice::<Value>(&r.value).ok())
+                .is_some_and(|g| &g == v)
+        }) && s.len() == want.len()
+    };
+    wait_source(&products, "the replica equal to the table", equal).await;
+    assert_eq!(
+        counter(&feed.snapshots),
+        snapshots,
+        "the sidecar resumed on the restarted origin without a snapshot"
     );
 }

@@ -55,8 +55,10 @@ pub enum PgError {
     SlotInUse { slot: String, pid: String },
     #[error("table '{0}' (in [postgres] tables) does not exist in schema public")]
     NoTable(String),
-    #[error("table '{0}' has neither a primary key nor a replica identity index: give it one, or set its key columns in [postgres] tables")]
+    #[error("table '{0}' has neither a primary key nor a replica identity, so deletes would not name their row: add a primary key, or set REPLICA IDENTITY FULL and its key columns in [postgres] tables")]
     NoKey(String),
+    #[error("table '{table}': key column '{column}' is not in its replica identity, so deletes would not name the row; ALTER TABLE {table} REPLICA IDENTITY FULL (or USING INDEX over the key)")]
+    KeyNotInIdentity { table: String, column: String },
     #[error("table '{table}' has no column '{column}' (a key column in [postgres] tables)")]
     NoColumn { table: String, column: String },
     #[error("the database is not the one this origin follows (it was {was}, it is {now}): restart the origin to serve the new epoch")]
@@ -267,6 +269,11 @@ impl PgOrigin {
     }
 }
 
+/// Rows between two progress lines of the initial copy in the log.
+const PROGRESS_ROWS: u64 = 500_000;
+/// How often the replication lag is logged.
+const LAG_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// The two connection strings: replication (the slot) and plain (SQL, the copy).
 #[derive(Clone)]
 struct Urls {
@@ -401,23 +408,31 @@ fn prepare(url: &str, pg: &PostgresConfig, loaded: bool) -> Result<Prepared, PgE
                 types.insert(n.clone(), t.parse().unwrap_or(0));
             }
         }
+        let mut index = |which: &str| -> Result<Vec<String>, PgError> {
+            Ok(exec(
+                &mut c,
+                &format!(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+                     AND a.attnum = ANY(i.indkey) WHERE i.indrelid = {oid} AND i.{which} \
+                     ORDER BY array_position(i.indkey::int2[], a.attnum)"
+                ),
+            )?
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect())
+        };
+        let pk = index("indisprimary")?;
+        let replident = index("indisreplident")?;
+        // The columns an UPDATE or DELETE carries to name its old row.
+        let identity: Option<Vec<String>> = match ident.as_str() {
+            "f" => None,
+            "i" => Some(replident.clone()),
+            "n" => Some(Vec::new()),
+            _ => Some(pk.clone()),
+        };
         let key: Vec<String> = if spec.key().is_empty() {
-            let mut index = |which: &str| -> Result<Vec<String>, PgError> {
-                Ok(exec(
-                    &mut c,
-                    &format!(
-                        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
-                         AND a.attnum = ANY(i.indkey) WHERE i.indrelid = {oid} AND i.{which} \
-                         ORDER BY array_position(i.indkey::int2[], a.attnum)"
-                    ),
-                )?
-                .into_iter()
-                .filter_map(|r| r.into_iter().next().flatten())
-                .collect())
-            };
-            let pk = index("indisprimary")?;
             if pk.is_empty() {
-                index("indisreplident")?
+                replident
             } else {
                 pk
             }
@@ -432,8 +447,16 @@ fn prepare(url: &str, pg: &PostgresConfig, loaded: bool) -> Result<Prepared, PgE
             }
             spec.key().to_vec()
         };
-        if key.is_empty() || ident == "n" {
+        if key.is_empty() || identity.as_ref().is_some_and(|i| i.is_empty()) {
             return Err(PgError::NoKey(name.into()));
+        }
+        if let Some(identity) = &identity {
+            if let Some(col) = key.iter().find(|k| !identity.contains(k)) {
+                return Err(PgError::KeyNotInIdentity {
+                    table: name.into(),
+                    column: col.clone(),
+                });
+            }
         }
         tables.push(TableMeta {
             name: name.into(),
@@ -646,6 +669,13 @@ impl Source {
             n += 1;
             if n.is_multiple_of(10_000) {
                 self.status.send_modify(|s| s.copied_rows = n);
+                if n.is_multiple_of(PROGRESS_ROWS) {
+                    info!(
+                        rows = n,
+                        ms = started.elapsed().as_millis() as u64,
+                        "initial copy in progress"
+                    );
+                }
             }
         }
         let stream = rows.finish().await.map_err(PgError::from_pg)?;
@@ -684,7 +714,19 @@ impl Source {
         let mut txn = Txn::default();
         let mut in_txn = false;
         let idle = self.pg.status_interval.0.min(Duration::from_secs(1));
+        let mut logged = std::time::Instant::now();
         loop {
+            if logged.elapsed() >= LAG_LOG_EVERY {
+                logged = std::time::Instant::now();
+                let s = self.status.borrow().clone();
+                info!(
+                    lag_bytes = s.lag_bytes(),
+                    lag_ms = s.lag_ms,
+                    applied = s.applied,
+                    transactions = s.transactions,
+                    "replication"
+                );
+            }
             let ev = match tokio::time::timeout(idle, stream.next_event(&cancel)).await {
                 Ok(ev) => ev.map_err(PgError::from_pg)?,
                 Err(_) => {
