@@ -23,9 +23,11 @@ pub fn usage(e: impl std::fmt::Display) -> ExitCode {
 /// An origin.toml rather than a viewcar.toml: it has a `[postgres]` section (a sidecar config
 /// never does), so `viewcar check` validates it as the origin's.
 pub fn is_origin_config(path: &std::path::Path) -> bool {
-    std::fs::read_to_string(path)
+    // Read as config files are (a regular file, bounded), so that /dev/zero or a FIFO is
+    // refused by the loader instead of read here without end.
+    crate::config::read(path)
         .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|(_, t)| t.parse::<toml::Table>().ok())
         .is_some_and(|t| t.contains_key("postgres"))
 }
 

@@ -65,7 +65,7 @@ pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// A config file's name (for errors) and text. Only a regular file (or a link to one) of at
 /// most [`MAX_CONFIG_BYTES`] is read: a FIFO with no writer would block forever, a device
 /// could be endless.
-fn read(path: &Path) -> Result<(String, String), ConfigError> {
+pub fn read(path: &Path) -> Result<(String, String), ConfigError> {
     use std::io::Read;
     let file = path.display().to_string();
     let fail = |source| ConfigError::Read {

@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -26,6 +25,7 @@ use crate::pb::cache::v1 as pb;
 use crate::readiness::Readiness;
 use crate::serve::admin::{self, Admin, OriginInfo};
 use crate::serve::grpc::CacheService;
+use crate::serve::http;
 use crate::serve::metrics::{Metrics, Parts, ReadTimingLayer};
 use crate::serve::ws::{self, WsStats};
 use crate::store::{Clock, OnDemand, Source, SourceKind, Store};
@@ -263,28 +263,18 @@ async fn serve_cache(
 
 /// WebSocket `/ws` and the admin endpoints on `listener`, until shutdown.
 fn serve_http(
+    cfg: &SidecarConfig,
     listener: TcpListener,
     ws: ws::WsState,
     admin: Admin,
     shutdown: &watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     let router = ws::router(ws).merge(admin::router(Arc::new(admin)));
-    let mut sd = shutdown.clone();
-    let http = axum::serve(
-        listener.tap_io(|tcp| {
-            // Pushed frames are small and latency-bound.
-            let _ = tcp.set_nodelay(true);
-        }),
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = sd.wait_for(|s| *s).await;
-    });
-    tokio::spawn(async move {
-        if let Err(e) = http.await {
-            warn!(error = %e, "http listener failed");
-        }
-    })
+    let limits = http::HttpLimits {
+        max_connections: cfg.listen.http_max_connections,
+        header_timeout: cfg.listen.http_header_timeout.0,
+    };
+    tokio::spawn(http::serve(listener, router, limits, shutdown.clone()))
 }
 
 impl Sidecar {
@@ -362,7 +352,7 @@ impl Sidecar {
             ws: ws_stats.clone(),
             started: Instant::now(),
         };
-        tasks.push(serve_http(http_listener, ws, admin, &shutdown_rx));
+        tasks.push(serve_http(&cfg, http_listener, ws, admin, &shutdown_rx));
         info!(grpc = %grpc_addr, http = %http_addr, sources = store.sources().len(), "sidecar started");
         Ok(Sidecar {
             store,

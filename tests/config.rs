@@ -172,7 +172,7 @@ fn numbers_that_would_panic_or_break_the_service_are_refused() {
     refused(
         "zero-idle.toml",
         &format!("{ORIGIN}topics = [\"a\"]\n[feed]\nidle_timeout = \"0s\"\n"),
-        &["feed.idle_timeout", "between 1s and"],
+        &["feed.idle_timeout", "between 100ms and"],
     );
     for (key, value) in [
         ("stream_queue", "4611686018427387904"),

@@ -441,3 +441,38 @@ async fn credentials_in_an_origin_address_are_not_shown() {
     })
     .await;
 }
+
+/// Clients that send half a request and wait (`GET /status HTTP/1.1\r\nHost: x\r\n` and nothing
+/// more) are closed after `listen.http_header_timeout`, and while they are open they hold at most
+/// `listen.http_max_connections`: they cannot starve `/healthz` for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_and_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within(async {
+        let listener = TcpListener::bind(loopback0()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cfg = common::sidecar_config(&format!("http://{addr}"), &["t"]);
+        cfg.listen.http_max_connections = 4;
+        cfg.listen.http_header_timeout = Dur(Duration::from_millis(500));
+        let sidecar = common::start_sidecar(cfg).await;
+        let http = sidecar.http_addr();
+        let mut stuck = Vec::new();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+            s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            stuck.push(s);
+        }
+        // Every permit is held by a half-sent request; the next client is served once they are
+        // closed for taking too long (before, this waited for ever: `within` fails the test).
+        assert_eq!(get(http, "/healthz").await.status, 200);
+        for mut s in stuck {
+            let mut buf = Vec::new();
+            // The server closes the connection (possibly after a 408): EOF, not a hang.
+            let _ = s.read_to_end(&mut buf).await;
+        }
+        sidecar.shutdown().await;
+    })
+    .await;
+}

@@ -53,12 +53,28 @@ pub struct ListenConfig {
     /// accident.
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// Open connections of the http listener at most (WebSockets included); past it new
+    /// connections wait to be accepted.
+    #[serde(default = "default_http_max_connections")]
+    pub http_max_connections: usize,
+    /// A request on the http listener must send its headers within this long, or the
+    /// connection is closed.
+    #[serde(default = "default_http_header_timeout")]
+    pub http_header_timeout: Dur,
     /// HTTP/2 keepalive of the Cache API: a PING after this long without frames ...
     #[serde(default = "default_keepalive")]
     pub keepalive_interval: Dur,
     /// ... and the connection is closed when its answer takes longer than this.
     #[serde(default = "default_keepalive")]
     pub keepalive_timeout: Dur,
+}
+
+fn default_http_max_connections() -> usize {
+    4096
+}
+
+fn default_http_header_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 fn default_keepalive() -> Dur {
@@ -75,6 +91,8 @@ impl Default for ListenConfig {
             grpc: default_grpc(),
             http: None,
             allow_non_loopback: false,
+            http_max_connections: default_http_max_connections(),
+            http_header_timeout: default_http_header_timeout(),
             keepalive_interval: default_keepalive(),
             keepalive_timeout: default_keepalive(),
         }
@@ -467,6 +485,20 @@ impl SidecarConfig {
         ] {
             super::check_duration(file, field, d, MIN_KEEPALIVE, MAX_KEEPALIVE)?;
         }
+        check_range(
+            file,
+            "listen.http_max_connections",
+            self.listen.http_max_connections,
+            1,
+            MAX_COUNT,
+        )?;
+        super::check_duration(
+            file,
+            "listen.http_header_timeout",
+            self.listen.http_header_timeout,
+            Duration::from_millis(100),
+            MAX_KEEPALIVE,
+        )?;
         self.ws.validate(file)?;
         let l = &self.limits;
         for (field, v) in [
@@ -532,12 +564,12 @@ impl SidecarConfig {
                 MIN_KEEPALIVE,
                 MAX_KEEPALIVE,
             ),
-            // Origins send Progress every few seconds; below a second the feed would redial
-            // between two of them.
+            // 0 would redial at once, for ever; origins send Progress every few seconds, so a
+            // value below that only suits a test of the timeout itself.
             (
                 "feed.idle_timeout",
                 f.idle_timeout,
-                Duration::from_secs(1),
+                MIN_KEEPALIVE,
                 MAX_KEEPALIVE,
             ),
             (

@@ -3,5 +3,6 @@
 
 pub(crate) mod admin;
 pub(crate) mod grpc;
+pub(crate) mod http;
 pub(crate) mod metrics;
 pub mod ws;
