@@ -254,6 +254,9 @@ pub struct WsConfig {
     /// Parsed client requests buffered between the reading and the writing half of one
     /// connection; when it is full the connection reads nothing more until the writer catches up.
     pub command_queue: usize,
+    /// Most `get`s with a `wait_ms` waiting for their source at once on one connection; past
+    /// it a waiting `get` is answered with an error of code `limit`.
+    pub max_waiting_gets: usize,
     /// When set, a client must present `Authorization: Bearer <token>` (or, for browsers,
     /// which cannot set headers on a WebSocket, `?access_token=<token>`); otherwise 401.
     pub token: Option<String>,
@@ -279,6 +282,7 @@ impl Default for WsConfig {
             send_batch_frames: 128,
             read_buffer_bytes: ByteSize(4 << 10),
             command_queue: 32,
+            max_waiting_gets: 256,
             token: None,
             allowed_origins: Vec::new(),
         }
@@ -722,6 +726,7 @@ impl WsConfig {
             ("ws.max_keys", self.max_keys),
             ("ws.queue", self.queue),
             ("ws.max_resets", self.max_resets as usize),
+            ("ws.max_waiting_gets", self.max_waiting_gets),
         ] {
             if v == 0 {
                 return Err(ConfigError::invalid(file, field, "must be at least 1"));

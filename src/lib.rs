@@ -16,6 +16,7 @@
 //! - [`Sidecar`]: the sidecar, started from a [`SidecarConfig`].
 //! - [`pb`]: the generated protobuf types and gRPC clients/servers.
 
+mod auth;
 pub mod bench;
 pub mod config;
 pub mod demo;

@@ -265,6 +265,7 @@ impl Sidecar {
             store.clone(),
             hub.clone(),
             cfg.ws.clone(),
+            &cfg.limits,
             shutdown_rx.clone(),
             ws_stats.clone(),
         ))

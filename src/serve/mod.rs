@@ -1,7 +1,8 @@
 //! The sidecar's listeners: the localhost Cache gRPC API (with health and reflection) and the
-//! http listener (WebSocket `/ws` and the admin endpoints).
+//! http listener (WebSocket `/ws` and the admin endpoints), over one read path (`read`).
 
 pub(crate) mod admin;
 pub(crate) mod grpc;
 pub(crate) mod introspect;
+pub(crate) mod read;
 pub mod ws;
