@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 use crate::views::ViewSpec;
 
+mod redis;
+pub use redis::RedisConfig;
+
 /// A configuration that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -167,6 +170,9 @@ pub struct SidecarConfig {
     pub limits: Limits,
     #[serde(default)]
     pub ws: WsConfig,
+    /// The Redis protocol listener (`[listen] redis`).
+    #[serde(default)]
+    pub redis: RedisConfig,
     #[serde(default)]
     pub feed: FeedConfig,
     #[serde(default)]
@@ -188,6 +194,9 @@ pub struct ListenConfig {
     /// ephemeral sidecars (tests, tools) never collide on a fixed port.
     #[serde(default)]
     pub http: Option<SocketAddr>,
+    /// The Redis protocol (RESP2 and RESP3, read-only); unset = not served.
+    #[serde(default)]
+    pub redis: Option<SocketAddr>,
     /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
     /// accident.
     #[serde(default)]
@@ -203,6 +212,7 @@ impl Default for ListenConfig {
         ListenConfig {
             grpc: default_grpc(),
             http: None,
+            redis: None,
             allow_non_loopback: false,
         }
     }
@@ -577,7 +587,26 @@ impl SidecarConfig {
                 format!("{http} is also listen.grpc; give each listener its own port"),
             ));
         }
+        if let Some(redis) = self.listen.redis {
+            if !self.listen.allow_non_loopback && !redis.ip().is_loopback() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.redis",
+                    format!(
+                        "{redis} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host"
+                    ),
+                ));
+            }
+            if redis.port() != 0 && (redis == self.listen.grpc || redis == http) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.redis",
+                    format!("{redis} is also another listener's address; give each listener its own port"),
+                ));
+            }
+        }
         self.ws.validate(file)?;
+        self.redis.validate(file)?;
         let l = &self.limits;
         for (field, v) in [
             ("limits.max_batch_keys", l.max_batch_keys),

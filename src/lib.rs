@@ -36,6 +36,7 @@ pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
 pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;
+pub use serve::redis::RedisStats;
 pub use serve::ws;
 pub use sidecar::{Sidecar, StartError};
 
@@ -52,5 +53,6 @@ pub mod internals {
     pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
     pub use crate::store::Clock;
     pub use crate::views::expr::{fuzz_filter, fuzz_key};
+    pub use crate::serve::redis::fuzz_parse as fuzz_resp_request;
     pub use crate::ws::fuzz_parse as fuzz_ws_request;
 }

@@ -27,6 +27,7 @@ use crate::readiness::Readiness;
 use crate::serve::admin::{self, Admin, OriginInfo};
 use crate::serve::grpc::CacheService;
 use crate::serve::introspect;
+use crate::serve::redis::{self, RedisStats};
 use crate::serve::ws::{self, WsStats};
 use crate::store::writer::{Writer, WriterStats};
 use crate::store::{Clock, OnDemand, Source, SourceKind, Store};
@@ -56,6 +57,8 @@ pub struct Sidecar {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     ws_stats: Arc<WsStats>,
+    redis_addr: Option<SocketAddr>,
+    redis_stats: Arc<RedisStats>,
     readiness: Arc<Readiness>,
     health: tonic_health::server::HealthReporter,
     grace: Duration,
@@ -149,6 +152,19 @@ impl Sidecar {
         if !http_addr.ip().is_loopback() {
             warn!(addr = %http_addr, "http listener (WebSocket) listens beyond loopback");
         }
+
+        let redis_listener = match cfg.listen.redis {
+            None => None,
+            Some(addr) => {
+                let bind_err = |source| StartError::Bind { addr, source };
+                let l = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let local = l.local_addr().map_err(bind_err)?;
+                if !local.ip().is_loopback() {
+                    warn!(addr = %local, "Redis protocol listens beyond loopback");
+                }
+                Some((l, local))
+            }
+        };
 
         let mut tasks = Vec::new();
         let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
@@ -286,7 +302,21 @@ impl Sidecar {
                 warn!(error = %e, "http listener failed");
             }
         }));
-        info!(grpc = %grpc_addr, http = %http_addr, sources = store.sources().len(), "sidecar started");
+        let redis_stats = Arc::new(RedisStats::default());
+        let redis_addr = redis_listener.as_ref().map(|(_, a)| *a);
+        if let Some((listener, addr)) = redis_listener {
+            let shared = Arc::new(redis::Shared::new(
+                store.clone(),
+                hub.clone(),
+                cfg.redis.clone(),
+                &cfg.limits,
+                addr,
+                shutdown_rx.clone(),
+                redis_stats.clone(),
+            ));
+            tasks.push(tokio::spawn(redis::serve(listener, shared)));
+        }
+        info!(grpc = %grpc_addr, http = %http_addr, redis = ?redis_addr, sources = store.sources().len(), "sidecar started");
         Ok(Sidecar {
             store,
             hub,
@@ -296,6 +326,8 @@ impl Sidecar {
             grpc_addr,
             http_addr,
             ws_stats,
+            redis_addr,
+            redis_stats,
             readiness,
             health,
             grace: cfg.shutdown.grace.0,
@@ -312,6 +344,16 @@ impl Sidecar {
     /// Where the http listener (WebSocket `/ws`, admin endpoints) listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the Redis protocol listener listens, if `[listen] redis` is set.
+    pub fn redis_addr(&self) -> Option<SocketAddr> {
+        self.redis_addr
+    }
+
+    /// Counters of the Redis protocol listener.
+    pub fn redis_stats(&self) -> &Arc<RedisStats> {
+        &self.redis_stats
     }
 
     /// Counters of the WebSocket endpoint.

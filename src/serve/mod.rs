@@ -5,4 +5,5 @@ pub(crate) mod admin;
 pub(crate) mod grpc;
 pub(crate) mod introspect;
 pub(crate) mod read;
+pub(crate) mod redis;
 pub mod ws;
