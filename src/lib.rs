@@ -50,9 +50,9 @@ pub(crate) async fn signalled(rx: &mut tokio::sync::watch::Receiver<bool>) {
 pub mod internals {
     pub use crate::feed::{decode_streams as decode_feed_streams, replay as replay_feed, Replayed};
     pub use crate::metrics::parse_text as parse_prometheus_text;
+    pub use crate::serve::redis::fuzz_parse as fuzz_resp_request;
     pub use crate::store::writer::{BatchChange, Op, SnapEntry, Writer, WriterStats};
     pub use crate::store::Clock;
     pub use crate::views::expr::{fuzz_filter, fuzz_key};
-    pub use crate::serve::redis::fuzz_parse as fuzz_resp_request;
     pub use crate::ws::fuzz_parse as fuzz_ws_request;
 }

@@ -125,11 +125,16 @@ mod tests {
         for (text, field) in [
             ("[redis]\nmaxclients = 0\n", "redis.maxclients"),
             ("[redis]\ntoken = \"\"\n", "redis.token"),
-            ("[redis]\nmax_query_bytes = \"1KiB\"\n", "redis.max_query_bytes"),
+            (
+                "[redis]\nmax_query_bytes = \"1KiB\"\n",
+                "redis.max_query_bytes",
+            ),
             ("[redis]\nnope = 1\n", "nope"),
             ("[listen]\nredis = \"10.1.2.3:6380\"\n", "listen.redis"),
         ] {
-            let e = SidecarConfig::parse("t.toml", text).expect_err(text).to_string();
+            let e = SidecarConfig::parse("t.toml", text)
+                .expect_err(text)
+                .to_string();
             assert!(e.contains(field), "{text}: {e}");
         }
     }

@@ -46,32 +46,166 @@ const COMMANDS: &[Spec] = &[
     ("dbsize", 1, &["readonly", "fast"], 0, 0, 0),
     ("ping", -1, &["fast"], 0, 0, 0),
     ("echo", 2, &["fast"], 0, 0, 0),
-    ("hello", -1, &["noscript", "loading", "stale", "fast", "no_auth"], 0, 0, 0),
-    ("auth", -2, &["noscript", "loading", "stale", "fast", "no_auth"], 0, 0, 0),
+    (
+        "hello",
+        -1,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "auth",
+        -2,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
     ("select", 2, &["loading", "stale", "fast"], 0, 0, 0),
     ("client", -2, &["noscript", "loading", "stale"], 0, 0, 0),
     ("info", -1, &["loading", "stale"], 0, 0, 0),
     ("command", -1, &["loading", "stale"], 0, 0, 0),
-    ("quit", -1, &["noscript", "loading", "stale", "fast", "no_auth"], 0, 0, 0),
-    ("reset", 1, &["noscript", "loading", "stale", "fast", "no_auth"], 0, 0, 0),
-    ("subscribe", -2, &["pubsub", "noscript", "loading", "stale"], 0, 0, 0),
-    ("unsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], 0, 0, 0),
-    ("psubscribe", -2, &["pubsub", "noscript", "loading", "stale"], 0, 0, 0),
-    ("punsubscribe", -1, &["pubsub", "noscript", "loading", "stale"], 0, 0, 0),
+    (
+        "quit",
+        -1,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "reset",
+        1,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "subscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "unsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "psubscribe",
+        -2,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "punsubscribe",
+        -1,
+        &["pubsub", "noscript", "loading", "stale"],
+        0,
+        0,
+        0,
+    ),
 ];
 
 /// Commands that change data: refused with `-READONLY`.
 const WRITES: &[&str] = &[
-    "set", "setnx", "setex", "psetex", "mset", "msetnx", "getset", "getdel", "getex", "append",
-    "setrange", "incr", "incrby", "incrbyfloat", "decr", "decrby", "del", "unlink", "expire",
-    "pexpire", "expireat", "pexpireat", "persist", "rename", "renamenx", "move", "copy", "restore",
-    "hset", "hsetnx", "hmset", "hdel", "hincrby", "hincrbyfloat", "lpush", "rpush", "lpushx",
-    "rpushx", "lpop", "rpop", "lset", "linsert", "lrem", "ltrim", "rpoplpush", "lmove", "lmpop",
-    "blpop", "brpop", "blmove", "sadd", "srem", "spop", "smove", "sinterstore", "sunionstore",
-    "sdiffstore", "zadd", "zincrby", "zrem", "zpopmin", "zpopmax", "zmpop", "zremrangebyscore",
-    "zremrangebyrank", "zremrangebylex", "zunionstore", "zinterstore", "zdiffstore", "xadd",
-    "xdel", "xtrim", "pfadd", "pfmerge", "setbit", "bitop", "bitfield", "geoadd", "flushdb",
-    "flushall", "swapdb", "publish", "spublish", "eval", "evalsha", "fcall", "multi", "exec",
+    "set",
+    "setnx",
+    "setex",
+    "psetex",
+    "mset",
+    "msetnx",
+    "getset",
+    "getdel",
+    "getex",
+    "append",
+    "setrange",
+    "incr",
+    "incrby",
+    "incrbyfloat",
+    "decr",
+    "decrby",
+    "del",
+    "unlink",
+    "expire",
+    "pexpire",
+    "expireat",
+    "pexpireat",
+    "persist",
+    "rename",
+    "renamenx",
+    "move",
+    "copy",
+    "restore",
+    "hset",
+    "hsetnx",
+    "hmset",
+    "hdel",
+    "hincrby",
+    "hincrbyfloat",
+    "lpush",
+    "rpush",
+    "lpushx",
+    "rpushx",
+    "lpop",
+    "rpop",
+    "lset",
+    "linsert",
+    "lrem",
+    "ltrim",
+    "rpoplpush",
+    "lmove",
+    "lmpop",
+    "blpop",
+    "brpop",
+    "blmove",
+    "sadd",
+    "srem",
+    "spop",
+    "smove",
+    "sinterstore",
+    "sunionstore",
+    "sdiffstore",
+    "zadd",
+    "zincrby",
+    "zrem",
+    "zpopmin",
+    "zpopmax",
+    "zmpop",
+    "zremrangebyscore",
+    "zremrangebyrank",
+    "zremrangebylex",
+    "zunionstore",
+    "zinterstore",
+    "zdiffstore",
+    "xadd",
+    "xdel",
+    "xtrim",
+    "pfadd",
+    "pfmerge",
+    "setbit",
+    "bitop",
+    "bitfield",
+    "geoadd",
+    "flushdb",
+    "flushall",
+    "swapdb",
+    "publish",
+    "spublish",
+    "eval",
+    "evalsha",
+    "fcall",
+    "multi",
+    "exec",
 ];
 
 const READONLY: &str =
@@ -216,7 +350,10 @@ impl Conn {
             }
             w if WRITES.contains(&w) => self.out.error(READONLY),
             _ => {
-                let mut msg = format!("ERR unknown command '{}', with args beginning with: ", shown(&args[0]));
+                let mut msg = format!(
+                    "ERR unknown command '{}', with args beginning with: ",
+                    shown(&args[0])
+                );
                 for arg in a.iter().take(16) {
                     let _ = write!(msg, "'{}' ", shown(arg));
                 }
@@ -466,7 +603,12 @@ impl Conn {
                     name = Some(n.clone());
                     i += 2;
                 }
-                _ => return self.out.error(&format!("ERR Syntax error in HELLO option '{}'", shown(&a[i]))),
+                _ => {
+                    return self.out.error(&format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        shown(&a[i])
+                    ))
+                }
             }
         }
         if !self.authed {
@@ -499,7 +641,12 @@ impl Conn {
     }
 
     fn client_line(&self) -> String {
-        let text = |b: &Option<Bytes>| b.as_deref().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+        let text = |b: &Option<Bytes>| {
+            b.as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .into_owned()
+        };
         format!(
             "id={} addr={} laddr= fd=0 name={} db=0 sub={} psub={} resp={} lib-name={} lib-ver={}\n",
             self.id,
@@ -601,7 +748,9 @@ impl Conn {
                     self.out.bulk(c.0.as_bytes());
                 }
             }
-            "getkeys" => self.out.error("ERR COMMAND GETKEYS is not supported by viewcar"),
+            "getkeys" => self
+                .out
+                .error("ERR COMMAND GETKEYS is not supported by viewcar"),
             _ => self.out.error(&format!(
                 "ERR unknown subcommand or wrong number of arguments for '{}'. Try COMMAND HELP.",
                 shown(&a[0])
@@ -706,7 +855,10 @@ impl Conn {
         }
         if want("keyspace") {
             let keys: usize = sh.store.sources().iter().map(|s| s.len()).sum();
-            let _ = write!(t, "# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n\r\n");
+            let _ = write!(
+                t,
+                "# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n\r\n"
+            );
         }
         let t = t.trim_end_matches("\r\n").to_string() + "\r\n";
         self.out.text(&t);

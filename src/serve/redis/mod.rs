@@ -242,7 +242,8 @@ async fn run(stream: &mut TcpStream, conn: &mut cmd::Conn, sh: &Shared) -> End {
             }
         }
         if input.len() > max_query {
-            conn.out.error("ERR Protocol error: query buffer limit (redis.max_query_bytes)");
+            conn.out
+                .error("ERR Protocol error: query buffer limit (redis.max_query_bytes)");
             let _ = wr.write_all(&conn.out.buf).await;
             return End::QueryBuffer;
         }

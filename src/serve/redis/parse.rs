@@ -196,8 +196,10 @@ mod tests {
     #[test]
     fn multibulk_and_inline_commands_pipeline() {
         assert_eq!(
-            all(b"*2\r\n$3\r\nGET\r\n$4\r\np:k1\r\nPING\r\n  ECHO  hi \n*0\r\n\r\n*1\r\n$0\r\n\r\n")
-                .unwrap(),
+            all(
+                b"*2\r\n$3\r\nGET\r\n$4\r\np:k1\r\nPING\r\n  ECHO  hi \n*0\r\n\r\n*1\r\n$0\r\n\r\n"
+            )
+            .unwrap(),
             vec![
                 vec!["GET".to_string(), "p:k1".to_string()],
                 vec!["PING".to_string()],
@@ -237,10 +239,7 @@ mod tests {
         ] {
             assert!(all(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(
-            all(&[b'a'; 70]),
-            Err(ParseError("too big inline request"))
-        );
+        assert_eq!(all(&[b'a'; 70]), Err(ParseError("too big inline request")));
         assert!(all(b"a b c d e f g h i\r\n").is_err());
     }
 

@@ -114,14 +114,20 @@ impl Push {
     }
 
     /// Subscribes the hub to `selection` of the full source `name` for `target`.
-    fn watch(&mut self, sh: &Shared, name: &str, selection: Selection, target: Target) -> Option<SubId> {
+    fn watch(
+        &mut self,
+        sh: &Shared,
+        name: &str,
+        selection: Selection,
+        target: Target,
+    ) -> Option<SubId> {
         let source = sh.store.source(name)?.clone();
         if source.is_on_demand() {
             return None;
         }
-        let subscriber = self.subscriber.get_or_insert_with(|| {
-            Subscriber::new(&sh.hub, "redis", sh.cfg.queue, None)
-        });
+        let subscriber = self
+            .subscriber
+            .get_or_insert_with(|| Subscriber::new(&sh.hub, "redis", sh.cfg.queue, None));
         let sub = subscriber.subscribe(source, selection, false);
         self.targets.insert(sub, target);
         Some(sub)
@@ -166,8 +172,12 @@ impl Push {
                 if !(glob_prefix_possible(ch, probe)) {
                     return Vec::new();
                 }
-                let names: Vec<Arc<str>> =
-                    sh.store.sources().iter().map(|s| s.name().clone()).collect();
+                let names: Vec<Arc<str>> = sh
+                    .store
+                    .sources()
+                    .iter()
+                    .map(|s| s.name().clone())
+                    .collect();
                 names
                     .iter()
                     .filter_map(|n| {
@@ -188,7 +198,9 @@ impl Push {
             };
             if !known {
                 if self.hub_subs() >= sh.cfg.max_subscriptions {
-                    out.error("ERR too many subscriptions on this connection (redis.max_subscriptions)");
+                    out.error(
+                        "ERR too many subscriptions on this connection (redis.max_subscriptions)",
+                    );
                     continue;
                 }
                 let subs = self.watch_channel(sh, ch, pattern);
@@ -206,10 +218,24 @@ impl Push {
         self.count(sh);
     }
 
-    pub(crate) fn unsubscribe(&mut self, sh: &Shared, out: &mut Out, chans: &[Bytes], pattern: bool) {
-        let kind: &[u8] = if pattern { b"punsubscribe" } else { b"unsubscribe" };
+    pub(crate) fn unsubscribe(
+        &mut self,
+        sh: &Shared,
+        out: &mut Out,
+        chans: &[Bytes],
+        pattern: bool,
+    ) {
+        let kind: &[u8] = if pattern {
+            b"punsubscribe"
+        } else {
+            b"unsubscribe"
+        };
         let names: Vec<Bytes> = if chans.is_empty() {
-            let map = if pattern { &self.patterns } else { &self.channels };
+            let map = if pattern {
+                &self.patterns
+            } else {
+                &self.channels
+            };
             map.keys().cloned().collect()
         } else {
             chans.to_vec()
@@ -267,7 +293,9 @@ impl Push {
                     };
                     if opt == "prefix" {
                         t.prefixes.push(v.clone());
-                    } else if std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok())
+                    } else if std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok())
                         != Some(my_id)
                     {
                         return out.error(
@@ -301,14 +329,24 @@ impl Push {
             } else {
                 t.prefixes.clone()
             };
-            let names: Vec<Arc<str>> = sh.store.sources().iter().map(|s| s.name().clone()).collect();
+            let names: Vec<Arc<str>> = sh
+                .store
+                .sources()
+                .iter()
+                .map(|s| s.name().clone())
+                .collect();
             for p in prefixes {
                 // `SOURCE:KEYPREFIX` watches one source; a prefix without `:` watches every
                 // source whose name starts with it.
                 let text = String::from_utf8_lossy(&p).into_owned();
                 match text.split_once(':') {
                     Some((source, key)) => {
-                        self.watch(sh, source, Selection::Prefix(key.to_string()), Target::Bcast);
+                        self.watch(
+                            sh,
+                            source,
+                            Selection::Prefix(key.to_string()),
+                            Target::Bcast,
+                        );
                     }
                     None => {
                         for n in names.iter().filter(|n| n.starts_with(text.as_str())) {
@@ -396,7 +434,11 @@ impl Push {
         out.bulk(b"redirect");
         out.int(self.redirect());
         out.bulk(b"prefixes");
-        let prefixes = self.tracking.as_ref().map(|t| t.prefixes.clone()).unwrap_or_default();
+        let prefixes = self
+            .tracking
+            .as_ref()
+            .map(|t| t.prefixes.clone())
+            .unwrap_or_default();
         out.array(prefixes.len());
         for p in prefixes {
             out.bulk(&p);
@@ -418,7 +460,10 @@ impl Push {
         let Some(t) = &self.tracking else {
             return;
         };
-        if t.bcast || (t.optin && self.caching != Some(true)) || (t.optout && self.caching == Some(false)) {
+        if t.bcast
+            || (t.optin && self.caching != Some(true))
+            || (t.optout && self.caching == Some(false))
+        {
             return;
         }
         let Some(src) = sh.store.source(source) else {
@@ -437,7 +482,8 @@ impl Push {
             self.flush_tracked(sh, out);
         }
         let sel = Selection::Keys(vec![key.to_string()]);
-        if let Some(sub) = self.watch(sh, source, sel, Target::Tracked(id.0.clone(), id.1.clone())) {
+        if let Some(sub) = self.watch(sh, source, sel, Target::Tracked(id.0.clone(), id.1.clone()))
+        {
             if let Some(t) = &mut self.tracking {
                 t.tracked.insert(id, sub);
             }
@@ -476,7 +522,11 @@ impl Push {
                 let Some(target) = self.targets.get(&sub).cloned() else {
                     return Ok(());
                 };
-                let event: &[u8] = if change.value.is_some() { b"set" } else { b"del" };
+                let event: &[u8] = if change.value.is_some() {
+                    b"set"
+                } else {
+                    b"del"
+                };
                 let mut name = Vec::with_capacity(change.source.len() + 1 + change.key.len());
                 name.extend_from_slice(change.source.as_bytes());
                 name.push(b':');

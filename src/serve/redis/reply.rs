@@ -126,7 +126,10 @@ mod tests {
         o.int(-7);
         o.bulk(b"ab");
         o.error("ERR a\r\nb");
-        assert_eq!(&o.buf[..], b"$-1\r\n*4\r\n*3\r\n:-7\r\n$2\r\nab\r\n-ERR a  b\r\n");
+        assert_eq!(
+            &o.buf[..],
+            b"$-1\r\n*4\r\n*3\r\n:-7\r\n$2\r\nab\r\n-ERR a  b\r\n"
+        );
         let mut o = Out::new(64);
         o.resp3 = true;
         o.null();

@@ -212,7 +212,10 @@ fn one(pattern: &[u8], p: usize, c: u8) -> Option<usize> {
                     i += 2;
                 } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']'
                 {
-                    let (lo, hi) = (pattern[i].min(pattern[i + 2]), pattern[i].max(pattern[i + 2]));
+                    let (lo, hi) = (
+                        pattern[i].min(pattern[i + 2]),
+                        pattern[i].max(pattern[i + 2]),
+                    );
                     hit |= (lo..=hi).contains(&c);
                     i += 3;
                 } else {
