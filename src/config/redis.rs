@@ -109,7 +109,6 @@ impl RedisConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::config::SidecarConfig;
 
     #[test]
