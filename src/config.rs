@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::views::ViewSpec;
 
 mod redis;
-pub use redis::RedisConfig;
+pub use redis::{ListenAddr, RedisConfig};
 
 /// A configuration that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -194,9 +194,10 @@ pub struct ListenConfig {
     /// ephemeral sidecars (tests, tools) never collide on a fixed port.
     #[serde(default)]
     pub http: Option<SocketAddr>,
-    /// The Redis protocol (RESP2 and RESP3, read-only); unset = not served.
+    /// The Redis protocol (RESP2 and RESP3, read-only): `host:port` or `unix:/path`; unset =
+    /// not served.
     #[serde(default)]
-    pub redis: Option<SocketAddr>,
+    pub redis: Option<ListenAddr>,
     /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
     /// accident.
     #[serde(default)]
@@ -587,7 +588,7 @@ impl SidecarConfig {
                 format!("{http} is also listen.grpc; give each listener its own port"),
             ));
         }
-        if let Some(redis) = self.listen.redis {
+        if let Some(ListenAddr::Tcp(redis)) = self.listen.redis {
             if !self.listen.allow_non_loopback && !redis.ip().is_loopback() {
                 return Err(ConfigError::invalid(
                     file,

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{Mode, SidecarConfig};
+use crate::config::{ListenAddr, Mode, SidecarConfig};
 use crate::feed::{FeedClient, FeedStats};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Parts, ReadTimingLayer};
@@ -39,6 +39,11 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on unix:{}: {source}", path.display())]
+    BindUnix {
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -153,16 +158,26 @@ impl Sidecar {
             warn!(addr = %http_addr, "http listener (WebSocket) listens beyond loopback");
         }
 
-        let redis_listener = match cfg.listen.redis {
+        let redis_listener = match &cfg.listen.redis {
             None => None,
-            Some(addr) => {
+            Some(ListenAddr::Tcp(addr)) => {
+                let addr = *addr;
                 let bind_err = |source| StartError::Bind { addr, source };
                 let l = TcpListener::bind(addr).await.map_err(bind_err)?;
                 let local = l.local_addr().map_err(bind_err)?;
                 if !local.ip().is_loopback() {
                     warn!(addr = %local, "Redis protocol listens beyond loopback");
                 }
-                Some((l, local))
+                Some((redis::Listener::Tcp(l), Some(local)))
+            }
+            Some(ListenAddr::Unix(path)) => {
+                let l = redis::bind_unix(path, cfg.redis.socket_mode)
+                    .await
+                    .map_err(|source| StartError::BindUnix {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some((redis::Listener::Unix(l, path.clone()), None))
             }
         };
 
@@ -303,14 +318,14 @@ impl Sidecar {
             }
         }));
         let redis_stats = Arc::new(RedisStats::default());
-        let redis_addr = redis_listener.as_ref().map(|(_, a)| *a);
+        let redis_addr = redis_listener.as_ref().and_then(|(_, a)| *a);
         if let Some((listener, addr)) = redis_listener {
             let shared = Arc::new(redis::Shared::new(
                 store.clone(),
                 hub.clone(),
                 cfg.redis.clone(),
                 &cfg.limits,
-                addr,
+                addr.map_or(0, |a| a.port()),
                 shutdown_rx.clone(),
                 redis_stats.clone(),
             ));
@@ -346,7 +361,7 @@ impl Sidecar {
         self.http_addr
     }
 
-    /// Where the Redis protocol listener listens, if `[listen] redis` is set.
+    /// Where the Redis protocol listener listens, if `[listen] redis` is a TCP address.
     pub fn redis_addr(&self) -> Option<SocketAddr> {
         self.redis_addr
     }

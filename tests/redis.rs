@@ -680,3 +680,40 @@ async fn redis_cli_reads_the_sidecar() {
     let refused = cli(&["SET", "products:p1", "x"]).await;
     assert!(refused.contains("READONLY"), "{refused}");
 }
+
+#[tokio::test]
+async fn a_unix_socket_listener_replaces_a_stale_socket_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("redis.sock");
+    // A socket file left by an earlier run: nothing listens on it any more.
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
+    assert!(path.exists());
+    let listen = format!("unix:{}", path.display());
+    let s = start_with(&["products"], |cfg| {
+        cfg.listen.redis = Some(listen.parse().expect("unix address"));
+        cfg.redis.socket_mode = 0o600;
+    })
+    .await;
+    assert_eq!(s.sidecar.redis_addr(), None);
+    let mode = std::fs::metadata(&path)
+        .expect("socket file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let v = s.put("products", &[("p1", json!("u"))]);
+    s.applied("products", v).await;
+    let c = redis::Client::open(format!("redis+unix://{}", path.display())).expect("client");
+    let mut c = c
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect over the socket");
+    let got: Option<String> = c.get("products:p1").await.expect("GET");
+    assert_eq!(got.as_deref(), Some("\"u\""));
+    // A second sidecar on the same path is refused while the first listens.
+    let mut cfg = SidecarConfig::default();
+    cfg.listen.grpc = "127.0.0.1:0".parse().expect("address");
+    cfg.listen.redis = Some(listen.parse().expect("unix address"));
+    let err = viewcar::Sidecar::start(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("listens on this socket"), "{err}");
+}

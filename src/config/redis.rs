@@ -1,10 +1,52 @@
 //! `[redis]`: bounds, freshness and access of the Redis protocol listener (`[listen] redis`).
 
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::{ByteSize, ConfigError, Dur};
+
+/// Where a listener listens: `"127.0.0.1:6380"` (TCP) or `"unix:/run/viewcar/redis.sock"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("expected unix:/path/to/socket, got an empty path".to_string());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(ListenAddr::Tcp).map_err(|_| {
+            format!("expected an address such as \"127.0.0.1:6380\" or \"unix:/path\", got {s:?}")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// How the Redis protocol listener reads, and what it lets a client do.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +83,8 @@ pub struct RedisConfig {
     /// When set, `AUTH <token>` (or `HELLO 3 AUTH default <token>`) is required first; compared
     /// in constant time.
     pub token: Option<String>,
+    /// File mode of the socket file when `[listen] redis` is `unix:/path` (TOML octal: `0o660`).
+    pub socket_mode: u32,
 }
 
 impl Default for RedisConfig {
@@ -58,6 +102,7 @@ impl Default for RedisConfig {
             queue: 4096,
             scan_cursors: 10_000,
             token: None,
+            socket_mode: 0o660,
         }
     }
 }
@@ -96,6 +141,13 @@ impl RedisConfig {
                 "must be at least 16KiB",
             ));
         }
+        if self.socket_mode > 0o777 {
+            return Err(ConfigError::invalid(
+                file,
+                "redis.socket_mode",
+                format!("{:#o} is not a file mode (at most 0o777)", self.socket_mode),
+            ));
+        }
         if self.token.as_deref().is_some_and(|t| t.is_empty()) {
             return Err(ConfigError::invalid(
                 file,
@@ -119,6 +171,16 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(cfg.listen.redis, Some("127.0.0.1:6380".parse().unwrap()));
+        let cfg = SidecarConfig::parse(
+            "t.toml",
+            "[listen]\nredis = \"unix:/tmp/r.sock\"\n[redis]\nsocket_mode = 0o600\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            cfg.listen.redis,
+            Some(super::ListenAddr::Unix("/tmp/r.sock".into()))
+        );
+        assert_eq!(cfg.redis.socket_mode, 0o600);
         assert_eq!(cfg.redis.max_staleness_ms, 500);
         assert_eq!(cfg.redis.maxclients, 3);
         for (text, field) in [
@@ -130,6 +192,8 @@ mod tests {
             ),
             ("[redis]\nnope = 1\n", "nope"),
             ("[listen]\nredis = \"10.1.2.3:6380\"\n", "listen.redis"),
+            ("[listen]\nredis = \"nowhere\"\n", "unix:/path"),
+            ("[redis]\nsocket_mode = 0o1777\n", "redis.socket_mode"),
         ] {
             let e = SidecarConfig::parse("t.toml", text)
                 .expect_err(text)

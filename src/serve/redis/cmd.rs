@@ -3,7 +3,6 @@
 //! (in `push`), and refusals: writes answer `-READONLY`, anything else `-ERR unknown command`.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -21,7 +20,8 @@ pub(crate) const REDIS_VERSION: &str = "7.2.0";
 /// One connection's state.
 pub(crate) struct Conn {
     pub id: u64,
-    pub peer: SocketAddr,
+    /// The client's address (`unix` for a Unix socket client).
+    pub peer: String,
     pub out: Out,
     pub push: Push,
     pub quit: bool,
@@ -248,7 +248,7 @@ fn parse_u64(arg: &[u8]) -> Option<u64> {
 }
 
 impl Conn {
-    pub(crate) fn new(id: u64, peer: SocketAddr, sh: &Shared) -> Self {
+    pub(crate) fn new(id: u64, peer: String, sh: &Shared) -> Self {
         Conn {
             id,
             peer,
@@ -794,7 +794,7 @@ impl Conn {
                 std::env::consts::OS,
                 usize::BITS,
                 std::process::id(),
-                sh.addr.port(),
+                sh.port,
                 sh.started.elapsed().as_secs(),
             );
         }

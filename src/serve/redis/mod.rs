@@ -25,8 +25,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
@@ -85,7 +86,7 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     stats: Arc<RedisStats>,
     started: Instant,
-    addr: SocketAddr,
+    port: u16,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -95,7 +96,7 @@ impl Shared {
         hub: Arc<Hub>,
         cfg: RedisConfig,
         limits: &Limits,
-        addr: SocketAddr,
+        port: u16,
         shutdown: watch::Receiver<bool>,
         stats: Arc<RedisStats>,
     ) -> Self {
@@ -122,7 +123,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             stats,
             started: Instant::now(),
-            addr,
+            port,
             shutdown,
         }
     }
@@ -139,15 +140,63 @@ fn read_error(e: &ReadError) -> String {
     }
 }
 
+/// A bound listener: TCP, or a Unix socket (whose file is removed when the listener stops).
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+/// An accepted connection.
+enum Accepted {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                let _ = s.set_nodelay(true);
+                Accepted::Tcp(s, peer)
+            }),
+            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` with file mode `mode`. A file left there by a previous run
+/// (nothing accepts on it) is replaced; a socket something still listens on is not.
+pub(crate) async fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process listens on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
 /// Accepts connections until shutdown.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn serve(listener: Listener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = crate::signalled(&mut shutdown) => return,
+            _ = crate::signalled(&mut shutdown) => break,
         };
-        let (stream, peer) = match accepted {
+        let stream = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: the listener itself is fine.
@@ -156,7 +205,6 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let Ok(permit) = shared.clients.clone().try_acquire_owned() else {
             shared.stats.rejected_full.fetch_add(1, Ordering::Relaxed);
             if !shared.stats.warned_full.swap(true, Ordering::Relaxed) {
@@ -166,14 +214,18 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 );
             }
             tokio::spawn(async move {
-                let mut stream = stream;
-                let _ = stream
-                    .write_all(b"-ERR max number of clients reached (redis.maxclients)\r\n")
-                    .await;
+                let full = b"-ERR max number of clients reached (redis.maxclients)\r\n";
+                let _ = match stream {
+                    Accepted::Tcp(mut s, _) => s.write_all(full).await,
+                    Accepted::Unix(mut s) => s.write_all(full).await,
+                };
             });
             continue;
         };
-        tokio::spawn(connection(stream, peer, shared.clone(), permit));
+        tokio::spawn(connection(stream, shared.clone(), permit));
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -193,18 +245,26 @@ enum End {
     OutputBuffer,
 }
 
-async fn connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
-) {
+async fn connection(stream: Accepted, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
     let st = &shared.stats;
     st.accepted.fetch_add(1, Ordering::Relaxed);
     st.open.fetch_add(1, Ordering::Relaxed);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let mut conn = cmd::Conn::new(id, peer, &shared);
-    let end = run(&mut stream, &mut conn, &shared).await;
+    let peer = match &stream {
+        Accepted::Tcp(_, peer) => peer.to_string(),
+        Accepted::Unix(_) => "unix".to_string(),
+    };
+    let mut conn = cmd::Conn::new(id, peer.clone(), &shared);
+    let end = match stream {
+        Accepted::Tcp(mut s, _) => {
+            let (mut rd, mut wr) = s.split();
+            run(&mut rd, &mut wr, &mut conn, &shared).await
+        }
+        Accepted::Unix(mut s) => {
+            let (mut rd, mut wr) = s.split();
+            run(&mut rd, &mut wr, &mut conn, &shared).await
+        }
+    };
     match end {
         End::Idle => st.closed_idle.fetch_add(1, Ordering::Relaxed),
         End::Protocol => st.closed_protocol.fetch_add(1, Ordering::Relaxed),
@@ -219,8 +279,11 @@ async fn connection(
     st.open.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn run(stream: &mut TcpStream, conn: &mut cmd::Conn, sh: &Shared) -> End {
-    let (mut rd, mut wr) = stream.split();
+async fn run<R, W>(rd: &mut R, wr: &mut W, conn: &mut cmd::Conn, sh: &Shared) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut shutdown = sh.shutdown.clone();
     let idle = sh.cfg.idle_timeout.0;
@@ -247,14 +310,15 @@ async fn run(stream: &mut TcpStream, conn: &mut cmd::Conn, sh: &Shared) -> End {
             let _ = wr.write_all(&conn.out.buf).await;
             return End::QueryBuffer;
         }
-        // The common case: the whole answer goes out now, in one syscall.
+        // The common case: the whole answer goes out now, in one syscall (a write polled once:
+        // what the socket takes without waiting).
         if !conn.out.buf.is_empty() {
-            match wr.try_write(&conn.out.buf) {
-                Ok(n) => {
+            match wr.write(&conn.out.buf).now_or_never() {
+                Some(Ok(0)) | Some(Err(_)) => return End::Gone,
+                Some(Ok(n)) => {
                     let _ = conn.out.buf.split_to(n);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return End::Gone,
+                None => {}
             }
         }
         if conn.quit && conn.out.buf.is_empty() {
