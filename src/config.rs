@@ -12,6 +12,7 @@
 mod origin;
 mod overrides;
 mod postgres;
+mod redis;
 mod sidecar;
 mod view;
 
@@ -21,6 +22,7 @@ pub use crate::types::{ByteSize, Dur, Mode, DEFAULT_ON_DEMAND_BYTES, MIN_ON_DEMA
 pub use origin::{Fsync, OriginConfig};
 pub use overrides::{origin_address_env, OriginOverrides, SidecarOverrides};
 pub use postgres::{describe_origin, PgTls, PostgresConfig, TableSpec};
+pub use redis::{ListenAddr, RedisConfig};
 pub use sidecar::{
     describe, FeedConfig, Limits, ListenConfig, OriginSpec, ShutdownConfig, SidecarConfig,
     TopicSpec, WsConfig,

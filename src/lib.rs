@@ -29,6 +29,7 @@
 
 // Bottom: plain data shared by every layer.
 
+mod auth;
 pub mod config;
 mod introspect;
 pub mod pb;
@@ -61,6 +62,7 @@ pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
 pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;
+pub use serve::redis::RedisStats;
 pub use serve::ws;
 pub use sidecar::{check_config, Sidecar, StartError};
 pub use writer::{Changes, Standalone};
@@ -99,6 +101,7 @@ pub mod internals {
     #[cfg(feature = "fuzzing")]
     pub use crate::feed::{decode_streams as decode_feed_streams, replay as replay_feed, Replayed};
     pub use crate::serve::metrics::parse_text as parse_prometheus_text;
+    pub use crate::serve::redis::fuzz_parse as fuzz_resp_request;
     pub use crate::store::Clock;
     pub use crate::views::expr::{fuzz_filter, fuzz_key};
     pub use crate::writer::{BatchChange, SnapEntry, Step, Writer, WriterStats};

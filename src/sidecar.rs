@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{ConfigError, OriginSpec, SidecarConfig};
+use crate::config::{ConfigError, ListenAddr, OriginSpec, SidecarConfig};
 use crate::feed::{FeedClient, FeedStats};
 use crate::hub::Hub;
 use crate::introspect;
@@ -27,6 +27,7 @@ use crate::serve::admin::{self, Admin, OriginInfo};
 use crate::serve::grpc::CacheService;
 use crate::serve::http;
 use crate::serve::metrics::{Metrics, Parts, ReadTimingLayer};
+use crate::serve::redis::{self, RedisStats};
 use crate::serve::ws::{self, WsStats};
 use crate::store::{Clock, OnDemand, Source, SourceKind, Store};
 use crate::types::Mode;
@@ -39,6 +40,11 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on unix:{}: {source}", path.display())]
+    BindUnix {
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
     /// The config (its view graph included) is not usable.
@@ -82,6 +88,8 @@ pub struct Sidecar {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     ws_stats: Arc<WsStats>,
+    redis_addr: Option<SocketAddr>,
+    redis_stats: Arc<RedisStats>,
     readiness: Arc<Readiness>,
     health: tonic_health::server::HealthReporter,
     grace: Duration,
@@ -104,6 +112,28 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr),
         warn!(addr = %local, listener = what, "listening beyond loopback");
     }
     Ok((listener, local))
+}
+
+/// The Redis protocol listener of `cfg`, if any, and its TCP address.
+async fn bind_redis(
+    cfg: &SidecarConfig,
+) -> Result<Option<(redis::Listener, Option<SocketAddr>)>, StartError> {
+    Ok(match &cfg.listen.redis {
+        None => None,
+        Some(ListenAddr::Tcp(addr)) => {
+            let (l, local) = bind(*addr, "Redis protocol").await?;
+            Some((redis::Listener::Tcp(l), Some(local)))
+        }
+        Some(ListenAddr::Unix(path)) => {
+            let l = redis::bind_unix(path, cfg.redis.socket_mode)
+                .await
+                .map_err(|source| StartError::BindUnix {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some((redis::Listener::Unix(l, path.clone()), None))
+        }
+    })
 }
 
 /// The topic replicas of `cfg`, added to `store`.
@@ -303,6 +333,7 @@ impl Sidecar {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (grpc_listener, grpc_addr) = bind(cfg.listen.grpc, "Cache API").await?;
         let (http_listener, http_addr) = bind(cfg.listen.http_addr(), "http").await?;
+        let redis_listener = bind_redis(&cfg).await?;
 
         let mut tasks = Vec::new();
         let writer_stats = Arc::new(WriterStats::default());
@@ -339,6 +370,7 @@ impl Sidecar {
             store.clone(),
             hub.clone(),
             cfg.ws.clone(),
+            &cfg.limits,
             shutdown_rx.clone(),
             ws_stats.clone(),
         );
@@ -353,7 +385,21 @@ impl Sidecar {
             started: Instant::now(),
         };
         tasks.push(serve_http(&cfg, http_listener, ws, admin, &shutdown_rx));
-        info!(grpc = %grpc_addr, http = %http_addr, sources = store.sources().len(), "sidecar started");
+        let redis_stats = Arc::new(RedisStats::default());
+        let redis_addr = redis_listener.as_ref().and_then(|(_, a)| *a);
+        if let Some((listener, addr)) = redis_listener {
+            let shared = Arc::new(redis::Shared::new(
+                store.clone(),
+                hub.clone(),
+                cfg.redis.clone(),
+                &cfg.limits,
+                addr.map_or(0, |a| a.port()),
+                shutdown_rx.clone(),
+                redis_stats.clone(),
+            ));
+            tasks.push(tokio::spawn(redis::serve(listener, shared)));
+        }
+        info!(grpc = %grpc_addr, http = %http_addr, redis = ?redis_addr, sources = store.sources().len(), "sidecar started");
         Ok(Sidecar {
             store,
             hub,
@@ -363,6 +409,8 @@ impl Sidecar {
             grpc_addr,
             http_addr,
             ws_stats,
+            redis_addr,
+            redis_stats,
             readiness,
             health,
             grace: cfg.shutdown.grace.0,
@@ -379,6 +427,16 @@ impl Sidecar {
     /// Where the http listener (WebSocket `/ws`, admin endpoints) listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the Redis protocol listener listens, if `[listen] redis` is a TCP address.
+    pub fn redis_addr(&self) -> Option<SocketAddr> {
+        self.redis_addr
+    }
+
+    /// Counters of the Redis protocol listener.
+    pub fn redis_stats(&self) -> &Arc<RedisStats> {
+        &self.redis_stats
     }
 
     /// Counters of the WebSocket endpoint.

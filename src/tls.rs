@@ -117,9 +117,3 @@ impl ClientTls {
         v
     }
 }
-
-/// Equal-length byte strings compared without an early exit, so that a wrong token's timing
-/// does not tell how much of it was right.
-pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}

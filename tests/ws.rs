@@ -147,6 +147,102 @@ async fn get_answers_found_and_not_found() {
     );
 }
 
+#[tokio::test]
+async fn get_waits_for_a_version_published_after_it_was_sent() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let v = s.put("products", &[("p1", json!("one"))]);
+    s.applied("products", v).await;
+    let mut ws = s.connect().await;
+    send(
+        &mut ws,
+        json!({"op":"get","id":"later","source":"products","key":"p1","min_version":v + 1,"wait_ms":20_000}),
+    )
+    .await;
+    // The waiting get holds nothing up: a get sent after it is answered first, which also
+    // proves the sidecar has the waiting one before the publish below.
+    send(
+        &mut ws,
+        json!({"op":"get","id":"now","source":"products","key":"p1"}),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"value","id":"now","found":true,"source":"products","key":"p1","version":v,"value":"one"})
+    );
+    let v2 = s.put("products", &[("p1", json!("two"))]);
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"value","id":"later","found":true,"source":"products","key":"p1","version":v2,"value":"two"})
+    );
+}
+
+#[tokio::test]
+async fn get_below_min_version_is_unavailable_once_its_wait_is_over() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let v = s.put("products", &[("p1", json!(1))]);
+    s.applied("products", v).await;
+    let mut ws = s.connect().await;
+    for (id, wait) in [("at_once", json!(null)), ("after_wait", json!(50))] {
+        send(
+            &mut ws,
+            json!({"op":"get","id":id,"source":"products","key":"p1","min_version":v + 1,"wait_ms":wait}),
+        )
+        .await;
+        let e = recv(&mut ws).await;
+        assert_eq!(
+            (e["type"].as_str(), e["id"].as_str()),
+            (Some("error"), Some(id)),
+            "{e}"
+        );
+        assert_eq!(e["code"], "unavailable", "{e}");
+        assert!(
+            e["message"].as_str().unwrap_or("").contains("min_version"),
+            "{e}"
+        );
+    }
+    send(
+        &mut ws,
+        json!({"op":"get","id":"bad","source":"products","key":"p1","wait_ms":-1}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn waiting_gets_are_bounded_per_connection() {
+    let s = Setup::start(
+        &["products"],
+        WsConfig {
+            max_waiting_gets: 1,
+            ..WsConfig::default()
+        },
+    )
+    .await;
+    let v = s.put("products", &[("p1", json!(1))]);
+    s.applied("products", v).await;
+    let mut ws = s.connect().await;
+    for id in ["w1", "w2"] {
+        send(
+            &mut ws,
+            json!({"op":"get","id":id,"source":"products","key":"p1","min_version":v + 1,"wait_ms":20_000}),
+        )
+        .await;
+    }
+    let e = recv(&mut ws).await;
+    assert_eq!(
+        (e["id"].as_str(), e["code"].as_str()),
+        (Some("w2"), Some("limit")),
+        "{e}"
+    );
+    let v2 = s.put("products", &[("p1", json!(2))]);
+    let got = recv(&mut ws).await;
+    assert_eq!(
+        (got["id"].as_str(), got["version"].as_u64()),
+        (Some("w1"), Some(v2)),
+        "{got}"
+    );
+}
+
 /// Sends `text`, expects an `error` with `code`, then proves the connection still works.
 async fn bad_input_keeps_connection(text: &str, code: &str) {
     let s = Setup::start(&["products"], WsConfig::default()).await;

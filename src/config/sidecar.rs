@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::{check_name, check_range, ConfigError, ViewSpec};
+use super::{check_name, check_range, ConfigError, ListenAddr, RedisConfig, ViewSpec};
 use crate::types::{check_on_demand_budget, ByteSize, Dur, Mode, DEFAULT_ON_DEMAND_BYTES};
 
 /// `viewcar.toml`: what the sidecar replicates, which views it maintains and where it serves them.
@@ -25,6 +25,9 @@ pub struct SidecarConfig {
     pub limits: Limits,
     #[serde(default)]
     pub ws: WsConfig,
+    /// The Redis protocol listener (`[listen] redis`).
+    #[serde(default)]
+    pub redis: RedisConfig,
     #[serde(default)]
     pub feed: FeedConfig,
     #[serde(default)]
@@ -49,6 +52,10 @@ pub struct ListenConfig {
     /// ephemeral sidecars (tests, tools) never collide on a fixed port.
     #[serde(default)]
     pub http: Option<SocketAddr>,
+    /// The Redis protocol (RESP2 and RESP3, read-only): `host:port` or `unix:/path`; unset =
+    /// not served.
+    #[serde(default)]
+    pub redis: Option<ListenAddr>,
     /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
     /// accident.
     #[serde(default)]
@@ -90,6 +97,7 @@ impl Default for ListenConfig {
         ListenConfig {
             grpc: default_grpc(),
             http: None,
+            redis: None,
             allow_non_loopback: false,
             http_max_connections: default_http_max_connections(),
             http_header_timeout: default_http_header_timeout(),
@@ -149,6 +157,9 @@ pub struct WsConfig {
     /// Parsed client requests buffered between the reading and the writing half of one
     /// connection; when it is full the connection reads nothing more until the writer catches up.
     pub command_queue: usize,
+    /// Most `get`s with a `wait_ms` waiting for their source at once on one connection; past
+    /// it a waiting `get` is answered with an error of code `limit`.
+    pub max_waiting_gets: usize,
     /// When set, a client must present `Authorization: Bearer <token>` (or, for browsers,
     /// which cannot set headers on a WebSocket, `?access_token=<token>`); otherwise 401.
     pub token: Option<String>,
@@ -174,6 +185,7 @@ impl Default for WsConfig {
             send_batch_frames: 128,
             read_buffer_bytes: ByteSize(4 << 10),
             command_queue: 32,
+            max_waiting_gets: 256,
             token: None,
             allowed_origins: Vec::new(),
         }
@@ -499,7 +511,26 @@ impl SidecarConfig {
             Duration::from_millis(100),
             MAX_KEEPALIVE,
         )?;
+        if let Some(ListenAddr::Tcp(redis)) = self.listen.redis {
+            if !self.listen.allow_non_loopback && !redis.ip().is_loopback() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.redis",
+                    format!(
+                        "{redis} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host"
+                    ),
+                ));
+            }
+            if redis.port() != 0 && (redis == self.listen.grpc || redis == http) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.redis",
+                    format!("{redis} is also another listener's address; give each listener its own port"),
+                ));
+            }
+        }
         self.ws.validate(file)?;
+        self.redis.validate(file)?;
         let l = &self.limits;
         for (field, v) in [
             ("limits.max_batch_keys", l.max_batch_keys),
@@ -697,6 +728,7 @@ impl WsConfig {
             ("ws.max_keys", self.max_keys),
             ("ws.queue", self.queue),
             ("ws.max_resets", self.max_resets as usize),
+            ("ws.max_waiting_gets", self.max_waiting_gets),
         ] {
             check_range(file, field, v, 1, MAX_COUNT)?;
         }

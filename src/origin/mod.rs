@@ -778,8 +778,8 @@ impl pb::feed_server::Feed for FeedService {
                 .metadata()
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !presented.is_some_and(|p| crate::tls::same_secret(p.as_bytes(), token.as_bytes())) {
+                .and_then(crate::auth::bearer);
+            if !crate::auth::token_matches(presented, token) {
                 self.origin
                     .inner
                     .stats

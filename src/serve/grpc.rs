@@ -1,10 +1,8 @@
 //! The Cache gRPC API: Get, BatchGet, Scan, Watch and ListSources over the store.
 //!
-//! The read path is synchronous when the source is synced and fresh enough: no `.await`, no
-//! lock held across one. Waiting (`wait_ms`) happens only when the caller asked for a version or
-//! a sync the source has not reached yet.
+//! Get and BatchGet go through the one read path ([`super::read`]) that every reader protocol
+//! shares; this module maps its [`ReadError`]s to gRPC codes.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,22 +10,54 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::read::{Answer, Freshness, ReadError, Reader};
 use crate::config::Limits;
 use crate::hub::{Hub, Selection, Update, Watcher};
 use crate::pb::cache::v1 as pb;
-use crate::store::on_demand::Slot;
-use crate::store::{Keyspace, Source, Store};
-
-/// Longest wait for a batch in flight to land before reading again.
-const BATCH_LAND_WAIT: Duration = Duration::from_millis(20);
+use crate::store::{Source, Store};
 
 /// The `Cache` service of a sidecar.
 pub struct CacheService {
     store: Arc<Store>,
+    reader: Reader,
     hub: Arc<Hub>,
     limits: Limits,
     watches: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
+}
+
+/// A refused read as a gRPC status: a bad request is INVALID_ARGUMENT, an unknown source
+/// NOT_FOUND, anything the data is not yet (or no longer) fit for UNAVAILABLE.
+fn status(e: ReadError) -> Status {
+    match e {
+        ReadError::EmptySource | ReadError::EmptyKey | ReadError::EmptyKeyOf(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        ReadError::UnknownSource(_) => Status::not_found(e.to_string()),
+        ReadError::NotSynced { .. }
+        | ReadError::BelowVersion { .. }
+        | ReadError::TooStale { .. }
+        | ReadError::Fetch(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+fn freshness(opts: Option<pb::ReadOptions>) -> Freshness {
+    let o = opts.unwrap_or_default();
+    Freshness {
+        min_version: o.min_version,
+        wait: Duration::from_millis(u64::from(o.wait_ms)),
+        max_staleness_ms: u64::from(o.max_staleness_ms),
+    }
+}
+
+fn item(source: &str, key: String, a: Answer) -> pb::Item {
+    pb::Item {
+        source: source.to_string(),
+        key,
+        found: a.value.is_some(),
+        value: a.value.unwrap_or_default(),
+        version: a.version,
+    }
 }
 
 impl CacheService {
@@ -39,6 +69,7 @@ impl CacheService {
     ) -> Self {
         let watches = Arc::new(Semaphore::new(limits.max_watches));
         CacheService {
+            reader: Reader::new(store.clone(), &limits),
             store,
             hub,
             limits,
@@ -48,103 +79,8 @@ impl CacheService {
     }
 
     fn source(&self, name: &str) -> Result<&Arc<Source>, Status> {
-        if name.is_empty() {
-            return Err(Status::invalid_argument("source is empty"));
-        }
-        self.store
-            .source(name)
-            .ok_or_else(|| Status::not_found(format!("no source named '{name}'")))
+        self.reader.source(name).map_err(status)
     }
-
-    /// Waits (within `wait_ms`) until the source is synced and at `min_version`, then checks
-    /// `max_staleness_ms`.
-    async fn ready(&self, source: &Source, opts: &pb::ReadOptions) -> Result<(), Status> {
-        let ok = |s: &Source| s.is_synced() && s.version() >= opts.min_version;
-        if !ok(source) {
-            let wait = Duration::from_millis(u64::from(opts.wait_ms)).min(self.limits.max_wait.0);
-            let mut changes = source.subscribe_changes();
-            let waited = tokio::time::timeout(wait, async {
-                while !ok(source) {
-                    if changes.changed().await.is_err() {
-                        return;
-                    }
-                }
-            })
-            .await;
-            if waited.is_err() || !ok(source) {
-                let name = source.name();
-                let ms = wait.as_millis();
-                return Err(if !source.is_synced() {
-                    Status::unavailable(format!(
-                        "source '{name}' has not synced yet (waited {ms} ms)"
-                    ))
-                } else {
-                    Status::unavailable(format!(
-                        "source '{name}' is at version {}, below min_version {} (waited {ms} ms)",
-                        source.version(),
-                        opts.min_version
-                    ))
-                });
-            }
-        }
-        if opts.max_staleness_ms > 0 {
-            let stale = source.staleness_ms();
-            if stale > u64::from(opts.max_staleness_ms) {
-                return Err(Status::unavailable(format!(
-                    "source '{}' is {stale} ms stale, above max_staleness_ms {}",
-                    source.name(),
-                    opts.max_staleness_ms
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn item(source: &Source, key: String) -> pb::Item {
-    item_in(source, &source.keyspace(), key)
-}
-
-/// Reads `key` from `rows`, a keyspace of `source` loaded once for the whole request: a
-/// resnapshot swapping in meanwhile cannot make one answer mix two snapshots.
-fn item_in(source: &Source, rows: &Keyspace, key: String) -> pb::Item {
-    match rows.get(&key) {
-        Some(row) => pb::Item {
-            source: source.name().to_string(),
-            key,
-            found: true,
-            value: row.value,
-            version: row.version,
-        },
-        None => pb::Item {
-            source: source.name().to_string(),
-            key,
-            found: false,
-            value: Default::default(),
-            version: 0,
-        },
-    }
-}
-
-/// An on_demand read as an Item: an absent key is `found: false` at the version it is absent at.
-fn od_item(source: &str, key: String, slot: Slot) -> pb::Item {
-    pb::Item {
-        source: source.to_string(),
-        key,
-        found: slot.value.is_some(),
-        value: slot.value.unwrap_or_default(),
-        version: slot.version,
-    }
-}
-
-/// Reads `key` of an on_demand source through its cache (see [`Source::read_through`]); `None`
-/// for other sources.
-async fn read_through(source: &Source, key: &str) -> Option<Result<pb::Item, Status>> {
-    let got = source.read_through(key).await?;
-    Some(
-        got.map(|slot| od_item(source.name(), key.to_string(), slot))
-            .map_err(|e| Status::unavailable(e.to_string())),
-    )
 }
 
 /// Scan and Watch need every key of a source; an on_demand one holds only those read lately.
@@ -212,22 +148,15 @@ impl pb::cache_server::Cache for CacheService {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let req = request.into_inner();
-        let source = self.source(&req.source)?;
-        if req.key.is_empty() {
-            return Err(Status::invalid_argument("key is empty"));
-        }
-        self.ready(source, &req.options.unwrap_or_default()).await?;
-        // The writer publishes a version after applying it, so reading the version first makes
-        // it a lower bound: the item is at least as new as `source_version`.
-        let source_version = source.version();
-        let item = match read_through(source, &req.key).await {
-            Some(got) => got?,
-            None => item(source, req.key),
-        };
+        let got = self
+            .reader
+            .get(&req.source, &req.key, &freshness(req.options))
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::GetResponse {
-            item: Some(item),
-            source_version,
-            staleness_ms: source.staleness_ms(),
+            item: Some(item(got.source.name(), req.key, got.answer)),
+            source_version: got.source_version,
+            staleness_ms: got.source.staleness_ms(),
         }))
     }
 
@@ -243,81 +172,23 @@ impl pb::cache_server::Cache for CacheService {
                 self.limits.max_batch_keys
             )));
         }
-        let opts = req.options.unwrap_or_default();
-        // Every name is checked before any wait: an unknown source is NOT_FOUND at once, not
-        // after another source's wait_ms.
-        let mut sources: Vec<&Arc<Source>> = Vec::new();
-        let mut seen: HashSet<&str> = HashSet::new();
-        for k in &req.keys {
-            if seen.insert(k.source.as_str()) {
-                sources.push(self.source(&k.source)?);
-            }
-            if k.key.is_empty() {
-                return Err(Status::invalid_argument(format!(
-                    "a key of source '{}' is empty",
-                    k.source
-                )));
-            }
-        }
-        for source in &sources {
-            self.ready(source, &opts).await?;
-        }
-        // on_demand keys are read through first, concurrently: each miss is one Fetch. They are
-        // not part of the batch sequence below (their values carry their own versions).
-        let mut through: Vec<Option<pb::Item>> = vec![None; req.keys.len()];
-        {
-            let reads = req.keys.iter().enumerate().filter_map(|(i, k)| {
-                let source = self.store.source(&k.source)?;
-                if !source.is_on_demand() {
-                    return None;
-                }
-                Some(async move { (i, read_through(source, &k.key).await) })
-            });
-            for (i, got) in futures_util::future::join_all(reads).await {
-                through[i] = got.transpose()?;
-            }
-        }
-        // Each source's keyspace is loaded once for the whole request, after every wait.
-        let rows: HashMap<&str, (&Arc<Source>, Arc<Keyspace>)> = sources
+        let keys: Vec<(&str, &str)> = req
+            .keys
             .iter()
-            .map(|s| (&**s.name(), (*s, s.keyspace())))
+            .map(|k| (k.source.as_str(), k.key.as_str()))
             .collect();
-        // Read under each source's batch sequence and read again if a batch landed meanwhile,
-        // so the answer holds whole versions: never half of one Publish. While a batch is being
-        // applied, wait for it to land (the writer publishes the version right after) instead
-        // of spinning. Only a writer that never pauses exhausts the bound
-        // (`limits.batch_read_attempts`); then the last read is answered.
-        let mut items = Vec::with_capacity(req.keys.len());
-        let attempts = self.limits.batch_read_attempts;
-        for attempt in 1..=attempts {
-            let seqs: Option<Vec<u64>> = sources.iter().map(|s| s.read_begin()).collect();
-            items.clear();
-            for (k, through) in req.keys.iter().zip(&through) {
-                if let Some(it) = through {
-                    items.push(it.clone());
-                    continue;
-                }
-                let (source, ks) = &rows[k.source.as_str()];
-                items.push(item_in(source, ks, k.key.clone()));
-            }
-            let settled = seqs.is_some_and(|seqs| {
-                sources
-                    .iter()
-                    .zip(&seqs)
-                    .all(|(s, seq)| s.read_settled(*seq))
-            });
-            if settled || attempt == attempts {
-                break;
-            }
-            for s in &sources {
-                if s.read_begin().is_none() {
-                    let mut landed = s.subscribe_changes();
-                    if s.read_begin().is_none() {
-                        let _ = tokio::time::timeout(BATCH_LAND_WAIT, landed.changed()).await;
-                    }
-                }
-            }
-        }
+        let answers = self
+            .reader
+            .batch(&keys, &freshness(req.options))
+            .await
+            .map_err(status)?;
+        drop(keys);
+        let items = req
+            .keys
+            .into_iter()
+            .zip(answers)
+            .map(|(k, a)| item(&k.source, k.key, a))
+            .collect();
         Ok(Response::new(pb::BatchGetResponse { items }))
     }
 
@@ -328,7 +199,10 @@ impl pb::cache_server::Cache for CacheService {
         let req = request.into_inner();
         let source = self.source(&req.source)?;
         refuse_on_demand(source, "Scan")?;
-        self.ready(source, &req.options.unwrap_or_default()).await?;
+        self.reader
+            .ready(source, &freshness(req.options))
+            .await
+            .map_err(status)?;
         let limit = match req.limit {
             0 => self.limits.scan_default_limit,
             n => n.min(self.limits.scan_max_limit),

@@ -1,8 +1,10 @@
 //! The sidecar's listeners: the localhost Cache gRPC API (with health and reflection) and the
-//! http listener (WebSocket `/ws` and the admin endpoints).
+//! http listener (WebSocket `/ws` and the admin endpoints), over one read path (`read`).
 
 pub(crate) mod admin;
 pub(crate) mod grpc;
 pub(crate) mod http;
 pub(crate) mod metrics;
+pub(crate) mod read;
+pub(crate) mod redis;
 pub mod ws;

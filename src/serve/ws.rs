@@ -35,11 +35,13 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::config::WsConfig;
+use super::read::{Freshness, ReadError, Reader};
+use crate::config::{Limits, WsConfig};
 use crate::hub::{Change, Delivery, Hub, ResetLimit, Selection, SubId, Subscriber};
-use crate::store::Store;
+use crate::store::{Source, Store};
 
 /// Close code: the server is shutting down.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -83,6 +85,7 @@ pub struct WsStats {
 /// What every connection shares.
 pub(crate) struct WsState {
     store: Arc<Store>,
+    reader: Reader,
     hub: Arc<Hub>,
     cfg: WsConfig,
     connections: Arc<Semaphore>,
@@ -95,11 +98,13 @@ impl WsState {
         store: Arc<Store>,
         hub: Arc<Hub>,
         cfg: WsConfig,
+        limits: &Limits,
         shutdown: watch::Receiver<bool>,
         stats: Arc<WsStats>,
     ) -> Self {
         let connections = Arc::new(Semaphore::new(cfg.max_connections));
         WsState {
+            reader: Reader::new(store.clone(), limits),
             store,
             hub,
             cfg,
@@ -121,17 +126,9 @@ fn refuse(status: StatusCode, message: &'static str) -> Response {
     (status, message).into_response()
 }
 
-/// Equal-length byte strings compared without an early exit, so that a wrong token's timing
-/// does not tell how much of it was right.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn presented_token<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> Option<&'a str> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
+        return crate::auth::bearer(v.to_str().ok()?);
     }
     uri.query()?
         .split('&')
@@ -146,8 +143,7 @@ async fn upgrade(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     if let Some(token) = &st.cfg.token {
-        let ok = presented_token(&headers, &uri)
-            .is_some_and(|t| same_secret(t.as_bytes(), token.as_bytes()));
+        let ok = crate::auth::token_matches(presented_token(&headers, &uri), token);
         if !ok {
             st.stats.rejected_token.fetch_add(1, Ordering::Relaxed);
             debug!(%peer, "WebSocket upgrade refused: missing or wrong token");
@@ -201,7 +197,7 @@ async fn upgrade(
 
 /// A command from the reader half to the writer half.
 enum Inbound {
-    Op(Op),
+    Request(Request),
     /// Answer with this error frame.
     Error(String),
     /// Close with this code and reason.
@@ -211,7 +207,7 @@ enum Inbound {
 }
 
 /// A client request, parsed.
-enum Op {
+enum Request {
     Subscribe {
         id: Id,
         source: String,
@@ -225,6 +221,7 @@ enum Op {
         id: Id,
         source: String,
         key: String,
+        freshness: Freshness,
     },
 }
 
@@ -244,7 +241,7 @@ async fn connection(
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(st.cfg.command_queue);
     let mut reader = tokio::spawn(read_half(stream, tx, st.clone()));
-    let code = Writer::new(sink, &st, peer).run(rx).await;
+    let code = Outbox::new(sink, &st, peer).run(rx).await;
     // Give the client's answer to a close frame time to arrive before the socket goes.
     if code != 1000 && code != 1006 {
         let _ = tokio::time::timeout(CLOSE_GRACE, &mut reader).await;
@@ -273,7 +270,7 @@ fn json_str(s: &str) -> String {
 }
 
 /// Parses one client text message into an op, or the `error` frame that answers it.
-fn parse(text: &str, cfg: &WsConfig) -> Result<Op, String> {
+fn parse(text: &str, cfg: &WsConfig) -> Result<Request, String> {
     let v: Value = serde_json::from_str(text)
         .map_err(|e| error_frame(None, "bad_json", &format!("not JSON: {e}")))?;
     let Value::Object(obj) = v else {
@@ -345,19 +342,37 @@ fn parse(text: &str, cfg: &WsConfig) -> Result<Op, String> {
                 (None, Some(_)) => return Err(bad("\"prefix\" must be a string")),
                 (None, None) => Selection::Prefix(String::new()),
             };
-            Ok(Op::Subscribe {
+            Ok(Request::Subscribe {
                 id,
                 source,
                 selection,
                 initial,
             })
         }
-        "unsubscribe" => Ok(Op::Unsubscribe { id }),
-        "get" => Ok(Op::Get {
-            source: str_field("source")?,
-            key: str_field("key")?,
-            id,
-        }),
+        "unsubscribe" => Ok(Request::Unsubscribe { id }),
+        "get" => {
+            let source = str_field("source")?;
+            let key = str_field("key")?;
+            let count = |name: &str| -> Result<u64, String> {
+                match obj.get(name) {
+                    None | Some(Value::Null) => Ok(0),
+                    Some(v) => v
+                        .as_u64()
+                        .ok_or_else(|| bad(&format!("\"{name}\" must be a non-negative integer"))),
+                }
+            };
+            let freshness = Freshness {
+                min_version: count("min_version")?,
+                wait: Duration::from_millis(count("wait_ms")?),
+                max_staleness_ms: count("max_staleness_ms")?,
+            };
+            Ok(Request::Get {
+                id,
+                source,
+                key,
+                freshness,
+            })
+        }
         other => Err(error_frame(
             Some(&id),
             "unknown_op",
@@ -407,7 +422,7 @@ async fn read_half(
                 }
             }
             Some(Ok(Message::Text(text))) => match parse(text.as_str(), &st.cfg) {
-                Ok(op) => Inbound::Op(op),
+                Ok(op) => Inbound::Request(op),
                 Err(frame) => Inbound::Error(frame),
             },
             Some(Ok(Message::Binary(_))) => Inbound::Error(error_frame(
@@ -448,8 +463,9 @@ struct SubInfo {
     id: Id,
 }
 
-/// The writer half: the connection's subscriptions and everything it sends.
-struct Writer {
+/// The sending half of one connection (its outbox): the connection's subscriptions and every
+/// frame it sends.
+struct Outbox {
     sink: SplitSink<WebSocket, Message>,
     st: Arc<WsState>,
     peer: SocketAddr,
@@ -457,6 +473,72 @@ struct Writer {
     by_id: HashMap<Id, SubId>,
     subs: HashMap<SubId, SubInfo>,
     unsent: usize,
+    /// Gets waiting for their source (`wait_ms`), each answering with its frame; dropped (and
+    /// so cancelled) with the connection.
+    waiting: JoinSet<Answered>,
+}
+
+/// The frame that answers a get, and whether it is an `error`.
+struct Answered {
+    frame: String,
+    error: bool,
+}
+
+/// The `code` of an `error` frame for a refused read.
+fn read_error_code(e: &ReadError) -> &'static str {
+    match e {
+        _ if e.is_bad_request() => "bad_request",
+        ReadError::UnknownSource(_) => "not_found",
+        _ => "unavailable",
+    }
+}
+
+/// Reads `key` of `source` once it is ready at `f` (waiting up to `f.wait`), and answers with
+/// the `value` frame, or the `error` frame of the refusal.
+async fn answer_get(
+    reader: &Reader,
+    id: &Id,
+    source: &Source,
+    key: &str,
+    f: &Freshness,
+) -> Answered {
+    let read = match reader.ready(source, f).await {
+        Ok(()) => reader.point(source, key).await,
+        Err(e) => Err(e),
+    };
+    let frame = match read {
+        Err(e) => {
+            return Answered {
+                frame: error_frame(Some(id), read_error_code(&e), &e.to_string()),
+                error: true,
+            }
+        }
+        Ok(a) => match a.value {
+            Some(value) => {
+                let c = Change::new(
+                    source.name().clone(),
+                    Arc::from(key),
+                    a.version,
+                    Some(value),
+                );
+                format!(
+                    "{{\"type\":\"value\",\"id\":{},\"found\":true{}",
+                    id.0,
+                    encode_tail(&c)
+                )
+            }
+            None => format!(
+                "{{\"type\":\"value\",\"id\":{},\"found\":false,\"source\":{},\"key\":{}}}",
+                id.0,
+                json_str(source.name()),
+                json_str(key)
+            ),
+        },
+    };
+    Answered {
+        frame,
+        error: false,
+    }
 }
 
 /// The JSON after `"id":<id>` of a change, row or value frame: shared by every subscriber of
@@ -503,17 +585,18 @@ fn change_frame(kind: &str, id: &Id, change: &Change) -> String {
 enum Step {
     Inbound(Inbound),
     Deliver(Delivery),
+    Answered(Answered),
     Ping,
     Shutdown,
 }
 
-impl Writer {
+impl Outbox {
     fn new(sink: SplitSink<WebSocket, Message>, st: &Arc<WsState>, peer: SocketAddr) -> Self {
         let limit = ResetLimit {
             max: st.cfg.max_resets,
             window: st.cfg.reset_window.0,
         };
-        Writer {
+        Outbox {
             sink,
             subscriber: Subscriber::new(&st.hub, format!("ws {peer}"), st.cfg.queue, Some(limit)),
             st: st.clone(),
@@ -521,6 +604,7 @@ impl Writer {
             by_id: HashMap::new(),
             subs: HashMap::new(),
             unsent: 0,
+            waiting: JoinSet::new(),
         }
     }
 
@@ -537,6 +621,7 @@ impl Writer {
                 cmd = rx.recv() => Step::Inbound(cmd.unwrap_or(Inbound::Gone)),
                 _ = ping.tick() => Step::Ping,
                 d = self.subscriber.next() => Step::Deliver(d),
+                Some(Ok(a)) = self.waiting.join_next(), if !self.waiting.is_empty() => Step::Answered(a),
             };
             let sent = match step {
                 Step::Shutdown => {
@@ -555,7 +640,13 @@ impl Writer {
                     self.st.stats.errors.fetch_add(1, Ordering::Relaxed);
                     self.text(frame).await
                 }
-                Step::Inbound(Inbound::Op(op)) => self.op(op).await,
+                Step::Inbound(Inbound::Request(op)) => self.op(op).await,
+                Step::Answered(a) => {
+                    if a.error {
+                        self.st.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.text(a.frame).await
+                }
                 Step::Deliver(d) => self.deliver_burst(d).await,
             };
             match sent {
@@ -664,9 +755,9 @@ impl Writer {
         self.text(error_frame(Some(id), code, message)).await
     }
 
-    async fn op(&mut self, op: Op) -> Result<(), Stop> {
+    async fn op(&mut self, op: Request) -> Result<(), Stop> {
         match op {
-            Op::Subscribe {
+            Request::Subscribe {
                 id,
                 source,
                 selection,
@@ -717,7 +808,7 @@ impl Writer {
                 ))
                 .await
             }
-            Op::Unsubscribe { id } => {
+            Request::Unsubscribe { id } => {
                 let Some(sub) = self.by_id.remove(&id) else {
                     return self
                         .error(&id, "unknown_id", "no open subscription has this id")
@@ -728,54 +819,41 @@ impl Writer {
                 self.text(format!("{{\"type\":\"unsubscribed\",\"id\":{}}}", id.0))
                     .await
             }
-            Op::Get { id, source, key } => {
-                let Some(src) = self.st.store.source(&source).cloned() else {
-                    return self
-                        .error(&id, "not_found", &format!("no source named '{source}'"))
-                        .await;
+            Request::Get {
+                id,
+                source,
+                key,
+                freshness,
+            } => {
+                let src = match self.st.reader.source(&source) {
+                    Ok(src) => src.clone(),
+                    Err(e) => return self.error(&id, read_error_code(&e), &e.to_string()).await,
                 };
-                if !src.is_synced() {
+                // A read that needs no wait is answered in order with everything else on the
+                // connection; one that waits for its source runs beside it, bounded.
+                if Reader::ready_now(&src, &freshness) || freshness.wait.is_zero() {
+                    let a = answer_get(&self.st.reader, &id, &src, &key, &freshness).await;
+                    if a.error {
+                        self.st.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return self.text(a.frame).await;
+                }
+                if self.waiting.len() >= self.st.cfg.max_waiting_gets {
                     return self
                         .error(
                             &id,
-                            "unavailable",
-                            &format!("source '{source}' has not synced yet"),
+                            "limit",
+                            &format!(
+                                "at most {} gets waiting at once per connection (ws.max_waiting_gets)",
+                                self.st.cfg.max_waiting_gets
+                            ),
                         )
                         .await;
                 }
-                // An on_demand source is read through its cache (a miss fetches).
-                let row = match src.read_through(&key).await {
-                    None => src.get(&key),
-                    Some(Ok(slot)) => slot.value.map(|value| crate::store::Row {
-                        value,
-                        version: slot.version,
-                    }),
-                    Some(Err(e)) => {
-                        return self.error(&id, "unavailable", &e.to_string()).await;
-                    }
-                };
-                let frame = match row {
-                    Some(row) => {
-                        let c = Change::new(
-                            src.name().clone(),
-                            Arc::from(key.as_str()),
-                            row.version,
-                            Some(row.value),
-                        );
-                        format!(
-                            "{{\"type\":\"value\",\"id\":{},\"found\":true{}",
-                            id.0,
-                            encode_tail(&c)
-                        )
-                    }
-                    None => format!(
-                        "{{\"type\":\"value\",\"id\":{},\"found\":false,\"source\":{},\"key\":{}}}",
-                        id.0,
-                        json_str(&source),
-                        json_str(&key)
-                    ),
-                };
-                self.text(frame).await
+                let reader = self.st.reader.clone();
+                self.waiting
+                    .spawn(async move { answer_get(&reader, &id, &src, &key, &freshness).await });
+                Ok(())
             }
         }
     }
@@ -838,11 +916,11 @@ mod tests {
         let cfg = WsConfig::default();
         assert!(matches!(
             parse(r#"{"op":"subscribe","id":"s1","source":"p","keys":["a","b"],"initial":true}"#, &cfg),
-            Ok(Op::Subscribe { initial: true, selection: Selection::Keys(k), .. }) if k == ["a", "b"]
+            Ok(Request::Subscribe { initial: true, selection: Selection::Keys(k), .. }) if k == ["a", "b"]
         ));
         assert!(matches!(
             parse(r#"{"op":"subscribe","id":1,"source":"p","prefix":"a"}"#, &cfg),
-            Ok(Op::Subscribe { initial: false, selection: Selection::Prefix(p), .. }) if p == "a"
+            Ok(Request::Subscribe { initial: false, selection: Selection::Prefix(p), .. }) if p == "a"
         ));
         for (text, code) in [
             ("{nope", "bad_json"),
@@ -879,8 +957,9 @@ mod tests {
         assert_eq!(presented_token(&h, &uri), Some("abc"));
         h.insert(header::AUTHORIZATION, "Bearer xyz".parse().unwrap());
         assert_eq!(presented_token(&h, &uri), Some("xyz"));
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
+        h.insert(header::AUTHORIZATION, "bearer lower".parse().unwrap());
+        assert_eq!(presented_token(&h, &uri), Some("lower"));
+        h.insert(header::AUTHORIZATION, "Basic xyz".parse().unwrap());
+        assert_eq!(presented_token(&h, &uri), None);
     }
 }

@@ -148,6 +148,23 @@ impl Keyspace {
             .collect()
     }
 
+    /// Up to `limit` keys that start with `prefix` and sort after `after`, in key order, as
+    /// the ordered index holds them (a key removed meanwhile may still be listed): a cursor
+    /// walk knows it reached the end when fewer than `limit` come back.
+    pub fn scan_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<Arc<str>> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let start = match after {
+            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+            _ => std::ops::Bound::Included(prefix),
+        };
+        index
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+            .take_while(|k| k.starts_with(prefix))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
     /// Every key, in order (for diffs and recomputes; not a reader path).
     pub fn keys(&self) -> Vec<Arc<str>> {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
