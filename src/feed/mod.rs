@@ -52,6 +52,8 @@ pub struct FeedStats {
     pub messages: AtomicU64,
     pub bytes: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Subscriptions the origin refused (`Refused`: e.g. no such topic), retries included.
+    pub refusals: AtomicU64,
 }
 
 /// Why a feed stream ended.
@@ -100,6 +102,16 @@ struct TopicState {
     /// chunk after `last` would otherwise park the topic in `Snapshot` and drop every batch).
     owed: u32,
     loading: Option<Loading>,
+    /// The origin refused the topic: when to subscribe it again, and how often it has.
+    refused: Option<Refusal>,
+}
+
+/// A topic the origin refused. Only that topic waits: the stream and its other topics go on.
+struct Refusal {
+    /// Refusals in a row: the backoff's exponent.
+    attempt: u32,
+    /// When to subscribe again; `None` while a retried Subscribe awaits its answer.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 /// Progress of a snapshot being received, for the log: a large topic takes a while.
@@ -211,6 +223,7 @@ impl FeedClient {
                         phase: Phase::AwaitSnapshot,
                         owed: 0,
                         loading: None,
+                        refused: None,
                     },
                 )
             })
@@ -246,7 +259,12 @@ impl FeedClient {
             self.disconnected().await;
             // A stream that broke the protocol does not count as heard: a persistently broken
             // origin is redialled with a growing delay, not every `backoff_initial`.
-            let broke = matches!(result, Err(FeedError::Protocol(_)));
+            // Nor does one the origin refused outright: a refusal must not become a hot loop.
+            let broke = match &result {
+                Err(FeedError::Protocol(_)) => true,
+                Err(FeedError::Status(s)) => s.code() != tonic::Code::Unavailable,
+                _ => false,
+            };
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
@@ -382,10 +400,15 @@ impl FeedClient {
         }
         let idle = self.cfg.idle_timeout.0;
         loop {
+            let retry = self.next_retry();
             let next = tokio::select! {
                 m = tokio::time::timeout(idle, stream.message()) => Some(m),
                 _ = key_ops.notified() => None,
                 _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => None,
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {
+                    self.retry_refused(&req_tx).await?;
+                    continue;
+                }
             };
             let Some(next) = next else {
                 backlog = self.send_key_ops(&req_tx);
@@ -417,6 +440,38 @@ impl FeedClient {
         }
     }
 
+    /// The earliest time a refused topic is due to be subscribed again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.topics
+            .values()
+            .filter_map(|t| t.refused.as_ref()?.retry_at)
+            .min()
+    }
+
+    /// Subscribes again the refused topics whose backoff has passed.
+    async fn retry_refused(
+        &mut self,
+        req_tx: &mpsc::Sender<pb::SyncRequest>,
+    ) -> Result<(), FeedError> {
+        let now = tokio::time::Instant::now();
+        for (name, t) in self.topics.iter_mut() {
+            let Some(r) = t.refused.as_mut() else {
+                continue;
+            };
+            if r.retry_at.is_some_and(|at| at <= now) {
+                r.retry_at = None;
+                t.phase = Phase::AwaitSnapshot;
+                t.owed = t.owed.saturating_add(1);
+                debug!(origin = %self.spec.name, topic = %name, "subscribing a refused topic again");
+                req_tx
+                    .send(subscribe(name, None))
+                    .await
+                    .map_err(|_| FeedError::Closed)?;
+            }
+        }
+        Ok(())
+    }
+
     fn request_channel(
         &self,
     ) -> (
@@ -430,7 +485,21 @@ impl FeedClient {
     /// cursor when it has one) and the keys of on_demand topics that must be subscribed again.
     /// Returns true if some keyed requests wait for room in the channel.
     fn open_stream(&mut self, req_tx: &mpsc::Sender<pb::SyncRequest>) -> bool {
+        let now = tokio::time::Instant::now();
         for (name, t) in self.topics.iter_mut() {
+            if let Some(Refusal {
+                retry_at: Some(at), ..
+            }) = &t.refused
+            {
+                if *at > now {
+                    // Subscribed by the retry timer when its backoff has passed.
+                    (t.phase, t.owed) = (Phase::AwaitSnapshot, 0);
+                    continue;
+                }
+            }
+            if let Some(r) = t.refused.as_mut() {
+                r.retry_at = None;
+            }
             let resume = t.cursor.as_ref().map(|c| pb::Position {
                 epoch: c.epoch.clone(),
                 version: c.version,
@@ -466,6 +535,7 @@ impl FeedClient {
             Kind::Changes(b) => &b.topic,
             Kind::Progress(p) => &p.topic,
             Kind::Reset(r) => &r.topic,
+            Kind::Refused(r) => &r.topic,
         }
         .clone();
         let group = match &kind {
@@ -531,6 +601,10 @@ impl FeedClient {
                     t.cursor = Some(at.clone());
                     t.phase = Phase::Live;
                     self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                    if t.refused.take().is_some() {
+                        t.source.set_failure(None);
+                        info!(origin = %self.spec.name, %topic, "the origin serves the topic again");
+                    }
                 }
                 Step::SnapshotChunk {
                     source: t.source.clone(),
@@ -607,6 +681,30 @@ impl FeedClient {
                 let was_snapshot = matches!(t.phase, Phase::Snapshot(_));
                 t.phase = Phase::AwaitSnapshot;
                 t.owed = t.owed.saturating_add(1);
+                if !was_snapshot {
+                    return Ok(());
+                }
+                Step::AbortSnapshot {
+                    source: t.source.clone(),
+                }
+            }
+            Kind::Refused(r) => {
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                let attempt = t
+                    .refused
+                    .as_ref()
+                    .map_or(0, |f| f.attempt.saturating_add(1));
+                let delay = backoff(&self.cfg, attempt);
+                let was_snapshot = matches!(t.phase, Phase::Snapshot(_));
+                t.phase = Phase::AwaitSnapshot;
+                t.owed = t.owed.saturating_sub(1);
+                t.refused = Some(Refusal {
+                    attempt,
+                    retry_at: Some(tokio::time::Instant::now() + delay),
+                });
+                t.source
+                    .set_failure(Some(format!("origin refused the topic: {}", r.reason)));
+                warn!(origin = %self.spec.name, %topic, reason = %r.reason, retry_in = ?delay, attempt, "origin refused the topic; retrying it with backoff while its other topics go on");
                 if !was_snapshot {
                     return Ok(());
                 }
@@ -873,6 +971,14 @@ impl FeedClient {
                         k.source.set_version(pos.version);
                     }
                 }
+            }
+            Kind::Refused(r) => {
+                // The keys asked for stay unanswered; a later read subscribes them again.
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                k.answers.pop_front();
+                k.source
+                    .set_failure(Some(format!("origin refused the topic: {}", r.reason)));
+                warn!(origin = %self.spec.name, %topic, reason = %r.reason, "origin refused an on_demand topic");
             }
             Kind::Reset(r) => {
                 self.stats.resets.fetch_add(1, Ordering::Relaxed);
