@@ -174,6 +174,8 @@ impl Admin {
                     "recomputes": load(&s.recomputes),
                     "row_errors": load(&s.errors),
                     "changes": load(&s.changes),
+                    "kept_last_good": load(&s.kept),
+                    "stale_rows": load(&s.stale),
                 })
             })
             .collect();
