@@ -114,3 +114,76 @@ topics = ["order", "users", "shops"]
     })
     .await
 }
+
+/// Every failed connection says why, in the log and in `/status` (last error and when, per
+/// origin): a port where nothing listens is "connection refused", and a gRPC server that does
+/// not serve Feed (a sidecar's Cache port, say) is "wrong protocol".
+#[tokio::test]
+async fn failed_connections_name_their_cause() {
+    within(async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        // A gRPC server with no Feed service.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let dir = TempDir::new("connection-causes");
+        let config = dir.write(
+            "viewcar.toml",
+            &format!(
+                r#"
+[listen]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+
+[[origin]]
+name = "nobody"
+address = "http://127.0.0.1:{closed_port}"
+topics = ["a"]
+
+[[origin]]
+name = "notfeed"
+address = "http://{other}"
+topics = ["b"]
+"#
+            ),
+        );
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "sidecar", "--config"])
+            .arg(&config);
+        let (_sidecar, mut log) = spawn(cmd);
+        let started = log_line(&mut log, "sidecar started").await;
+        let http = addr(&started, "http");
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let status: serde_json::Value =
+                serde_json::from_str(&get(http, "/status").await.body).unwrap();
+            let err = |i: usize| {
+                status["origins"][i]["last_error"]
+                    .as_str()
+                    .map(str::to_string)
+            };
+            if let (Some(refused), Some(wrong)) = (err(0), err(1)) {
+                assert!(refused.contains("connection refused"), "{refused}");
+                assert!(wrong.contains("wrong protocol"), "{wrong}");
+                assert!(wrong.contains("Feed"), "{wrong}");
+                assert!(status["origins"][0]["last_error_at_ms"].as_u64().unwrap() > 0);
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no causes: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let line = log_line(&mut log, "feed disconnected").await;
+        assert!(line["fields"]["cause"].as_str().is_some(), "{line}");
+    })
+    .await
+}

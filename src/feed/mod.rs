@@ -54,6 +54,25 @@ pub struct FeedStats {
     pub protocol_errors: AtomicU64,
     /// Subscriptions the origin refused (`Refused`: e.g. no such topic), retries included.
     pub refusals: AtomicU64,
+    /// Why the feed last failed, in words a user can act on, and when (unix ms).
+    pub last_error: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+impl FeedStats {
+    /// The last failure and when it happened (unix ms), if any.
+    pub fn last_error(&self) -> Option<(String, u64)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, cause: String) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((cause, at));
+    }
 }
 
 /// Why a feed stream ended.
@@ -268,7 +287,9 @@ impl FeedClient {
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
-                    warn!(origin = %self.spec.name, address = %redact_address(self.address()), error = %e, "feed disconnected")
+                    let cause = cause(&e);
+                    self.stats.set_last_error(cause.clone());
+                    warn!(origin = %self.spec.name, address = %redact_address(self.address()), %cause, error = %e, "feed disconnected")
                 }
                 Ok(()) => {}
             }
@@ -1134,6 +1155,76 @@ fn from_stream_status(status: tonic::Status) -> FeedError {
         FeedError::Protocol(m.to_string())
     } else {
         FeedError::Status(status)
+    }
+}
+
+/// Why a feed failed, in words a user can act on: connection refused, timed out, TLS, or an
+/// address that does not serve Feed (tonic's own wording, "transport error" or "Operation is not
+/// implemented", says none of that).
+pub(crate) fn cause(e: &FeedError) -> String {
+    let chain = |e: &dyn std::error::Error| {
+        let mut text = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            src = s.source();
+        }
+        text
+    };
+    match e {
+        FeedError::Connect(t) => {
+            let text = chain(t);
+            let lower = text.to_ascii_lowercase();
+            let io = {
+                let mut src = std::error::Error::source(t);
+                let mut kind = None;
+                while let Some(s) = src {
+                    if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                        kind = Some(io.kind());
+                    }
+                    src = s.source();
+                }
+                kind
+            };
+            if io == Some(std::io::ErrorKind::ConnectionRefused) || lower.contains("refused") {
+                format!("connection refused (nothing listens at this address?): {text}")
+            } else if io == Some(std::io::ErrorKind::TimedOut) || lower.contains("timed out") {
+                format!("connect timed out: {text}")
+            } else if lower.contains("tls")
+                || lower.contains("certificate")
+                || lower.contains("handshake")
+            {
+                format!("TLS: {text}")
+            } else if lower.contains("dns") || lower.contains("lookup") || lower.contains("resolve")
+            {
+                format!("cannot resolve the host: {text}")
+            } else {
+                format!("connect failed: {text}")
+            }
+        }
+        FeedError::Tls(t) => format!("TLS: {t}"),
+        FeedError::Status(s) if s.code() == tonic::Code::Unimplemented => format!(
+            "wrong protocol: this address does not serve the Feed API (does it serve the Cache \
+             API, not Feed? point the sidecar at an origin or a relay): {}",
+            s.message()
+        ),
+        FeedError::Status(s) => {
+            let m = s.message().to_ascii_lowercase();
+            if m.contains("h2 protocol error")
+                || m.contains("grpc-status header missing")
+                || m.contains("invalid content-type")
+            {
+                format!(
+                    "wrong protocol: this address does not speak gRPC (an HTTP port?): {}",
+                    s.message()
+                )
+            } else {
+                format!("origin refused the stream: {:?}: {}", s.code(), s.message())
+            }
+        }
+        FeedError::Idle(d) => format!("timed out: no message from the origin for {d:?}"),
+        other => other.to_string(),
     }
 }
 

@@ -162,6 +162,8 @@ impl Admin {
                     "bytes": load(&s.bytes),
                     "protocol_errors": load(&s.protocol_errors),
                     "refusals": load(&s.refusals),
+                    "last_error": s.last_error().map(|(e, _)| e),
+                    "last_error_at_ms": s.last_error().map(|(_, at)| at),
                 })
             })
             .collect();
