@@ -201,13 +201,29 @@ pub async fn sources(addr: &str) -> ExitCode {
             .await
             .map_err(failed)?;
         println!(
-            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
-            "source", "kind", "mode", "origin", "keys", "version", "synced", "stale_ms"
+            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10}",
+            "source",
+            "kind",
+            "mode",
+            "origin",
+            "keys",
+            "version",
+            "synced",
+            "connected",
+            "stale_ms"
         );
         for s in resp.into_inner().sources {
             println!(
-                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>10}",
-                s.name, s.kind, s.mode, s.origin, s.keys, s.version, s.synced, s.staleness_ms
+                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10}",
+                s.name,
+                s.kind,
+                s.mode,
+                s.origin,
+                s.keys,
+                s.version,
+                s.synced,
+                s.connected,
+                s.staleness_ms
             );
         }
         Outcome::Ok(ExitCode::SUCCESS)

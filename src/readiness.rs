@@ -62,6 +62,17 @@ impl Readiness {
             .collect()
     }
 
+    /// Full sources the origin refuses now, with its reason, in config order: retried with
+    /// backoff, and named by `/readyz` so a mistyped topic is found at a glance.
+    pub fn failed(&self) -> Vec<(Arc<str>, Arc<String>)> {
+        self.store
+            .sources()
+            .iter()
+            .filter(|s| !s.is_view())
+            .filter_map(|s| Some((s.name().clone(), s.failure()?)))
+            .collect()
+    }
+
     /// Resolves once every full source has synced.
     pub async fn synced(&self) {
         for s in self.store.sources() {

@@ -293,3 +293,63 @@ fn an_origin_config_with_postgres_is_checked_as_such() {
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("postgres.snapshot_chunk_rows"), "{err}");
 }
+
+/// An origin address that cannot be dialled is a config error, naming the field: before, the
+/// sidecar started and redialled it forever.
+#[test]
+fn origin_addresses_are_checked() {
+    for (i, (address, field, needle)) in [
+        (
+            r#""http://127.0.0.1:99999""#,
+            "origin[0].address",
+            "1 to 65535",
+        ),
+        (r#""http://127.0.0.1:0""#, "origin[0].address", "1 to 65535"),
+        (r#""http://:7000""#, "origin[0].address", "no host"),
+        (
+            r#""http://127.0.0.1:7000/feed""#,
+            "origin[0].address",
+            "no path",
+        ),
+        (
+            r#""grpc://127.0.0.1:7000""#,
+            "origin[0].address",
+            "http:// or https://",
+        ),
+        (
+            r#"["http://127.0.0.1:7000", "http://127.0.0.1:70000"]"#,
+            "origin[0].address[1]",
+            "1 to 65535",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        refused(
+            &format!("bad-address-{i}.toml"),
+            &format!("[[origin]]\nname = \"o\"\naddress = {address}\ntopics = [\"a\"]\n"),
+            &[field, needle],
+        );
+    }
+    for (i, good) in [
+        r#""http://127.0.0.1:65535""#,
+        r#""http://localhost""#,
+        r#""http://[::1]:7000""#,
+        r#"["http://a.internal:7000", "http://b.internal:7000/"]"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = write(
+            &format!("good-address-{i}.toml"),
+            &format!("[[origin]]\nname = \"o\"\naddress = {good}\ntopics = [\"a\"]\n"),
+        );
+        let out = viewcar(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{good}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

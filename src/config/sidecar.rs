@@ -387,6 +387,57 @@ impl OriginSpec {
     }
 }
 
+/// Checks an origin address as the feed client will dial it: `http://` or `https://`, a host,
+/// and a port in 1..=65535 when one is written (else 80 or 443). A mistake here would otherwise
+/// only show as a sidecar that redials forever.
+pub(crate) fn check_address(address: &str) -> Result<(), String> {
+    let expected = |detail: &str| format!("expected http://host:port, got {address:?}: {detail}");
+    let rest = address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .ok_or_else(|| expected("the scheme must be http:// or https://"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !path.is_empty() {
+        return Err(expected("an origin address has no path"));
+    }
+    // Credentials (`user:password@`) may precede the host.
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| expected("an IPv6 host is written [::1]"))?;
+        let port = match after {
+            "" => None,
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| expected("a port follows the host after ':'"))?,
+            ),
+        };
+        (host, port)
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(expected("no host"));
+    }
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '@'))
+    {
+        return Err(expected("the host holds a character a host name cannot"));
+    }
+    if let Some(p) = port {
+        match p.parse::<u32>() {
+            Ok(n) if (1..=65535).contains(&n) && !p.starts_with('+') => {}
+            _ => return Err(expected("the port must be a number from 1 to 65535")),
+        }
+    }
+    Ok(())
+}
+
 impl TopicSpec {
     /// The byte budget of an on_demand topic (`max_bytes`, or 64 MiB).
     pub fn budget(&self) -> u64 {
@@ -639,21 +690,13 @@ impl SidecarConfig {
                     format!("duplicate origin name '{}'", o.name),
                 ));
             }
-            if !(o.address.starts_with("http://") || o.address.starts_with("https://")) {
-                return Err(ConfigError::invalid(
-                    file,
-                    format!("{at}.address"),
-                    format!("expected http://host:port, got {:?}", o.address),
-                ));
+            if let Err(why) = check_address(&o.address) {
+                return Err(ConfigError::invalid(file, format!("{at}.address"), why));
             }
             for (j, a) in o.fallback.iter().enumerate() {
                 let field = format!("{at}.address[{}]", j + 1);
-                if !(a.starts_with("http://") || a.starts_with("https://")) {
-                    return Err(ConfigError::invalid(
-                        file,
-                        field,
-                        format!("expected http://host:port, got {a:?}"),
-                    ));
+                if let Err(why) = check_address(a) {
+                    return Err(ConfigError::invalid(file, field, why));
                 }
                 if a.starts_with("https://") != o.address.starts_with("https://") {
                     return Err(ConfigError::invalid(

@@ -52,6 +52,27 @@ pub struct FeedStats {
     pub messages: AtomicU64,
     pub bytes: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Subscriptions the origin refused (`Refused`: e.g. no such topic), retries included.
+    pub refusals: AtomicU64,
+    /// Why the feed last failed, in words a user can act on, and when (unix ms).
+    pub last_error: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+impl FeedStats {
+    /// The last failure and when it happened (unix ms), if any.
+    pub fn last_error(&self) -> Option<(String, u64)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, cause: String) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some((cause, at));
+    }
 }
 
 /// Why a feed stream ended.
@@ -100,6 +121,16 @@ struct TopicState {
     /// chunk after `last` would otherwise park the topic in `Snapshot` and drop every batch).
     owed: u32,
     loading: Option<Loading>,
+    /// The origin refused the topic: when to subscribe it again, and how often it has.
+    refused: Option<Refusal>,
+}
+
+/// A topic the origin refused. Only that topic waits: the stream and its other topics go on.
+struct Refusal {
+    /// Refusals in a row: the backoff's exponent.
+    attempt: u32,
+    /// When to subscribe again; `None` while a retried Subscribe awaits its answer.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 /// Progress of a snapshot being received, for the log: a large topic takes a while.
@@ -211,6 +242,7 @@ impl FeedClient {
                         phase: Phase::AwaitSnapshot,
                         owed: 0,
                         loading: None,
+                        refused: None,
                     },
                 )
             })
@@ -246,11 +278,18 @@ impl FeedClient {
             self.disconnected().await;
             // A stream that broke the protocol does not count as heard: a persistently broken
             // origin is redialled with a growing delay, not every `backoff_initial`.
-            let broke = matches!(result, Err(FeedError::Protocol(_)));
+            // Nor does one the origin refused outright: a refusal must not become a hot loop.
+            let broke = match &result {
+                Err(FeedError::Protocol(_)) => true,
+                Err(FeedError::Status(s)) => s.code() != tonic::Code::Unavailable,
+                _ => false,
+            };
             match result {
                 Err(FeedError::WriterGone) => return,
                 Err(e) => {
-                    warn!(origin = %self.spec.name, address = %redact_address(self.address()), error = %e, "feed disconnected")
+                    let cause = cause(&e);
+                    self.stats.set_last_error(cause.clone());
+                    warn!(origin = %self.spec.name, address = %redact_address(self.address()), %cause, error = %e, "feed disconnected")
                 }
                 Ok(()) => {}
             }
@@ -382,10 +421,15 @@ impl FeedClient {
         }
         let idle = self.cfg.idle_timeout.0;
         loop {
+            let retry = self.next_retry();
             let next = tokio::select! {
                 m = tokio::time::timeout(idle, stream.message()) => Some(m),
                 _ = key_ops.notified() => None,
                 _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => None,
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(tokio::time::Instant::now)), if retry.is_some() => {
+                    self.retry_refused(&req_tx).await?;
+                    continue;
+                }
             };
             let Some(next) = next else {
                 backlog = self.send_key_ops(&req_tx);
@@ -417,6 +461,38 @@ impl FeedClient {
         }
     }
 
+    /// The earliest time a refused topic is due to be subscribed again.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.topics
+            .values()
+            .filter_map(|t| t.refused.as_ref()?.retry_at)
+            .min()
+    }
+
+    /// Subscribes again the refused topics whose backoff has passed.
+    async fn retry_refused(
+        &mut self,
+        req_tx: &mpsc::Sender<pb::SyncRequest>,
+    ) -> Result<(), FeedError> {
+        let now = tokio::time::Instant::now();
+        for (name, t) in self.topics.iter_mut() {
+            let Some(r) = t.refused.as_mut() else {
+                continue;
+            };
+            if r.retry_at.is_some_and(|at| at <= now) {
+                r.retry_at = None;
+                t.phase = Phase::AwaitSnapshot;
+                t.owed = t.owed.saturating_add(1);
+                debug!(origin = %self.spec.name, topic = %name, "subscribing a refused topic again");
+                req_tx
+                    .send(subscribe(name, None))
+                    .await
+                    .map_err(|_| FeedError::Closed)?;
+            }
+        }
+        Ok(())
+    }
+
     fn request_channel(
         &self,
     ) -> (
@@ -430,7 +506,21 @@ impl FeedClient {
     /// cursor when it has one) and the keys of on_demand topics that must be subscribed again.
     /// Returns true if some keyed requests wait for room in the channel.
     fn open_stream(&mut self, req_tx: &mpsc::Sender<pb::SyncRequest>) -> bool {
+        let now = tokio::time::Instant::now();
         for (name, t) in self.topics.iter_mut() {
+            if let Some(Refusal {
+                retry_at: Some(at), ..
+            }) = &t.refused
+            {
+                if *at > now {
+                    // Subscribed by the retry timer when its backoff has passed.
+                    (t.phase, t.owed) = (Phase::AwaitSnapshot, 0);
+                    continue;
+                }
+            }
+            if let Some(r) = t.refused.as_mut() {
+                r.retry_at = None;
+            }
             let resume = t.cursor.as_ref().map(|c| pb::Position {
                 epoch: c.epoch.clone(),
                 version: c.version,
@@ -466,6 +556,7 @@ impl FeedClient {
             Kind::Changes(b) => &b.topic,
             Kind::Progress(p) => &p.topic,
             Kind::Reset(r) => &r.topic,
+            Kind::Refused(r) => &r.topic,
         }
         .clone();
         let group = match &kind {
@@ -531,6 +622,10 @@ impl FeedClient {
                     t.cursor = Some(at.clone());
                     t.phase = Phase::Live;
                     self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                    if t.refused.take().is_some() {
+                        t.source.set_failure(None);
+                        info!(origin = %self.spec.name, %topic, "the origin serves the topic again");
+                    }
                 }
                 Step::SnapshotChunk {
                     source: t.source.clone(),
@@ -607,6 +702,30 @@ impl FeedClient {
                 let was_snapshot = matches!(t.phase, Phase::Snapshot(_));
                 t.phase = Phase::AwaitSnapshot;
                 t.owed = t.owed.saturating_add(1);
+                if !was_snapshot {
+                    return Ok(());
+                }
+                Step::AbortSnapshot {
+                    source: t.source.clone(),
+                }
+            }
+            Kind::Refused(r) => {
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                let attempt = t
+                    .refused
+                    .as_ref()
+                    .map_or(0, |f| f.attempt.saturating_add(1));
+                let delay = backoff(&self.cfg, attempt);
+                let was_snapshot = matches!(t.phase, Phase::Snapshot(_));
+                t.phase = Phase::AwaitSnapshot;
+                t.owed = t.owed.saturating_sub(1);
+                t.refused = Some(Refusal {
+                    attempt,
+                    retry_at: Some(tokio::time::Instant::now() + delay),
+                });
+                t.source
+                    .set_failure(Some(format!("origin refused the topic: {}", r.reason)));
+                warn!(origin = %self.spec.name, %topic, reason = %r.reason, retry_in = ?delay, attempt, "origin refused the topic; retrying it with backoff while its other topics go on");
                 if !was_snapshot {
                     return Ok(());
                 }
@@ -874,6 +993,14 @@ impl FeedClient {
                     }
                 }
             }
+            Kind::Refused(r) => {
+                // The keys asked for stay unanswered; a later read subscribes them again.
+                self.stats.refusals.fetch_add(1, Ordering::Relaxed);
+                k.answers.pop_front();
+                k.source
+                    .set_failure(Some(format!("origin refused the topic: {}", r.reason)));
+                warn!(origin = %self.spec.name, %topic, reason = %r.reason, "origin refused an on_demand topic");
+            }
             Kind::Reset(r) => {
                 self.stats.resets.fetch_add(1, Ordering::Relaxed);
                 info!(origin = %self.spec.name, %topic, reason = %r.reason, "origin reset an on_demand topic; resident keys are refreshed");
@@ -1028,6 +1155,76 @@ fn from_stream_status(status: tonic::Status) -> FeedError {
         FeedError::Protocol(m.to_string())
     } else {
         FeedError::Status(status)
+    }
+}
+
+/// Why a feed failed, in words a user can act on: connection refused, timed out, TLS, or an
+/// address that does not serve Feed (tonic's own wording, "transport error" or "Operation is not
+/// implemented", says none of that).
+pub(crate) fn cause(e: &FeedError) -> String {
+    let chain = |e: &dyn std::error::Error| {
+        let mut text = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            src = s.source();
+        }
+        text
+    };
+    match e {
+        FeedError::Connect(t) => {
+            let text = chain(t);
+            let lower = text.to_ascii_lowercase();
+            let io = {
+                let mut src = std::error::Error::source(t);
+                let mut kind = None;
+                while let Some(s) = src {
+                    if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                        kind = Some(io.kind());
+                    }
+                    src = s.source();
+                }
+                kind
+            };
+            if io == Some(std::io::ErrorKind::ConnectionRefused) || lower.contains("refused") {
+                format!("connection refused (nothing listens at this address?): {text}")
+            } else if io == Some(std::io::ErrorKind::TimedOut) || lower.contains("timed out") {
+                format!("connect timed out: {text}")
+            } else if lower.contains("tls")
+                || lower.contains("certificate")
+                || lower.contains("handshake")
+            {
+                format!("TLS: {text}")
+            } else if lower.contains("dns") || lower.contains("lookup") || lower.contains("resolve")
+            {
+                format!("cannot resolve the host: {text}")
+            } else {
+                format!("connect failed: {text}")
+            }
+        }
+        FeedError::Tls(t) => format!("TLS: {t}"),
+        FeedError::Status(s) if s.code() == tonic::Code::Unimplemented => format!(
+            "wrong protocol: this address does not serve the Feed API (does it serve the Cache \
+             API, not Feed? point the sidecar at an origin or a relay): {}",
+            s.message()
+        ),
+        FeedError::Status(s) => {
+            let m = s.message().to_ascii_lowercase();
+            if m.contains("h2 protocol error")
+                || m.contains("grpc-status header missing")
+                || m.contains("invalid content-type")
+            {
+                format!(
+                    "wrong protocol: this address does not speak gRPC (an HTTP port?): {}",
+                    s.message()
+                )
+            } else {
+                format!("origin refused the stream: {:?}: {}", s.code(), s.message())
+            }
+        }
+        FeedError::Idle(d) => format!("timed out: no message from the origin for {d:?}"),
+        other => other.to_string(),
     }
 }
 

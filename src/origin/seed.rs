@@ -85,6 +85,26 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Rows, SeedError> {
                 }
                 return Ok(out);
             }
+            // A whole-file object that is not an NDJSON line: the JSON form, with a topic that
+            // does not map keys to values.
+            if !map.contains_key("topic") {
+                if let Some((topic, v)) = map.iter().find(|(_, v)| !v.is_object()) {
+                    let held = match v {
+                        serde_json::Value::Array(_) => "an array",
+                        serde_json::Value::String(_) => "a string",
+                        serde_json::Value::Number(_) => "a number",
+                        serde_json::Value::Bool(_) => "a boolean",
+                        _ => "null",
+                    };
+                    return Err(err(
+                        1,
+                        format!(
+                            "topic '{topic}' holds {held}; the JSON form maps each topic to an \
+                             object of key -> value: {{\"{topic}\": {{\"k1\": {{...}}, \"k2\": 7}}}}"
+                        ),
+                    ));
+                }
+            }
         }
     }
     for (i, line) in text.lines().enumerate() {
@@ -143,5 +163,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(e, "s.ndjson:1: expected a string field \"key\"");
+    }
+
+    /// `{"orders": [1, 2]}` once got an NDJSON message ("expected a string field \"topic\"").
+    #[test]
+    fn a_json_form_with_a_topic_that_is_not_an_object_says_so() {
+        let e = parse("s.json", r#"{"orders": [1, 2]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("topic 'orders' holds an array") && e.contains("key -> value"),
+            "{e}"
+        );
     }
 }

@@ -228,12 +228,19 @@ impl Session {
     }
 
     async fn subscribe(&mut self, sub: pb::Subscribe) -> Result<(), End> {
-        let topic = self.origin.topic(&sub.topic, true).map_err(|e| {
-            End::Refused(match e {
-                PublishError::UnknownTopic(t) => Status::not_found(format!("no topic named '{t}'")),
-                other => Status::invalid_argument(other.to_string()),
-            })
-        })?;
+        // An unknown topic fails that subscription only: the stream goes on for the others.
+        let topic = match self.origin.topic(&sub.topic, true) {
+            Ok(topic) => topic,
+            Err(PublishError::UnknownTopic(t)) => {
+                return self
+                    .send(pb::sync_response::Kind::Refused(pb::Refused {
+                        topic: sub.topic,
+                        reason: format!("no topic named '{t}'"),
+                    }))
+                    .await;
+            }
+            Err(other) => return Err(End::Refused(Status::invalid_argument(other.to_string()))),
+        };
         let limit = self.inner().cfg.max_publish_changes;
         if sub.keys.len() > limit {
             return Err(End::Refused(Status::invalid_argument(format!(

@@ -92,7 +92,15 @@ async fn readyz(State(a): State<Arc<Admin>>) -> Response {
     if r.is_ready() {
         return (StatusCode::OK, "ready\n").into_response();
     }
-    let waiting: Vec<String> = r.waiting_for().iter().map(|s| s.to_string()).collect();
+    let failed = r.failed();
+    let waiting: Vec<String> = r
+        .waiting_for()
+        .iter()
+        .map(|s| match failed.iter().find(|(name, _)| name == s) {
+            Some((_, why)) => format!("{s} ({why})"),
+            None => s.to_string(),
+        })
+        .collect();
     (
         StatusCode::SERVICE_UNAVAILABLE,
         format!("not ready: not synced yet: {}\n", waiting.join(", ")),
@@ -131,6 +139,7 @@ impl Admin {
                     "keys": s.len(),
                     "bytes": s.bytes(),
                     "staleness_ms": s.staleness_ms(),
+                    "error": s.failure().map(|e| e.to_string()),
                 })
             })
             .collect();
@@ -152,6 +161,9 @@ impl Admin {
                     "messages": load(&s.messages),
                     "bytes": load(&s.bytes),
                     "protocol_errors": load(&s.protocol_errors),
+                    "refusals": load(&s.refusals),
+                    "last_error": s.last_error().map(|(e, _)| e),
+                    "last_error_at_ms": s.last_error().map(|(_, at)| at),
                 })
             })
             .collect();
@@ -164,6 +176,8 @@ impl Admin {
                     "recomputes": load(&s.recomputes),
                     "row_errors": load(&s.errors),
                     "changes": load(&s.changes),
+                    "kept_last_good": load(&s.kept),
+                    "stale_rows": load(&s.stale),
                 })
             })
             .collect();
@@ -176,6 +190,7 @@ impl Admin {
             "ready": r.is_ready(),
             "draining": r.is_draining(),
             "waiting_for": r.waiting_for().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+            "failed": r.failed().iter().map(|(s, e)| json!({"source": s.as_ref(), "error": e.as_str()})).collect::<Vec<_>>(),
             "sources": sources,
             "origins": origins,
             "views": views,

@@ -421,6 +421,11 @@ impl Collector for Parts {
                 "Streams dropped because the origin broke the feed protocol",
                 |s| counter(&s.protocol_errors),
             ),
+            (
+                "origin_refusals",
+                "Topic subscriptions the origin refused (retried with backoff)",
+                |s| counter(&s.refusals),
+            ),
         ] {
             family(e, name, help, origin(&f))?;
         }
@@ -468,6 +473,12 @@ impl Collector for Parts {
             "view_changes",
             "View row upserts and deletes emitted",
             view(&|s| counter(&s.changes)),
+        )?;
+        family(
+            e,
+            "view_rows_kept",
+            "View rows kept at their last good value because an input was not JSON",
+            view(&|s| counter(&s.kept)),
         )?;
 
         let queues = self.hub.queues();

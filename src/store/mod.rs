@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::watch;
@@ -262,6 +262,8 @@ pub struct Source {
     version: AtomicU64,
     synced: AtomicBool,
     connected: AtomicBool,
+    /// Why the origin refused this topic's subscription, while it does (retried with backoff).
+    failure: ArcSwapOption<String>,
     /// Clock ms when the origin last confirmed this source current (0 = never).
     last_heard_ms: AtomicU64,
     live_window_ms: u64,
@@ -320,6 +322,7 @@ impl Source {
             version: AtomicU64::new(0),
             synced: AtomicBool::new(false),
             connected: AtomicBool::new(false),
+            failure: ArcSwapOption::empty(),
             last_heard_ms: AtomicU64::new(0),
             live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
             clock,
@@ -517,6 +520,19 @@ impl Source {
     /// stays true: a later resnapshot swaps atomically, so readers always have whole data.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// Why the origin refuses this topic now (`None` when it does not): for a view, the first
+    /// failure among what it reads.
+    pub fn failure(&self) -> Option<Arc<String>> {
+        if !self.inputs.is_empty() {
+            return self.inputs.iter().find_map(|s| s.failure());
+        }
+        self.failure.load_full()
+    }
+
+    pub(crate) fn set_failure(&self, reason: Option<String>) {
+        self.failure.store(reason.map(Arc::new));
     }
 
     pub fn is_connected(&self) -> bool {

@@ -45,6 +45,8 @@ struct ViewState {
     compute: Compute,
     grouped: bool,
     rows: HashMap<Arc<str>, RowState>,
+    /// Rows kept at their last good value while an input they read is not JSON.
+    stale: HashSet<Arc<str>>,
     dirty: HashSet<Arc<str>>,
     /// Grouped views: members (by `from` key, so sorted) of each group, serialized.
     groups: HashMap<Arc<str>, BTreeMap<Arc<str>, Bytes>>,
@@ -160,6 +162,7 @@ impl Engine {
                 inputs,
                 compute: v.compute,
                 rows: HashMap::new(),
+                stale: HashSet::new(),
                 dirty: HashSet::new(),
                 groups: HashMap::new(),
                 dirty_groups: HashSet::new(),
@@ -264,6 +267,21 @@ impl Engine {
             // Full views read only full sources: nothing is ever missing.
             let (result, deps) = compute(v, &self.sources, &key, &state.deps, &mut Vec::new());
             let result = settle(v, &key, result);
+            let keep = matches!(result, Settled::KeepLast);
+            // Only a row that exists is stale; a key that never had one simply has none.
+            let held = if v.grouped {
+                state.group.is_some()
+            } else {
+                v.source.get(&key).is_some()
+            };
+            if keep && held {
+                v.stale.insert(key.clone());
+                v.stats.kept.fetch_add(1, Ordering::Relaxed);
+            } else {
+                v.stale.remove(&key);
+            }
+            v.stats.stale.store(v.stale.len() as u64, Ordering::Relaxed);
+            let result = result.row();
             set_deps(
                 &mut self.reverse,
                 &self.sources,
@@ -272,7 +290,19 @@ impl Engine {
                 &state.deps,
                 &deps,
             );
-            if v.grouped {
+            if keep {
+                // The row (and its group membership) stays as it was; it is recomputed when
+                // what it read changes again.
+                if state.group.is_some() || !deps.is_empty() {
+                    v.rows.insert(
+                        key,
+                        RowState {
+                            deps,
+                            group: state.group,
+                        },
+                    );
+                }
+            } else if v.grouped {
                 let group = regroup(v, &key, state.group, result);
                 if group.is_some() || !deps.is_empty() {
                     v.rows.insert(key, RowState { deps, group });
@@ -552,7 +582,9 @@ impl Engine {
             self.untrack(vi, key, old);
             return Err(missing);
         }
-        Ok((settle(v, key, result).map(|(_, b)| b), deps))
+        // An on_demand view row is computed when read: with no last good value at hand, a
+        // malformed input leaves it out.
+        Ok((settle(v, key, result).row().map(|(_, b)| b), deps))
     }
 
     /// Tracks row `key` of view `vi` as reading `deps`; it read `old` before.
@@ -602,15 +634,32 @@ impl Engine {
     }
 }
 
-/// The row a computation gave, or `None` (counted and logged) when it failed.
+/// What becomes of a row after its computation.
+enum Settled {
+    /// The row now (`None`: absent, or its computation failed).
+    Row(Option<(Option<String>, Bytes)>),
+    /// An input is not JSON: the row stays at its last good value.
+    KeepLast,
+}
+
+impl Settled {
+    fn row(self) -> Option<(Option<String>, Bytes)> {
+        match self {
+            Settled::Row(r) => r,
+            Settled::KeepLast => None,
+        }
+    }
+}
+
+/// The row a computation gave; a failure is counted and logged.
 #[allow(clippy::type_complexity)]
 fn settle(
     v: &ViewState,
     key: &str,
     result: Result<Option<(Option<String>, Bytes)>, RowError>,
-) -> Option<(Option<String>, Bytes)> {
+) -> Settled {
     match result {
-        Ok(r) => r,
+        Ok(r) => Settled::Row(r),
         Err(e) => {
             let n = v.stats.errors.fetch_add(1, Ordering::Relaxed);
             if n == 0 || n.is_power_of_two() {
@@ -618,7 +667,10 @@ fn settle(
             } else {
                 debug!(view = %v.name, key = %key, error = %e, "view row not computed");
             }
-            None
+            match e {
+                RowError::NotJson { .. } => Settled::KeepLast,
+                _ => Settled::Row(None),
+            }
         }
     }
 }
@@ -961,19 +1013,37 @@ mod tests {
         assert_eq!(row(&s, "page", "bad"), None);
         assert_eq!(row(&s, "page", "n"), None);
         assert!(row(&s, "page", "p1").is_some());
-        // An include that is not JSON: the row goes away until the value is fixed.
+        // An include that is not JSON: the row stays at its last good value, counted and
+        // marked stale, until the value is fixed.
+        let good = row(&s, "page", "p1");
         s.apply(
             "prices",
             vec![("p1".into(), Some(Bytes::from_static(b"{")))],
         )
         .unwrap();
         assert_eq!(stats.errors.load(Ordering::Relaxed), 3);
-        assert_eq!(row(&s, "page", "p1"), None);
+        assert_eq!(row(&s, "page", "p1"), good);
+        assert_eq!(stats.kept.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.stale.load(Ordering::Relaxed), 1);
+        // So does a `from` value that is not JSON.
+        s.apply(
+            "products",
+            vec![("p1".into(), Some(Bytes::from_static(b"\xff")))],
+        )
+        .unwrap();
+        assert_eq!(row(&s, "page", "p1"), good);
+        s.apply(
+            "products",
+            vec![put("p1", json!({"id": "p1", "status": "active"}))],
+        )
+        .unwrap();
+        assert_eq!(row(&s, "page", "p1"), good);
         s.apply("prices", vec![put("p1", json!({"amount": 1}))])
             .unwrap();
         assert!(row(&s, "page", "p1")
             .unwrap()
             .contains(r#""price":{"amount":1}"#));
+        assert_eq!(stats.stale.load(Ordering::Relaxed), 0);
     }
 
     #[test]

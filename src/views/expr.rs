@@ -398,6 +398,12 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                 }
                 out.push(Tok::Ident(s[i..end].to_string()));
             }
+            '&' | '|' => {
+                let word = if c == '&' { "and" } else { "or" };
+                return Err(format!(
+                    "unexpected {c:?} at offset {i}: write `{word}` (where uses and, or, not)"
+                ));
+            }
             other => return Err(format!("unexpected {other:?} at offset {i}")),
         }
     }
@@ -617,6 +623,14 @@ mod tests {
         ] {
             assert!(Filter::parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn c_style_boolean_operators_get_a_hint() {
+        let e = Filter::parse("status == 'paid' && total > 5").unwrap_err();
+        assert!(e.contains("write `and`"), "{e}");
+        let e = Filter::parse("a || b").unwrap_err();
+        assert!(e.contains("write `or`"), "{e}");
     }
 
     #[test]

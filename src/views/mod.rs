@@ -272,8 +272,10 @@ impl View {
     }
 }
 
-/// Why one row could not be computed. The row is left out of the view, the error is counted
-/// in [`ViewStats::errors`] and logged, and the row is recomputed when what it read changes.
+/// Why one row could not be computed. The error is counted in [`ViewStats::errors`] and logged,
+/// and the row is recomputed when what it read changes. Meanwhile the row is left out of the
+/// view, except for [`RowError::NotJson`]: a malformed input keeps the row at its last good
+/// value (counted in [`ViewStats::kept`]), so that one bad write is not seen as a delete.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RowError {
     #[error("{input}[{key}] is not JSON: {error}")]
@@ -300,6 +302,10 @@ pub struct ViewStats {
     pub errors: AtomicU64,
     /// Row upserts and deletes emitted.
     pub changes: AtomicU64,
+    /// Rows kept at their last good value because an input they read is not JSON (each time).
+    pub kept: AtomicU64,
+    /// Rows held at their last good value now: stale until the bad input is fixed or deleted.
+    pub stale: AtomicU64,
 }
 
 pub(crate) type SourceId = usize;

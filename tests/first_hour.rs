@@ -1,0 +1,189 @@
+//! A new user's first mistakes, through the `viewcar` binary: each one is visible (a log line,
+//! `/readyz`, `/status`, an exit code) and none takes anything else down with it.
+
+mod common;
+mod ops_support;
+
+use std::time::Duration;
+
+use common::{addr, log_line, origin_config, put, spawn, viewcar, within, TestOrigin};
+use ops_support::{get, TempDir};
+
+/// A mistyped topic (`order` for `orders`) fails that topic only: the origin's other topics
+/// sync and serve, `/readyz` names it with the origin's reason, and it is retried with the
+/// feed's backoff, never in a hot loop and never by redialling the stream.
+#[tokio::test]
+async fn a_refused_topic_fails_alone_and_is_retried_with_backoff() {
+    within(async {
+        let o = TestOrigin::start(viewcar::OriginConfig {
+            topics: vec!["orders".into(), "users".into(), "shops".into()],
+            ..origin_config()
+        })
+        .await;
+        o.origin
+            .publish("users", vec![put("u1", r#"{"name":"Ann"}"#)])
+            .unwrap();
+        o.origin
+            .publish("shops", vec![put("s1", r#"{"name":"Corner"}"#)])
+            .unwrap();
+        let dir = TempDir::new("refused-topic");
+        let config = dir.write(
+            "viewcar.toml",
+            &format!(
+                r#"
+[listen]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+
+[[origin]]
+name = "shop"
+address = "{}"
+topics = ["order", "users", "shops"]
+"#,
+                o.url()
+            ),
+        );
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "sidecar", "--config"])
+            .arg(&config);
+        let (_sidecar, mut log) = spawn(cmd);
+        let started = log_line(&mut log, "sidecar started").await;
+        let http = addr(&started, "http");
+        let t0 = tokio::time::Instant::now();
+
+        // The healthy topics sync within the normal time.
+        loop {
+            let status: serde_json::Value =
+                serde_json::from_str(&get(http, "/status").await.body).unwrap();
+            let synced = |name: &str| {
+                status["sources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["name"] == name && s["synced"] == true)
+            };
+            if synced("users") && synced("shops") {
+                assert_eq!(status["failed"][0]["source"], "order", "{status}");
+                let error = status["failed"][0]["error"].as_str().unwrap();
+                assert!(error.contains("no topic named 'order'"), "{error}");
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "not synced: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ready = get(http, "/readyz").await;
+        assert_eq!(ready.status, 503);
+        assert!(
+            ready
+                .body
+                .contains("order (origin refused the topic: no topic named 'order')"),
+            "{}",
+            ready.body
+        );
+
+        // Five seconds of refusals: the backoff (100 ms doubling, full jitter) allows about
+        // seven; a hot loop would make hundreds. The stream itself is never redialled.
+        let mut refusals = 0;
+        let mut connects = 0;
+        let window = tokio::time::sleep_until(t0 + Duration::from_secs(5));
+        tokio::pin!(window);
+        loop {
+            tokio::select! {
+                _ = &mut window => break,
+                line = log.recv() => {
+                    let Some(line) = line else { break };
+                    if line.contains("origin refused the topic") {
+                        refusals += 1;
+                    }
+                    if line.contains("\"feed connected\"") {
+                        connects += 1;
+                    }
+                }
+            }
+        }
+        assert!(refusals <= 15, "{refusals} refusals in 5 s");
+        assert!(refusals >= 2, "the refused topic is retried: {refusals}");
+        assert!(connects <= 1, "the stream was redialled: {connects}");
+        let status: serde_json::Value =
+            serde_json::from_str(&get(http, "/status").await.body).unwrap();
+        assert_eq!(status["origins"][0]["connects"], 1, "{status}");
+        assert_eq!(status["origins"][0]["disconnects"], 0, "{status}");
+    })
+    .await
+}
+
+/// Every failed connection says why, in the log and in `/status` (last error and when, per
+/// origin): a port where nothing listens is "connection refused", and a gRPC server that does
+/// not serve Feed (a sidecar's Cache port, say) is "wrong protocol".
+#[tokio::test]
+async fn failed_connections_name_their_cause() {
+    within(async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        // A gRPC server with no Feed service.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other = listener.local_addr().unwrap();
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let dir = TempDir::new("connection-causes");
+        let config = dir.write(
+            "viewcar.toml",
+            &format!(
+                r#"
+[listen]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+
+[[origin]]
+name = "nobody"
+address = "http://127.0.0.1:{closed_port}"
+topics = ["a"]
+
+[[origin]]
+name = "notfeed"
+address = "http://{other}"
+topics = ["b"]
+"#
+            ),
+        );
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "sidecar", "--config"])
+            .arg(&config);
+        let (_sidecar, mut log) = spawn(cmd);
+        let started = log_line(&mut log, "sidecar started").await;
+        let http = addr(&started, "http");
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let status: serde_json::Value =
+                serde_json::from_str(&get(http, "/status").await.body).unwrap();
+            let err = |i: usize| {
+                status["origins"][i]["last_error"]
+                    .as_str()
+                    .map(str::to_string)
+            };
+            if let (Some(refused), Some(wrong)) = (err(0), err(1)) {
+                assert!(refused.contains("connection refused"), "{refused}");
+                assert!(wrong.contains("wrong protocol"), "{wrong}");
+                assert!(wrong.contains("Feed"), "{wrong}");
+                assert!(status["origins"][0]["last_error_at_ms"].as_u64().unwrap() > 0);
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no causes: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let line = log_line(&mut log, "feed disconnected").await;
+        assert!(line["fields"]["cause"].as_str().is_some(), "{line}");
+    })
+    .await
+}
