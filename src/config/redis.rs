@@ -171,6 +171,8 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(cfg.listen.redis, Some("127.0.0.1:6380".parse().unwrap()));
+        assert_eq!(cfg.redis.max_staleness_ms, 500);
+        assert_eq!(cfg.redis.maxclients, 3);
         let cfg = SidecarConfig::parse(
             "t.toml",
             "[listen]\nredis = \"unix:/tmp/r.sock\"\n[redis]\nsocket_mode = 0o600\n",
@@ -181,8 +183,6 @@ mod tests {
             Some(super::ListenAddr::Unix("/tmp/r.sock".into()))
         );
         assert_eq!(cfg.redis.socket_mode, 0o600);
-        assert_eq!(cfg.redis.max_staleness_ms, 500);
-        assert_eq!(cfg.redis.maxclients, 3);
         for (text, field) in [
             ("[redis]\nmaxclients = 0\n", "redis.maxclients"),
             ("[redis]\ntoken = \"\"\n", "redis.token"),
