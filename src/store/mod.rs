@@ -127,20 +127,8 @@ impl Keyspace {
 
     /// Up to `limit` rows whose key starts with `prefix` and sorts after `after`, in key order.
     pub fn scan(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(Arc<str>, Row)> {
-        let keys: Vec<Arc<str>> = {
-            let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-            let start = match after {
-                Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
-                _ => std::ops::Bound::Included(prefix),
-            };
-            index
-                .range::<str, _>((start, std::ops::Bound::Unbounded))
-                .take_while(|k| k.starts_with(prefix))
-                .take(limit)
-                .cloned()
-                .collect()
-        };
-        keys.into_iter()
+        self.scan_keys(prefix, after, limit)
+            .into_iter()
             .filter_map(|k| {
                 let row = self.get(&k)?;
                 Some((k, row))
