@@ -182,6 +182,40 @@ pub(crate) struct Topic {
     pub state: Mutex<TopicState>,
 }
 
+impl TopicState {
+    /// Applies `changes`, written at `version`, to the rows and appends them to the retained
+    /// log as one batch of `bytes` (see `durable::batch_bytes`): what a Publish and a database
+    /// transaction both do. The topic's own version is the caller's to move.
+    pub(crate) fn append(
+        &mut self,
+        version: u64,
+        changes: Vec<pb::Change>,
+        bytes: usize,
+    ) -> Arc<Batch> {
+        for c in &changes {
+            if c.deleted {
+                self.data.remove(c.key.as_str());
+            } else {
+                self.data.insert(
+                    Arc::from(c.key.as_str()),
+                    Stored {
+                        value: c.value.clone(),
+                        version,
+                    },
+                );
+            }
+        }
+        let batch = Arc::new(Batch {
+            version,
+            changes,
+            bytes,
+        });
+        self.log_bytes += batch.bytes;
+        self.log.push_back(batch.clone());
+        batch
+    }
+}
+
 impl Topic {
     fn new(name: &str) -> Self {
         Topic {
@@ -498,27 +532,8 @@ impl Origin {
                 PublishError::Storage(e.to_string())
             })?;
         }
-        for c in &pb_changes {
-            if c.deleted {
-                st.data.remove(c.key.as_str());
-            } else {
-                st.data.insert(
-                    Arc::from(c.key.as_str()),
-                    Stored {
-                        value: c.value.clone(),
-                        version,
-                    },
-                );
-            }
-        }
+        let batch = st.append(version, pb_changes, bytes);
         st.version = version;
-        let batch = Arc::new(Batch {
-            version,
-            changes: pb_changes,
-            bytes,
-        });
-        st.log_bytes += batch.bytes;
-        st.log.push_back(batch.clone());
         retain(&self.inner.cfg, &mut st);
         let st = &mut *st;
         for interest in st.interests.values_mut() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::super::durable::TxnPart;
+use super::super::durable::{batch_bytes, TxnPart};
 use super::super::{
     retain, session, Batch, Origin, SessionId, StoreError, Stored, Topic, FEED_OVERHEAD,
 };
@@ -144,28 +144,8 @@ impl Origin {
             }
             let mut made = Vec::with_capacity(p.len());
             for (v, chunk) in p {
-                let mut bytes = 0;
-                for c in &chunk {
-                    bytes += c.key.len() + c.value.len() + 8;
-                    if c.deleted {
-                        st.data.remove(c.key.as_str());
-                    } else {
-                        st.data.insert(
-                            Arc::from(c.key.as_str()),
-                            Stored {
-                                value: c.value.clone(),
-                                version: v,
-                            },
-                        );
-                    }
-                }
-                let batch = Arc::new(Batch {
-                    version: v,
-                    changes: chunk,
-                    bytes,
-                });
-                st.log_bytes += batch.bytes;
-                st.log.push_back(batch.clone());
+                let bytes = batch_bytes(&chunk);
+                let batch = st.append(v, chunk, bytes);
                 made.push(batch);
             }
             st.version = version;
