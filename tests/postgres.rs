@@ -270,9 +270,6 @@ async fn until_equal(src: &PgOrigin, pg: &Pg, table: &str, key: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent: the 128 KB TOASTed insert never reaches the topic (the origin's applied \
-            position stops short of the server's); passed three full runs, then failed twice in \
-            a row; suspected race between the idle slot confirmation and an in-flight transaction"]
 async fn every_row_change_reaches_the_topic() {
     let Some(pg) = Pg::start() else { return };
     let mut sql = pg.connect();
