@@ -16,9 +16,15 @@
 //! so a slow consumer costs the writer nothing and fast consumers never wait for it.
 //!
 //! Invariants a consumer sees, per subscription: optional current rows, `Synced`, then changes;
-//! per key in version order, never the same version twice (the version of every row sent is
-//! remembered until a newer change of that key passes, so changes that race the read of the
-//! current rows are dropped).
+//! per key in version order, never the same version twice.
+//!
+//! The current rows are not copied up front: a cursor walks the keyspace (or the watched keys)
+//! one page at a time as the consumer drains, so a subscriber to a million-key source holds a
+//! page, not the source. Each page is read under the hub's gate (see [`Hub::write_gate`]), after
+//! moving everything already queued out of the queue: a row read is then either in what was
+//! moved (and that change is dropped, the row covers it) or changed after the read (and its
+//! change is newer). While the cursor walks, a change of a key the cursor has not reached yet is
+//! dropped (its page will read it); one of a key already sent is delivered.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +42,9 @@ pub type SubId = u64;
 
 /// Most slots moved out of a queue per lock.
 const DRAIN_BATCH: usize = 256;
+
+/// Current rows read per page of a subscription's cursor.
+const PAGE_ROWS: usize = 256;
 
 /// One applied change, shared by every subscriber that wants it.
 #[derive(Debug)]
@@ -167,6 +176,11 @@ struct SourceSubs {
 /// The subscription registry and dispatcher.
 #[derive(Default)]
 pub struct Hub {
+    /// Held for writing from a change applied to a keyspace until it is queued; for reading
+    /// while a cursor reads a page of current rows.
+    gate: RwLock<()>,
+    /// Wakes cursors that found the gate held.
+    gate_open: Notify,
     index: RwLock<HashMap<Arc<str>, SourceSubs>>,
     queues: Mutex<HashMap<u64, Arc<QueueShared>>>,
     next_id: AtomicU64,
@@ -180,6 +194,18 @@ impl Hub {
 
     pub fn stats(&self) -> &HubStats {
         &self.stats
+    }
+
+    /// Held by the writer from the first change of a batch applied to a keyspace until
+    /// [`Hub::publish`] has queued the batch: a page of current rows is never read in between,
+    /// so what a page reads has either been queued already or changes after the read.
+    pub fn write_gate(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called after a [`Hub::write_gate`] guard is dropped: cursors waiting for it read on.
+    pub fn gate_opened(&self) {
+        self.gate_open.notify_waiters();
     }
 
     /// Current number of subscriptions.
@@ -395,9 +421,45 @@ struct SubState {
     selection: Selection,
     initial: bool,
     started: bool,
-    /// Per key, the version of the row last sent from a read of the current rows; a queued
-    /// change at or below it is already known to the subscriber.
-    seen: HashMap<Arc<str>, u64>,
+    /// Walking the current rows; `None` once `Synced` has been sent (or without `initial`).
+    cursor: Option<Cursor>,
+}
+
+/// Where a subscription's walk over its current rows stands.
+struct Cursor {
+    /// The last key sent (`None`: none yet); for a prefix, keys are walked in order.
+    last: Option<Arc<str>>,
+    /// For a key list: the position of each watched key, and how many have been read.
+    positions: Option<HashMap<Arc<str>, usize>>,
+    read: usize,
+}
+
+impl Cursor {
+    fn new(selection: &Selection) -> Self {
+        let positions = match selection {
+            Selection::Keys(keys) => Some(
+                keys.iter()
+                    .enumerate()
+                    .map(|(i, k)| (Arc::from(k.as_str()), i))
+                    .collect(),
+            ),
+            Selection::Prefix(_) => None,
+        };
+        Cursor {
+            last: None,
+            positions,
+            read: 0,
+        }
+    }
+
+    /// Whether the row of `key` has been sent already (a change of it is news), as opposed
+    /// to one a later page will read.
+    fn passed(&self, key: &str) -> bool {
+        match &self.positions {
+            Some(pos) => pos.get(key).is_some_and(|&i| i < self.read),
+            None => self.last.as_deref().is_some_and(|l| key <= l),
+        }
+    }
 }
 
 /// One consumer of the hub: its subscriptions and its bounded, conflating queue. Dropping it
@@ -411,6 +473,8 @@ pub struct Subscriber {
     limit: Option<ResetLimit>,
     reset_times: VecDeque<Instant>,
     drained: Vec<(PendingKey, Arc<Change>)>,
+    /// A cursor's page was not read because the writer held the gate.
+    gate_busy: bool,
 }
 
 impl Subscriber {
@@ -442,6 +506,7 @@ impl Subscriber {
             limit,
             reset_times: VecDeque::new(),
             drained: Vec::new(),
+            gate_busy: false,
         }
     }
 
@@ -468,7 +533,7 @@ impl Subscriber {
                 selection,
                 initial,
                 started: false,
-                seen: HashMap::new(),
+                cursor: None,
             },
         );
         sub
@@ -515,6 +580,21 @@ impl Subscriber {
             if let Some(d) = self.try_next() {
                 return d;
             }
+            if self.gate_busy {
+                // The writer is between applying a batch and queueing it: read the page once it
+                // has (registered before trying again, so the wake-up cannot be missed).
+                let hub = self.hub.clone();
+                let opened = hub.gate_open.notified();
+                tokio::pin!(opened);
+                opened.as_mut().enable();
+                if let Some(d) = self.try_next() {
+                    return d;
+                }
+                if self.gate_busy {
+                    opened.await;
+                }
+                continue;
+            }
             let unsynced: Vec<Arc<Source>> = self
                 .subs
                 .values()
@@ -545,7 +625,7 @@ impl Subscriber {
             if let Some(d) = self.pending.pop_front() {
                 return Some(d);
             }
-            if !self.start_ready() && !self.fill() {
+            if !self.start_ready() && !self.fill() && !self.read_page() {
                 return None;
             }
         }
@@ -565,34 +645,97 @@ impl Subscriber {
         !ready.is_empty()
     }
 
-    /// Reads the current rows of `sub` (if it asked for them) into `pending`, then `Synced`.
+    /// Starts sending the current rows of `sub` (if it asked for them; a page at a time, see
+    /// [`Subscriber::read_page`]), then `Synced`.
     fn load_current(&mut self, sub: SubId) {
         let Some(state) = self.subs.get_mut(&sub) else {
             return;
         };
         state.started = true;
-        state.seen.clear();
         if state.initial {
-            let name = state.source.name().clone();
-            let rows = match &state.selection {
-                Selection::Keys(keys) => keys
+            state.cursor = Some(Cursor::new(&state.selection));
+        } else {
+            state.cursor = None;
+            self.pending.push_back(Delivery::Synced {
+                sub,
+                version: state.source.version(),
+            });
+        }
+    }
+
+    /// Reads the next page of current rows of one subscription whose cursor is walking, into
+    /// `pending` (with `Synced` after the last page). Under the hub's gate, everything queued
+    /// is moved out first and judged against the cursor as it was before this page, so a
+    /// change the page's read already covers is dropped. False if no cursor is walking.
+    fn read_page(&mut self) -> bool {
+        self.gate_busy = false;
+        let Some((&sub, _)) = self.subs.iter().find(|(_, s)| s.cursor.is_some()) else {
+            return false;
+        };
+        let hub = self.hub.clone();
+        let gate = match hub.gate.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Never block a runtime thread on the writer's batch: `next` waits for it.
+                self.gate_busy = true;
+                return false;
+            }
+        };
+        self.take_queued(usize::MAX);
+        let Some(state) = self.subs.get_mut(&sub) else {
+            return false;
+        };
+        let Some(cursor) = state.cursor.as_mut() else {
+            return false;
+        };
+        let rows: Vec<(Arc<str>, crate::store::Row)>;
+        let done;
+        match &state.selection {
+            Selection::Keys(keys) => {
+                let end = (cursor.read + PAGE_ROWS).min(keys.len());
+                rows = keys[cursor.read..end]
                     .iter()
                     .filter_map(|k| state.source.get(k).map(|r| (Arc::from(k.as_str()), r)))
-                    .collect(),
-                Selection::Prefix(p) => state.source.keyspace().scan(p, None, usize::MAX),
-            };
-            for (key, row) in rows {
-                state.seen.insert(key.clone(), row.version);
-                self.pending.push_back(Delivery::Row {
-                    sub,
-                    change: Arc::new(Change::new(name.clone(), key, row.version, Some(row.value))),
-                });
+                    .collect();
+                done = end == keys.len();
+            }
+            Selection::Prefix(p) => {
+                rows = state
+                    .source
+                    .keyspace()
+                    .scan(p, cursor.last.as_deref(), PAGE_ROWS);
+                done = rows.len() < PAGE_ROWS;
             }
         }
-        self.pending.push_back(Delivery::Synced {
-            sub,
-            version: state.source.version(),
-        });
+        let version = state.source.version();
+        drop(gate);
+        // What was queued before this page: news only for keys an earlier page sent.
+        self.deliver_taken();
+        let Some(state) = self.subs.get_mut(&sub) else {
+            return true;
+        };
+        let Some(cursor) = state.cursor.as_mut() else {
+            return true;
+        };
+        let name = state.source.name().clone();
+        if let Selection::Keys(keys) = &state.selection {
+            cursor.read = (cursor.read + PAGE_ROWS).min(keys.len());
+        }
+        if let Some((key, _)) = rows.last() {
+            cursor.last = Some(key.clone());
+        }
+        for (key, row) in rows {
+            self.pending.push_back(Delivery::Row {
+                sub,
+                change: Arc::new(Change::new(name.clone(), key, row.version, Some(row.value))),
+            });
+        }
+        if done {
+            state.cursor = None;
+            self.pending.push_back(Delivery::Synced { sub, version });
+        }
+        true
     }
 
     /// Moves what the queue holds into `pending`: a reset after an overflow or a restarted
@@ -635,8 +778,16 @@ impl Subscriber {
         if st.order.is_empty() {
             return false;
         }
-        let n = st.order.len().min(DRAIN_BATCH);
-        self.drained.clear();
+        drop(st);
+        self.take_queued(DRAIN_BATCH);
+        self.deliver_taken();
+        true
+    }
+
+    /// Moves up to `most` queued changes into `drained`.
+    fn take_queued(&mut self, most: usize) {
+        let mut st = self.queue.lock();
+        let n = st.order.len().min(most);
         for _ in 0..n {
             let Some(slot) = st.order.pop_front() else {
                 break;
@@ -645,24 +796,26 @@ impl Subscriber {
                 self.drained.push((slot, change));
             }
         }
-        drop(st);
+    }
+
+    /// Turns the changes in `drained` into deliveries, dropping those the current rows cover.
+    fn deliver_taken(&mut self) {
         for ((sub, _), change) in self.drained.drain(..) {
-            let Some(state) = self.subs.get_mut(&sub) else {
+            let Some(state) = self.subs.get(&sub) else {
                 continue;
             };
             if !state.started {
                 // The source is still syncing: its current rows, read once it has, cover this.
                 continue;
             }
-            if let Some(&v) = state.seen.get(&change.key) {
-                if change.version <= v {
+            if let Some(cursor) = &state.cursor {
+                if !cursor.passed(&change.key) {
+                    // A page still to be read covers this key.
                     continue;
                 }
-                state.seen.remove(&change.key);
             }
             self.pending.push_back(Delivery::Change { sub, change });
         }
-        true
     }
 
     fn restart(&mut self, sub: SubId, reason: Arc<str>) {
@@ -855,15 +1008,117 @@ mod tests {
             drain(&mut s),
             ["reset", "row a@1", "row b@2", "row c@3", "synced 3"]
         );
-        // A change racing the re-read is not told twice.
-        hub.publish(&[Event {
-            source: src.name().clone(),
-            key: Arc::from("c"),
-            version: 3,
-            value: Some(Bytes::from_static(b"3")),
-        }]);
         apply(&hub, &src, "a", 4, "4");
         assert_eq!(drain(&mut s), ["change a@4"]);
+    }
+
+    #[test]
+    fn a_change_queued_before_a_page_is_read_is_told_once() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        apply(&hub, &src, "a", 1, "1");
+        let mut s = Subscriber::new(&hub, "t", 8, None);
+        s.subscribe(src.clone(), Selection::Prefix(String::new()), true);
+        // Queued before the cursor's first page: the page reads a@2, the change is dropped.
+        apply(&hub, &src, "a", 2, "2");
+        apply(&hub, &src, "b", 3, "3");
+        assert_eq!(drain(&mut s), ["row a@2", "row b@3", "synced 3"]);
+    }
+
+    #[test]
+    fn current_rows_are_read_a_page_at_a_time() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let n = PAGE_ROWS * 2 + 10;
+        for i in 0..n {
+            apply(&hub, &src, &format!("k{i:04}"), i as u64 + 1, "v");
+        }
+        let mut s = Subscriber::new(&hub, "t", 4, None);
+        s.subscribe(src.clone(), Selection::Prefix("k".into()), true);
+        let first = s.try_next();
+        assert!(matches!(first, Some(Delivery::Row { .. })));
+        // One page is held, not the source.
+        assert_eq!(s.pending.len(), PAGE_ROWS - 1);
+        // A change behind the cursor is news; one ahead of it is read by its page.
+        apply(&hub, &src, "k0000", 1000, "new");
+        apply(&hub, &src, &format!("k{:04}", n - 1), 1001, "new");
+        let rest = drain(&mut s);
+        assert_eq!(rest.len(), n - 1 + 2, "{:?}", &rest[rest.len() - 3..]);
+        assert!(rest.contains(&"change k0000@1000".to_string()));
+        assert!(rest.contains(&format!("row k{:04}@1001", n - 1)));
+        assert_eq!(rest.last().map(String::as_str), Some("synced 1001"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the interleaving of changes and reads, a subscriber with initial rows
+        /// ends up with the source's content, sees each key's versions rising (never one
+        /// twice), is told `Synced` once, and holds at most a page beyond its queue bound.
+        #[test]
+        fn a_walking_cursor_agrees_with_the_source(
+            start in 0usize..700,
+            steps in proptest::collection::vec((0u8..4, 0usize..800, proptest::bool::ANY), 0..300),
+            bound in 1usize..64,
+            prefix in proptest::sample::select(vec!["", "k0", "k05"]),
+        ) {
+            let hub = Arc::new(Hub::new());
+            let src = source();
+            let mut version = 0;
+            for i in 0..start {
+                version += 1;
+                apply(&hub, &src, &format!("k{i:03}"), version, "v");
+            }
+            let mut s = Subscriber::new(&hub, "t", bound, None);
+            s.subscribe(src.clone(), Selection::Prefix(prefix.to_string()), true);
+            let mut seen: HashMap<Arc<str>, (u64, Option<Bytes>)> = HashMap::new();
+            let mut synced = 0;
+            let mut take = |s: &mut Subscriber, n: usize, seen: &mut HashMap<_, _>| -> Result<(), proptest::test_runner::TestCaseError> {
+                for _ in 0..n {
+                    proptest::prop_assert!(s.pending.len() <= PAGE_ROWS + bound);
+                    let Some(d) = s.try_next() else { break };
+                    let change = match d {
+                        Delivery::Row { change, .. } | Delivery::Change { change, .. } => change,
+                        Delivery::Synced { .. } => { synced += 1; continue; }
+                        Delivery::Reset { .. } => { seen.clear(); synced = 0; continue; }
+                        Delivery::TooSlow => return Err(proptest::test_runner::TestCaseError::fail("too slow")),
+                    };
+                    if let Some((v, _)) = seen.get(&change.key) {
+                        proptest::prop_assert!(change.version > *v, "{} went from {} to {}", change.key, v, change.version);
+                    }
+                    seen.insert(change.key.clone(), (change.version, change.value.clone()));
+                }
+                Ok(())
+            };
+            for (what, key, del) in steps {
+                if what == 0 {
+                    take(&mut s, key % 300, &mut seen)?;
+                    continue;
+                }
+                version += 1;
+                let key = format!("k{key:03}");
+                if del && src.get(&key).is_some() {
+                    src.remove(&key);
+                    src.set_version(version);
+                    hub.publish(&[Event { source: src.name().clone(), key: Arc::from(key.as_str()), version, value: None }]);
+                } else {
+                    apply(&hub, &src, &key, version, &version.to_string());
+                }
+            }
+            take(&mut s, usize::MAX, &mut seen)?;
+            proptest::prop_assert_eq!(synced, 1);
+            let held: HashMap<Arc<str>, Bytes> = seen
+                .into_iter()
+                .filter_map(|(k, (_, v))| Some((k, v?)))
+                .collect();
+            let want: HashMap<Arc<str>, Bytes> = src
+                .keyspace()
+                .scan(prefix, None, usize::MAX)
+                .into_iter()
+                .map(|(k, r)| (k, r.value))
+                .collect();
+            proptest::prop_assert_eq!(held, want);
+        }
     }
 
     #[test]

@@ -130,6 +130,8 @@ impl Writer {
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Step>, batch: usize) {
         let mut events = Vec::new();
         while let Some(op) = rx.recv().await {
+            let hub = self.hub.clone();
+            let gate = hub.write_gate();
             self.apply(op, &mut events);
             // Drain what is already queued before handing changes on, so that a burst costs one
             // view pass and one hub dispatch.
@@ -142,6 +144,8 @@ impl Writer {
                 n += 1;
             }
             self.flush(&mut events);
+            drop(gate);
+            hub.gate_opened();
             if events.capacity() > EVENTS_KEPT {
                 events = Vec::new();
             }
