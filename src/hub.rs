@@ -105,6 +105,8 @@ impl Selection {
 pub struct HubStats {
     /// Queues that overflowed their bound and were reset (resent current rows).
     pub lagged: AtomicU64,
+    /// Consumers (WebSocket, Watch) closed because a send to them waited past its deadline.
+    pub send_timeouts: AtomicU64,
     /// Changes queued to consumers.
     pub delivered: AtomicU64,
     /// Queued changes replaced in place by a newer change of the same key.

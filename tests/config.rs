@@ -108,6 +108,16 @@ fn zero_or_absurd_bounds_are_refused_naming_the_key() {
         &["ws.command_queue", "between 1 and 1024"],
     );
     refused(
+        "zero-send-timeout.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[ws]\nsend_timeout = \"0s\"\n"),
+        &["ws.send_timeout", "above 0"],
+    );
+    refused(
+        "zero-watch-send-timeout.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[limits]\nwatch_send_timeout = \"0s\"\n"),
+        &["limits.watch_send_timeout", "above 0"],
+    );
+    refused(
         "huge-read-buffer.toml",
         &format!("{ORIGIN}topics = [\"a\"]\n[ws]\nread_buffer_bytes = \"1GiB\"\n"),
         &["ws.read_buffer_bytes", "between 256B and 1MiB"],

@@ -603,3 +603,85 @@ async fn on_demand_sources_are_read_through_by_get_and_refuse_subscribe() {
         "{v}"
     );
 }
+
+/// Four clients with a tiny receive buffer subscribe to every row of a 20k-key source and never
+/// read: each write to them waits for a socket that does not drain. With `max_connections = 4`
+/// they would lock everyone out; the send deadline closes them (4008, counted) and a fifth
+/// client gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_closed_and_free_their_slots() {
+    let ws_cfg = WsConfig {
+        max_connections: 4,
+        queue: 16,
+        ping_interval: Dur(Duration::from_secs(1)),
+        idle_timeout: Dur(Duration::from_secs(3)),
+        send_timeout: Dur(Duration::from_secs(1)),
+        ..WsConfig::default()
+    };
+    let s = Setup::start(&["t"], ws_cfg).await;
+    let value = json!({"pad": "x".repeat(200)});
+    let mut version = 0;
+    for chunk in 0..20 {
+        let kvs: Vec<(String, serde_json::Value)> = (0..1000)
+            .map(|i| (format!("k{:05}", chunk * 1000 + i), value.clone()))
+            .collect();
+        let kvs: Vec<(&str, serde_json::Value)> =
+            kvs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        version = s.put("t", &kvs);
+    }
+    // Every row is in the sidecar before the clients subscribe.
+    let src = s.sidecar.store().source("t").expect("source t").clone();
+    within("20k rows in the sidecar", async {
+        while src.version() < version {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(src.len(), 20_000);
+
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        let (mut ws, _) = connect_small_buffer(s.sidecar.http_addr()).await;
+        send(
+            &mut ws,
+            json!({"op":"subscribe","id":"s","source":"t","prefix":"","initial":true}),
+        )
+        .await;
+        stuck.push(ws);
+    }
+    let mut fifth = within("a fifth client after the stuck ones are closed", async {
+        loop {
+            match tokio_tungstenite::connect_async(s.url()).await {
+                Ok((ws, _)) => return ws,
+                Err(tungstenite::Error::Http(r))
+                    if r.status() == StatusCode::SERVICE_UNAVAILABLE =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("fifth client: {e:?}"),
+            }
+        }
+    })
+    .await;
+    send(
+        &mut fifth,
+        json!({"op":"get","id":"g","source":"t","key":"k00001"}),
+    )
+    .await;
+    assert_eq!(recv(&mut fifth).await["found"], true);
+    let timed_out = s
+        .sidecar
+        .ws_stats()
+        .closed_send_timeout
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let idle = s
+        .sidecar
+        .ws_stats()
+        .closed_idle
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        timed_out >= 1 && timed_out + idle >= 4,
+        "send timeouts {timed_out}, idle {idle}"
+    );
+    drop(stuck);
+}

@@ -146,6 +146,9 @@ pub struct WsConfig {
     /// `idle_timeout` closes the connection with code 4000.
     pub ping_interval: Dur,
     pub idle_timeout: Dur,
+    /// Longest a write to a client may wait for its socket (a client that stopped reading);
+    /// past it the connection is closed with code 4008.
+    pub send_timeout: Dur,
     /// Bytes of outbound frames buffered per connection before a send waits for the socket.
     pub write_buffer_bytes: ByteSize,
     /// Frames written before one flush, so a burst of changes costs few syscalls.
@@ -181,6 +184,7 @@ impl Default for WsConfig {
             reset_window: Dur(Duration::from_secs(60)),
             ping_interval: Dur(Duration::from_secs(15)),
             idle_timeout: Dur(Duration::from_secs(45)),
+            send_timeout: Dur(Duration::from_secs(10)),
             write_buffer_bytes: ByteSize(128 << 10),
             send_batch_frames: 128,
             read_buffer_bytes: ByteSize(4 << 10),
@@ -219,6 +223,9 @@ pub struct Limits {
     /// Watch events per stream taken off its queue and waiting for the transport; when full,
     /// changes wait (conflated) in `watch_queue`.
     pub watch_send_buffer: usize,
+    /// Longest a Watch event may wait for room in `watch_send_buffer` (a client that stopped
+    /// reading); past it the Watch ends and its slot of `max_watches` is freed.
+    pub watch_send_timeout: Dur,
     /// Most concurrent Watch streams.
     pub max_watches: usize,
     /// Most keys in one Watch request.
@@ -245,6 +252,7 @@ impl Default for Limits {
             scan_max_limit: 1000,
             watch_queue: 1024,
             watch_send_buffer: 64,
+            watch_send_timeout: Dur(Duration::from_secs(30)),
             max_watches: 10_000,
             max_watch_keys: 10_000,
             max_wait: Dur(Duration::from_secs(30)),
@@ -612,6 +620,7 @@ impl SidecarConfig {
             1,
             4096,
         )?;
+        super::check_positive(file, "limits.watch_send_timeout", l.watch_send_timeout)?;
         check_range(
             file,
             "limits.writer_batch",
@@ -816,6 +825,7 @@ impl WsConfig {
         for (field, d) in [
             ("ws.reset_window", self.reset_window),
             ("ws.ping_interval", self.ping_interval),
+            ("ws.send_timeout", self.send_timeout),
         ] {
             if d.0.is_zero() {
                 return Err(ConfigError::invalid(file, field, "must be above 0"));

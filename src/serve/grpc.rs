@@ -277,6 +277,8 @@ impl pb::cache_server::Cache for CacheService {
         );
         let (tx, rx) = mpsc::channel(self.limits.watch_send_buffer);
         let mut shutdown = self.shutdown.clone();
+        let send_timeout = self.limits.watch_send_timeout.0;
+        let hub = self.hub.clone();
         tokio::spawn(async move {
             let _permit = permit;
             loop {
@@ -286,8 +288,18 @@ impl pb::cache_server::Cache for CacheService {
                     _ = crate::signalled(&mut shutdown) => None,
                 };
                 let Some(u) = update else { break };
-                if tx.send(Ok(update_event(&name, u))).await.is_err() {
-                    break;
+                match tokio::time::timeout(send_timeout, tx.send(Ok(update_event(&name, u)))).await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        // The client stopped reading: end the Watch and free its slot.
+                        hub.stats()
+                            .send_timeouts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(source = %name, "ending a Watch whose client stopped reading (limits.watch_send_timeout)");
+                        break;
+                    }
                 }
             }
         });

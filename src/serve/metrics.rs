@@ -545,6 +545,12 @@ impl Collector for Parts {
             "Consumers closed because they kept falling behind",
             [(vec![], counter(&h.too_slow))],
         )?;
+        family(
+            e,
+            "subscriber_send_timeouts",
+            "Consumers (WebSocket, Watch) closed because a send waited past its deadline",
+            [(vec![], counter(&h.send_timeouts))],
+        )?;
 
         let s = &self.ws;
         family(
@@ -577,6 +583,10 @@ impl Collector for Parts {
                 (vec![("reason", "too_big")], counter(&s.closed_too_big)),
                 (vec![("reason", "idle")], counter(&s.closed_idle)),
                 (vec![("reason", "too_slow")], counter(&s.closed_too_slow)),
+                (
+                    vec![("reason", "send_timeout")],
+                    counter(&s.closed_send_timeout),
+                ),
             ],
         )?;
         family(

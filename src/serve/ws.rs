@@ -53,6 +53,9 @@ pub const CLOSE_IDLE: u16 = 4000;
 /// `ws.reset_window`).
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 
+/// Most deliveries sent in one burst before the connection's other work is looked at.
+const BURST_FRAMES: usize = 1024;
+
 /// How long a close frame may take to go out before the connection is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -75,6 +78,8 @@ pub struct WsStats {
     pub closed_idle: AtomicU64,
     /// Connections closed as too slow (4008).
     pub closed_too_slow: AtomicU64,
+    /// Connections closed because a write waited past `ws.send_timeout` (4008).
+    pub closed_send_timeout: AtomicU64,
     /// Client messages answered with an `error`.
     pub errors: AtomicU64,
     /// Frames sent to clients.
@@ -666,9 +671,30 @@ impl Outbox {
         code
     }
 
+    /// A write that waited past `ws.send_timeout` for the socket: the client stopped reading.
+    fn send_timed_out(&self) -> Stop {
+        self.st
+            .stats
+            .closed_send_timeout
+            .fetch_add(1, Ordering::Relaxed);
+        self.st
+            .hub
+            .stats()
+            .send_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        info!(peer = %self.peer, "closing a WebSocket client that stopped reading (ws.send_timeout)");
+        Stop::Close(
+            CLOSE_TOO_SLOW,
+            "too slow: a send waited past ws.send_timeout",
+        )
+    }
+
     /// Queues a frame; flushes every `ws.send_batch_frames` frames.
     async fn feed(&mut self, msg: Message) -> Result<(), Stop> {
-        self.sink.feed(msg).await.map_err(|_| Stop::Gone)?;
+        match tokio::time::timeout(self.st.cfg.send_timeout.0, self.sink.feed(msg)).await {
+            Ok(r) => r.map_err(|_| Stop::Gone)?,
+            Err(_) => return Err(self.send_timed_out()),
+        }
         self.st.stats.frames.fetch_add(1, Ordering::Relaxed);
         self.unsent += 1;
         if self.unsent >= self.st.cfg.send_batch_frames {
@@ -679,7 +705,10 @@ impl Outbox {
 
     async fn flush(&mut self) -> Result<(), Stop> {
         self.unsent = 0;
-        self.sink.flush().await.map_err(|_| Stop::Gone)
+        match tokio::time::timeout(self.st.cfg.send_timeout.0, self.sink.flush()).await {
+            Ok(r) => r.map_err(|_| Stop::Gone),
+            Err(_) => Err(self.send_timed_out()),
+        }
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
@@ -691,10 +720,14 @@ impl Outbox {
         self.send(Message::Text(frame.into())).await
     }
 
-    /// Sends `first` and whatever else is ready now, then flushes once.
+    /// Sends `first` and whatever else is ready now (up to [`BURST_FRAMES`], so that requests,
+    /// pings and closes are served between bursts), then flushes once.
     async fn deliver_burst(&mut self, first: Delivery) -> Result<(), Stop> {
         self.deliver(first).await?;
-        while let Some(d) = self.subscriber.try_next() {
+        for _ in 1..BURST_FRAMES {
+            let Some(d) = self.subscriber.try_next() else {
+                break;
+            };
             self.deliver(d).await?;
         }
         self.flush().await
