@@ -490,6 +490,78 @@ async fn closed_streams_reconnect_and_resume() {
     .await
 }
 
+/// Keys are small; what they pull in is not: a keyed interest is bounded by the bytes it names
+/// (keys and their values), first subscribe and later additions alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_interest_past_max_subscribed_bytes_ends_the_stream() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            max_subscribed_bytes: viewcar::config::ByteSize(4096),
+            ..origin_config()
+        })
+        .await;
+        let big = "x".repeat(1500);
+        let puts = (0..10).map(|i| put(&format!("k{i}"), &big)).collect();
+        origin.origin.publish("items", puts).unwrap();
+
+        // Too much at once: refused before anything is sent.
+        let mut raw = origin.feed_client().await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(subscribe("items", &["k0", "k1", "k2"], None))
+            .await
+            .unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("max_subscribed_bytes") && status.message().contains("items"),
+            "{status:?}"
+        );
+
+        // Within the bound, then past it by adding keys (absent keys count their names only).
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(subscribe("items", &["k0", "k1", "absent"], None))
+            .await
+            .unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().expect("keyed snapshot");
+        assert!(matches!(
+            first.kind,
+            Some(feed::sync_response::Kind::Snapshot(_))
+        ));
+        tx.send(subscribe("items", &["k1", "k2"], None))
+            .await
+            .unwrap();
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("max_subscribed_bytes"),
+            "{status:?}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
     within(async {

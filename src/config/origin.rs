@@ -50,6 +50,10 @@ pub struct OriginConfig {
     /// Most keys one Sync stream may subscribe to in one topic (keyed interest, on_demand
     /// sidecars); a Subscribe past it ends the stream with RESOURCE_EXHAUSTED.
     pub max_subscribed_keys: usize,
+    /// Most bytes one Sync stream's keyed interest in one topic may name: the subscribed keys
+    /// plus their values when subscribed. A Subscribe past it ends the stream with
+    /// RESOURCE_EXHAUSTED (keys are small; what they pull in is not).
+    pub max_subscribed_bytes: ByteSize,
     /// HTTP/2 keepalive of the Feed server: a ping after this long without frames ...
     pub keepalive_interval: Dur,
     /// ... and the connection is closed when its ack takes longer than this.
@@ -110,6 +114,7 @@ impl Default for OriginConfig {
             max_publish_changes: 10_000,
             max_streams: 1024,
             max_subscribed_keys: 1_000_000,
+            max_subscribed_bytes: ByteSize(256 << 20),
             keepalive_interval: Dur(Duration::from_secs(10)),
             keepalive_timeout: Dur(Duration::from_secs(10)),
             progress_interval: Dur(Duration::from_secs(2)),
@@ -178,6 +183,13 @@ impl OriginConfig {
                 super::sidecar::MIN_KEEPALIVE,
                 super::sidecar::MAX_KEEPALIVE,
             )?;
+        }
+        if self.max_subscribed_bytes.0 < 1024 {
+            return Err(ConfigError::invalid(
+                file,
+                "max_subscribed_bytes",
+                "must be at least 1KiB",
+            ));
         }
         if self.max_message_bytes.0 < 1024 {
             return Err(ConfigError::invalid(

@@ -163,6 +163,8 @@ pub(crate) struct Interest {
     /// Batches of this topic queued and not yet taken by the stream.
     pub pending: Arc<AtomicU64>,
     pub lagged: bool,
+    /// For keyed interest: the bytes of its keys and of their values when subscribed.
+    pub bytes: u64,
 }
 
 pub(crate) struct TopicState {

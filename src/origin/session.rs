@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{debug, warn};
 
-use super::{Batch, Inner, Interest, Origin, PublishError, SessionId, Stored, Topic};
+use super::{Batch, Inner, Interest, Origin, PublishError, SessionId, Stored, Topic, TopicState};
 use crate::pb::feed::v1 as pb;
 
 type Out = mpsc::Sender<Result<pb::SyncResponse, Status>>;
@@ -268,8 +268,11 @@ impl Session {
         } else {
             Some(sub.keys.iter().map(|k| Arc::from(k.as_str())).collect())
         };
+        let mut keyed_bytes = 0;
         if let Some(keys) = &keys {
             self.check_subscribed(&name, keys.len())?;
+            keyed_bytes = named_bytes(&topic.lock().data, keys.iter().map(|k| &**k));
+            self.check_subscribed_bytes(&name, keyed_bytes)?;
         }
         let epoch = self.inner().epoch.clone();
         enum Start {
@@ -324,6 +327,7 @@ impl Session {
                     queue: self.queue.clone(),
                     pending: pending.clone(),
                     lagged: false,
+                    bytes: keyed_bytes,
                 },
             );
             (start, version)
@@ -402,13 +406,25 @@ impl Session {
                     })
                 })
                 .collect();
+            let TopicState {
+                data, interests, ..
+            } = &mut *ts;
             if let Some(Interest {
-                keys: Some(set), ..
-            }) = ts.interests.get_mut(&self.id)
+                keys: Some(set),
+                bytes,
+                ..
+            }) = interests.get_mut(&self.id)
             {
-                let added = keys.iter().filter(|k| !set.contains(k.as_str())).count();
-                self.check_subscribed(&topic.name, set.len() + added)?;
-                set.extend(keys.iter().map(|k| Arc::from(k.as_str())));
+                let added: Vec<&str> = keys
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|k| !set.contains(*k))
+                    .collect();
+                self.check_subscribed(&topic.name, set.len() + added.len())?;
+                let more = named_bytes(data, added.iter().copied());
+                self.check_subscribed_bytes(&topic.name, *bytes + more)?;
+                *bytes += more;
+                set.extend(added.into_iter().map(Arc::from));
             }
             (entries, version)
         };
@@ -419,6 +435,19 @@ impl Session {
             last: true,
         }))
         .await
+    }
+
+    /// Refuses a keyed interest naming more than `max_subscribed_bytes`.
+    fn check_subscribed_bytes(&self, topic: &str, bytes: u64) -> Result<(), End> {
+        let limit = self.inner().cfg.max_subscribed_bytes;
+        if bytes > limit.0 {
+            return Err(End::Refused(Status::resource_exhausted(format!(
+                "this stream would subscribe {} of '{topic}' (keys and their values); the \
+                 origin allows {limit} per stream and topic (max_subscribed_bytes)",
+                crate::types::ByteSize(bytes)
+            ))));
+        }
+        Ok(())
     }
 
     /// Refuses a keyed interest of more than `max_subscribed_keys` keys.
@@ -592,4 +621,13 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The bytes a keyed interest in `keys` names: each key, and its value where `data` has one.
+fn named_bytes<'a>(
+    data: &imbl::OrdMap<Arc<str>, Stored>,
+    keys: impl Iterator<Item = &'a str>,
+) -> u64 {
+    keys.map(|k| (k.len() + data.get(k).map_or(0, |s| s.value.len())) as u64)
+        .sum()
 }
