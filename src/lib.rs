@@ -29,6 +29,7 @@
 
 // Bottom: plain data shared by every layer.
 
+mod accept;
 mod auth;
 pub mod config;
 mod introspect;

@@ -275,10 +275,15 @@ async fn serve_cache(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
-        // binds itself, and a reply of more than one segment would wait for a delayed ACK.
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            crate::accept::incoming(
+                listener,
+                crate::accept::Bounds {
+                    max_connections: cfg.listen.grpc_max_connections,
+                    header_timeout: cfg.listen.grpc_header_timeout.0,
+                },
+                "grpc",
+            ),
             async move {
                 let _ = sd.wait_for(|s| *s).await;
             },

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom first. Modules of one layer do not use each other, except at the top.
 const LAYERS: &[(&str, &[&str])] = &[
     ("bottom", &["types", "pb", "tls", "auth"]),
-    ("config", &["config", "introspect"]),
+    ("config", &["config", "introspect", "accept"]),
     ("store", &["store"]),
     ("hub", &["hub"]),
     ("views", &["views"]),

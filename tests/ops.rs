@@ -476,3 +476,69 @@ async fn half_sent_requests_are_closed_and_bounded() {
     })
     .await;
 }
+
+/// Connects to `addr` and says nothing; returns once the server has closed the connection.
+async fn silent_until_closed(mut s: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            // What a server may say before it hangs up (an HTTP/2 SETTINGS or GOAWAY frame).
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// The gRPC listeners (the Cache API and the origin's Feed) close a connection that never
+/// sends its HTTP/2 preface, and hold at most their connection bound: silent clients cannot
+/// starve Gets or Syncs for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_grpc_connections_are_closed_and_bounded() {
+    within(async {
+        let mut ocfg = common::origin_config();
+        ocfg.max_connections = 2;
+        ocfg.header_timeout = Dur(Duration::from_millis(500));
+        let origin = common::TestOrigin::start(ocfg).await;
+        // Two silent connections hold the origin's every slot ...
+        let feed_silent: Vec<_> = futures_util::future::join_all(
+            (0..2).map(|_| tokio::net::TcpStream::connect(origin.addr)),
+        )
+        .await
+        .into_iter()
+        .map(|s| s.unwrap())
+        .collect();
+
+        let mut cfg = common::sidecar_config(&origin.url(), &["t"]);
+        cfg.listen.grpc_max_connections = 2;
+        cfg.listen.grpc_header_timeout = Dur(Duration::from_millis(500));
+        // ... so the sidecar's feed gets in only once they are closed.
+        let sidecar = common::start_sidecar(cfg).await;
+        sidecar.synced().await;
+        for s in feed_silent {
+            silent_until_closed(s).await;
+        }
+
+        let grpc = sidecar.grpc_addr();
+        let silent: Vec<_> =
+            futures_util::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(grpc)))
+                .await
+                .into_iter()
+                .map(|s| s.unwrap())
+                .collect();
+        // Every Cache API slot is held by a silent client; a Get is served once they are
+        // closed for saying nothing (before, this waited for ever: `within` fails the test).
+        let mut client = common::cache_client(&sidecar).await;
+        let got = client
+            .get(common::get_request("t", "nope"))
+            .await
+            .expect("Get served")
+            .into_inner();
+        assert!(!got.item.expect("item").found);
+        for s in silent {
+            silent_until_closed(s).await;
+        }
+        sidecar.shutdown().await;
+    })
+    .await;
+}

@@ -60,6 +60,12 @@ pub struct OriginConfig {
     pub keepalive_timeout: Dur,
     /// How often an idle subscription gets a Progress message.
     pub progress_interval: Dur,
+    /// Open connections of the Feed listener at most; past it new connections wait to be
+    /// accepted.
+    pub max_connections: usize,
+    /// A connection must send its first bytes (the HTTP/2 preface, or its TLS handshake)
+    /// within this long, or it is closed.
+    pub header_timeout: Dur,
     /// Serve on an address other than loopback.
     pub allow_non_loopback: bool,
     /// Serve Feed over TLS; with `client_ca`, only to clients with a certificate it signed.
@@ -116,6 +122,8 @@ impl Default for OriginConfig {
             max_subscribed_keys: 1_000_000,
             max_subscribed_bytes: ByteSize(256 << 20),
             keepalive_interval: Dur(Duration::from_secs(10)),
+            max_connections: 4096,
+            header_timeout: Dur(Duration::from_secs(10)),
             keepalive_timeout: Dur(Duration::from_secs(10)),
             progress_interval: Dur(Duration::from_secs(2)),
             allow_non_loopback: false,
@@ -162,6 +170,7 @@ impl OriginConfig {
             ("max_publish_changes", self.max_publish_changes),
             ("max_streams", self.max_streams),
             ("max_subscribed_keys", self.max_subscribed_keys),
+            ("max_connections", self.max_connections),
         ] {
             check_range(file, field, v, 1, super::sidecar::MAX_COUNT)?;
         }
@@ -184,6 +193,13 @@ impl OriginConfig {
                 super::sidecar::MAX_KEEPALIVE,
             )?;
         }
+        super::check_duration(
+            file,
+            "header_timeout",
+            self.header_timeout,
+            super::sidecar::MIN_HEADER_TIMEOUT,
+            super::sidecar::MAX_KEEPALIVE,
+        )?;
         if self.max_subscribed_bytes.0 < 1024 {
             return Err(ConfigError::invalid(
                 file,

@@ -68,6 +68,14 @@ pub struct ListenConfig {
     /// connection is closed.
     #[serde(default = "default_http_header_timeout")]
     pub http_header_timeout: Dur,
+    /// Open connections of the Cache gRPC listener at most; past it new connections wait to
+    /// be accepted.
+    #[serde(default = "default_http_max_connections")]
+    pub grpc_max_connections: usize,
+    /// A Cache API connection must send its first bytes (the HTTP/2 preface) within this long,
+    /// or it is closed.
+    #[serde(default = "default_http_header_timeout")]
+    pub grpc_header_timeout: Dur,
     /// HTTP/2 keepalive of the Cache API: a PING after this long without frames ...
     #[serde(default = "default_keepalive")]
     pub keepalive_interval: Dur,
@@ -101,6 +109,8 @@ impl Default for ListenConfig {
             allow_non_loopback: false,
             http_max_connections: default_http_max_connections(),
             http_header_timeout: default_http_header_timeout(),
+            grpc_max_connections: default_http_max_connections(),
+            grpc_header_timeout: default_http_header_timeout(),
             keepalive_interval: default_keepalive(),
             keepalive_timeout: default_keepalive(),
         }
@@ -556,20 +566,30 @@ impl SidecarConfig {
         ] {
             super::check_duration(file, field, d, MIN_KEEPALIVE, MAX_KEEPALIVE)?;
         }
-        check_range(
-            file,
-            "listen.http_max_connections",
-            self.listen.http_max_connections,
-            1,
-            MAX_COUNT,
-        )?;
-        super::check_duration(
-            file,
-            "listen.http_header_timeout",
-            self.listen.http_header_timeout,
-            Duration::from_millis(100),
-            MAX_KEEPALIVE,
-        )?;
+        for (field, n) in [
+            (
+                "listen.http_max_connections",
+                self.listen.http_max_connections,
+            ),
+            (
+                "listen.grpc_max_connections",
+                self.listen.grpc_max_connections,
+            ),
+        ] {
+            check_range(file, field, n, 1, MAX_COUNT)?;
+        }
+        for (field, d) in [
+            (
+                "listen.http_header_timeout",
+                self.listen.http_header_timeout,
+            ),
+            (
+                "listen.grpc_header_timeout",
+                self.listen.grpc_header_timeout,
+            ),
+        ] {
+            super::check_duration(file, field, d, MIN_HEADER_TIMEOUT, MAX_KEEPALIVE)?;
+        }
         if let Some(ListenAddr::Tcp(redis)) = self.listen.redis {
             if !self.listen.allow_non_loopback && !redis.ip().is_loopback() {
                 return Err(ConfigError::invalid(
@@ -886,6 +906,8 @@ pub fn describe(cfg: &SidecarConfig) -> String {
     out
 }
 
+/// Shortest header (first bytes) timeout of a listener.
+pub(crate) const MIN_HEADER_TIMEOUT: Duration = Duration::from_millis(100);
 /// Bounds of an HTTP/2 keepalive setting: shorter floods the peer with pings, longer leaves a
 /// dead peer unnoticed for hours.
 pub(crate) const MIN_KEEPALIVE: Duration = Duration::from_millis(100);

@@ -715,10 +715,15 @@ impl Origin {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
-            // binds itself, and a reply of more than one segment would wait for a delayed ACK.
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                crate::accept::incoming(
+                    listener,
+                    crate::accept::Bounds {
+                        max_connections: self.inner.cfg.max_connections,
+                        header_timeout: self.inner.cfg.header_timeout.0,
+                    },
+                    "feed",
+                ),
                 shutdown,
             )
             .await?;
