@@ -95,9 +95,9 @@ struct DemoArgs {
     /// Catalog changes published per second.
     #[arg(long, default_value_t = 50)]
     rate: u32,
-    /// Products in the catalog.
-    #[arg(long, default_value_t = 3000)]
-    products: usize,
+    /// Products in the catalog (1 to 1,000,000).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    products: u32,
 }
 
 impl From<DemoArgs> for DemoOptions {
@@ -107,7 +107,7 @@ impl From<DemoArgs> for DemoOptions {
             grpc_listen: a.grpc_listen,
             http_listen: a.http_listen,
             rate: a.rate,
-            products: a.products,
+            products: a.products as usize,
         }
     }
 }

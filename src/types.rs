@@ -231,3 +231,16 @@ mod tests {
         assert!(Dur::parse("367d").is_err());
     }
 }
+
+/// `text` cut to at most `max` bytes (at a character boundary) with `...` when cut: for echoing
+/// client-supplied strings in errors and logs without echoing a megabyte.
+pub fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
+}

@@ -118,6 +118,16 @@ fn zero_or_absurd_bounds_are_refused_naming_the_key() {
         &["limits.watch_send_timeout", "above 0"],
     );
     refused(
+        "wildcard-origin.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[ws]\nallowed_origins = [\"*\"]\n"),
+        &["ws.allowed_origins[0]", "wildcards are not supported"],
+    );
+    refused(
+        "origin-without-scheme.toml",
+        &format!("{ORIGIN}topics = [\"a\"]\n[ws]\nallowed_origins = [\"app.example.com\"]\n"),
+        &["ws.allowed_origins[0]", "scheme"],
+    );
+    refused(
         "huge-read-buffer.toml",
         &format!("{ORIGIN}topics = [\"a\"]\n[ws]\nread_buffer_bytes = \"1GiB\"\n"),
         &["ws.read_buffer_bytes", "between 256B and 1MiB"],
@@ -362,4 +372,12 @@ fn origin_addresses_are_checked() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn a_demo_catalog_past_its_bound_is_a_usage_error() {
+    let out = viewcar(&["demo", "--products", "99999999999"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("--products"), "{err}");
 }

@@ -608,3 +608,72 @@ async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
     })
     .await;
 }
+
+/// Sync and Fetch refuse an empty key as Publish does, and a client's long epoch is not echoed
+/// back whole in the Reset that answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_keys_are_refused_and_a_huge_epoch_is_not_echoed() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("items", vec![put("a", "1")]).unwrap();
+        let mut raw = origin.feed_client().await;
+
+        let err = raw
+            .fetch(feed::FetchRequest {
+                topic: "items".into(),
+                keys: vec!["a".into(), String::new()],
+            })
+            .await
+            .expect_err("empty key in Fetch");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("key 1"), "{err:?}");
+
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(subscribe("items", &["a", ""], None)).await.unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let status = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without a status"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("empty"), "{status:?}");
+
+        let (tx, rx) = mpsc::channel(4);
+        let epoch = "e".repeat(100 << 10);
+        tx.send(subscribe(
+            "items",
+            &[],
+            Some(feed::Position {
+                epoch: epoch.clone(),
+                version: 1,
+            }),
+        ))
+        .await
+        .unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let reset = loop {
+            let msg = stream.message().await.unwrap().expect("a message");
+            if let Some(feed::sync_response::Kind::Reset(r)) = msg.kind {
+                break r;
+            }
+        };
+        assert!(
+            reset.reason.len() < 512 && reset.reason.contains("bytes"),
+            "{} bytes: {}",
+            reset.reason.len(),
+            &reset.reason[..reset.reason.len().min(200)]
+        );
+    })
+    .await;
+}

@@ -495,6 +495,18 @@ async fn origin_allowlist_is_checked_at_the_handshake() {
     tokio_tungstenite::connect_async(with_origin("https://app.example.com"))
         .await
         .expect("allowed origin");
+    // Scheme and host are case-insensitive.
+    tokio_tungstenite::connect_async(with_origin("HTTPS://App.Example.com"))
+        .await
+        .expect("allowed origin, other case");
+    // Two Origin headers (an allowed one first) are refused: every one is checked.
+    let mut two = with_origin("https://app.example.com");
+    two.headers_mut()
+        .append("origin", "https://evil.example".parse().expect("header"));
+    let err = tokio_tungstenite::connect_async(two)
+        .await
+        .expect_err("two origins");
+    assert_eq!(status_of(err), StatusCode::FORBIDDEN);
     // Non-browser clients send no Origin.
     tokio_tungstenite::connect_async(s.url())
         .await
@@ -684,4 +696,109 @@ async fn clients_that_stop_reading_are_closed_and_free_their_slots() {
         "send timeouts {timed_out}, idle {idle}"
     );
     drop(stuck);
+}
+
+/// Upgrades a raw TCP connection to `/ws` by hand, so that the test can then write frames no
+/// WebSocket library would send.
+async fn raw_upgrade(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.expect("upgrade response");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// Reads server frames up to the close frame; returns its code.
+async fn raw_close_code(tcp: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut h = [0u8; 2];
+        tcp.read_exact(&mut h).await.expect("frame header");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                tcp.read_exact(&mut l).await.expect("length");
+                u16::from_be_bytes(l) as usize
+            }
+            127 => panic!("unexpected huge frame"),
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.expect("payload");
+        if h[0] & 0x0f == 0x8 {
+            assert!(payload.len() >= 2, "close frame without a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+/// A masked client frame (`opcode`, FIN set) carrying `payload`.
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Protocol violations close with the code that names them (RFC 6455 7.4.1), not an empty
+/// close: 1007 for text that is not UTF-8, 1002 for an unmasked frame or a reserved bit.
+#[tokio::test]
+async fn protocol_violations_close_with_1007_or_1002() {
+    use tokio::io::AsyncWriteExt;
+    use viewcar::ws::{CLOSE_INVALID_DATA, CLOSE_PROTOCOL_ERROR};
+    let s = Setup::start(&["t"], WsConfig::default()).await;
+    let addr = s.sidecar.http_addr();
+    let cases: [(&str, Vec<u8>, u16); 3] = [
+        (
+            "invalid UTF-8",
+            masked(0x1, &[0xff, 0xfe, 0x41]),
+            CLOSE_INVALID_DATA,
+        ),
+        (
+            "unmasked frame",
+            vec![0x81, 0x02, b'h', b'i'],
+            CLOSE_PROTOCOL_ERROR,
+        ),
+        (
+            "reserved bit",
+            {
+                let mut f = masked(0x1, b"hi");
+                f[0] |= 0x40;
+                f
+            },
+            CLOSE_PROTOCOL_ERROR,
+        ),
+    ];
+    for (what, frame, want) in cases {
+        let mut tcp = within("upgrade", raw_upgrade(addr)).await;
+        tcp.write_all(&frame).await.expect("frame");
+        let code = within(what, raw_close_code(&mut tcp)).await;
+        assert_eq!(code, want, "{what}");
+    }
+    assert!(
+        s.sidecar
+            .ws_stats()
+            .closed_protocol
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
 }

@@ -865,7 +865,16 @@ impl WsConfig {
             "remove it to accept clients without a token",
         )?;
         for (i, o) in self.allowed_origins.iter().enumerate() {
-            if o.is_empty() || o.ends_with('/') {
+            if o.contains('*') {
+                return Err(ConfigError::invalid(
+                    file,
+                    format!("ws.allowed_origins[{i}]"),
+                    format!("{o:?}: wildcards are not supported; list each origin, or leave allowed_origins empty to accept any"),
+                ));
+            }
+            let scheme_ok = o.starts_with("http://") || o.starts_with("https://");
+            let rest = o.split_once("://").map_or("", |(_, r)| r);
+            if o.is_empty() || !scheme_ok || rest.is_empty() || rest.contains('/') {
                 return Err(ConfigError::invalid(
                     file,
                     format!("ws.allowed_origins[{i}]"),

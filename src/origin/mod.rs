@@ -53,6 +53,8 @@ pub enum PublishError {
     TooManyChanges { got: usize, limit: usize },
     #[error("change {index} has an empty key")]
     EmptyKey { index: usize },
+    #[error("key {index} of the request is empty")]
+    EmptyRequestedKey { index: usize },
     #[error("key '{0}' appears twice in one publish")]
     DuplicateKey(String),
     #[error(
@@ -631,6 +633,9 @@ impl Origin {
     /// Point reads of a topic.
     pub fn fetch(&self, topic: &str, keys: &[String]) -> Result<pb::FetchResponse, PublishError> {
         self.inner.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        if let Some(index) = keys.iter().position(String::is_empty) {
+            return Err(PublishError::EmptyRequestedKey { index });
+        }
         let t = self.topic(topic, false)?;
         let (data, version) = {
             let st = t.lock();
@@ -785,7 +790,10 @@ impl pb::feed_server::Feed for FeedService {
             .origin
             .fetch(&req.topic, &req.keys)
             .map_err(|e| match e {
-                PublishError::UnknownTopic(t) => Status::not_found(format!("no topic named '{t}'")),
+                PublishError::UnknownTopic(t) => Status::not_found(format!(
+                    "no topic named '{}'",
+                    crate::types::clipped(&t, 128)
+                )),
                 other => Status::from(other),
             })?;
         Ok(Response::new(resp))

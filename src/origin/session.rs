@@ -235,12 +235,18 @@ impl Session {
                 return self
                     .send(pb::sync_response::Kind::Refused(pb::Refused {
                         topic: sub.topic,
-                        reason: format!("no topic named '{t}'"),
+                        reason: format!("no topic named '{}'", crate::types::clipped(&t, 128)),
                     }))
                     .await;
             }
             Err(other) => return Err(End::Refused(Status::invalid_argument(other.to_string()))),
         };
+        if let Some(i) = sub.keys.iter().position(String::is_empty) {
+            return Err(End::Refused(Status::invalid_argument(format!(
+                "subscribe to '{}': key {i} is empty",
+                topic.name
+            ))));
+        }
         let limit = self.inner().cfg.max_publish_changes;
         if sub.keys.len() > limit {
             return Err(End::Refused(Status::invalid_argument(format!(
@@ -305,7 +311,10 @@ impl Session {
                 Some(p) => Start::Snapshot {
                     data: ts.data.clone(),
                     failed: Some(if p.epoch != epoch {
-                        format!("epoch {} is not this origin's epoch {epoch}", p.epoch)
+                        format!(
+                            "epoch {} is not this origin's epoch {epoch}",
+                            crate::types::clipped(&p.epoch, 64)
+                        )
                     } else if p.version > version {
                         format!("version {} is ahead of the origin's {version}", p.version)
                     } else {

@@ -587,6 +587,7 @@ impl Collector for Parts {
                     vec![("reason", "send_timeout")],
                     counter(&s.closed_send_timeout),
                 ),
+                (vec![("reason", "protocol")], counter(&s.closed_protocol)),
             ],
         )?;
         family(

@@ -47,6 +47,10 @@ use crate::store::{Source, Store};
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code: an inbound message or frame was above `ws.max_message_bytes`.
 pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code: a text message that is not valid UTF-8.
+pub const CLOSE_INVALID_DATA: u16 = 1007;
+/// Close code: a frame that breaks the WebSocket protocol (unmasked, reserved bits set, ...).
+pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 /// Close code: nothing (not even a Pong) was heard from the client within `ws.idle_timeout`.
 pub const CLOSE_IDLE: u16 = 4000;
 /// Close code: the client kept falling behind (more than `ws.max_resets` resets within
@@ -80,6 +84,8 @@ pub struct WsStats {
     pub closed_too_slow: AtomicU64,
     /// Connections closed because a write waited past `ws.send_timeout` (4008).
     pub closed_send_timeout: AtomicU64,
+    /// Connections closed for breaking the protocol (1002, 1007).
+    pub closed_protocol: AtomicU64,
     /// Client messages answered with an `error`.
     pub errors: AtomicU64,
     /// Frames sent to clients.
@@ -161,10 +167,17 @@ async fn upgrade(
         }
     }
     if !st.cfg.allowed_origins.is_empty() {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .is_ok_and(|o| st.cfg.allowed_origins.iter().any(|a| a == o));
+        let origins: Vec<&header::HeaderValue> = headers.get_all(header::ORIGIN).iter().collect();
+        if let Some(origin) = origins.first() {
+            // One Origin, listed (scheme and host are case-insensitive); two are refused, as
+            // a browser never sends two.
+            let allowed = origins.len() == 1
+                && origin.to_str().is_ok_and(|o| {
+                    st.cfg
+                        .allowed_origins
+                        .iter()
+                        .any(|a| a.eq_ignore_ascii_case(o))
+                });
             if !allowed {
                 st.stats.rejected_origin.fetch_add(1, Ordering::Relaxed);
                 debug!(%peer, origin = ?origin, "WebSocket upgrade refused: origin not allowed");
@@ -393,11 +406,20 @@ pub fn fuzz_parse(text: &str) -> Result<(), String> {
     parse(text, &WsConfig::default()).map(|_| ())
 }
 
-fn is_too_big(e: axum::Error) -> bool {
-    matches!(
-        e.into_inner().downcast_ref::<tungstenite::Error>(),
-        Some(tungstenite::Error::Capacity(_))
-    )
+/// The close a read error calls for: 1009 for a message past the bound, 1007 for text that is
+/// not UTF-8, 1002 for a broken frame (unmasked, reserved bits, bad opcode); `None` when the
+/// connection is simply gone.
+fn close_for(e: axum::Error) -> Option<(u16, &'static str)> {
+    match e.into_inner().downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            Some((CLOSE_TOO_BIG, "message too big (ws.max_message_bytes)"))
+        }
+        Some(tungstenite::Error::Utf8(_)) => Some((CLOSE_INVALID_DATA, "text is not valid UTF-8")),
+        Some(tungstenite::Error::Protocol(_)) => {
+            Some((CLOSE_PROTOCOL_ERROR, "WebSocket protocol violation"))
+        }
+        _ => None,
+    }
 }
 
 /// Reads client frames until the client goes, sends something too big, or falls silent.
@@ -418,14 +440,17 @@ async fn read_half(
         };
         let cmd = match next {
             None => Inbound::Gone,
-            Some(Err(e)) => {
-                if is_too_big(e) {
-                    st.stats.closed_too_big.fetch_add(1, Ordering::Relaxed);
-                    Inbound::Close(CLOSE_TOO_BIG, "message too big (ws.max_message_bytes)")
-                } else {
-                    Inbound::Gone
+            Some(Err(e)) => match close_for(e) {
+                Some((code, reason)) => {
+                    if code == CLOSE_TOO_BIG {
+                        st.stats.closed_too_big.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        st.stats.closed_protocol.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Inbound::Close(code, reason)
                 }
-            }
+                None => Inbound::Gone,
+            },
             Some(Ok(Message::Text(text))) => match parse(text.as_str(), &st.cfg) {
                 Ok(op) => Inbound::Request(op),
                 Err(frame) => Inbound::Error(frame),
