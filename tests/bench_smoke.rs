@@ -1,6 +1,8 @@
 //! `viewcar bench all --smoke`: every scenario end to end in a few seconds, so the harness
 //! cannot rot unnoticed. Redis figures appear only where redis-server is installed.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -32,5 +34,27 @@ fn every_scenario_runs_end_to_end() {
     assert!(json["ingest"]["memory"]["sidecar_bytes_per_key"].as_f64() > Some(0.0));
     assert!(out.join("fanout_latency_vs_depth.svg").is_file());
     assert!(out.join("freshness_cdf.svg").is_file());
+    // The comparison with Redis: its rows where redis-server is installed (and under CI, where
+    // .ci/run installs it, always).
+    if common::installed("redis-server") {
+        let runs = json["reads"]["runs"].as_array().expect("read runs");
+        for read in ["GET", "page"] {
+            let row = runs
+                .iter()
+                .find(|r| {
+                    r["system"] == "redis"
+                        && r["read"].as_str().is_some_and(|s| s.starts_with(read))
+                })
+                .unwrap_or_else(|| panic!("no redis {read} row in {runs:?}"));
+            assert!(row["requests"].as_u64() > Some(0), "{row}");
+        }
+        assert!(
+            json["ingest"]["memory"]["redis_used_memory_per_key"].as_f64() > Some(0.0),
+            "{}",
+            json["ingest"]["memory"]
+        );
+    } else {
+        common::missing("redis-server");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }

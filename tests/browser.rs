@@ -198,7 +198,7 @@ impl Cdp {
 #[tokio::test]
 async fn status_page_fills_and_tails_changes_in_chromium() {
     let Some(bin) = find_chromium() else {
-        println!("skipped: chromium not found");
+        common::missing("chromium");
         return;
     };
     tokio::time::timeout(DEADLINE, async {

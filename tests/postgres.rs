@@ -41,7 +41,7 @@ fn pg_bin() -> Option<PathBuf> {
 impl Pg {
     fn start() -> Option<Pg> {
         let Some(bin) = pg_bin() else {
-            println!("skipped: postgres not found");
+            common::missing("postgres");
             return None;
         };
         let dir = tempfile::tempdir().expect("temp dir");

@@ -639,12 +639,8 @@ async fn a_subscriber_that_never_reads_is_closed_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_reads_the_sidecar() {
-    if std::process::Command::new("redis-cli")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!("skipped: redis-cli not found");
+    if !ws_support::common::installed("redis-cli") {
+        ws_support::common::missing("redis-cli");
         return;
     }
     let s = start(&["products"], RedisConfig::default()).await;

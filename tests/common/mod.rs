@@ -1023,3 +1023,23 @@ pub fn addr(v: &serde_json::Value, field: &str) -> SocketAddr {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no address {field} in {v}"))
 }
+
+/// A test needs an outside program that is not installed: a skip on a developer's machine
+/// (`skipped: X not found`, on stderr so that it shows), a failure under CI (`CI` set), where
+/// `.ci/run` installs it and a skip would hide a test that never ran.
+pub fn missing(program: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(
+        !ci,
+        "{program} not found, and CI is set: .ci/run installs it, so the test must run"
+    );
+    eprintln!("skipped: {program} not found");
+}
+
+/// Whether `program` runs (`program --version`).
+pub fn installed(program: &str) -> bool {
+    std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
