@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
@@ -392,17 +392,24 @@ async fn run(batches: u64) {
 /// (Cargo.toml) the run takes about 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_under_chaos() {
-    run(4_000).await;
+    bounded(Duration::from_secs(300), run(4_000)).await;
+}
+
+/// Fails the test instead of hanging CI when a run does not finish within `limit`.
+async fn bounded(limit: Duration, run: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("the chaos run did not finish within {limit:?}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 200k batches"]
 async fn resume_under_chaos_200k() {
-    run(200_000).await;
+    bounded(Duration::from_secs(1200), run(200_000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: 1M batches"]
 async fn resume_under_chaos_1m() {
-    run(1_000_000).await;
+    bounded(Duration::from_secs(7200), run(1_000_000)).await;
 }

@@ -52,6 +52,8 @@ pub struct FeedStats {
     pub messages: AtomicU64,
     pub bytes: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// The delay drawn (full jitter) before the last redial, in milliseconds.
+    pub last_redial_delay_ms: AtomicU64,
     /// Subscriptions the origin refused (`Refused`: e.g. no such topic), retries included.
     pub refusals: AtomicU64,
     /// Why the feed last failed, in words a user can act on, and when (unix ms).
@@ -308,6 +310,9 @@ impl FeedClient {
                 attempt.saturating_add(1)
             };
             let delay = backoff(&self.cfg, attempt);
+            self.stats
+                .last_redial_delay_ms
+                .store(delay.as_millis() as u64, Ordering::Relaxed);
             debug!(origin = %self.spec.name, ?delay, attempt, "redialling");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
