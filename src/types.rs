@@ -204,6 +204,19 @@ pub fn redact_address(address: &str) -> String {
     }
 }
 
+/// `text` cut to at most `max` bytes (at a character boundary) with `...` when cut: for echoing
+/// client-supplied strings in errors and logs without echoing a megabyte.
+pub fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,17 +243,4 @@ mod tests {
         assert!(err.contains("too long"), "{err}");
         assert!(Dur::parse("367d").is_err());
     }
-}
-
-/// `text` cut to at most `max` bytes (at a character boundary) with `...` when cut: for echoing
-/// client-supplied strings in errors and logs without echoing a megabyte.
-pub fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
 }
