@@ -382,25 +382,37 @@ async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
     .await
 }
 
-/// A grace period that runs out: `shutdown` returns false instead of hanging.
+/// A grace period that runs out: `shutdown` returns false instead of hanging. A client holding
+/// a half-sent request keeps its http connection open past the grace period.
 #[tokio::test]
 async fn shutdown_gives_up_after_the_grace_period() {
+    use tokio::io::AsyncWriteExt;
     within(async {
-        // An origin that accepts TCP but never answers keeps the feed client connecting; a zero
-        // grace period then cannot wait for anything.
-        let listener = TcpListener::bind(loopback0()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut cfg = common::sidecar_config(&format!("http://{addr}"), &["t"]);
-        cfg.shutdown.grace = Dur(Duration::ZERO);
+        let o = TestOrigin::start(origin_config()).await;
+        let mut cfg = common::sidecar_config(&o.url(), &["t"]);
+        let grace = Duration::from_millis(300);
+        cfg.shutdown.grace = Dur(grace);
         let sidecar = common::start_sidecar(cfg).await;
+        sidecar.synced().await;
+        let mut half = tokio::net::TcpStream::connect(sidecar.http_addr())
+            .await
+            .unwrap();
+        half.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        // The request is in the server's hands before the shutdown starts.
+        assert_eq!(get(sidecar.http_addr(), "/healthz").await.status, 200);
         let start = Instant::now();
-        let _ = sidecar.shutdown().await;
         assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            start.elapsed()
+            !sidecar.shutdown().await,
+            "shutdown reported everything finished while a connection was still open"
         );
-        drop(listener);
+        let took = start.elapsed();
+        assert!(
+            took >= grace,
+            "gave up after {took:?}, before the grace period"
+        );
+        drop(half);
     })
     .await
 }

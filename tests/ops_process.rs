@@ -87,6 +87,46 @@ async fn sidecar_binary_exits_zero_on_sigterm_within_the_grace_period() {
     .await
 }
 
+/// A grace period that runs out ends the process with 1, not 0, and says so in the log: a
+/// client holding a half-sent request keeps its http connection open past it.
+#[tokio::test]
+async fn sidecar_binary_exits_one_when_the_grace_period_runs_out() {
+    use tokio::io::AsyncWriteExt;
+    within(async {
+        let o = TestOrigin::start(origin_config()).await;
+        let dir = TempDir::new("grace");
+        let config = dir.write(
+            "viewcar.toml",
+            &CONFIG.replace("grace = \"5s\"", "grace = \"300ms\""),
+        );
+        let mut cmd = viewcar();
+        cmd.args([
+            "--log-format",
+            "json",
+            "sidecar",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("VIEWCAR_CONFIG", &config)
+        .env("VIEWCAR_GRPC_LISTEN", "127.0.0.1:0")
+        .env("VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS", o.url());
+        let (mut sidecar, mut log) = spawn(cmd);
+        let started = log_line(&mut log, "sidecar started").await;
+        let http = addr(&started, "http");
+        let mut half = tokio::net::TcpStream::connect(http).await.unwrap();
+        half.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        assert_eq!(get(http, "/healthz").await.status, 200);
+        sidecar.signal("-TERM");
+        let status = sidecar.wait(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(1), "{status:?}");
+        log_line(&mut log, "grace period over; dropping what is still open").await;
+        drop(half);
+    })
+    .await
+}
+
 #[test]
 fn sidecar_help_documents_every_flag() {
     let out = viewcar().args(["sidecar", "--help"]).output().unwrap();

@@ -59,7 +59,7 @@ pub(crate) async fn serve(
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = crate::signalled(&mut shutdown) => return,
+            _ = crate::signalled(&mut shutdown) => break,
         };
         if permits.available_permits() > 0 {
             full_logged = false;
@@ -74,7 +74,7 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            _ = crate::signalled(&mut shutdown) => return,
+            _ = crate::signalled(&mut shutdown) => break,
         };
         // Pushed frames are small and latency-bound.
         let _ = stream.set_nodelay(true);
@@ -105,4 +105,8 @@ pub(crate) async fn serve(
             let _ = conn.await;
         });
     }
+    // Every connection holds a permit until it is done: the listener has shut down once all
+    // are back (the sidecar's grace period bounds the wait).
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
 }
