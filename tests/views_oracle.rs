@@ -332,6 +332,23 @@ proptest! {
                 prop_assert!(e.version > *last, "{}[{}] version went from {} to {}", e.source, e.key, last, e.version);
                 *last = e.version;
             }
+            // ... and every row that changed emitted one, carrying its new value (None = gone).
+            for (view, rows) in &want {
+                let old = &before[view];
+                let keys: std::collections::BTreeSet<&String> = old.keys().chain(rows.keys()).collect();
+                for key in keys {
+                    let (was, now) = (old.get(key), rows.get(key));
+                    if was == now {
+                        continue;
+                    }
+                    let emitted = events.iter().rev().find(|e| &*e.source == *view && &*e.key == key.as_str());
+                    prop_assert!(emitted.is_some(), "{}[{}] changed from {:?} to {:?} without an event", view, key, was, now);
+                    let value = emitted
+                        .and_then(|e| e.value.as_ref())
+                        .map(|b| serde_json::from_slice::<Value>(b).unwrap());
+                    prop_assert_eq!(value.as_ref(), now, "{}[{}]: the last event is not the new value", view, key);
+                }
+            }
         }
     }
 }
