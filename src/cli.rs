@@ -201,7 +201,7 @@ pub async fn sources(addr: &str) -> ExitCode {
             .await
             .map_err(failed)?;
         println!(
-            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10}",
+            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}",
             "source",
             "kind",
             "mode",
@@ -210,11 +210,12 @@ pub async fn sources(addr: &str) -> ExitCode {
             "version",
             "synced",
             "connected",
-            "stale_ms"
+            "stale_ms",
+            "lag_ms"
         );
         for s in resp.into_inner().sources {
             println!(
-                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10}",
+                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}",
                 s.name,
                 s.kind,
                 s.mode,
@@ -223,7 +224,8 @@ pub async fn sources(addr: &str) -> ExitCode {
                 s.version,
                 s.synced,
                 s.connected,
-                s.staleness_ms
+                s.staleness_ms,
+                s.upstream_lag_ms
             );
         }
         Outcome::Ok(ExitCode::SUCCESS)

@@ -677,3 +677,61 @@ async fn empty_keys_are_refused_and_a_huge_epoch_is_not_echoed() {
     })
     .await;
 }
+
+/// The replication lag an origin tells in Progress (a Postgres-fed topic's) reaches the
+/// sidecar's ListSources (`viewcar sources`), `/status` and `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_lag_from_progress_is_shown_by_the_sidecar() {
+    within(async {
+        let mut fake = FakeOrigin::start().await;
+        let sidecar = start_sidecar(sidecar_config(&fake.url(), &["t"])).await;
+        let t = source(&sidecar, "t");
+        let mut s = fake.accept().await;
+        s.next_subscribe().await;
+        s.snapshot("t", "e1", 1, &[("a".into(), "1".into())], 10)
+            .await;
+        wait_position(&t, "e1", 1).await;
+        s.send(feed::sync_response::Kind::Progress(feed::Progress {
+            topic: "t".into(),
+            position: Some(feed::Position {
+                epoch: "e1".into(),
+                version: 2,
+            }),
+            upstream_lag_ms: 1250,
+            upstream_lag_bytes: 4096,
+        }))
+        .await;
+        wait_position(&t, "e1", 2).await;
+        assert_eq!(t.upstream_lag(), (1250, 4096));
+
+        let mut client = cache_client(&sidecar).await;
+        let sources = client
+            .list_sources(viewcar::pb::cache::v1::ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
+        let st = sources.iter().find(|s| s.name == "t").expect("source t");
+        assert_eq!((st.upstream_lag_ms, st.upstream_lag_bytes), (1250, 4096));
+
+        let text = {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut http = tokio::net::TcpStream::connect(sidecar.http_addr())
+                .await
+                .unwrap();
+            http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut body = String::new();
+            http.read_to_string(&mut body).await.unwrap();
+            body
+        };
+        assert!(
+            text.contains("viewcar_source_upstream_lag_seconds{source=\"t\"")
+                && text.contains(" 1.25\n")
+                && text.contains("viewcar_source_upstream_lag_bytes{source=\"t\""),
+            "{text}"
+        );
+    })
+    .await;
+}

@@ -683,6 +683,8 @@ impl FeedClient {
                 }
             }
             Kind::Progress(p) => {
+                t.source
+                    .set_upstream_lag(p.upstream_lag_ms, p.upstream_lag_bytes);
                 let Some(pos) = p.position else { return Ok(()) };
                 let Some(c) = live_cursor(t) else {
                     return Ok(());
@@ -989,6 +991,8 @@ impl FeedClient {
                 k.source.set_position(&batch.epoch, batch.version);
             }
             Kind::Progress(p) => {
+                k.source
+                    .set_upstream_lag(p.upstream_lag_ms, p.upstream_lag_bytes);
                 let Some(pos) = p.position else { return Ok(()) };
                 k.source.heard();
                 if let Some(c) = &mut k.cursor {

@@ -225,6 +225,7 @@ pub fn decode_streams(data: &[u8]) -> Vec<Vec<pb::SyncResponse>> {
                 6 | 7 => Kind::Progress(pb::Progress {
                     topic: inp.topic(),
                     position: inp.position(),
+                    ..Default::default()
                 }),
                 _ => Kind::Reset(pb::Reset {
                     topic: inp.topic(),

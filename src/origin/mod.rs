@@ -254,6 +254,8 @@ pub(crate) struct Inner {
     pub cut: watch::Sender<u64>,
     /// Set when the origin shuts down: new streams are refused. Once true, stays true.
     pub shutting_down: AtomicBool,
+    /// How far the topics fed by a database trail it (ms, bytes), told in Progress.
+    pub upstream_lag: (AtomicU64, AtomicU64),
     /// The durable copy: `None` = in memory only; `Some(None)` = closed (publishes refused).
     store: Option<Mutex<Option<durable::Store>>>,
 }
@@ -280,6 +282,25 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// Records how far the topics fed by a database trail it; sent with every Progress of
+    /// those topics.
+    pub(crate) fn set_upstream_lag(&self, ms: u64, bytes: u64) {
+        self.inner.upstream_lag.0.store(ms, Ordering::Relaxed);
+        self.inner.upstream_lag.1.store(bytes, Ordering::Relaxed);
+    }
+
+    /// How far `topic` trails the system it follows (ms, bytes): (0, 0) for a published topic.
+    pub fn upstream_lag(&self, topic: &str) -> (u64, u64) {
+        if postgres::is_table(&self.inner.cfg, topic) {
+            (
+                self.inner.upstream_lag.0.load(Ordering::Relaxed),
+                self.inner.upstream_lag.1.load(Ordering::Relaxed),
+            )
+        } else {
+            (0, 0)
+        }
+    }
+
     /// A new, empty, in-memory origin with a fresh epoch. `cfg.data_dir` is not read here:
     /// [`Origin::open`] is the constructor that honours it.
     pub fn new(cfg: OriginConfig) -> Self {
@@ -370,6 +391,7 @@ impl Origin {
                 next_session: AtomicU64::new(1),
                 cut: watch::channel(0).0,
                 shutting_down: AtomicBool::new(false),
+                upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
                 store: store.map(|s| Mutex::new(Some(s))),
             }),
         }

@@ -383,9 +383,12 @@ impl Session {
                         .fetch_add(1, Ordering::Relaxed);
                     cursor = b.version;
                 }
+                let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
                 self.send(pb::sync_response::Kind::Progress(pb::Progress {
                     topic: name.to_string(),
                     position: self.position(version),
+                    upstream_lag_ms,
+                    upstream_lag_bytes,
                 }))
                 .await?;
             }
@@ -618,9 +621,12 @@ impl Session {
             msgs.push((name.clone(), st.seen));
         }
         for (name, version) in msgs {
+            let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
             self.send(pb::sync_response::Kind::Progress(pb::Progress {
                 topic: name.to_string(),
                 position: self.position(version),
+                upstream_lag_ms,
+                upstream_lag_bytes,
             }))
             .await?;
             self.inner()

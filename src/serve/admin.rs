@@ -139,6 +139,8 @@ impl Admin {
                     "keys": s.len(),
                     "bytes": s.bytes(),
                     "staleness_ms": s.staleness_ms(),
+                    "upstream_lag_ms": s.upstream_lag().0,
+                    "upstream_lag_bytes": s.upstream_lag().1,
                     "error": s.failure().map(|e| e.to_string()),
                 })
             })

@@ -329,6 +329,8 @@ impl pb::cache_server::Cache for CacheService {
                 connected: s.is_connected(),
                 epoch: s.epoch().to_string(),
                 bytes: s.bytes(),
+                upstream_lag_ms: s.upstream_lag().0,
+                upstream_lag_bytes: s.upstream_lag().1,
                 ..on_demand_status(s)
             })
             .collect();

@@ -269,6 +269,28 @@ impl Collector for Parts {
                 )
             }),
         )?;
+        family(
+            e,
+            "source_upstream_lag_seconds",
+            "How far the origin's copy trails the system it follows (a Postgres table's replication lag)",
+            (0..sources.len()).map(|i| {
+                (
+                    labels(i),
+                    ConstGauge::new(sources[i].upstream_lag().0 as f64 / 1000.0),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "source_upstream_lag_bytes",
+            "WAL bytes between the database's position and what the origin has applied",
+            (0..sources.len()).map(|i| {
+                (
+                    labels(i),
+                    ConstGauge::new(sources[i].upstream_lag().1 as f64),
+                )
+            }),
+        )?;
 
         // on_demand topics and views: what they hold and how reads went.
         let on_demand: Vec<(&Source, Held)> = sources

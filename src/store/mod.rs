@@ -254,6 +254,8 @@ pub struct Source {
     failure: ArcSwapOption<String>,
     /// Clock ms when the origin last confirmed this source current (0 = never).
     last_heard_ms: AtomicU64,
+    /// How far the origin's copy trails what it follows (ms, bytes), as of its last Progress.
+    upstream_lag: (AtomicU64, AtomicU64),
     live_window_ms: u64,
     clock: Clock,
     /// Ticks on every applied version and on sync, so that waiting readers wake up.
@@ -312,6 +314,7 @@ impl Source {
             connected: AtomicBool::new(false),
             failure: ArcSwapOption::empty(),
             last_heard_ms: AtomicU64::new(0),
+            upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
             live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
             clock,
             changed: watch::channel(0).0,
@@ -532,6 +535,20 @@ impl Source {
 
     /// 0 while the source is live (a view: while all it reads are live); otherwise ms since the
     /// origin last confirmed it current. Never-synced sources report ms since start.
+    /// How far the origin's copy of this source trails the system it follows (a Postgres
+    /// table's replication lag): (ms, bytes), as of the origin's last Progress.
+    pub fn upstream_lag(&self) -> (u64, u64) {
+        (
+            self.upstream_lag.0.load(Ordering::Relaxed),
+            self.upstream_lag.1.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn set_upstream_lag(&self, ms: u64, bytes: u64) {
+        self.upstream_lag.0.store(ms, Ordering::Relaxed);
+        self.upstream_lag.1.store(bytes, Ordering::Relaxed);
+    }
+
     pub fn staleness_ms(&self) -> u64 {
         if !self.inputs.is_empty() {
             return self

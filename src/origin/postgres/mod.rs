@@ -708,6 +708,12 @@ impl Source {
         }
     }
 
+    /// Hands the replication lag to the origin, which tells it in Progress.
+    fn report_lag(&self) {
+        let s = self.status.borrow();
+        self.origin.set_upstream_lag(s.lag_ms, s.lag_bytes());
+    }
+
     async fn stream(&mut self, mut stream: LogicalReplicationStream) -> Result<(), PgError> {
         let cancel = CancellationToken::new();
         let feedback = stream.shared_lsn_feedback.clone();
@@ -746,6 +752,7 @@ impl Source {
                             s.server_lsn = at.max(applied);
                             s.lag_ms = 0;
                         });
+                        self.report_lag();
                     }
                     continue;
                 }
@@ -845,6 +852,7 @@ impl Source {
                         s.transactions += 1;
                         s.lag_ms = lag_ms;
                     });
+                    self.report_lag();
                 }
                 _ => {}
             }
