@@ -274,7 +274,7 @@ async fn a_watch_past_its_queue_is_reset_and_resent_the_current_rows() {
                 .collect();
             version = origin.origin.publish("items", puts).unwrap().version;
         }
-        wait_position(&src, &origin.origin.epoch(), version).await;
+        wait_position(&src, origin.origin.epoch(), version).await;
         let resets = sidecar.hub().stats();
         eventually("the watch queue overflowed", || {
             counter(&resets.lagged) >= 1
