@@ -8,6 +8,7 @@ mod common;
 #[path = "common/oracle.rs"]
 mod oracle;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -166,6 +167,8 @@ async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
 
         // Changes at the end of the chain are pushed and the row follows, without a read miss
         // or a Fetch.
+        let misses = view_stat(&sidecar, |s| s.misses.load(Ordering::Relaxed));
+        let fetches = origin.origin.stats().fetches.load(Ordering::Relaxed);
         put(&origin, "countries", "DE", json!({"name": "Deutschland"}));
         let mut want = want;
         want["country"] = json!({"name": "Deutschland"});
@@ -176,6 +179,16 @@ async fn a_row_is_computed_on_first_read_and_kept_current_by_push() {
             .expect("delete");
         want["price"] = Value::Null;
         row_becomes(&mut client, "page", "p1", &Some(want.clone())).await;
+        assert_eq!(
+            view_stat(&sidecar, |s| s.misses.load(Ordering::Relaxed)),
+            misses,
+            "a pushed change made a read miss"
+        );
+        assert_eq!(
+            origin.origin.stats().fetches.load(Ordering::Relaxed),
+            fetches,
+            "a pushed change made a Fetch"
+        );
         put(
             &origin,
             "brands",
@@ -402,12 +415,82 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// Every value each row of the property has had since the origin last restarted: what a read
+/// may show while pushes land (a row that never was is a bug, not latency).
+type History = HashMap<(String, String), Vec<Option<Value>>>;
+
+fn record(history: &mut History, model: &[Topic; 4]) {
+    for i in 0..PRODUCTS {
+        let key = format!("p{i}");
+        for (view, v) in [
+            ("page", expected(model, &key)),
+            ("summary", summary(model, &key)),
+        ] {
+            let past = history.entry((view.to_string(), key.clone())).or_default();
+            if past.last() != Some(&v) {
+                past.push(v);
+            }
+        }
+    }
+}
+
+/// Reads `view[key]` until it equals `want`; every read on the way is a value the row has had,
+/// and a found row's version never goes back.
+async fn row_converges(
+    client: &mut Client,
+    view: &str,
+    key: &str,
+    want: &Option<Value>,
+    history: &History,
+    versions: &mut HashMap<(String, String), u64>,
+) {
+    let id = (view.to_string(), key.to_string());
+    let start = tokio::time::Instant::now();
+    loop {
+        let got = client
+            .get(get_waiting(view, key, 10_000))
+            .await
+            .map(|r| r.into_inner().item.expect("item"));
+        if let Ok(item) = &got {
+            let value = item
+                .found
+                .then(|| serde_json::from_slice::<Value>(&item.value).expect("a row is JSON"));
+            if let Some(past) = history.get(&id) {
+                assert!(
+                    past.contains(&value),
+                    "{view}[{key}] read {value:?}, never a value of it: {past:?}"
+                );
+            }
+            if item.found {
+                let last = versions.entry(id.clone()).or_insert(0);
+                assert!(
+                    item.version >= *last,
+                    "{view}[{key}] went back from version {last} to {}",
+                    item.version
+                );
+                *last = item.version;
+            }
+            if &value == want {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{view}[{key}] is {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn run_steps(steps: Vec<Step>) {
     // Budgets small enough that rows and inputs are evicted during the run: a row can be up to
     // ~700 bytes, so 16 KiB holds a few dozen.
     let (mut origin, sidecar) = setup(16 << 10, 16 << 10).await;
     let mut model: [Topic; 4] = Default::default();
     let mut client = cache_client(&sidecar).await;
+    let mut history = History::new();
+    let mut versions = HashMap::new();
+    record(&mut history, &model);
     for s in steps {
         match s {
             Step::Publish(t, k, v) => {
@@ -424,27 +507,35 @@ async fn run_steps(steps: Vec<Step>) {
                     Some(b) => model[t].insert(key, b),
                     None => model[t].remove(&key),
                 };
+                record(&mut history, &model);
             }
             Step::Read(i) => {
                 let key = format!("p{i}");
-                row_becomes(&mut client, "page", &key, &expected(&model, &key)).await;
+                let want = expected(&model, &key);
+                row_converges(&mut client, "page", &key, &want, &history, &mut versions).await;
             }
             Step::ReadSummary(i) => {
                 let key = format!("p{i}");
-                row_becomes(&mut client, "summary", &key, &summary(&model, &key)).await;
+                let want = summary(&model, &key);
+                row_converges(&mut client, "summary", &key, &want, &history, &mut versions).await;
             }
             Step::Cut => origin.origin.close_streams(),
             Step::Restart => {
                 origin.restart(origin_cfg()).await;
                 model = Default::default();
+                // A new epoch: versions start over, and rows of the old data may still be read
+                // until the sidecar has resynced.
+                versions.clear();
+                record(&mut history, &model);
             }
         }
     }
     // Quiescence: every row (resident or computed now) equals the recompute.
     for i in 0..PRODUCTS {
         let key = format!("p{i}");
-        row_becomes(&mut client, "page", &key, &expected(&model, &key)).await;
-        row_becomes(&mut client, "summary", &key, &summary(&model, &key)).await;
+        let (page, sum) = (expected(&model, &key), summary(&model, &key));
+        row_converges(&mut client, "page", &key, &page, &history, &mut versions).await;
+        row_converges(&mut client, "summary", &key, &sum, &history, &mut versions).await;
     }
     drop(sidecar);
 }
