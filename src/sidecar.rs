@@ -104,6 +104,23 @@ const CACHE_SERVICE: &str = "viewcar.cache.v1.Cache";
 type PerOrigin = Vec<(OriginSpec, Vec<Arc<Source>>)>;
 
 /// Binds `addr` for a listener, naming it in the error.
+/// How often the on_demand caches run their housekeeping without being asked.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the on_demand caches' housekeeping every second: moka applies `idle` expiry and
+/// evictions (and so the keys' Unsubscribe and the release of a view row's pins) only then, and
+/// without it a sidecar that nobody reads or scrapes would keep idle keys subscribed for ever.
+async fn housekeeping(store: Arc<Store>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => store.settle().await,
+            _ = crate::signalled(&mut shutdown) => return,
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
@@ -390,6 +407,12 @@ impl Sidecar {
             started: Instant::now(),
         };
         tasks.push(serve_http(&cfg, http_listener, ws, admin, &shutdown_rx));
+        if store.sources().iter().any(|s| s.is_on_demand()) {
+            tasks.push(tokio::spawn(housekeeping(
+                store.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         let redis_stats = Arc::new(RedisStats::default());
         let redis_addr = redis_listener.as_ref().and_then(|(_, a)| *a);
         if let Some((listener, addr)) = redis_listener {

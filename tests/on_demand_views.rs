@@ -599,3 +599,66 @@ async fn an_on_demand_view_over_full_topics_computes_rows_on_read_only() {
     })
     .await;
 }
+
+/// `idle` expiry, with nobody reading or scraping: a view row not read for `idle` is dropped
+/// and releases its pins, and its inputs (on_demand topics with `idle` too) are dropped and
+/// unsubscribed at the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_rows_and_keys_expire_and_are_unsubscribed() {
+    within(async {
+        let origin = TestOrigin::start(origin_cfg()).await;
+        let mut cfg = sidecar_config(&origin.url(), &TOPICS);
+        let idle = Some(viewcar::config::Dur(Duration::from_secs(1)));
+        for t in &mut cfg.origins[0].topics {
+            t.mode = Mode::OnDemand;
+            t.max_bytes = Some(ByteSize(1 << 20));
+            t.idle = idle;
+        }
+        let mut view = page(1 << 20);
+        view.idle = idle;
+        cfg.views = vec![view];
+        let sidecar = start_sidecar(cfg).await;
+        put_p1(&origin, Some(json!({"amount": 5})));
+        let mut client = cache_client(&sidecar).await;
+        assert!(row(&mut client, "p1").await.is_some());
+        let rows = source(&sidecar, "page").view_cache().expect("view").clone();
+        let products = source(&sidecar, "products")
+            .on_demand()
+            .expect("topic")
+            .clone();
+        // Resident counts are as of the last housekeeping.
+        sidecar.store().settle().await;
+        assert_eq!(rows.resident_keys(), 1);
+        assert!(products.pinned_count() >= 1, "the row pins its inputs");
+        assert!(origin.origin.is_key_subscribed("products", "p1"));
+
+        // Nobody reads: the row goes after `idle`, then its inputs, and the origin is told.
+        let start = tokio::time::Instant::now();
+        loop {
+            let gone = rows.resident_keys() == 0
+                && products.pinned_count() == 0
+                && products.resident_keys() == 0
+                && !origin.origin.is_key_subscribed("products", "p1")
+                && !origin.origin.is_key_subscribed("countries", "DE");
+            if gone {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "still held after {:?}: rows {}, pinned {}, keys {}",
+                start.elapsed(),
+                rows.resident_keys(),
+                products.pinned_count(),
+                products.resident_keys()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "expired before idle"
+        );
+        // Read again: computed afresh (a new round of fetching), same row.
+        assert!(row(&mut client, "p1").await.is_some());
+    })
+    .await;
+}
