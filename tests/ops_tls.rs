@@ -267,3 +267,46 @@ async fn publish_without_the_token_is_refused_and_nothing_is_applied() {
     })
     .await
 }
+
+/// Certificates are read again at every dial: after the origin's CA, its certificate and the
+/// sidecar's client certificate are all replaced on disk (a rotation), the sidecar redials the
+/// restarted origin with the new files and follows it, without a restart of its own.
+#[tokio::test]
+async fn rotated_certificates_are_read_again_on_redial() {
+    within(async {
+        let pki = Pki::generate();
+        let mut o = TestOrigin::start(pki.origin_config()).await;
+        o.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let mut cfg =
+            common::sidecar_config(&format!("https://localhost:{}", o.addr.port()), &["t"]);
+        cfg.origins[0].tls = Some(ClientTls {
+            ca: pki.ca.clone(),
+            cert: Some(pki.client_cert.clone()),
+            key: Some(pki.client_key.clone()),
+            domain: None,
+        });
+        let sidecar = common::start_sidecar(cfg).await;
+        sidecar.synced().await;
+
+        // A new CA: every file is replaced in place, and the origin restarts with them.
+        let (ca_pem, issuer) = ca("viewcar rotated CA");
+        let (server_cert, server_key) = leaf(&["localhost", "127.0.0.1"], &issuer);
+        let (client_cert, client_key) = leaf(&["sidecar.test"], &issuer);
+        for (path, pem) in [
+            (&pki.ca, &ca_pem),
+            (&pki.server_cert, &server_cert),
+            (&pki.server_key, &server_key),
+            (&pki.client_cert, &client_cert),
+            (&pki.client_key, &client_key),
+        ] {
+            std::fs::write(path, pem).unwrap();
+        }
+        let restarted = o.restart(pki.origin_config()).await;
+        let pos = restarted.publish("t", vec![put("a", "2")]).unwrap();
+        let t = common::source(&sidecar, "t");
+        wait_position(&t, &pos.epoch, pos.version).await;
+        assert_eq!(t.get("a").map(|e| e.value), Some("2".into()));
+        assert!(sidecar.shutdown().await);
+    })
+    .await
+}
