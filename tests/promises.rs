@@ -411,3 +411,41 @@ async fn a_data_directory_is_held_by_one_origin() {
     let kept = first.fetch("items", &["a".to_string()]).expect("fetch");
     assert_eq!(kept.entries.len(), 1, "the first origin lost its data");
 }
+
+/// `--seed` into a data directory loads once: a restart keeps what the directory holds (and its
+/// epoch) and does not load the seed over it.
+#[test]
+fn a_seed_loads_into_an_empty_data_directory_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let seed = dir.path().join("seed.json");
+    std::fs::write(&seed, r#"{"items": {"a": {"n": 1}, "b": "two"}}"#).unwrap();
+    let cfg = OriginConfig {
+        data_dir: Some(dir.path().join("data")),
+        seed: Some(seed.clone()),
+        ..origin_config()
+    };
+    let first = viewcar::Origin::with_seed(cfg.clone()).expect("seeded");
+    let epoch = first.epoch().to_string();
+    let got = first
+        .fetch("items", &["a".to_string(), "b".to_string()])
+        .expect("fetch");
+    assert_eq!(got.entries.len(), 2);
+    first.publish("items", vec![put("a", "{\"n\":2}")]).unwrap();
+    first.close();
+    drop(first);
+
+    // The seed now says otherwise; the directory wins.
+    std::fs::write(&seed, r#"{"items": {"a": {"n": 99}, "c": 3}}"#).unwrap();
+    let again = viewcar::Origin::with_seed(cfg).expect("reopened");
+    assert_eq!(
+        again.epoch(),
+        epoch,
+        "a restart from the directory keeps the epoch"
+    );
+    let got = again
+        .fetch("items", &["a".to_string(), "c".to_string()])
+        .expect("fetch");
+    assert_eq!(got.entries.len(), 1, "{got:?}");
+    assert_eq!(&got.entries[0].value[..], b"{\"n\":2}");
+    assert_eq!(got.missing, vec!["c".to_string()]);
+}
