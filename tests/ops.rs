@@ -554,3 +554,58 @@ async fn silent_grpc_connections_are_closed_and_bounded() {
     })
     .await;
 }
+
+/// Every series the README's metrics table names is exposed (the table stays true to the code).
+#[tokio::test]
+async fn every_metric_the_readme_names_is_exposed() {
+    within(async {
+        let origin = Origin::new(demo::origin_config(loopback0()));
+        demo::load(
+            &origin,
+            demo::CatalogSize {
+                products: 50,
+                ..demo::CatalogSize::default()
+            },
+            1,
+        );
+        let o = TestOrigin::start_on(origin.clone(), loopback0()).await;
+        let sidecar = common::start_sidecar(demo::sidecar_config(o.addr, loopback0())).await;
+        sidecar.synced().await;
+        let body = get(sidecar.http_addr(), "/metrics").await.body;
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("**Metrics** (all prefixed `viewcar_`):")
+            .nth(1)
+            .and_then(|rest| rest.split("**Logs**").next())
+            .expect("the README's metrics table");
+        let mut named = 0;
+        for row in table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| area"))
+        {
+            let Some(series) = row.split(" | ").nth(1) else {
+                continue;
+            };
+            for name in series.split('`').skip(1).step_by(2) {
+                let name = name.split('{').next().unwrap_or(name);
+                if name.ends_with('*') || name.is_empty() {
+                    continue;
+                }
+                named += 1;
+                let family = format!("viewcar_{name}");
+                assert!(
+                    body.lines().any(|l| l
+                        .strip_prefix("# TYPE ")
+                        .is_some_and(|t| t.split(' ').next() == Some(family.as_str()))
+                        || l.starts_with(&format!("{family}{{"))
+                        || l.starts_with(&format!("{family} "))
+                        || l.starts_with(&format!("{family}_"))),
+                    "README names {family}, /metrics has no such series"
+                );
+            }
+        }
+        assert!(named > 40, "only {named} series read from the README table");
+        sidecar.shutdown().await;
+    })
+    .await
+}
