@@ -97,9 +97,16 @@ impl HealthApi for DrainingHealth {
         let statuses = self.inner.watch(request).await?.into_inner();
         let mut shutdown = self.shutdown.clone();
         let until = async move { crate::signalled(&mut shutdown).await };
-        // The last status (NOT_SERVING, set before the shutdown signal) is sent, then the
-        // stream ends.
-        Ok(Response::new(Box::pin(statuses.take_until(until))))
+        // At the shutdown signal the stream ends with NOT_SERVING (set just before the signal,
+        // but the update could lose the race with the end): a watcher always hears it.
+        let last = futures_util::stream::once(async {
+            Ok(HealthCheckResponse {
+                status: tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+            })
+        });
+        Ok(Response::new(Box::pin(
+            statuses.take_until(until).chain(last),
+        )))
     }
 }
 
