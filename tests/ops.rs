@@ -405,9 +405,34 @@ async fn shutdown_gives_up_after_the_grace_period() {
             .unwrap();
         // The request is in the server's hands before the shutdown starts.
         assert_eq!(get(sidecar.http_addr(), "/healthz").await.status, 200);
+        let readiness = sidecar.readiness().clone();
+        assert!(readiness.is_ready());
+        let http = sidecar.http_addr();
         let start = Instant::now();
+        let stopping = tokio::spawn(sidecar.shutdown());
+        // Unready from the moment shutdown starts, while it waits for the connection: /readyz
+        // answers 503 on a connection still served, and new connections are no longer accepted.
+        common::eventually("unready during shutdown", || !readiness.is_ready()).await;
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            tokio::net::TcpStream::connect(http),
+        )
+        .await
+        {
+            use tokio::io::AsyncReadExt;
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut answer = String::new();
+            let _ = tokio::time::timeout(Duration::from_millis(500), s.read_to_string(&mut answer))
+                .await;
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+                "/readyz during shutdown answered {answer:?}"
+            );
+        }
         assert!(
-            !sidecar.shutdown().await,
+            !stopping.await.unwrap(),
             "shutdown reported everything finished while a connection was still open"
         );
         let took = start.elapsed();
