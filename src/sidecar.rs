@@ -364,6 +364,7 @@ impl Sidecar {
 
         let readiness = Arc::new(Readiness::new(store.clone()));
         let ws_stats = Arc::new(WsStats::default());
+        let redis_stats = Arc::new(RedisStats::default());
         let view_list: Vec<(String, Arc<ViewStats>)> = view_stats
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
@@ -375,6 +376,7 @@ impl Sidecar {
             writer: writer_stats.clone(),
             views: view_list.clone(),
             ws: ws_stats.clone(),
+            redis: redis_listener.as_ref().map(|_| redis_stats.clone()),
             readiness: readiness.clone(),
         });
         let health = serve_cache(
@@ -413,7 +415,6 @@ impl Sidecar {
                 shutdown_rx.clone(),
             )));
         }
-        let redis_stats = Arc::new(RedisStats::default());
         let redis_addr = redis_listener.as_ref().and_then(|(_, a)| *a);
         if let Some((listener, addr)) = redis_listener {
             let shared = Arc::new(redis::Shared::new(

@@ -713,3 +713,52 @@ async fn a_unix_socket_listener_replaces_a_stale_socket_file() {
     let err = viewcar::Sidecar::start(cfg).await.err().expect("refused");
     assert!(err.to_string().contains("listens on this socket"), "{err}");
 }
+
+/// The Redis listener's counters are in `/metrics`: connections, commands, hits and misses.
+#[tokio::test]
+async fn redis_counters_are_in_metrics() {
+    let s = start(&["products"], RedisConfig::default()).await;
+    let v = s.put("products", &[("p1", json!({"n": 1}))]);
+    let src = s
+        .sidecar
+        .store()
+        .source("products")
+        .expect("source")
+        .clone();
+    within("the put applied", async {
+        while src.version() < v {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut c = client(&s, false).await;
+    let _: Option<String> = redis::cmd("GET")
+        .arg("products:p1")
+        .query_async(&mut c)
+        .await
+        .expect("GET hit");
+    let _: Option<String> = redis::cmd("GET")
+        .arg("products:nope")
+        .query_async(&mut c)
+        .await
+        .expect("GET miss");
+    let body = {
+        use tokio::io::AsyncWriteExt;
+        let mut http = TcpStream::connect(s.sidecar.http_addr())
+            .await
+            .expect("http");
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        until_closed(&mut http).await
+    };
+    for line in [
+        "viewcar_redis_connections 1",
+        "viewcar_redis_accepted_total 1",
+        "viewcar_redis_reads_total{result=\"hit\"} 1",
+        "viewcar_redis_reads_total{result=\"miss\"} 1",
+    ] {
+        assert!(body.contains(line), "no {line:?} in\n{body}");
+    }
+    assert!(body.contains("viewcar_redis_commands_total"), "{body}");
+}

@@ -93,6 +93,8 @@ pub(crate) struct Parts {
     pub writer: Arc<WriterStats>,
     pub views: Vec<(String, Arc<ViewStats>)>,
     pub ws: Arc<WsStats>,
+    /// The Redis protocol listener's counters, when it is served.
+    pub redis: Option<Arc<crate::serve::redis::RedisStats>>,
     pub readiness: Arc<Readiness>,
 }
 
@@ -623,6 +625,87 @@ impl Collector for Parts {
             "ws_errors",
             "WebSocket client messages answered with an error",
             [(vec![], counter(&s.errors))],
+        )?;
+        if let Some(r) = &self.redis {
+            self.encode_redis(r, e)?;
+        }
+        Ok(())
+    }
+}
+
+impl Parts {
+    fn encode_redis(
+        &self,
+        r: &crate::serve::redis::RedisStats,
+        e: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        family(
+            e,
+            "redis_connections",
+            "Redis protocol connections open",
+            [(vec![], gauge(r.open.load(Ordering::Relaxed)))],
+        )?;
+        family(
+            e,
+            "redis_accepted",
+            "Redis protocol connections accepted",
+            [(vec![], counter(&r.accepted))],
+        )?;
+        family(
+            e,
+            "redis_rejected",
+            "Redis protocol connections refused (redis.maxclients open)",
+            [(vec![], counter(&r.rejected_full))],
+        )?;
+        family(
+            e,
+            "redis_commands",
+            "Redis protocol commands answered",
+            [(vec![], counter(&r.commands))],
+        )?;
+        family(
+            e,
+            "redis_auth_failures",
+            "AUTH with a wrong token, and commands refused before authenticating",
+            [(vec![], counter(&r.auth_failures))],
+        )?;
+        family(
+            e,
+            "redis_reads",
+            "Redis protocol key reads, by result",
+            [
+                (vec![("result", "hit")], counter(&r.hits)),
+                (vec![("result", "miss")], counter(&r.misses)),
+            ],
+        )?;
+        family(
+            e,
+            "redis_closed",
+            "Redis protocol connections closed by the server, by reason",
+            [
+                (vec![("reason", "protocol")], counter(&r.closed_protocol)),
+                (
+                    vec![("reason", "query_buffer")],
+                    counter(&r.closed_query_buffer),
+                ),
+                (
+                    vec![("reason", "output_buffer")],
+                    counter(&r.closed_output_buffer),
+                ),
+                (vec![("reason", "idle")], counter(&r.closed_idle)),
+            ],
+        )?;
+        family(
+            e,
+            "redis_pushes",
+            "Pushes sent (keyspace notifications and invalidations)",
+            [(vec![], counter(&r.pushes))],
+        )?;
+        family(
+            e,
+            "redis_pubsub_clients",
+            "Connections subscribed or tracking keys now",
+            [(vec![], gauge(r.pubsub_clients.load(Ordering::Relaxed)))],
         )?;
         Ok(())
     }
