@@ -449,3 +449,94 @@ fn a_seed_loads_into_an_empty_data_directory_only() {
     assert_eq!(&got.entries[0].value[..], b"{\"n\":2}");
     assert_eq!(got.missing, vec!["c".to_string()]);
 }
+
+/// `max_streams`: a Sync stream past it is refused with RESOURCE_EXHAUSTED naming the key; the
+/// open one goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_streams_past_max_streams_are_refused() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            max_streams: 1,
+            ..origin_config()
+        })
+        .await;
+        origin.origin.publish("items", vec![put("a", "1")]).unwrap();
+        let subscribe = || feed::SyncRequest {
+            kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
+                topic: "items".into(),
+                keys: vec![],
+                resume: None,
+            })),
+        };
+        let mut client = origin.feed_client().await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(subscribe()).await.unwrap();
+        let mut first = client
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(first.message().await.unwrap().is_some());
+        let (tx2, rx2) = mpsc::channel(4);
+        tx2.send(subscribe()).await.unwrap();
+        let refused = match client.sync(ReceiverStream::new(rx2)).await {
+            Err(status) => status,
+            Ok(resp) => {
+                let mut s = resp.into_inner();
+                loop {
+                    match s.message().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => panic!("a second stream was served"),
+                        Err(status) => break status,
+                    }
+                }
+            }
+        };
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("max_streams"), "{refused:?}");
+        // The first stream still carries changes.
+        origin.origin.publish("items", vec![put("a", "2")]).unwrap();
+        loop {
+            let msg = first.message().await.unwrap().expect("first stream open");
+            if matches!(msg.kind, Some(feed::sync_response::Kind::Changes(_))) {
+                break;
+            }
+        }
+        drop(tx);
+    })
+    .await;
+}
+
+/// `viewcar origin` takes the Publish token from `VIEWCAR_PUBLISH_TOKEN`: without it a Publish
+/// is UNAUTHENTICATED, with it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_token_comes_from_the_environment() {
+    within(async {
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "origin", "--listen", "127.0.0.1:0"])
+            .env("VIEWCAR_PUBLISH_TOKEN", "env-s3cret");
+        let (_origin, mut log) = spawn(cmd);
+        let serving = log_line(&mut log, "origin serving Feed").await;
+        let addr = addr(&serving, "addr");
+        let mut client = feed_client(addr).await;
+        let req = || feed::PublishRequest {
+            topic: "items".into(),
+            changes: vec![change("a", "1")],
+        };
+        let err = client.publish(req()).await.expect_err("no token");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        let mut with = tonic::Request::new(req());
+        with.metadata_mut()
+            .insert("authorization", "Bearer env-s3cret".parse().unwrap());
+        let ok = client
+            .publish(with)
+            .await
+            .expect("the token from the environment");
+        assert_eq!(ok.into_inner().position.expect("position").version, 1);
+    })
+    .await;
+}
