@@ -24,8 +24,8 @@ pub use overrides::{origin_address_env, OriginOverrides, SidecarOverrides};
 pub use postgres::{describe_origin, PgTls, PostgresConfig, TableSpec};
 pub use redis::{ListenAddr, RedisConfig};
 pub use sidecar::{
-    describe, FeedConfig, Limits, ListenConfig, OriginSpec, ShutdownConfig, SidecarConfig,
-    TopicSpec, WsConfig,
+    describe, FeedConfig, Limits, ListenConfig, OriginSpec, RelayConfig, ShutdownConfig,
+    SidecarConfig, TopicSpec, WsConfig,
 };
 pub use view::{Include, Includes, ViewSpec};
 

@@ -43,6 +43,8 @@ impl Origin {
         st.log.clear();
         st.log_bytes = 0;
         st.floor = version;
+        st.generation += 1;
+        st.shared_snapshot = None;
         for interest in st.interests.values_mut() {
             session::resnapshot(&t.name, interest);
         }
