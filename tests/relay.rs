@@ -235,17 +235,9 @@ struct Leaf {
     gaps: u64,
 }
 
-async fn run_leaf(addr: SocketAddr, topic: &'static str, leaf: Arc<Mutex<Leaf>>) {
+async fn run_leaf(channel: tonic::transport::Channel, topic: &'static str, leaf: Arc<Mutex<Leaf>>) {
     loop {
-        let Ok(channel) = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let mut client = feed::feed_client::FeedClient::new(channel);
+        let mut client = feed::feed_client::FeedClient::new(channel.clone());
         let (tx, rx) = mpsc::channel(4);
         let resume = {
             let l = leaf.lock().unwrap();
@@ -314,21 +306,30 @@ async fn run_leaf(addr: SocketAddr, topic: &'static str, leaf: Arc<Mutex<Leaf>>)
     }
 }
 
-fn start_leaves(addr: SocketAddr, topic: &'static str, n: usize) -> Vec<Arc<Mutex<Leaf>>> {
-    (0..n)
-        .map(|_| {
-            let leaf = Arc::new(Mutex::new(Leaf {
-                rows: BTreeMap::new(),
-                epoch: String::new(),
-                version: 0,
-                snapshots: 0,
-                batches: 0,
-                gaps: 0,
-            }));
-            tokio::spawn(run_leaf(addr, topic, leaf.clone()));
-            leaf
-        })
-        .collect()
+/// `n` leaves, a hundred streams per connection (as many sidecars behind one proxy would be).
+async fn start_leaves(addr: SocketAddr, topic: &'static str, n: usize) -> Vec<Arc<Mutex<Leaf>>> {
+    let mut leaves = Vec::with_capacity(n);
+    let mut channel = None;
+    for i in 0..n {
+        if i % 100 == 0 {
+            channel = Some(
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect_lazy(),
+            );
+        }
+        let leaf = Arc::new(Mutex::new(Leaf {
+            rows: BTreeMap::new(),
+            epoch: String::new(),
+            version: 0,
+            snapshots: 0,
+            batches: 0,
+            gaps: 0,
+        }));
+        tokio::spawn(run_leaf(channel.clone().unwrap(), topic, leaf.clone()));
+        leaves.push(leaf);
+    }
+    leaves
 }
 
 async fn all_at(leaves: &[Arc<Mutex<Leaf>>], epoch: &str, version: u64) {
@@ -353,7 +354,7 @@ async fn a_thousand_leaf_streams_on_one_relay_are_one_subscription_at_the_origin
         let relay = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
         relay.synced().await;
         let addr = relay.feed_addr().unwrap();
-        let leaves = start_leaves(addr, "t", 1000);
+        let leaves = start_leaves(addr, "t", 1000).await;
         all_at(&leaves, origin.origin.epoch(), 1).await;
         let stats = relay.relay().unwrap().origin().stats();
         assert_eq!(
@@ -399,15 +400,14 @@ async fn a_thousand_leaf_streams_on_one_relay_are_one_subscription_at_the_origin
 async fn a_relay_restart_under_a_thousand_leaves_converges_with_one_shared_snapshot() {
     within(async {
         let origin = TestOrigin::start(origin_config()).await;
-        let rows: Vec<viewcar::Put> = (0..500).map(|i| put(&format!("k{i}"), "v")).collect();
+        let rows: Vec<viewcar::Put> = (0..300).map(|i| put(&format!("k{i}"), "v")).collect();
         origin.origin.publish("t", rows).unwrap();
         let mut cfg = relay_config(&[origin.url()], &["t"]);
         let relay = start_sidecar(cfg.clone()).await;
         relay.synced().await;
         let addr = relay.feed_addr().unwrap();
-        let leaves = start_leaves(addr, "t", 1000);
+        let leaves = start_leaves(addr, "t", 1000).await;
         all_at(&leaves, origin.origin.epoch(), 1).await;
-
         assert!(relay.shutdown().await);
         // Outside the restarted relay's window: every leaf needs a snapshot.
         origin.origin.publish("t", vec![put("k1", "w"), del("k2")]).unwrap();
