@@ -62,7 +62,11 @@ async fn assert_same(origin: &Origin, s: &Sidecar, topic: &str, what: &str) {
         (origin.epoch(), version),
         "{what}: position"
     );
-    assert_eq!(sidecar_rows(s, topic), origin_rows(origin, topic), "{what}: rows");
+    assert_eq!(
+        sidecar_rows(s, topic),
+        origin_rows(origin, topic),
+        "{what}: rows"
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -172,7 +176,10 @@ async fn publish_at_a_relay_is_refused_naming_the_upstream() {
             .unwrap()
             .into_inner();
         let pos = got.position.unwrap();
-        assert_eq!((pos.epoch.as_str(), pos.version), (origin.origin.epoch(), 1));
+        assert_eq!(
+            (pos.epoch.as_str(), pos.version),
+            (origin.origin.epoch(), 1)
+        );
         assert_eq!(got.entries.len(), 1);
         assert_eq!(got.missing, vec!["b".to_string()]);
         let err = client
@@ -410,7 +417,10 @@ async fn a_relay_restart_under_a_thousand_leaves_converges_with_one_shared_snaps
         all_at(&leaves, origin.origin.epoch(), 1).await;
         assert!(relay.shutdown().await);
         // Outside the restarted relay's window: every leaf needs a snapshot.
-        origin.origin.publish("t", vec![put("k1", "w"), del("k2")]).unwrap();
+        origin
+            .origin
+            .publish("t", vec![put("k1", "w"), del("k2")])
+            .unwrap();
         cfg.listen.feed = Some(addr);
         let relay = start_sidecar(cfg).await;
         let version = origin.origin.version("t").unwrap();
@@ -458,20 +468,32 @@ async fn a_view_served_by_a_relay_is_a_topic_of_the_leaf() {
         let active = source(&leaf, "active");
         let view = source(&relay, "active");
         wait_source(&active, "the view's rows", |s| s.len() == 1).await;
-        assert_eq!(active.epoch().as_str(), relay.relay().unwrap().origin().epoch());
+        assert_eq!(
+            active.epoch().as_str(),
+            relay.relay().unwrap().origin().epoch()
+        );
         origin
             .origin
-            .publish("products", vec![put("p2", r#"{"name":"b","status":"active"}"#)])
+            .publish(
+                "products",
+                vec![put("p2", r#"{"name":"b","status":"active"}"#)],
+            )
             .unwrap();
         wait_source(&view, "the view follows", |s| s.len() == 2).await;
         let v = view.version();
         wait_source(&active, "the leaf follows", |s| s.version() >= v).await;
-        assert_eq!(sidecar_rows(&leaf, "active"), sidecar_rows(&relay, "active"));
+        assert_eq!(
+            sidecar_rows(&leaf, "active"),
+            sidecar_rows(&relay, "active")
+        );
         origin.origin.publish("products", vec![del("p1")]).unwrap();
         wait_source(&view, "the view follows", |s| s.len() == 1).await;
         let v = view.version();
         wait_source(&active, "the leaf follows", |s| s.version() >= v).await;
-        assert_eq!(sidecar_rows(&leaf, "active"), sidecar_rows(&relay, "active"));
+        assert_eq!(
+            sidecar_rows(&leaf, "active"),
+            sidecar_rows(&relay, "active")
+        );
     })
     .await
 }

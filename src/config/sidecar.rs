@@ -709,7 +709,10 @@ impl SidecarConfig {
                     format!("{feed} is also another listener's address; give each listener its own port"),
                 ));
             }
-            if !self.origins.iter().any(|o| o.topics.iter().any(|t| t.mode == Mode::Full))
+            if !self
+                .origins
+                .iter()
+                .any(|o| o.topics.iter().any(|t| t.mode == Mode::Full))
                 && self.views.is_empty()
             {
                 return Err(ConfigError::invalid(

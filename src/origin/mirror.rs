@@ -140,7 +140,10 @@ impl Origin {
         let mut st = t.lock();
         if st.epoch.as_deref() != Some(epoch) {
             if st.epoch.is_some() {
-                warn!(topic, epoch, "relay got a batch of another epoch than it holds; dropped");
+                warn!(
+                    topic,
+                    epoch, "relay got a batch of another epoch than it holds; dropped"
+                );
             }
             return;
         }

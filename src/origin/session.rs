@@ -313,10 +313,7 @@ impl Session {
         }
         let name = topic.name.clone();
         let keyed_add = !sub.keys.is_empty()
-            && self
-                .topics
-                .get(&name)
-                .is_some_and(|t| t.parked.is_none())
+            && self.topics.get(&name).is_some_and(|t| t.parked.is_none())
             && matches!(
                 topic.lock().interests.get(&self.id),
                 Some(Interest { keys: Some(_), .. })
@@ -360,7 +357,9 @@ impl Session {
             let start = match &epoch {
                 None => Start::Park,
                 Some(epoch) => match &sub.resume {
-                    Some(p) if *p.epoch == **epoch && p.version <= version && p.version >= floor => {
+                    Some(p)
+                        if *p.epoch == **epoch && p.version <= version && p.version >= floor =>
+                    {
                         let tail = ts
                             .log
                             .iter()
@@ -411,7 +410,12 @@ impl Session {
                     lagged: matches!(start, Start::Park),
                 },
             );
-            (start, version, epoch.unwrap_or_else(|| Arc::from("")), generation)
+            (
+                start,
+                version,
+                epoch.unwrap_or_else(|| Arc::from("")),
+                generation,
+            )
         };
         let cursor = match &start {
             Start::Resume { from, .. } if *from > version => *from,

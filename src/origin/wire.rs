@@ -9,10 +9,10 @@ use std::task::{Context, Poll};
 
 use bytes::BufMut;
 use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::{Request, Response, Status, Streaming};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::session::Frame;
 use super::{FeedService, Origin};

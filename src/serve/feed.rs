@@ -30,7 +30,11 @@ pub struct Relay {
 
 impl Relay {
     /// A relay of every full topic and every full view among `sources`.
-    pub(crate) fn new(cfg: &SidecarConfig, listen: std::net::SocketAddr, sources: &[Arc<Source>]) -> Self {
+    pub(crate) fn new(
+        cfg: &SidecarConfig,
+        listen: std::net::SocketAddr,
+        sources: &[Arc<Source>],
+    ) -> Self {
         let served: Vec<Arc<Source>> = sources
             .iter()
             .filter(|s| s.mode() == Mode::Full)
@@ -44,7 +48,13 @@ impl Relay {
         let upstream = cfg
             .origins
             .iter()
-            .map(|o| format!("origin '{}' ({})", o.name, crate::types::redact_address(&o.address)))
+            .map(|o| {
+                format!(
+                    "origin '{}' ({})",
+                    o.name,
+                    crate::types::redact_address(&o.address)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let upstream = if upstream.is_empty() {
