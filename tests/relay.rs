@@ -497,3 +497,33 @@ async fn a_view_served_by_a_relay_is_a_topic_of_the_leaf() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cut_off_from_its_origin_serves_what_it_holds_and_leaves_see_it_stale() {
+    within(async {
+        let mut origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let relay = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
+        let mut cfg = sidecar_config(&feed_url(&relay), &["t"]);
+        cfg.feed.live_window = Dur(Duration::from_millis(300));
+        let leaf = start_sidecar(cfg).await;
+        assert_same(&origin.origin, &leaf, "t", "leaf").await;
+        let t = source(&leaf, "t");
+        eventually("the leaf is live", || t.staleness_ms() == 0).await;
+
+        origin.stop().await;
+        eventually("the leaf sees the relay's data go stale", || {
+            t.staleness_ms() > 0
+        })
+        .await;
+        assert_eq!(t.get("a").map(|r| text(&r.value)), Some("1".to_string()));
+        assert!(
+            leaf.feed_stats("o")
+                .unwrap()
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed),
+            "still connected to the relay"
+        );
+    })
+    .await
+}

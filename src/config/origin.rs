@@ -47,6 +47,8 @@ pub struct OriginConfig {
     pub max_publish_changes: usize,
     /// Most concurrent Sync streams.
     pub max_streams: usize,
+    /// Most open connections of the Feed listener; more wait to be accepted.
+    pub max_connections: usize,
     /// Most keys one Sync stream may subscribe to in one topic (keyed interest, on_demand
     /// sidecars); a Subscribe past it ends the stream with RESOURCE_EXHAUSTED.
     pub max_subscribed_keys: usize,
@@ -109,6 +111,7 @@ impl Default for OriginConfig {
             max_message_bytes: ByteSize(16 << 20),
             max_publish_changes: 10_000,
             max_streams: 1024,
+            max_connections: 10_000,
             max_subscribed_keys: 1_000_000,
             keepalive_interval: Dur(Duration::from_secs(10)),
             keepalive_timeout: Dur(Duration::from_secs(10)),
@@ -156,6 +159,7 @@ impl OriginConfig {
             ("snapshot_chunk_entries", self.snapshot_chunk_entries),
             ("max_publish_changes", self.max_publish_changes),
             ("max_streams", self.max_streams),
+            ("max_connections", self.max_connections),
             ("max_subscribed_keys", self.max_subscribed_keys),
         ] {
             check_range(file, field, v, 1, super::sidecar::MAX_COUNT)?;

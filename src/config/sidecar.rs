@@ -308,6 +308,8 @@ pub struct RelayConfig {
     pub max_message_bytes: ByteSize,
     /// Most concurrent Sync streams (one per leaf sidecar).
     pub max_streams: usize,
+    /// Most open connections of the feed listener; more wait to be accepted.
+    pub max_connections: usize,
     /// Most keys one stream may subscribe to one by one in a topic.
     pub max_subscribed_keys: usize,
     pub keepalive_interval: Dur,
@@ -331,6 +333,7 @@ impl Default for RelayConfig {
             snapshot_chunk_bytes: o.snapshot_chunk_bytes,
             max_message_bytes: o.max_message_bytes,
             max_streams: 10_000,
+            max_connections: 10_000,
             max_subscribed_keys: o.max_subscribed_keys,
             keepalive_interval: o.keepalive_interval,
             keepalive_timeout: o.keepalive_timeout,
@@ -353,6 +356,7 @@ impl RelayConfig {
             snapshot_chunk_bytes: self.snapshot_chunk_bytes,
             max_message_bytes: self.max_message_bytes,
             max_streams: self.max_streams,
+            max_connections: self.max_connections,
             max_subscribed_keys: self.max_subscribed_keys,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,

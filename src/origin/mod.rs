@@ -806,10 +806,8 @@ impl Origin {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            // Nagle off on accepted sockets: the builder's tcp_nodelay only applies to listeners it
-            // binds itself, and a reply of more than one segment would wait for a delayed ACK.
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                wire::bounded_incoming(listener, self.inner.cfg.max_connections),
                 shutdown,
             )
             .await?;

@@ -5,6 +5,7 @@
 //! `Fetch` and `Publish` go to the generated service unchanged; only the `Sync` route is
 //! taken here, with the same message size and compression settings.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BufMut;
@@ -148,4 +149,99 @@ pub(crate) fn unshare(frame: Frame) -> Result<pb::SyncResponse, Status> {
         Frame::Shared(b) => pb::SyncResponse::decode(b)
             .map_err(|e| Status::internal(format!("re-decoding a shared feed message: {e}"))),
     }
+}
+
+/// An accepted connection holding one of the listener's `max_connections` permits until it
+/// closes.
+pub(crate) struct Bounded {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Bounded {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Bounded {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Accepts connections on `listener` while fewer than `max` are open; past it the next one
+/// waits in the kernel's backlog until one closes. Nagle off on each (a reply of more than one
+/// segment would otherwise wait for a delayed ACK). An accept error (out of descriptors) is
+/// logged once per burst and retried, never the end of the server.
+pub(crate) fn bounded_incoming(
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> impl tokio_stream::Stream<Item = Result<Bounded, std::io::Error>> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max));
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits.clone().acquire_owned().await.ok()?;
+        let mut logged = false;
+        loop {
+            match listener.accept().await {
+                Ok((io, _)) => {
+                    let _ = io.set_nodelay(true);
+                    let conn = Bounded {
+                        io,
+                        _permit: permit,
+                    };
+                    return Some((Ok(conn), (listener, permits)));
+                }
+                Err(e) => {
+                    if !logged {
+                        tracing::warn!(error = %e, "feed listener: accept failed; retrying");
+                        logged = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+    })
 }
