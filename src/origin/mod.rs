@@ -221,7 +221,8 @@ pub(crate) struct TopicState {
     /// before it are not sent after it.
     pub generation: u64,
     /// The whole-topic snapshot at the current position, encoded once for every stream that
-    /// needs it (a burst of subscribers at one position shares its chunks).
+    /// needs it (a burst of subscribers at one position shares its chunks). Dropped when the
+    /// position moves, or once no stream has held it for a while (see `session`).
     pub shared_snapshot: Option<Arc<session::SharedSnapshot>>,
 }
 

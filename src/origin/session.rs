@@ -34,6 +34,7 @@ pub(crate) type Out = mpsc::Sender<Result<Frame, Status>>;
 pub(crate) struct SharedSnapshot {
     pub version: u64,
     pub generation: u64,
+    made: std::time::Instant,
     data: imbl::OrdMap<Arc<str>, Stored>,
     chunks: OnceCell<Arc<Vec<Bytes>>>,
 }
@@ -43,9 +44,27 @@ impl SharedSnapshot {
         SharedSnapshot {
             version,
             generation,
+            made: std::time::Instant::now(),
             data,
             chunks: OnceCell::new(),
         }
+    }
+}
+
+/// How long a topic keeps an encoded snapshot that no stream is sending: long enough for a
+/// burst of subscribers (a fleet reconnecting) to share it, short enough that an idle topic
+/// does not hold a second copy of its data for long.
+const SHARED_SNAPSHOT_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Drops the topic's shared snapshot when no stream holds it and it is older than
+/// [`SHARED_SNAPSHOT_KEPT`].
+fn release_shared_snapshot(ts: &mut super::TopicState) {
+    if ts
+        .shared_snapshot
+        .as_ref()
+        .is_some_and(|s| Arc::strong_count(s) == 1 && s.made.elapsed() > SHARED_SNAPSHOT_KEPT)
+    {
+        ts.shared_snapshot = None;
     }
 }
 
@@ -223,7 +242,9 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
         let _ = s.out.send(Err(status)).await;
     }
     for (_, st) in s.topics.drain() {
-        st.topic.lock().interests.remove(&id);
+        let mut ts = st.topic.lock();
+        ts.interests.remove(&id);
+        release_shared_snapshot(&mut ts);
     }
     debug!(session = id, "sync stream closed");
 }
@@ -732,6 +753,10 @@ impl Session {
                 continue;
             };
             if let Some(sub) = st.parked.take() {
+                // Answered as a new subscription: the parked one leaves no trace.
+                let topic = st.topic.clone();
+                self.topics.remove(&name);
+                topic.lock().interests.remove(&self.id);
                 self.subscribe(sub).await?;
                 continue;
             }
@@ -794,7 +819,8 @@ impl Session {
                 }
             }
             {
-                let ts = st.topic.lock();
+                let mut ts = st.topic.lock();
+                release_shared_snapshot(&mut ts);
                 let live = ts.interests.get(&self.id).is_some_and(|i| !i.lagged);
                 if live
                     && st.pending.load(Ordering::Acquire) == 0
