@@ -231,6 +231,10 @@ async fn wait_synced(fleet: &Fleet, n: usize, timeout: Duration) -> Result<Durat
     Ok(start.elapsed())
 }
 
+/// Publishes in flight at most: a slow origin then shows as fewer changes/s, not as a
+/// publisher that waits for each reply before the next.
+const PUBLISHES_IN_FLIGHT: usize = 64;
+
 /// Publishes one change per Publish at `rate` per second for `dur`, the value carrying the
 /// publish time; returns how many were published.
 async fn publish_for(
@@ -239,7 +243,9 @@ async fn publish_for(
     rate: u32,
     dur: Duration,
 ) -> Result<u64, BenchError> {
-    let mut client = pb::feed_client::FeedClient::new(origin.clone());
+    let client = pb::feed_client::FeedClient::new(origin.clone());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PUBLISHES_IN_FLIGHT));
+    let failed = Arc::new(Mutex::new(None::<String>));
     // Ticks of 10 ms (tokio's timer granularity is 1 ms): rate/100 publishes per tick.
     let per_tick = (rate as f64 / 100.0).max(0.0);
     let mut owed = 0.0;
@@ -252,20 +258,36 @@ async fn publish_for(
         owed += per_tick;
         while owed >= 1.0 {
             owed -= 1.0;
-            let value = format!("{},{:0>64}", now_us(epoch), n);
-            client
-                .publish(pb::PublishRequest {
-                    topic: "t".to_string(),
-                    changes: vec![pb::Change {
-                        key: format!("k{}", n % 1000),
-                        value: Bytes::from(value),
-                        deleted: false,
-                    }],
-                })
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
                 .await
-                .map_err(|e| BenchError::setup(format!("publish: {e}")))?;
+                .map_err(|e| BenchError::setup(e.to_string()))?;
+            let value = format!("{},{:0>64}", now_us(epoch), n);
+            let req = pb::PublishRequest {
+                topic: "t".to_string(),
+                changes: vec![pb::Change {
+                    key: format!("k{}", n % 1000),
+                    value: Bytes::from(value),
+                    deleted: false,
+                }],
+            };
+            let (mut client, failed) = (client.clone(), failed.clone());
+            tokio::spawn(async move {
+                if let Err(e) = client.publish(req).await {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                drop(permit);
+            });
             n += 1;
         }
+    }
+    // Every publish answered before the window closes.
+    let _ = in_flight.acquire_many(PUBLISHES_IN_FLIGHT as u32).await;
+    if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+        return Err(BenchError::setup(format!("publish: {e}")));
     }
     Ok(n)
 }
@@ -383,6 +405,30 @@ async fn storm(relay: &Served, leaves: usize) -> Result<(Duration, u64, u64), Be
     Ok((took?, before, peak.load(Ordering::Relaxed)))
 }
 
+/// Waits until a leaf subscribing at `relay` gets a snapshot of at least `keys` keys.
+async fn wait_relay_holds(relay: &Served, keys: usize) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let channel = Endpoint::from_shared(format!("http://{}", relay.addr))
+        .map_err(|e| BenchError::setup(e.to_string()))?
+        .connect_lazy();
+    let mut client = pb::feed_client::FeedClient::new(channel).max_decoding_message_size(64 << 20);
+    loop {
+        let got = client
+            .fetch(pb::FetchRequest {
+                topic: "t".to_string(),
+                keys: vec![format!("s{:08}", keys.saturating_sub(1))],
+            })
+            .await;
+        if got.is_ok_and(|r| !r.into_inner().entries.is_empty()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::setup("the storm's relay never held the topic"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     let (streams, rates, storm_keys, storm_leaves): (Vec<usize>, Vec<u32>, usize, Vec<usize>) =
         if ctx.args.smoke {
@@ -399,7 +445,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         };
     let dir = temp_dir("fleet")?;
     let mut origin = start_origin(&ctx.exe, &dir).await?;
-    let relay = start_relay(&ctx.exe, &dir, origin.0.addr).await?;
+    let mut relay = start_relay(&ctx.exe, &dir, origin.0.addr).await?;
     let mut table = Table::new(
         "fleet: leaves on one origin, direct vs through one relay (origin, relay: child processes; leaves: Sync streams in the harness)",
         &[
@@ -483,6 +529,11 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             .await
             .map_err(|e| BenchError::setup(format!("loading the storm topic: {e}")))?;
     }
+    // A fresh relay for the storm: the runs above leave the first one's allocator holding
+    // what its queues and transport buffers took at 5,000 streams.
+    drop(relay);
+    relay = start_relay(&ctx.exe, &dir, origin.0.addr).await?;
+    wait_relay_holds(&relay, storm_keys).await?;
     let mut storm_table = Table::new(
         format!("fleet: snapshot storm, every leaf subscribing at once to a relay holding {storm_keys}+ keys"),
         &["leaves", "all synced", "relay rss before", "relay rss peak"],
