@@ -49,9 +49,6 @@ pub struct OriginConfig {
     pub max_streams: usize,
     /// Most open connections of the Feed listener; more wait to be accepted.
     pub max_connections: usize,
-    /// Streams sending a whole-topic snapshot at the same time; more wait their turn. The
-    /// encoding is shared anyway; this bounds the transport buffers of a burst.
-    pub max_concurrent_snapshots: usize,
     /// Most keys one Sync stream may subscribe to in one topic (keyed interest, on_demand
     /// sidecars); a Subscribe past it ends the stream with RESOURCE_EXHAUSTED.
     pub max_subscribed_keys: usize,
@@ -115,7 +112,6 @@ impl Default for OriginConfig {
             max_publish_changes: 10_000,
             max_streams: 1024,
             max_connections: 10_000,
-            max_concurrent_snapshots: 64,
             max_subscribed_keys: 1_000_000,
             keepalive_interval: Dur(Duration::from_secs(10)),
             keepalive_timeout: Dur(Duration::from_secs(10)),
@@ -164,7 +160,6 @@ impl OriginConfig {
             ("max_publish_changes", self.max_publish_changes),
             ("max_streams", self.max_streams),
             ("max_connections", self.max_connections),
-            ("max_concurrent_snapshots", self.max_concurrent_snapshots),
             ("max_subscribed_keys", self.max_subscribed_keys),
         ] {
             check_range(file, field, v, 1, super::sidecar::MAX_COUNT)?;

@@ -310,9 +310,6 @@ pub struct RelayConfig {
     pub max_streams: usize,
     /// Most open connections of the feed listener; more wait to be accepted.
     pub max_connections: usize,
-    /// Leaves sent a snapshot at the same time; more wait their turn (the encoding is shared;
-    /// this bounds the transport buffers of a relist storm).
-    pub max_concurrent_snapshots: usize,
     /// Most keys one stream may subscribe to one by one in a topic.
     pub max_subscribed_keys: usize,
     pub keepalive_interval: Dur,
@@ -337,7 +334,6 @@ impl Default for RelayConfig {
             max_message_bytes: o.max_message_bytes,
             max_streams: 10_000,
             max_connections: 10_000,
-            max_concurrent_snapshots: o.max_concurrent_snapshots,
             max_subscribed_keys: o.max_subscribed_keys,
             keepalive_interval: o.keepalive_interval,
             keepalive_timeout: o.keepalive_timeout,
@@ -361,7 +357,6 @@ impl RelayConfig {
             max_message_bytes: self.max_message_bytes,
             max_streams: self.max_streams,
             max_connections: self.max_connections,
-            max_concurrent_snapshots: self.max_concurrent_snapshots,
             max_subscribed_keys: self.max_subscribed_keys,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,

@@ -36,7 +36,6 @@ impl Origin {
             topics.insert(s.name().clone(), Arc::new(t));
         }
         let streams = Arc::new(Semaphore::new(cfg.max_streams));
-        let snapshot_senders = Arc::new(Semaphore::new(cfg.max_concurrent_snapshots));
         Origin {
             inner: Arc::new(Inner {
                 cfg,
@@ -46,7 +45,6 @@ impl Origin {
                 declared: Some(declared),
                 stats: OriginStats::default(),
                 streams,
-                snapshot_senders,
                 next_session: AtomicU64::new(1),
                 cut: watch::channel(0).0,
                 shutting_down: AtomicBool::new(false),

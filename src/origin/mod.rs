@@ -145,8 +145,6 @@ pub struct OriginStats {
     pub snapshot_chunks_encoded: AtomicU64,
     /// Change batches encoded once and shared by the whole-topic streams that are sent them.
     pub batch_encodings: AtomicU64,
-    /// Snapshots sent without a turn (`max_concurrent_snapshots` busy for too long).
-    pub snapshot_turns_skipped: AtomicU64,
 }
 
 /// Why [`Origin::serve`] stopped with an error.
@@ -305,9 +303,6 @@ pub(crate) struct Inner {
     pub declared: Option<HashSet<String>>,
     pub stats: OriginStats,
     pub streams: Arc<Semaphore>,
-    /// Streams sending a whole-topic snapshot at once (`max_concurrent_snapshots`): a burst of
-    /// subscribers shares one encoding, and this bounds what their transports buffer.
-    pub snapshot_senders: Arc<Semaphore>,
     pub next_session: AtomicU64,
     /// Bumped to end every stream open at that moment; new streams are still accepted.
     pub cut: watch::Sender<u64>,
@@ -420,7 +415,6 @@ impl Origin {
             topics.insert(Arc::from(name.as_str()), Arc::new(topic));
         }
         let streams = Arc::new(Semaphore::new(cfg.max_streams));
-        let snapshot_senders = Arc::new(Semaphore::new(cfg.max_concurrent_snapshots));
         Origin {
             inner: Arc::new(Inner {
                 cfg,
@@ -430,7 +424,6 @@ impl Origin {
                 declared,
                 stats: OriginStats::default(),
                 streams,
-                snapshot_senders,
                 next_session: AtomicU64::new(1),
                 cut: watch::channel(0).0,
                 shutting_down: AtomicBool::new(false),

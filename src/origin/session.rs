@@ -56,9 +56,6 @@ impl SharedSnapshot {
 /// does not hold a second copy of its data for long.
 const SHARED_SNAPSHOT_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long a stream waits for a turn to send a snapshot (`max_concurrent_snapshots`).
-const SNAPSHOT_TURN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Drops the topic's shared snapshot when no stream holds it and it is older than
 /// [`SHARED_SNAPSHOT_KEPT`].
 fn release_shared_snapshot(ts: &mut super::TopicState) {
@@ -629,22 +626,6 @@ impl Session {
         shared: &SharedSnapshot,
     ) -> Result<(), End> {
         let stats = &self.inner().stats;
-        // Held while this stream queues the chunks: the rest of a burst waits its turn. A turn
-        // is not waited for forever: a few slow leaves holding every turn must not stall the
-        // others, so past SNAPSHOT_TURN_WAIT a stream goes ahead without one (counted).
-        let _turn = match tokio::time::timeout(
-            SNAPSHOT_TURN_WAIT,
-            self.inner().snapshot_senders.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => Some(permit),
-            Ok(Err(_)) => return Err(End::Gone),
-            Err(_) => {
-                stats.snapshot_turns_skipped.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        };
         let chunks = shared
             .chunks
             .get_or_init(|| async {
