@@ -352,7 +352,7 @@ async fn one_run(
         t.abort();
     }
     let (p50_us, p99_us) = match fleet.latency.lock() {
-        Ok(h) if h.len() > 0 => (
+        Ok(h) if !h.is_empty() => (
             h.value_at_quantile(0.5) as f64,
             h.value_at_quantile(0.99) as f64,
         ),
