@@ -140,6 +140,20 @@ struct Fleet {
     epoch: Instant,
 }
 
+impl Fleet {
+    fn new() -> Result<Arc<Fleet>, BenchError> {
+        Ok(Arc::new(Fleet {
+            synced: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3)
+                    .map_err(|e| BenchError::setup(e.to_string()))?,
+            ),
+            epoch: Instant::now(),
+        }))
+    }
+}
+
 fn now_us(epoch: Instant) -> u64 {
     epoch.elapsed().as_micros() as u64
 }
@@ -312,15 +326,7 @@ async fn one_run(
     streams: usize,
     rate: u32,
 ) -> Result<Run, BenchError> {
-    let fleet = Arc::new(Fleet {
-        synced: AtomicU64::new(0),
-        deliveries: AtomicU64::new(0),
-        latency: Mutex::new(
-            Histogram::new_with_bounds(1, 60_000_000, 3)
-                .map_err(|e| BenchError::setup(e.to_string()))?,
-        ),
-        epoch: Instant::now(),
-    });
+    let fleet = Fleet::new()?;
     let addr = relay.map_or(origin.0.addr, |r| r.addr);
     let tasks = start_leaves(addr, streams, &fleet)?;
     wait_synced(&fleet, streams, Duration::from_secs(120)).await?;
@@ -375,15 +381,7 @@ async fn one_run(
 /// Every leaf subscribing at once to a relay that holds `keys` keys: time until all synced,
 /// and the relay's RSS before and at its peak (sampled every 20 ms).
 async fn storm(relay: &Served, leaves: usize) -> Result<(Duration, u64, u64), BenchError> {
-    let fleet = Arc::new(Fleet {
-        synced: AtomicU64::new(0),
-        deliveries: AtomicU64::new(0),
-        latency: Mutex::new(
-            Histogram::new_with_bounds(1, 60_000_000, 3)
-                .map_err(|e| BenchError::setup(e.to_string()))?,
-        ),
-        epoch: Instant::now(),
-    });
+    let fleet = Fleet::new()?;
     let pid = relay.proc.pid();
     let before = rss_of(pid);
     let peak = Arc::new(AtomicU64::new(before));

@@ -94,16 +94,7 @@ impl Origin {
         let mut st = t.lock();
         let was = st.epoch.replace(Arc::from(epoch));
         debug!(topic, epoch, version, was = ?was, "relay topic replaced by a snapshot");
-        st.data = data;
-        st.version = version;
-        st.log.clear();
-        st.log_bytes = 0;
-        st.floor = version;
-        st.generation += 1;
-        st.shared_snapshot = None;
-        for interest in st.interests.values_mut() {
-            session::resnapshot(&t.name, interest);
-        }
+        st.replace(&t.name, data, version);
     }
 
     /// One version of `topic`'s changes, after the last one: retained, and offered to every

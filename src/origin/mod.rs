@@ -235,6 +235,27 @@ pub(crate) struct Topic {
 }
 
 impl TopicState {
+    /// The topic's rows are now `data` at `version` (a new initial copy of a table, a relay's
+    /// new upstream snapshot): the log starts over there, batches queued before are not sent
+    /// after it, and every stream is caught up with Reset + snapshot.
+    pub(crate) fn replace(
+        &mut self,
+        name: &Arc<str>,
+        data: imbl::OrdMap<Arc<str>, Stored>,
+        version: u64,
+    ) {
+        self.data = data;
+        self.version = version;
+        self.log.clear();
+        self.log_bytes = 0;
+        self.floor = version;
+        self.generation += 1;
+        self.shared_snapshot = None;
+        for interest in self.interests.values_mut() {
+            session::resnapshot(name, interest);
+        }
+    }
+
     /// Applies `changes`, written at `version`, to the rows and appends them to the retained
     /// log as one batch of `bytes` (see `durable::batch_bytes`): what a Publish and a database
     /// transaction both do. The topic's own version is the caller's to move.
