@@ -24,8 +24,8 @@ pub use overrides::{origin_address_env, OriginOverrides, SidecarOverrides};
 pub use postgres::{describe_origin, PgTls, PostgresConfig, TableSpec};
 pub use redis::{ListenAddr, RedisConfig};
 pub use sidecar::{
-    describe, FeedConfig, Limits, ListenConfig, OriginSpec, ShutdownConfig, SidecarConfig,
-    TopicSpec, WsConfig,
+    describe, FeedConfig, Limits, ListenConfig, OriginSpec, RelayConfig, ShutdownConfig,
+    SidecarConfig, TopicSpec, WsConfig,
 };
 pub use view::{Include, Includes, ViewSpec};
 
@@ -326,6 +326,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("allow_non_loopback"), "{err}");
+    }
+
+    #[test]
+    fn relay_keys_are_checked_and_named() {
+        let base = "[[origin]]\nname = \"o\"\naddress = \"http://a:1\"\ntopics = [\"a\"]\n";
+        let cfg = SidecarConfig::parse(
+            "t.toml",
+            &format!("[listen]\nfeed = \"127.0.0.1:7100\"\n[relay]\nretain_batches = 10\nmax_connections = 5\n[feed]\ninstance = \"leaf-1\"\n{base}"),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.feed, Some("127.0.0.1:7100".parse().unwrap()));
+        assert_eq!(cfg.relay.retain_batches, 10);
+        assert_eq!(cfg.relay.max_connections, 5);
+        assert_eq!(cfg.feed.instance.as_deref(), Some("leaf-1"));
+        for (text, needle) in [
+            ("[relay]\nretain_batches = 0\n", "relay.retain_batches"),
+            ("[relay]\nmax_connections = 0\n", "relay.max_connections"),
+            (
+                "[relay]\nsnapshot_chunk_bytes = \"32MiB\"\n",
+                "relay.snapshot_chunk_bytes",
+            ),
+            ("[relay]\nretain = 1\n", "unknown field `retain`"),
+            ("[listen]\nfeed = \"0.0.0.0:7100\"\n", "listen.feed"),
+            (
+                "[listen]\ngrpc = \"127.0.0.1:7100\"\nfeed = \"127.0.0.1:7100\"\n",
+                "listen.feed",
+            ),
+        ] {
+            let err = SidecarConfig::parse("t.toml", &format!("{text}{base}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        let err = SidecarConfig::parse(
+            "t.toml",
+            "[listen]\nfeed = \"127.0.0.1:7100\"\n[[origin]]\nname = \"o\"\naddress = \"http://a:1\"\ntopics = [{ name = \"a\", mode = \"on_demand\" }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("nothing") || err.contains("no full topic"),
+            "{err}"
+        );
     }
 
     #[test]

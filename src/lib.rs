@@ -14,6 +14,8 @@
 //!
 //! - [`origin`]: viewcar's own origin, embeddable in a Rust service ([`Origin`]).
 //! - [`Sidecar`]: the sidecar, started from a [`SidecarConfig`].
+//!   With `[listen] feed` it is also a relay ([`Relay`]): it serves the Feed API to other
+//!   sidecars from its full topics (the origin's positions unchanged) and its views.
 //! - [`views`]: declaring views ([`views::ViewSpec`], [`views::View`]); [`Standalone`] runs
 //!   them without a sidecar.
 //! - [`pb`]: the generated protobuf types and gRPC clients/servers.
@@ -63,6 +65,7 @@ pub use config::{ConfigError, OriginConfig, SidecarConfig};
 pub use feed::FeedStats;
 pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;
+pub use serve::feed::Relay;
 pub use serve::redis::RedisStats;
 pub use serve::ws;
 pub use sidecar::{check_config, Sidecar, StartError};

@@ -24,6 +24,7 @@ use crate::introspect;
 use crate::pb::cache::v1 as pb;
 use crate::readiness::Readiness;
 use crate::serve::admin::{self, Admin, OriginInfo};
+use crate::serve::feed::Relay;
 use crate::serve::grpc::CacheService;
 use crate::serve::http;
 use crate::serve::metrics::{Metrics, Parts, ReadTimingLayer};
@@ -90,6 +91,8 @@ pub struct Sidecar {
     ws_stats: Arc<WsStats>,
     redis_addr: Option<SocketAddr>,
     redis_stats: Arc<RedisStats>,
+    feed_addr: Option<SocketAddr>,
+    relay: Option<Relay>,
     readiness: Arc<Readiness>,
     health: tonic_health::server::HealthReporter,
     grace: Duration,
@@ -189,6 +192,7 @@ fn start_writer(
     hub: &Arc<Hub>,
     views: Option<ViewSet>,
     stats: Arc<WriterStats>,
+    relay: Option<&Relay>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) -> mpsc::Sender<Step> {
     let (wtx, wrx) = mpsc::channel(cfg.limits.writer_queue);
@@ -197,7 +201,10 @@ fn start_writer(
             rows.set_writer(crate::writer::desk(&wtx));
         }
     }
-    let writer = Writer::new(hub.clone(), views.map(ViewSet::into_engine), stats);
+    let mut writer = Writer::new(hub.clone(), views.map(ViewSet::into_engine), stats);
+    if let Some(relay) = relay {
+        writer = writer.with_mirror(Arc::new(relay.clone()));
+    }
     tasks.push(tokio::spawn(writer.run(wrx, cfg.limits.writer_batch)));
     wtx
 }
@@ -213,6 +220,11 @@ fn start_feeds(
     let mut feeds = HashMap::new();
     let mut origins = Vec::new();
     let max_message = cfg.limits.max_message_bytes.as_usize();
+    let mut feed_cfg = cfg.feed.clone();
+    if feed_cfg.instance.is_none() {
+        // Kubernetes sets HOSTNAME to the pod name: leaves spread over relays without config.
+        feed_cfg.instance = std::env::var("HOSTNAME").ok();
+    }
     for (spec, sources) in per_origin {
         let stats = Arc::new(FeedStats::default());
         feeds.insert(spec.name.clone(), stats.clone());
@@ -223,7 +235,7 @@ fn start_feeds(
         });
         let client = FeedClient::new(
             spec,
-            cfg.feed.clone(),
+            feed_cfg.clone(),
             max_message,
             sources,
             wtx.clone(),
@@ -356,10 +368,35 @@ impl Sidecar {
         let (grpc_listener, grpc_addr) = bind(cfg.listen.grpc, "Cache API").await?;
         let (http_listener, http_addr) = bind(cfg.listen.http_addr(), "http").await?;
         let redis_listener = bind_redis(&cfg).await?;
+        let feed_listener = match cfg.listen.feed {
+            Some(addr) => Some(bind(addr, "Feed (relay)").await?),
+            None => None,
+        };
+        let relay = feed_listener
+            .as_ref()
+            .map(|(_, addr)| Relay::new(&cfg, *addr, store.sources()));
 
         let mut tasks = Vec::new();
         let writer_stats = Arc::new(WriterStats::default());
-        let wtx = start_writer(&cfg, &store, &hub, views, writer_stats.clone(), &mut tasks);
+        let wtx = start_writer(
+            &cfg,
+            &store,
+            &hub,
+            views,
+            writer_stats.clone(),
+            relay.as_ref(),
+            &mut tasks,
+        );
+        let feed_addr = feed_listener.as_ref().map(|(_, a)| *a);
+        if let (Some(relay), Some((listener, _))) = (&relay, feed_listener) {
+            let relay = relay.clone();
+            let sd = shutdown_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = relay.serve(listener, sd).await {
+                    warn!(error = %e, "Feed (relay) server failed");
+                }
+            }));
+        }
         let (feeds, origins) = start_feeds(&cfg, per_origin, wtx, &shutdown_rx, &mut tasks);
 
         let readiness = Arc::new(Readiness::new(store.clone()));
@@ -428,7 +465,7 @@ impl Sidecar {
             ));
             tasks.push(tokio::spawn(redis::serve(listener, shared)));
         }
-        info!(grpc = %grpc_addr, http = %http_addr, redis = ?redis_addr, sources = store.sources().len(), "sidecar started");
+        info!(grpc = %grpc_addr, http = %http_addr, redis = ?redis_addr, feed = ?feed_addr, sources = store.sources().len(), "sidecar started");
         Ok(Sidecar {
             store,
             hub,
@@ -440,6 +477,8 @@ impl Sidecar {
             ws_stats,
             redis_addr,
             redis_stats,
+            feed_addr,
+            relay,
             readiness,
             health,
             grace: cfg.shutdown.grace.0,
@@ -461,6 +500,16 @@ impl Sidecar {
     /// Where the Redis protocol listener listens, if `[listen] redis` is a TCP address.
     pub fn redis_addr(&self) -> Option<SocketAddr> {
         self.redis_addr
+    }
+
+    /// Where the Feed API (a relay) listens, with `[listen] feed`.
+    pub fn feed_addr(&self) -> Option<SocketAddr> {
+        self.feed_addr
+    }
+
+    /// The relay's topics (with `[listen] feed`): counters, positions, rows.
+    pub fn relay(&self) -> Option<&Relay> {
+        self.relay.as_ref()
     }
 
     /// Counters of the Redis protocol listener.

@@ -84,6 +84,27 @@ pub enum Step {
     Group(Vec<Step>),
 }
 
+/// What a relay needs of the writer (implemented above it, in the serving layer): every
+/// applied step of the topics, in the order applied, with the upstream's positions, and after
+/// each flush the changes handed to the hub (the views' among them). Called on the writer's
+/// task: an implementation never waits.
+pub trait Mirror: Send + Sync {
+    /// `source` was replaced by a snapshot and holds it whole at (epoch, version).
+    fn snapshot(&self, source: &Source, epoch: &str, version: u64);
+    /// One version of changes applied to `source`; `None` deletes the key.
+    fn batch(
+        &self,
+        source: &Source,
+        epoch: &str,
+        version: u64,
+        changes: Vec<(Arc<str>, Option<Bytes>)>,
+    );
+    /// Nothing newer than (epoch, version) for `source`.
+    fn progress(&self, source: &Source, epoch: &str, version: u64);
+    /// The changes of one flush, views' included, as handed to the hub.
+    fn flushed(&self, events: &[Event]);
+}
+
 /// Counters of the writer, for tests, metrics and status.
 #[derive(Debug, Default)]
 pub struct WriterStats {
@@ -98,6 +119,7 @@ pub struct Writer {
     engine: Option<Engine>,
     staged: HashMap<Arc<str>, Staged>,
     stats: Arc<WriterStats>,
+    mirror: Option<Arc<dyn Mirror>>,
 }
 
 struct Staged {
@@ -117,7 +139,14 @@ impl Writer {
             engine,
             staged: HashMap::new(),
             stats,
+            mirror: None,
         }
+    }
+
+    /// Hands every applied step to `mirror` as well (a relay's served topics and views).
+    pub(crate) fn with_mirror(mut self, mirror: Arc<dyn Mirror>) -> Self {
+        self.mirror = Some(mirror);
+        self
     }
 
     /// A writer of topics only (no views), for tools and the fuzz targets.
@@ -157,6 +186,9 @@ impl Writer {
     /// the hub.
     pub fn flush(&mut self, events: &mut Vec<Event>) {
         self.derive(events);
+        if let Some(m) = &self.mirror {
+            m.flushed(events);
+        }
         if events.is_empty() {
             return;
         }
@@ -202,8 +234,15 @@ impl Writer {
                     .changes
                     .fetch_add(changes.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 source.begin_batch();
+                let mut mirrored = self
+                    .mirror
+                    .as_ref()
+                    .map(|_| Vec::with_capacity(changes.len()));
                 for c in changes {
                     let key: Arc<str> = Arc::from(c.key);
+                    if let Some(m) = mirrored.as_mut() {
+                        m.push((key.clone(), c.value.clone()));
+                    }
                     match c.value {
                         Some(value) => {
                             source.put(
@@ -235,6 +274,9 @@ impl Writer {
                 source.end_batch();
                 source.heard();
                 source.set_position(&epoch, version);
+                if let (Some(m), Some(changes)) = (&self.mirror, mirrored) {
+                    m.batch(&source, &epoch, version, changes);
+                }
             }
             Step::Progress {
                 source,
@@ -244,6 +286,9 @@ impl Writer {
                 source.heard();
                 if *source.epoch() == epoch && version > source.version() {
                     source.set_version(version);
+                }
+                if let Some(m) = &self.mirror {
+                    m.progress(&source, &epoch, version);
                 }
             }
             Step::Touch { source, keys } => {
@@ -344,6 +389,9 @@ impl Writer {
         source.heard();
         source.set_position(&staged.epoch, staged.version);
         source.mark_synced();
+        if let Some(m) = &self.mirror {
+            m.snapshot(&source, &staged.epoch, staged.version);
+        }
         self.stats
             .snapshots
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

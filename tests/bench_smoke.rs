@@ -16,7 +16,7 @@ fn every_scenario_runs_end_to_end() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
-    for title in ["fanout:", "reads:", "freshness:", "ingest:"] {
+    for title in ["fanout:", "reads:", "freshness:", "ingest:", "fleet:"] {
         assert!(stdout.contains(title), "no {title} table in\n{stdout}");
     }
     let json: serde_json::Value =
@@ -32,6 +32,12 @@ fn every_scenario_runs_end_to_end() {
         .is_some_and(|r| r.len() >= 4));
     assert!(json["freshness"]["channels"][1]["samples"].as_u64() > Some(0));
     assert!(json["ingest"]["memory"]["sidecar_bytes_per_key"].as_f64() > Some(0.0));
+    let fleet = json["fleet"]["runs"].as_array().expect("fleet runs");
+    assert_eq!(fleet.len(), 2, "direct and through the relay");
+    assert!(fleet
+        .iter()
+        .all(|r| r["deliveries_per_s"].as_f64() > Some(0.0)));
+    assert!(json["fleet"]["storm"][0]["all_synced_s"].as_f64() > Some(0.0));
     assert!(out.join("fanout_latency_vs_depth.svg").is_file());
     assert!(out.join("freshness_cdf.svg").is_file());
     // The comparison with Redis: its rows where redis-server is installed (and under CI, where

@@ -12,13 +12,15 @@
 //! - [`reads`]: single-key and page reads: sidecar, Redis (GET, pipelined cache-aside), the
 //!   in-process store (floor), and a loopback TCP round trip for reference;
 //! - [`freshness`]: publish -> visible to Get, Watch and WebSocket;
-//! - [`ingest`]: changes applied/s with and without views, snapshot load time, bytes per key.
+//! - [`ingest`]: changes applied/s with and without views, snapshot load time, bytes per key;
+//! - [`fleet`]: many leaf feed streams on one origin, directly or through one relay.
 //!
 //! Every figure goes to a table on stdout and `bench.json` in `--out`; the fanout and freshness
 //! figures are also drawn as SVG charts there.
 
 mod chart;
 mod fanout;
+mod fleet;
 mod freshness;
 mod ingest;
 mod load;
@@ -98,6 +100,7 @@ pub enum Scenario {
     Reads,
     Freshness,
     Ingest,
+    Fleet,
     All,
     /// Internal: serve a fan-out tree and print its root addresses (the fanout scenario runs it).
     #[value(hide = true)]
@@ -191,6 +194,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         Scenario::Reads,
         Scenario::Freshness,
         Scenario::Ingest,
+        Scenario::Fleet,
     ];
     for s in scenarios {
         if !(all || ctx.args.scenario == s) {
@@ -202,6 +206,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             Scenario::Reads => reads::run(&mut ctx).await,
             Scenario::Freshness => freshness::run(&mut ctx).await,
             Scenario::Ingest => ingest::run(&mut ctx).await,
+            Scenario::Fleet => fleet::run(&mut ctx).await,
             Scenario::All | Scenario::Tree => Ok(()),
         };
         if let Err(e) = result {

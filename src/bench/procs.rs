@@ -67,7 +67,7 @@ impl Proc {
         lines[lines.len().saturating_sub(5)..].join("\n")
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 }

@@ -47,6 +47,8 @@ pub struct OriginConfig {
     pub max_publish_changes: usize,
     /// Most concurrent Sync streams.
     pub max_streams: usize,
+    /// Most open connections of the Feed listener; more wait to be accepted.
+    pub max_connections: usize,
     /// Most keys one Sync stream may subscribe to in one topic (keyed interest, on_demand
     /// sidecars); a Subscribe past it ends the stream with RESOURCE_EXHAUSTED.
     pub max_subscribed_keys: usize,
@@ -60,9 +62,6 @@ pub struct OriginConfig {
     pub keepalive_timeout: Dur,
     /// How often an idle subscription gets a Progress message.
     pub progress_interval: Dur,
-    /// Open connections of the Feed listener at most; past it new connections wait to be
-    /// accepted.
-    pub max_connections: usize,
     /// A connection must send its first bytes (the HTTP/2 preface, or its TLS handshake)
     /// within this long, or it is closed.
     pub header_timeout: Dur,
@@ -119,10 +118,10 @@ impl Default for OriginConfig {
             max_message_bytes: ByteSize(16 << 20),
             max_publish_changes: 10_000,
             max_streams: 1024,
+            max_connections: 10_000,
             max_subscribed_keys: 1_000_000,
             max_subscribed_bytes: ByteSize(256 << 20),
             keepalive_interval: Dur(Duration::from_secs(10)),
-            max_connections: 4096,
             header_timeout: Dur(Duration::from_secs(10)),
             keepalive_timeout: Dur(Duration::from_secs(10)),
             progress_interval: Dur(Duration::from_secs(2)),
@@ -169,8 +168,8 @@ impl OriginConfig {
             ("snapshot_chunk_entries", self.snapshot_chunk_entries),
             ("max_publish_changes", self.max_publish_changes),
             ("max_streams", self.max_streams),
-            ("max_subscribed_keys", self.max_subscribed_keys),
             ("max_connections", self.max_connections),
+            ("max_subscribed_keys", self.max_subscribed_keys),
         ] {
             check_range(file, field, v, 1, super::sidecar::MAX_COUNT)?;
         }

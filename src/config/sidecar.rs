@@ -32,6 +32,9 @@ pub struct SidecarConfig {
     pub feed: FeedConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Bounds of the Feed API served with `[listen] feed` (a relay).
+    #[serde(default)]
+    pub relay: RelayConfig,
     #[serde(default, rename = "origin")]
     pub origins: Vec<OriginSpec>,
     #[serde(default, rename = "view")]
@@ -56,6 +59,10 @@ pub struct ListenConfig {
     /// not served.
     #[serde(default)]
     pub redis: Option<ListenAddr>,
+    /// The Feed API (Sync, Fetch) served from this sidecar's full topics and views: a relay
+    /// for other sidecars (bounds and TLS in `[relay]`); unset = not served.
+    #[serde(default)]
+    pub feed: Option<SocketAddr>,
     /// Serve on an address other than loopback; off by default so a sidecar is never exposed by
     /// accident.
     #[serde(default)]
@@ -106,6 +113,7 @@ impl Default for ListenConfig {
             grpc: default_grpc(),
             http: None,
             redis: None,
+            feed: None,
             allow_non_loopback: false,
             http_max_connections: default_http_max_connections(),
             http_header_timeout: default_http_header_timeout(),
@@ -295,6 +303,107 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// `[relay]`: bounds of the Feed API a sidecar serves with `[listen] feed`. Same meaning and
+/// defaults as the keys of the same names in origin.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table [relay] with retain_batches, retain_bytes, max_streams, tls, ..."
+)]
+pub struct RelayConfig {
+    /// Changes kept per topic so that leaves resume (here or after failing over from another
+    /// relay) without a snapshot: at most this many batches and bytes, whichever comes first.
+    pub retain_batches: usize,
+    pub retain_bytes: ByteSize,
+    /// Batches queued per Sync stream; a stream that overflows is caught up by Reset + snapshot.
+    pub stream_queue: usize,
+    /// Messages of one Sync stream waiting for the transport.
+    pub stream_send_buffer: usize,
+    pub snapshot_chunk_entries: usize,
+    pub snapshot_chunk_bytes: ByteSize,
+    /// Largest gRPC message accepted or sent on the feed listener.
+    pub max_message_bytes: ByteSize,
+    /// Most concurrent Sync streams (one per leaf sidecar).
+    pub max_streams: usize,
+    /// Most open connections of the feed listener; more wait to be accepted.
+    pub max_connections: usize,
+    /// Most keys one stream may subscribe to one by one in a topic.
+    pub max_subscribed_keys: usize,
+    pub keepalive_interval: Dur,
+    pub keepalive_timeout: Dur,
+    /// How often an idle subscription gets a Progress (only while this relay's upstream is
+    /// live: a relay cut off from it sends none, so its leaves see the data growing stale).
+    pub progress_interval: Dur,
+    /// Serve the feed over TLS; with `client_ca`, only to leaves with a certificate it signed.
+    pub tls: Option<crate::tls::ServerTls>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let o = super::OriginConfig::default();
+        RelayConfig {
+            retain_batches: o.retain_batches,
+            retain_bytes: o.retain_bytes,
+            stream_queue: o.stream_queue,
+            stream_send_buffer: o.stream_send_buffer,
+            snapshot_chunk_entries: o.snapshot_chunk_entries,
+            snapshot_chunk_bytes: o.snapshot_chunk_bytes,
+            max_message_bytes: o.max_message_bytes,
+            max_streams: 10_000,
+            max_connections: 10_000,
+            max_subscribed_keys: o.max_subscribed_keys,
+            keepalive_interval: o.keepalive_interval,
+            keepalive_timeout: o.keepalive_timeout,
+            progress_interval: o.progress_interval,
+            tls: None,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The origin settings a relay serves under, listening on `listen`.
+    pub fn origin_config(&self, listen: SocketAddr) -> super::OriginConfig {
+        super::OriginConfig {
+            listen,
+            retain_batches: self.retain_batches,
+            retain_bytes: self.retain_bytes,
+            stream_queue: self.stream_queue,
+            stream_send_buffer: self.stream_send_buffer,
+            snapshot_chunk_entries: self.snapshot_chunk_entries,
+            snapshot_chunk_bytes: self.snapshot_chunk_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_streams: self.max_streams,
+            max_connections: self.max_connections,
+            max_subscribed_keys: self.max_subscribed_keys,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            progress_interval: self.progress_interval,
+            allow_non_loopback: true,
+            tls: self.tls.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        // The same checks as origin.toml's keys of the same names, reported under [relay].
+        self.origin_config(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .validate(file)
+            .map_err(|e| match e {
+                ConfigError::Invalid {
+                    file,
+                    field,
+                    message,
+                } => ConfigError::Invalid {
+                    file,
+                    field: format!("relay.{field}"),
+                    message,
+                },
+                other => other,
+            })
+    }
+}
+
 /// How the sidecar holds its feed streams.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
@@ -316,6 +425,10 @@ pub struct FeedConfig {
     pub idle_timeout: Dur,
     /// The feed counts as live (staleness 0) while the origin was heard from within this long.
     pub live_window: Dur,
+    /// This sidecar's name, hashed to choose which of an origin's addresses is dialled first
+    /// (leaves listing the same relays spread over them). Unset: `$HOSTNAME` (the pod name in
+    /// Kubernetes) when set, else the first address.
+    pub instance: Option<String>,
 }
 
 impl Default for FeedConfig {
@@ -328,6 +441,7 @@ impl Default for FeedConfig {
             keepalive_timeout: Dur(Duration::from_secs(10)),
             idle_timeout: Dur(Duration::from_secs(30)),
             live_window: Dur(Duration::from_secs(10)),
+            instance: None,
         }
     }
 }
@@ -610,6 +724,37 @@ impl SidecarConfig {
         }
         self.ws.validate(file)?;
         self.redis.validate(file)?;
+        if let Some(feed) = self.listen.feed {
+            if !self.listen.allow_non_loopback && !feed.ip().is_loopback() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.feed",
+                    format!(
+                        "{feed} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host"
+                    ),
+                ));
+            }
+            if feed.port() != 0 && (feed == self.listen.grpc || feed == http) {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.feed",
+                    format!("{feed} is also another listener's address; give each listener its own port"),
+                ));
+            }
+            if !self
+                .origins
+                .iter()
+                .any(|o| o.topics.iter().any(|t| t.mode == Mode::Full))
+                && self.views.is_empty()
+            {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.feed",
+                    "this sidecar has no full topic and no view to relay (on_demand topics are not relayed)",
+                ));
+            }
+        }
+        self.relay.validate(file)?;
         let l = &self.limits;
         for (field, v) in [
             ("limits.max_batch_keys", l.max_batch_keys),

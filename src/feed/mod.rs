@@ -35,6 +35,24 @@ mod replay;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use replay::{decode_streams, replay, Replayed};
 
+/// The index of the address dialled first among `n`: spread by a hash of the sidecar's
+/// instance name (FNV-1a, stable across builds and platforms), so that leaves listing the same
+/// relays do not all land on the first one; the first address when the sidecar has no name.
+pub(crate) fn first_address(instance: Option<&str>, n: usize) -> usize {
+    let Some(name) = instance.filter(|s| !s.is_empty()) else {
+        return 0;
+    };
+    if n <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
 /// Keys per keyed `Subscribe` / `Unsubscribe` request: well below the origin's limit, and a
 /// keyed snapshot answering one stays a small message.
 const KEYS_PER_REQUEST: usize = 128;
@@ -249,8 +267,10 @@ impl FeedClient {
                 )
             })
             .collect();
+        let addresses = spec.addresses();
+        let current = first_address(cfg.instance.as_deref(), addresses.len());
         FeedClient {
-            addresses: spec.addresses(),
+            addresses,
             spec,
             cfg,
             max_message,
@@ -261,7 +281,7 @@ impl FeedClient {
             stats,
             held: Vec::new(),
             held_group: 0,
-            current: 0,
+            current,
         }
     }
 
@@ -1249,6 +1269,23 @@ pub(crate) fn backoff(cfg: &FeedConfig, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_address_is_spread_by_instance_name() {
+        assert_eq!(first_address(None, 3), 0);
+        assert_eq!(first_address(Some(""), 3), 0);
+        assert_eq!(first_address(Some("leaf-1"), 1), 0);
+        let mut hits = [0usize; 3];
+        for i in 0..3000 {
+            let name = format!("leaf-{i}");
+            let a = first_address(Some(&name), 3);
+            assert_eq!(a, first_address(Some(&name), 3), "stable for one name");
+            hits[a] += 1;
+        }
+        for h in hits {
+            assert!((800..1200).contains(&h), "spread evenly: {hits:?}");
+        }
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {

@@ -235,11 +235,13 @@ impl Store {
             }
             entry(&mut topics, topic);
             if let Some(t) = topics.get_mut(topic) {
-                t.log.push_back(Arc::new(Batch {
-                    version,
-                    bytes: batch_bytes(&changes),
-                    changes,
-                }));
+                let prev = t
+                    .log
+                    .back()
+                    .map_or(version.saturating_sub(1), |b| b.version);
+                let bytes = batch_bytes(&changes);
+                t.log
+                    .push_back(Arc::new(Batch::new(version, prev, changes, bytes)));
             }
         }
         // The log must end at the topic's version and have no holes; a prefix that does not

@@ -9,14 +9,16 @@
 //! is full is marked lagged for that topic and caught up later with `Reset` + snapshot.
 
 mod durable;
+mod mirror;
 pub mod postgres;
 mod seed;
 mod session;
+mod wire;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -30,6 +32,7 @@ use crate::pb::feed::v1 as pb;
 
 pub use durable::StoreError;
 pub use seed::SeedError;
+pub use wire::FeedRoutes;
 
 /// Why an origin could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,10 @@ pub enum PublishError {
     Storage(String),
     #[error("topic '{0}' is the Postgres table of the same name: write to the database, not to the origin")]
     TableBacked(String),
+    #[error("this is a relay: it serves what it holds from {upstream} and takes no publishes; publish to {upstream}")]
+    Relay { upstream: String },
+    #[error("topic '{0}' has not synced from upstream yet at this relay; retry shortly")]
+    NotSynced(String),
 }
 
 /// Room kept below `max_message_bytes` for what a feed message adds around the published
@@ -83,8 +90,12 @@ const FEED_OVERHEAD: usize = 64;
 impl From<PublishError> for Status {
     fn from(e: PublishError) -> Self {
         match e {
-            PublishError::Storage(_) => Status::unavailable(e.to_string()),
-            PublishError::TableBacked(_) => Status::failed_precondition(e.to_string()),
+            PublishError::Storage(_) | PublishError::NotSynced(_) => {
+                Status::unavailable(e.to_string())
+            }
+            PublishError::TableBacked(_) | PublishError::Relay { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
             e => Status::invalid_argument(e.to_string()),
         }
     }
@@ -129,6 +140,13 @@ pub struct OriginStats {
     pub unauthenticated: AtomicU64,
     /// `Fetch` calls served (point reads of on_demand replicas).
     pub fetches: AtomicU64,
+    /// Whole-topic snapshots encoded into chunks: once per topic and position, however many
+    /// streams are sent it.
+    pub snapshot_encodings: AtomicU64,
+    /// Chunks those encodings made.
+    pub snapshot_chunks_encoded: AtomicU64,
+    /// Change batches encoded once and shared by the whole-topic streams that are sent them.
+    pub batch_encodings: AtomicU64,
 }
 
 /// Why [`Origin::serve`] stopped with an error.
@@ -152,6 +170,27 @@ pub(crate) struct Batch {
     pub version: u64,
     pub changes: Vec<pb::Change>,
     pub bytes: usize,
+    /// The topic's version just before this batch: the `prev_version` every whole-topic stream
+    /// that had everything before it names.
+    pub prev: u64,
+    /// The incarnation of the topic's data it belongs to (see [`TopicState::generation`]).
+    pub generation: u64,
+    /// This batch as a whole-topic stream at `prev` is sent it, encoded once by the first
+    /// such stream and shared by the others (a relay's thousands of streams encode nothing).
+    pub encoded: OnceLock<Bytes>,
+}
+
+impl Batch {
+    pub(crate) fn new(version: u64, prev: u64, changes: Vec<pb::Change>, bytes: usize) -> Self {
+        Batch {
+            version,
+            changes,
+            bytes,
+            prev,
+            generation: 0,
+            encoded: OnceLock::new(),
+        }
+    }
 }
 
 pub(crate) type SessionId = u64;
@@ -179,14 +218,48 @@ pub(crate) struct TopicState {
     /// commit positions), so this is kept, not derived from the first batch.
     pub floor: u64,
     pub interests: HashMap<SessionId, Interest>,
+    /// The epoch of the topic's positions: the origin's own, or, at a relay, its upstream's
+    /// (`None` until the relay has the topic's first snapshot: streams wait for it).
+    pub epoch: Option<Arc<str>>,
+    /// Bumped when a relay's topic is replaced by a new upstream snapshot: batches queued
+    /// before it are not sent after it.
+    pub generation: u64,
+    /// The whole-topic snapshot at the current position, encoded once for every stream that
+    /// needs it (a burst of subscribers at one position shares its chunks). Dropped when the
+    /// position moves, or once no stream has held it for a while (see `session`).
+    pub shared_snapshot: Option<Arc<session::SharedSnapshot>>,
 }
 
 pub(crate) struct Topic {
     pub name: Arc<str>,
     pub state: Mutex<TopicState>,
+    /// At a relay: the replica this topic mirrors. Progress is sent only while it is live, so
+    /// a relay cut off from its upstream shows downstream as stale, not as current.
+    pub mirror_of: Option<Arc<crate::store::Source>>,
 }
 
 impl TopicState {
+    /// The topic's rows are now `data` at `version` (a new initial copy of a table, a relay's
+    /// new upstream snapshot): the log starts over there, batches queued before are not sent
+    /// after it, and every stream is caught up with Reset + snapshot.
+    pub(crate) fn replace(
+        &mut self,
+        name: &Arc<str>,
+        data: imbl::OrdMap<Arc<str>, Stored>,
+        version: u64,
+    ) {
+        self.data = data;
+        self.version = version;
+        self.log.clear();
+        self.log_bytes = 0;
+        self.floor = version;
+        self.generation += 1;
+        self.shared_snapshot = None;
+        for interest in self.interests.values_mut() {
+            session::resnapshot(name, interest);
+        }
+    }
+
     /// Applies `changes`, written at `version`, to the rows and appends them to the retained
     /// log as one batch of `bytes` (see `durable::batch_bytes`): what a Publish and a database
     /// transaction both do. The topic's own version is the caller's to move.
@@ -209,19 +282,18 @@ impl TopicState {
                 );
             }
         }
-        let batch = Arc::new(Batch {
-            version,
-            changes,
-            bytes,
-        });
+        let mut batch = Batch::new(version, self.version, changes, bytes);
+        batch.generation = self.generation;
+        let batch = Arc::new(batch);
         self.log_bytes += batch.bytes;
         self.log.push_back(batch.clone());
+        self.shared_snapshot = None;
         batch
     }
 }
 
 impl Topic {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, epoch: Option<Arc<str>>) -> Self {
         Topic {
             name: Arc::from(name),
             state: Mutex::new(TopicState {
@@ -231,7 +303,11 @@ impl Topic {
                 log_bytes: 0,
                 floor: 0,
                 interests: HashMap::new(),
+                epoch,
+                generation: 0,
+                shared_snapshot: None,
             }),
+            mirror_of: None,
         }
     }
 
@@ -245,6 +321,9 @@ impl Topic {
 pub(crate) struct Inner {
     pub cfg: OriginConfig,
     pub epoch: String,
+    /// Set on a relay: what it mirrors (named in the refusal of Publish). Its topics take
+    /// their epochs and versions from there, not from this origin's own `epoch`.
+    pub upstream: Option<String>,
     pub topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
     pub declared: Option<HashSet<String>>,
     pub stats: OriginStats,
@@ -291,6 +370,17 @@ impl Origin {
 
     /// How far `topic` trails the system it follows (ms, bytes): (0, 0) for a published topic.
     pub fn upstream_lag(&self, topic: &str) -> (u64, u64) {
+        // A relay passes on what its own upstream told about the topic.
+        let mirrored = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .and_then(|t| t.mirror_of.clone());
+        if let Some(source) = mirrored {
+            return source.upstream_lag();
+        }
         if postgres::is_table(&self.inner.cfg, topic) {
             (
                 self.inner.upstream_lag.0.load(Ordering::Relaxed),
@@ -334,7 +424,7 @@ impl Origin {
                 warn!(topic = %name, dir = %dir.display(), "stored topic is not declared; not served (its data stays on disk)");
                 continue;
             }
-            let topic = Topic::new(&name);
+            let topic = Topic::new(&name, Some(Arc::from(loaded.epoch.as_str())));
             {
                 let mut st = topic.lock();
                 st.data = t.data;
@@ -373,7 +463,9 @@ impl Origin {
         };
         let mut topics: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
         for t in &cfg.topics {
-            let topic = loaded.remove(t).unwrap_or_else(|| Topic::new(t));
+            let topic = loaded
+                .remove(t)
+                .unwrap_or_else(|| Topic::new(t, Some(Arc::from(epoch.as_str()))));
             topics.insert(Arc::from(t.as_str()), Arc::new(topic));
         }
         for (name, topic) in loaded {
@@ -384,6 +476,7 @@ impl Origin {
             inner: Arc::new(Inner {
                 cfg,
                 epoch,
+                upstream: None,
                 topics: RwLock::new(topics),
                 declared,
                 stats: OriginStats::default(),
@@ -455,7 +548,7 @@ impl Origin {
         let mut topics = self.inner.topics.write().unwrap_or_else(|p| p.into_inner());
         Ok(topics
             .entry(Arc::from(name))
-            .or_insert_with(|| Arc::new(Topic::new(name)))
+            .or_insert_with(|| Arc::new(Topic::new(name, Some(Arc::from(self.epoch())))))
             .clone())
     }
 
@@ -499,6 +592,11 @@ impl Origin {
     ) -> Result<pb::Position, PublishError> {
         if topic.is_empty() {
             return Err(PublishError::EmptyTopic);
+        }
+        if let Some(upstream) = &self.inner.upstream {
+            return Err(PublishError::Relay {
+                upstream: upstream.clone(),
+            });
         }
         if postgres::is_table(&self.inner.cfg, topic) {
             return Err(PublishError::TableBacked(topic.to_string()));
@@ -659,13 +757,16 @@ impl Origin {
             return Err(PublishError::EmptyRequestedKey { index });
         }
         let t = self.topic(topic, false)?;
-        let (data, version) = {
+        let (data, version, epoch) = {
             let st = t.lock();
-            (st.data.clone(), st.version)
+            (st.data.clone(), st.version, st.epoch.clone())
+        };
+        let Some(epoch) = epoch else {
+            return Err(PublishError::NotSynced(topic.to_string()));
         };
         let mut resp = pb::FetchResponse {
             position: Some(pb::Position {
-                epoch: self.inner.epoch.clone(),
+                epoch: epoch.to_string(),
                 version,
             }),
             ..Default::default()
@@ -683,14 +784,39 @@ impl Origin {
         Ok(resp)
     }
 
-    /// The gRPC service, with the configured message limits.
-    pub fn service(&self) -> pb::feed_server::FeedServer<FeedService> {
-        let max = self.inner.cfg.max_message_bytes.as_usize();
-        pb::feed_server::FeedServer::new(FeedService {
-            origin: self.clone(),
-        })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
+    /// The gRPC service, with the configured message limits: `Sync` sends a change batch or a
+    /// snapshot chunk that many streams need encoded once for all of them.
+    pub fn service(&self) -> FeedRoutes {
+        FeedRoutes::new(self.clone(), self.inner.cfg.max_message_bytes.as_usize())
+    }
+
+    /// Admits a `Sync` stream (within `max_streams`) and runs its session on a task.
+    pub(crate) fn open_sync(
+        &self,
+        requests: tonic::Streaming<pb::SyncRequest>,
+    ) -> Result<Response<ReceiverStream<Result<session::Frame, Status>>>, Status> {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::Acquire) {
+            return Err(Status::unavailable("origin is shutting down"));
+        }
+        let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} serves at most {} streams (max_streams)",
+                if inner.upstream.is_some() {
+                    "this relay"
+                } else {
+                    "origin"
+                },
+                inner.cfg.max_streams
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(inner.cfg.stream_send_buffer);
+        let origin = self.clone();
+        tokio::spawn(async move {
+            session::run(origin, requests, tx).await;
+            drop(permit);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     /// Ends every open stream now; sidecars see the feed drop, reconnect and resume. New
@@ -777,30 +903,19 @@ pub struct FeedService {
 
 #[tonic::async_trait]
 impl pb::feed_server::Feed for FeedService {
-    type SyncStream = ReceiverStream<Result<pb::SyncResponse, Status>>;
+    type SyncStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SyncResponse, Status>> + Send>,
+    >;
 
+    /// Only reached when this service is served without [`FeedRoutes`] in front of it.
     async fn sync(
         &self,
         request: Request<tonic::Streaming<pb::SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let inner = self.origin.inner.clone();
-        if inner.shutting_down.load(Ordering::Acquire) {
-            return Err(Status::unavailable("origin is shutting down"));
-        }
-        let permit = inner.streams.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "origin serves at most {} streams (max_streams)",
-                inner.cfg.max_streams
-            ))
-        })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(inner.cfg.stream_send_buffer);
-        let origin = self.origin.clone();
-        let requests = request.into_inner();
-        tokio::spawn(async move {
-            session::run(origin, requests, tx).await;
-            drop(permit);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        use tokio_stream::StreamExt;
+        let frames = self.origin.open_sync(request.into_inner())?.into_inner();
+        let stream = frames.map(|f| f.and_then(wire::unshare));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn fetch(
@@ -808,6 +923,15 @@ impl pb::feed_server::Feed for FeedService {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let req = request.into_inner();
+        if let Some(up) = &self.origin.inner.upstream {
+            if !self.origin.topics().contains(&req.topic) {
+                return Err(Status::failed_precondition(format!(
+                    "this relay holds no full topic or view named '{}' (on_demand topics are not \
+                     relayed: fetch them from {up})",
+                    req.topic
+                )));
+            }
+        }
         let resp = self
             .origin
             .fetch(&req.topic, &req.keys)

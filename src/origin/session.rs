@@ -9,14 +9,80 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, Notify};
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::{mpsc, Notify, OnceCell};
 use tonic::Status;
 use tracing::{debug, warn};
 
 use super::{Batch, Inner, Interest, Origin, PublishError, SessionId, Stored, Topic, TopicState};
 use crate::pb::feed::v1 as pb;
 
-type Out = mpsc::Sender<Result<pb::SyncResponse, Status>>;
+/// A message of a `Sync` stream: built for this stream, or encoded once and shared by every
+/// stream that sends the same bytes (a whole-topic batch, a snapshot chunk).
+#[derive(Debug, Clone)]
+pub(crate) enum Frame {
+    Msg(pb::SyncResponse),
+    Shared(Bytes),
+}
+
+pub(crate) type Out = mpsc::Sender<Result<Frame, Status>>;
+
+/// The whole-topic snapshot of one position, encoded into chunks by the first stream that
+/// needs it; every other stream at that position sends the same chunks. Held by the topic
+/// until its version moves, and by each stream while it sends them.
+pub(crate) struct SharedSnapshot {
+    pub version: u64,
+    pub generation: u64,
+    made: std::time::Instant,
+    data: imbl::OrdMap<Arc<str>, Stored>,
+    chunks: OnceCell<Arc<Vec<Bytes>>>,
+}
+
+impl SharedSnapshot {
+    pub(crate) fn new(version: u64, generation: u64, data: imbl::OrdMap<Arc<str>, Stored>) -> Self {
+        SharedSnapshot {
+            version,
+            generation,
+            made: std::time::Instant::now(),
+            data,
+            chunks: OnceCell::new(),
+        }
+    }
+}
+
+/// How long a topic keeps an encoded snapshot that no stream is sending: long enough for a
+/// burst of subscribers (a fleet reconnecting) to share it, short enough that an idle topic
+/// does not hold a second copy of its data for long.
+const SHARED_SNAPSHOT_KEPT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Drops the topic's shared snapshot when no stream holds it and it is older than
+/// [`SHARED_SNAPSHOT_KEPT`].
+fn release_shared_snapshot(ts: &mut super::TopicState) {
+    if ts
+        .shared_snapshot
+        .as_ref()
+        .is_some_and(|s| Arc::strong_count(s) == 1 && s.made.elapsed() > SHARED_SNAPSHOT_KEPT)
+    {
+        ts.shared_snapshot = None;
+    }
+}
+
+/// The shared snapshot of `ts` at its current position, made when there is none yet.
+fn shared_snapshot(ts: &mut super::TopicState) -> Arc<SharedSnapshot> {
+    match &ts.shared_snapshot {
+        Some(s) if s.version == ts.version && s.generation == ts.generation => s.clone(),
+        _ => {
+            let s = Arc::new(SharedSnapshot::new(
+                ts.version,
+                ts.generation,
+                ts.data.clone(),
+            ));
+            ts.shared_snapshot = Some(s.clone());
+            s
+        }
+    }
+}
 
 /// The bounded queue from publishers to one session.
 pub(crate) struct Queue {
@@ -49,11 +115,10 @@ pub(crate) fn offer(
             if changes.is_empty() {
                 return;
             }
-            Arc::new(Batch {
-                version: batch.version,
-                bytes: batch.bytes,
-                changes,
-            })
+            // Never the shared encoding: `prev` matches no stream's cursor.
+            let mut filtered = Batch::new(batch.version, u64::MAX, changes, batch.bytes);
+            filtered.generation = batch.generation;
+            Arc::new(filtered)
         }
     };
     interest.pending.fetch_add(1, Ordering::AcqRel);
@@ -98,6 +163,14 @@ struct SessTopic {
     cursor: u64,
     seen: u64,
     pending: Arc<AtomicU64>,
+    /// The epoch of what this stream was sent for the topic.
+    epoch: Arc<str>,
+    /// The incarnation of the topic's data it follows (see `TopicState::generation`).
+    generation: u64,
+    /// A relay's topic not yet synced from upstream: the Subscribe to answer once it is.
+    parked: Option<pb::Subscribe>,
+    /// Whether the stream has been sent anything of the topic (a snapshot chunk, a batch).
+    started: bool,
 }
 
 /// Why the session ends: the peer went away, or a request was refused.
@@ -169,7 +242,9 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
         let _ = s.out.send(Err(status)).await;
     }
     for (_, st) in s.topics.drain() {
-        st.topic.lock().interests.remove(&id);
+        let mut ts = st.topic.lock();
+        ts.interests.remove(&id);
+        release_shared_snapshot(&mut ts);
     }
     debug!(session = id, "sync stream closed");
 }
@@ -180,15 +255,17 @@ impl Session {
     }
 
     async fn send(&self, kind: pb::sync_response::Kind) -> Result<(), End> {
-        self.out
-            .send(Ok(pb::SyncResponse { kind: Some(kind) }))
+        self.send_frame(Frame::Msg(pb::SyncResponse { kind: Some(kind) }))
             .await
-            .map_err(|_| End::Gone)
     }
 
-    fn position(&self, version: u64) -> Option<pb::Position> {
+    async fn send_frame(&self, frame: Frame) -> Result<(), End> {
+        self.out.send(Ok(frame)).await.map_err(|_| End::Gone)
+    }
+
+    fn position(epoch: &str, version: u64) -> Option<pb::Position> {
         Some(pb::Position {
-            epoch: self.inner().epoch.clone(),
+            epoch: epoch.to_string(),
             version,
         })
     }
@@ -232,10 +309,18 @@ impl Session {
         let topic = match self.origin.topic(&sub.topic, true) {
             Ok(topic) => topic,
             Err(PublishError::UnknownTopic(t)) => {
+                let reason = match &self.inner().upstream {
+                    Some(up) => format!(
+                        "no topic named '{}' at this relay (it serves the full topics and views \
+                         it holds from {up}; on_demand topics are not relayed: subscribe at the origin)",
+                        crate::types::clipped(&t, 128)
+                    ),
+                    None => format!("no topic named '{}'", crate::types::clipped(&t, 128)),
+                };
                 return self
                     .send(pb::sync_response::Kind::Refused(pb::Refused {
                         topic: sub.topic,
-                        reason: format!("no topic named '{}'", crate::types::clipped(&t, 128)),
+                        reason,
                     }))
                     .await;
             }
@@ -256,7 +341,7 @@ impl Session {
         }
         let name = topic.name.clone();
         let keyed_add = !sub.keys.is_empty()
-            && self.topics.contains_key(&name)
+            && self.topics.get(&name).is_some_and(|t| t.parked.is_none())
             && matches!(
                 topic.lock().interests.get(&self.id),
                 Some(Interest { keys: Some(_), .. })
@@ -280,53 +365,73 @@ impl Session {
             keyed_bytes = named_bytes(&topic.lock().data, keys.iter().map(|k| &**k));
             self.check_subscribed_bytes(&name, keyed_bytes)?;
         }
-        let epoch = self.inner().epoch.clone();
+        let relay = self.inner().upstream.is_some();
         enum Start {
             Resume {
                 from: u64,
                 tail: Vec<Arc<Batch>>,
             },
             Snapshot {
+                shared: Option<Arc<SharedSnapshot>>,
                 data: imbl::OrdMap<Arc<str>, Stored>,
                 failed: Option<String>,
             },
+            /// A relay's topic not synced from upstream yet: answered once it is.
+            Park,
         }
-        let (start, version) = {
+        let (start, version, epoch, generation) = {
             let mut ts = topic.lock();
             let version = ts.version;
             let floor = ts.floor;
-            let start = match &sub.resume {
-                Some(p) if p.epoch == epoch && p.version <= version && p.version >= floor => {
-                    let tail = ts
-                        .log
-                        .iter()
-                        .filter(|b| b.version > p.version)
-                        .cloned()
-                        .collect();
-                    Start::Resume {
-                        from: p.version,
-                        tail,
+            let generation = ts.generation;
+            let epoch = ts.epoch.clone();
+            let start = match &epoch {
+                None => Start::Park,
+                Some(epoch) => match &sub.resume {
+                    Some(p)
+                        if *p.epoch == **epoch && p.version <= version && p.version >= floor =>
+                    {
+                        let tail = ts
+                            .log
+                            .iter()
+                            .filter(|b| b.version > p.version)
+                            .cloned()
+                            .collect();
+                        Start::Resume {
+                            from: p.version,
+                            tail,
+                        }
                     }
-                }
-                Some(p) => Start::Snapshot {
-                    data: ts.data.clone(),
-                    failed: Some(if p.epoch != epoch {
-                        format!(
-                            "epoch {} is not this origin's epoch {epoch}",
-                            crate::types::clipped(&p.epoch, 64)
-                        )
-                    } else if p.version > version {
-                        format!("version {} is ahead of the origin's {version}", p.version)
-                    } else {
-                        format!(
-                            "version {} is older than the retained window (oldest retained {})",
-                            p.version, floor
-                        )
-                    }),
-                },
-                None => Start::Snapshot {
-                    data: ts.data.clone(),
-                    failed: None,
+                    // A relay behind its peer (a leaf failing over from a relay that was ahead):
+                    // same epoch, so the stream waits for what comes after its position.
+                    Some(p) if relay && *p.epoch == **epoch && p.version > version => {
+                        Start::Resume {
+                            from: p.version,
+                            tail: Vec::new(),
+                        }
+                    }
+                    Some(p) => Start::Snapshot {
+                        shared: keys.is_none().then(|| shared_snapshot(&mut ts)),
+                        data: ts.data.clone(),
+                        failed: Some(if *p.epoch != **epoch {
+                            format!(
+                                "epoch {} is not this origin's epoch {epoch}",
+                                crate::types::clipped(&p.epoch, 64)
+                            )
+                        } else if p.version > version {
+                            format!("version {} is ahead of the origin's {version}", p.version)
+                        } else {
+                            format!(
+                                "version {} is older than the retained window (oldest retained {})",
+                                p.version, floor
+                            )
+                        }),
+                    },
+                    None => Start::Snapshot {
+                        shared: keys.is_none().then(|| shared_snapshot(&mut ts)),
+                        data: ts.data.clone(),
+                        failed: None,
+                    },
                 },
             };
             ts.interests.insert(
@@ -335,22 +440,43 @@ impl Session {
                     keys: keys.clone(),
                     queue: self.queue.clone(),
                     pending: pending.clone(),
-                    lagged: false,
+                    // A parked stream takes no batches: the first snapshot wakes it.
+                    lagged: matches!(start, Start::Park),
                     bytes: keyed_bytes,
                 },
             );
-            (start, version)
+            (
+                start,
+                version,
+                epoch.unwrap_or_else(|| Arc::from("")),
+                generation,
+            )
         };
+        let cursor = match &start {
+            Start::Resume { from, .. } if *from > version => *from,
+            _ => version,
+        };
+        let started = self.topics.get(&name).is_some_and(|t| t.started);
         self.topics.insert(
             name.clone(),
             SessTopic {
                 topic: topic.clone(),
-                cursor: version,
-                seen: version,
+                cursor,
+                seen: cursor,
                 pending,
+                epoch: epoch.clone(),
+                generation,
+                parked: None,
+                started,
             },
         );
         match start {
+            Start::Park => {
+                debug!(session = self.id, topic = %name, "relay topic not synced yet; subscription waits");
+                if let Some(st) = self.topics.get_mut(&name) {
+                    st.parked = Some(sub);
+                }
+            }
             Start::Resume { from, tail } => {
                 self.inner().stats.resumes.fetch_add(1, Ordering::Relaxed);
                 let mut cursor = from;
@@ -369,7 +495,7 @@ impl Session {
                     }
                     self.send(pb::sync_response::Kind::Changes(pb::ChangeBatch {
                         topic: name.to_string(),
-                        epoch: epoch.clone(),
+                        epoch: epoch.to_string(),
                         prev_version: cursor,
                         version: b.version,
                         changes,
@@ -383,31 +509,50 @@ impl Session {
                         .fetch_add(1, Ordering::Relaxed);
                     cursor = b.version;
                 }
+                let at = version.max(from);
                 let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
                 self.send(pb::sync_response::Kind::Progress(pb::Progress {
                     topic: name.to_string(),
-                    position: self.position(version),
+                    position: Self::position(&epoch, at),
                     upstream_lag_ms,
                     upstream_lag_bytes,
                 }))
                 .await?;
+                self.mark_started(&name);
             }
-            Start::Snapshot { data, failed } => {
+            Start::Snapshot {
+                shared,
+                data,
+                failed,
+            } => {
                 if let Some(reason) = failed {
                     debug!(session = self.id, topic = %name, %reason, "cannot resume");
                     self.send_reset(&name, reason).await?;
                 }
-                self.send_snapshot(&name, &data, keys.as_ref(), version)
-                    .await?;
+                match shared {
+                    Some(shared) => self.send_shared_snapshot(&name, &epoch, &shared).await?,
+                    None => {
+                        self.send_snapshot(&name, &epoch, &data, keys.as_ref(), version)
+                            .await?
+                    }
+                }
+                self.mark_started(&name);
             }
         }
         Ok(())
     }
 
+    fn mark_started(&mut self, topic: &Arc<str>) {
+        if let Some(st) = self.topics.get_mut(topic) {
+            st.started = true;
+        }
+    }
+
     async fn add_keys(&mut self, topic: &Arc<Topic>, keys: Vec<String>) -> Result<(), End> {
-        let (entries, version) = {
+        let (entries, version, epoch) = {
             let mut ts = topic.lock();
             let version = ts.version;
+            let epoch = ts.epoch.clone().unwrap_or_else(|| Arc::from(""));
             let entries: Vec<pb::Entry> = keys
                 .iter()
                 .filter_map(|k| {
@@ -438,11 +583,11 @@ impl Session {
                 *bytes += more;
                 set.extend(added.into_iter().map(Arc::from));
             }
-            (entries, version)
+            (entries, version, epoch)
         };
         self.send(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
             topic: topic.name.to_string(),
-            position: self.position(version),
+            position: Self::position(&epoch, version),
             entries,
             last: true,
         }))
@@ -486,13 +631,12 @@ impl Session {
         .await
     }
 
-    async fn send_snapshot(
+    /// Splits `entries` into snapshot chunks within the configured bounds.
+    fn chunks<'a>(
         &self,
-        topic: &str,
-        data: &imbl::OrdMap<Arc<str>, Stored>,
-        keys: Option<&HashSet<Arc<str>>>,
-        version: u64,
-    ) -> Result<(), End> {
+        entries: impl Iterator<Item = (&'a Arc<str>, &'a Stored)>,
+        mut emit: impl FnMut(Vec<pb::Entry>, bool),
+    ) {
         let cfg = &self.inner().cfg;
         let (max_n, max_b) = (
             cfg.snapshot_chunk_entries,
@@ -500,20 +644,10 @@ impl Session {
         );
         let mut chunk = Vec::new();
         let mut bytes = 0;
-        let wanted: Box<dyn Iterator<Item = (&Arc<str>, &Stored)> + Send + Sync> = match keys {
-            None => Box::new(data.iter()),
-            Some(keys) => Box::new(data.iter().filter(move |(k, _)| keys.contains(&**k))),
-        };
-        for (k, s) in wanted {
+        for (k, s) in entries {
             let size = k.len() + s.value.len() + 16;
             if !chunk.is_empty() && (chunk.len() >= max_n || bytes + size > max_b) {
-                self.send(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
-                    topic: topic.to_string(),
-                    position: self.position(version),
-                    entries: std::mem::take(&mut chunk),
-                    last: false,
-                }))
-                .await?;
+                emit(std::mem::take(&mut chunk), false);
                 bytes = 0;
             }
             bytes += size;
@@ -523,13 +657,72 @@ impl Session {
                 version: s.version,
             });
         }
-        self.send(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
-            topic: topic.to_string(),
-            position: self.position(version),
-            entries: chunk,
-            last: true,
-        }))
-        .await?;
+        emit(chunk, true);
+    }
+
+    /// Sends the whole-topic snapshot `shared`, encoding its chunks if no stream did yet.
+    async fn send_shared_snapshot(
+        &self,
+        topic: &str,
+        epoch: &str,
+        shared: &SharedSnapshot,
+    ) -> Result<(), End> {
+        let stats = &self.inner().stats;
+        let chunks = shared
+            .chunks
+            .get_or_init(|| async {
+                let mut out = Vec::new();
+                self.chunks(shared.data.iter(), |entries, last| {
+                    let msg = pb::SyncResponse {
+                        kind: Some(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
+                            topic: topic.to_string(),
+                            position: Self::position(epoch, shared.version),
+                            entries,
+                            last,
+                        })),
+                    };
+                    out.push(Bytes::from(msg.encode_to_vec()));
+                });
+                stats.snapshot_encodings.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .snapshot_chunks_encoded
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
+                Arc::new(out)
+            })
+            .await
+            .clone();
+        for chunk in chunks.iter() {
+            self.send_frame(Frame::Shared(chunk.clone())).await?;
+        }
+        stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn send_snapshot(
+        &self,
+        topic: &str,
+        epoch: &str,
+        data: &imbl::OrdMap<Arc<str>, Stored>,
+        keys: Option<&HashSet<Arc<str>>>,
+        version: u64,
+    ) -> Result<(), End> {
+        let wanted: Box<dyn Iterator<Item = (&Arc<str>, &Stored)> + Send + Sync> = match keys {
+            None => Box::new(data.iter()),
+            Some(keys) => Box::new(data.iter().filter(move |(k, _)| keys.contains(&**k))),
+        };
+        // A keyed snapshot is small (the keys of one on_demand sidecar): built whole, then sent.
+        let mut msgs = Vec::new();
+        self.chunks(wanted, |entries, last| {
+            msgs.push(pb::SnapshotChunk {
+                topic: topic.to_string(),
+                position: Self::position(epoch, version),
+                entries,
+                last,
+            })
+        });
+        for m in msgs {
+            self.send(pb::sync_response::Kind::Snapshot(m)).await?;
+        }
         self.inner()
             .stats
             .snapshots_sent
@@ -547,21 +740,39 @@ impl Session {
             return Ok(());
         };
         st.pending.fetch_sub(1, Ordering::AcqRel);
-        if batch.version <= st.seen {
+        if batch.version <= st.seen || batch.generation != st.generation || st.parked.is_some() {
             return Ok(());
         }
         let prev_version = st.cursor;
         st.cursor = batch.version;
         st.seen = batch.version;
-        let msg = pb::ChangeBatch {
-            topic: topic.to_string(),
-            epoch: self.inner().epoch.clone(),
-            prev_version,
-            version: batch.version,
-            changes: batch.changes.clone(),
-            group,
+        st.started = true;
+        let epoch = st.epoch.clone();
+        let make = || pb::SyncResponse {
+            kind: Some(pb::sync_response::Kind::Changes(pb::ChangeBatch {
+                topic: topic.to_string(),
+                epoch: epoch.to_string(),
+                prev_version,
+                version: batch.version,
+                changes: batch.changes.clone(),
+                group,
+            })),
         };
-        self.send(pb::sync_response::Kind::Changes(msg)).await?;
+        let frame = if group.is_none() && prev_version == batch.prev {
+            let stats = &self.origin.inner.stats;
+            Frame::Shared(
+                batch
+                    .encoded
+                    .get_or_init(|| {
+                        stats.batch_encodings.fetch_add(1, Ordering::Relaxed);
+                        Bytes::from(make().encode_to_vec())
+                    })
+                    .clone(),
+            )
+        } else {
+            Frame::Msg(make())
+        };
+        self.send_frame(frame).await?;
         self.inner()
             .stats
             .batches_sent
@@ -569,7 +780,8 @@ impl Session {
         Ok(())
     }
 
-    /// Resnapshots every topic whose queue overflowed.
+    /// Resnapshots every topic whose queue overflowed or whose data was replaced, and answers
+    /// the parked subscriptions of a relay's topics that have synced since.
     async fn catch_up_lagged(&mut self) -> Result<(), End> {
         let lagged: Vec<Arc<str>> = self
             .queue
@@ -579,52 +791,95 @@ impl Session {
             .drain()
             .collect();
         for name in lagged {
-            let Some(st) = self.topics.get(&name) else {
+            let Some(st) = self.topics.get_mut(&name) else {
                 continue;
             };
+            if let Some(sub) = st.parked.take() {
+                // Answered as a new subscription: the parked one leaves no trace.
+                let topic = st.topic.clone();
+                self.topics.remove(&name);
+                topic.lock().interests.remove(&self.id);
+                self.subscribe(sub).await?;
+                continue;
+            }
+            let started = st.started;
             let topic = st.topic.clone();
-            let (data, keys, version) = {
+            let (shared, data, keys, version, epoch, generation) = {
                 let mut ts = topic.lock();
                 let version = ts.version;
+                let generation = ts.generation;
                 let data = ts.data.clone();
-                let Some(interest) = ts.interests.get_mut(&self.id) else {
-                    continue;
+                let epoch = ts.epoch.clone().unwrap_or_else(|| Arc::from(""));
+                let keys = match ts.interests.get_mut(&self.id) {
+                    Some(interest) => {
+                        interest.lagged = false;
+                        interest.keys.clone()
+                    }
+                    None => continue,
                 };
-                interest.lagged = false;
-                (data, interest.keys.clone(), version)
+                let shared = keys.is_none().then(|| shared_snapshot(&mut ts));
+                (shared, data, keys, version, epoch, generation)
             };
-            warn!(session = self.id, topic = %name, version, "stream fell behind; resnapshotting");
             if let Some(st) = self.topics.get_mut(&name) {
                 st.cursor = version;
                 st.seen = version;
+                st.epoch = epoch.clone();
+                st.generation = generation;
+                st.started = true;
             }
-            self.send_reset(&name, "stream fell behind its queue bound".to_string())
+            if started {
+                warn!(session = self.id, topic = %name, version, "stream resnapshotted (fell behind, or the topic was replaced)");
+                self.send_reset(
+                    &name,
+                    "stream fell behind its queue bound, or the topic's data was replaced"
+                        .to_string(),
+                )
                 .await?;
-            self.send_snapshot(&name, &data, keys.as_ref(), version)
-                .await?;
+            }
+            match shared {
+                Some(shared) => self.send_shared_snapshot(&name, &epoch, &shared).await?,
+                None => {
+                    self.send_snapshot(&name, &epoch, &data, keys.as_ref(), version)
+                        .await?
+                }
+            }
         }
         Ok(())
     }
 
-    /// Tells each subscription how far it is current: a resume bookmark and a heartbeat.
+    /// Tells each subscription how far it is current: a resume bookmark and a heartbeat. A
+    /// relay's topic whose upstream is not live gets none, so that downstream sees it stale.
     async fn progress(&mut self) -> Result<(), End> {
         let mut msgs = Vec::with_capacity(self.topics.len());
         for (name, st) in self.topics.iter_mut() {
+            if st.parked.is_some() {
+                continue;
+            }
+            if let Some(source) = &st.topic.mirror_of {
+                if source.staleness_ms() > 0 {
+                    continue;
+                }
+            }
             {
-                let ts = st.topic.lock();
+                let mut ts = st.topic.lock();
+                release_shared_snapshot(&mut ts);
                 let live = ts.interests.get(&self.id).is_some_and(|i| !i.lagged);
-                if live && st.pending.load(Ordering::Acquire) == 0 && ts.version > st.seen {
+                if live
+                    && st.pending.load(Ordering::Acquire) == 0
+                    && ts.version > st.seen
+                    && ts.generation == st.generation
+                {
                     st.seen = ts.version;
                 }
             }
             st.cursor = st.seen;
-            msgs.push((name.clone(), st.seen));
+            msgs.push((name.clone(), st.seen, st.epoch.clone()));
         }
-        for (name, version) in msgs {
+        for (name, version, epoch) in msgs {
             let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
             self.send(pb::sync_response::Kind::Progress(pb::Progress {
                 topic: name.to_string(),
-                position: self.position(version),
+                position: Self::position(&epoch, version),
                 upstream_lag_ms,
                 upstream_lag_bytes,
             }))

@@ -37,15 +37,7 @@ impl Origin {
             .into_iter()
             .map(|(k, value)| (Arc::from(k.as_str()), Stored { value, version }))
             .collect();
-        let mut st = t.lock();
-        st.data = data;
-        st.version = version;
-        st.log.clear();
-        st.log_bytes = 0;
-        st.floor = version;
-        for interest in st.interests.values_mut() {
-            session::resnapshot(&t.name, interest);
-        }
+        t.lock().replace(&t.name, data, version);
         Ok(())
     }
 

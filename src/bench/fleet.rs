@@ -1,0 +1,563 @@
+//! `viewcar bench fleet`: many leaf sidecars on one origin, directly or through one relay.
+//!
+//! The origin (`viewcar origin`) and the relay (`viewcar sidecar` with `[listen] feed`) run as
+//! child processes, so that each one's CPU time is its own (utime + stime from /proc, at the
+//! kernel's 100 ticks per second). Leaves are lightweight feed clients in the harness: one Sync
+//! stream each, a hundred streams per HTTP/2 connection, counting the change batches they get
+//! and, for a sample of them, the time from publish (a timestamp in the value) to arrival.
+//!
+//! Figures: origin CPU per second, direct vs through the relay; relay CPU per second and
+//! change deliveries per relay CPU-second; publish -> leaf p50/p99; a snapshot storm (every
+//! leaf subscribing at once to a relay holding many keys: time until all synced, relay RSS).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use super::procs::{free_port, rss_of, spawn, temp_dir, Proc};
+use super::report::{us, Table};
+use super::{BenchError, Ctx};
+use crate::pb::feed::v1 as pb;
+
+/// Leaves whose latency is recorded (at most): the histogram is shared, so it is sampled.
+const LATENCY_LEAVES: usize = 200;
+/// Streams per HTTP/2 connection of the simulated leaves.
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// CPU seconds (user + system) a process has used, from /proc (Linux, 100 ticks/s).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the state field.
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// A child process serving Feed on `addr`.
+struct Served {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+async fn wait_connectable(p: &mut Served, timeout: Duration) -> Result<Channel, BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = p.proc.exited() {
+            return Err(BenchError::setup(format!(
+                "child exited ({status}): {}",
+                p.proc.log_tail()
+            )));
+        }
+        match Endpoint::from_shared(format!("http://{}", p.addr))
+            .map_err(|e| BenchError::setup(e.to_string()))?
+            .connect()
+            .await
+        {
+            Ok(c) => return Ok(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(BenchError::setup(format!("unreachable: {e}"))),
+        }
+    }
+}
+
+async fn start_origin(exe: &Path, dir: &Path) -> Result<(Served, Channel), BenchError> {
+    let port = free_port()?;
+    let config = dir.join("origin.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ntopics = [\"t\"]\nmax_streams = 20000\n\
+             stream_queue = 65536\nretain_batches = 1000000\nretain_bytes = \"512MiB\"\n"
+        ),
+    )?;
+    let args = vec![
+        "origin".to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+    ];
+    let (proc, _) = spawn(exe, &args, &dir.join("origin.log"), false)?;
+    let mut served = Served {
+        proc,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    let channel = wait_connectable(&mut served, Duration::from_secs(20)).await?;
+    Ok((served, channel))
+}
+
+async fn start_relay(exe: &Path, dir: &Path, origin: SocketAddr) -> Result<Served, BenchError> {
+    let (grpc, feed) = (free_port()?, free_port()?);
+    let config = dir.join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\ngrpc = \"127.0.0.1:{grpc}\"\nhttp = \"127.0.0.1:0\"\nfeed = \"127.0.0.1:{feed}\"\n\
+             [limits]\nwriter_queue = 65536\n\
+             [relay]\nmax_streams = 20000\nstream_queue = 65536\n\
+             [[origin]]\nname = \"o\"\naddress = \"http://{origin}\"\ntopics = [\"t\"]\n"
+        ),
+    )?;
+    let args = vec![
+        "sidecar".to_string(),
+        "--config".to_string(),
+        config.display().to_string(),
+    ];
+    let (proc, _) = spawn(exe, &args, &dir.join("relay.log"), false)?;
+    let mut served = Served {
+        proc,
+        addr: SocketAddr::from(([127, 0, 0, 1], feed)),
+    };
+    wait_connectable(&mut served, Duration::from_secs(20)).await?;
+    Ok(served)
+}
+
+/// What the simulated leaves share.
+struct Fleet {
+    /// Leaves that have their snapshot.
+    synced: AtomicU64,
+    /// Change batches received, all leaves together.
+    deliveries: AtomicU64,
+    /// Publish -> arrival, microseconds, from a sample of the leaves.
+    latency: Mutex<Histogram<u64>>,
+    /// The harness clock the published timestamps are taken on.
+    epoch: Instant,
+}
+
+impl Fleet {
+    fn new() -> Result<Arc<Fleet>, BenchError> {
+        Ok(Arc::new(Fleet {
+            synced: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            latency: Mutex::new(
+                Histogram::new_with_bounds(1, 60_000_000, 3)
+                    .map_err(|e| BenchError::setup(e.to_string()))?,
+            ),
+            epoch: Instant::now(),
+        }))
+    }
+}
+
+fn now_us(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+/// One leaf: a Sync stream on `channel`, subscribed to the whole topic from scratch.
+async fn leaf(channel: Channel, fleet: Arc<Fleet>, timed: bool) {
+    let mut client = pb::feed_client::FeedClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(1);
+    let sub = pb::SyncRequest {
+        kind: Some(pb::sync_request::Kind::Subscribe(pb::Subscribe {
+            topic: "t".to_string(),
+            keys: Vec::new(),
+            resume: None,
+        })),
+    };
+    if tx.send(sub).await.is_err() {
+        return;
+    }
+    let Ok(resp) = client.sync(ReceiverStream::new(rx)).await else {
+        return;
+    };
+    let mut stream = resp.into_inner();
+    while let Ok(Some(msg)) = stream.message().await {
+        match msg.kind {
+            Some(pb::sync_response::Kind::Snapshot(c)) if c.last => {
+                fleet.synced.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(pb::sync_response::Kind::Changes(b)) => {
+                fleet.deliveries.fetch_add(1, Ordering::Relaxed);
+                if timed {
+                    let at = now_us(fleet.epoch);
+                    let sent = b
+                        .changes
+                        .first()
+                        .and_then(|c| std::str::from_utf8(&c.value).ok())
+                        .and_then(|v| v.split(',').next())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if let Some(sent) = sent {
+                        if let Ok(mut h) = fleet.latency.lock() {
+                            let _ = h.record(at.saturating_sub(sent).max(1));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    drop(tx);
+}
+
+fn start_leaves(
+    addr: SocketAddr,
+    n: usize,
+    fleet: &Arc<Fleet>,
+) -> Result<Vec<JoinHandle<()>>, BenchError> {
+    let every = (n / LATENCY_LEAVES).max(1);
+    let mut tasks = Vec::with_capacity(n);
+    let mut channel = None;
+    for i in 0..n {
+        if i % STREAMS_PER_CONNECTION == 0 {
+            channel = Some(
+                Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| BenchError::setup(e.to_string()))?
+                    .tcp_nodelay(true)
+                    .initial_connection_window_size(Some(8 << 20))
+                    .connect_lazy(),
+            );
+        }
+        if let Some(c) = &channel {
+            tasks.push(tokio::spawn(leaf(c.clone(), fleet.clone(), i % every == 0)));
+        }
+    }
+    Ok(tasks)
+}
+
+async fn wait_synced(fleet: &Fleet, n: usize, timeout: Duration) -> Result<Duration, BenchError> {
+    let start = Instant::now();
+    while (fleet.synced.load(Ordering::Relaxed) as usize) < n {
+        if start.elapsed() > timeout {
+            return Err(BenchError::setup(format!(
+                "only {} of {n} leaves synced within {timeout:?}",
+                fleet.synced.load(Ordering::Relaxed)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(start.elapsed())
+}
+
+/// Publishes in flight at most: a slow origin then shows as fewer changes/s, not as a
+/// publisher that waits for each reply before the next.
+const PUBLISHES_IN_FLIGHT: usize = 64;
+
+/// Publishes one change per Publish at `rate` per second for `dur`, the value carrying the
+/// publish time; returns how many were published.
+async fn publish_for(
+    origin: &Channel,
+    epoch: Instant,
+    rate: u32,
+    dur: Duration,
+) -> Result<u64, BenchError> {
+    let client = pb::feed_client::FeedClient::new(origin.clone());
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PUBLISHES_IN_FLIGHT));
+    let failed = Arc::new(Mutex::new(None::<String>));
+    // Ticks of 10 ms (tokio's timer granularity is 1 ms): rate/100 publishes per tick.
+    let per_tick = (rate as f64 / 100.0).max(0.0);
+    let mut owed = 0.0;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        tick.tick().await;
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| BenchError::setup(e.to_string()))?;
+            let value = format!("{},{:0>64}", now_us(epoch), n);
+            let req = pb::PublishRequest {
+                topic: "t".to_string(),
+                changes: vec![pb::Change {
+                    key: format!("k{}", n % 1000),
+                    value: Bytes::from(value),
+                    deleted: false,
+                }],
+            };
+            let (mut client, failed) = (client.clone(), failed.clone());
+            tokio::spawn(async move {
+                if let Err(e) = client.publish(req).await {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                drop(permit);
+            });
+            n += 1;
+        }
+    }
+    // Every publish answered before the window closes.
+    let _ = in_flight.acquire_many(PUBLISHES_IN_FLIGHT as u32).await;
+    if let Some(e) = failed.lock().ok().and_then(|mut f| f.take()) {
+        return Err(BenchError::setup(format!("publish: {e}")));
+    }
+    Ok(n)
+}
+
+struct Run {
+    mode: &'static str,
+    streams: usize,
+    rate: u32,
+    secs: f64,
+    published: u64,
+    deliveries: u64,
+    origin_cpu: f64,
+    relay_cpu: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn one_run(
+    ctx: &Ctx,
+    origin: &mut (Served, Channel),
+    relay: Option<&Served>,
+    streams: usize,
+    rate: u32,
+) -> Result<Run, BenchError> {
+    let fleet = Fleet::new()?;
+    let addr = relay.map_or(origin.0.addr, |r| r.addr);
+    let tasks = start_leaves(addr, streams, &fleet)?;
+    wait_synced(&fleet, streams, Duration::from_secs(120)).await?;
+    // Warm-up at the run's rate, then the measured window.
+    publish_for(&origin.1, fleet.epoch, rate, ctx.warmup()).await?;
+    if let Ok(mut h) = fleet.latency.lock() {
+        h.reset();
+    }
+    let d0 = fleet.deliveries.load(Ordering::Relaxed);
+    let (o0, r0) = (
+        cpu_secs(origin.0.proc.pid()),
+        relay.map_or(0.0, |r| cpu_secs(r.proc.pid())),
+    );
+    let start = Instant::now();
+    let published = publish_for(
+        &origin.1,
+        fleet.epoch,
+        rate,
+        ctx.run_for(Duration::from_secs(5)),
+    )
+    .await?;
+    let secs = start.elapsed().as_secs_f64();
+    let (o1, r1) = (
+        cpu_secs(origin.0.proc.pid()),
+        relay.map_or(0.0, |r| cpu_secs(r.proc.pid())),
+    );
+    let deliveries = fleet.deliveries.load(Ordering::Relaxed) - d0;
+    for t in &tasks {
+        t.abort();
+    }
+    let (p50_us, p99_us) = match fleet.latency.lock() {
+        Ok(h) if !h.is_empty() => (
+            h.value_at_quantile(0.5) as f64,
+            h.value_at_quantile(0.99) as f64,
+        ),
+        _ => (0.0, 0.0),
+    };
+    Ok(Run {
+        mode: if relay.is_some() { "relay" } else { "direct" },
+        streams,
+        rate,
+        secs,
+        published,
+        deliveries,
+        origin_cpu: (o1 - o0) / secs,
+        relay_cpu: (r1 - r0) / secs,
+        p50_us,
+        p99_us,
+    })
+}
+
+/// Every leaf subscribing at once to a relay that holds `keys` keys: time until all synced,
+/// and the relay's RSS before and at its peak (sampled every 20 ms).
+async fn storm(relay: &Served, leaves: usize) -> Result<(Duration, u64, u64), BenchError> {
+    let fleet = Fleet::new()?;
+    let pid = relay.proc.pid();
+    let before = rss_of(pid);
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_of(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let tasks = start_leaves(relay.addr, leaves, &fleet)?;
+    let took = wait_synced(&fleet, leaves, Duration::from_secs(300)).await;
+    sampler.abort();
+    for t in &tasks {
+        t.abort();
+    }
+    Ok((took?, before, peak.load(Ordering::Relaxed)))
+}
+
+/// Waits until a leaf subscribing at `relay` gets a snapshot of at least `keys` keys.
+async fn wait_relay_holds(relay: &Served, keys: usize) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let channel = Endpoint::from_shared(format!("http://{}", relay.addr))
+        .map_err(|e| BenchError::setup(e.to_string()))?
+        .connect_lazy();
+    let mut client = pb::feed_client::FeedClient::new(channel).max_decoding_message_size(64 << 20);
+    loop {
+        let got = client
+            .fetch(pb::FetchRequest {
+                topic: "t".to_string(),
+                keys: vec![format!("s{:08}", keys.saturating_sub(1))],
+            })
+            .await;
+        if got.is_ok_and(|r| !r.into_inner().entries.is_empty()) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::setup("the storm's relay never held the topic"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
+    let (streams, rates, storm_keys, storm_leaves): (Vec<usize>, Vec<u32>, usize, Vec<usize>) =
+        if ctx.args.smoke {
+            (vec![20], vec![50], 500, vec![20])
+        } else if ctx.args.quick {
+            (vec![100, 1000], vec![100], 2000, vec![100, 500])
+        } else {
+            (
+                vec![100, 1000, 5000],
+                vec![100, 1000],
+                10_000,
+                vec![100, 1000],
+            )
+        };
+    let dir = temp_dir("fleet")?;
+    let mut origin = start_origin(&ctx.exe, &dir).await?;
+    let mut relay = start_relay(&ctx.exe, &dir, origin.0.addr).await?;
+    let mut table = Table::new(
+        "fleet: leaves on one origin, direct vs through one relay (origin, relay: child processes; leaves: Sync streams in the harness)",
+        &[
+            "mode", "streams", "changes/s", "origin cpu/s", "relay cpu/s", "deliveries/s",
+            "deliv/relay cpu-s", "p50", "p99",
+        ],
+    );
+    for &rate in &rates {
+        for &n in &streams {
+            for via_relay in [false, true] {
+                ctx.progress(format!(
+                    "fleet: {n} streams at {rate}/s {}",
+                    if via_relay {
+                        "through the relay"
+                    } else {
+                        "direct"
+                    }
+                ));
+                let r = one_run(ctx, &mut origin, via_relay.then_some(&relay), n, rate).await?;
+                let per_relay_cpu = if r.relay_cpu > 0.0 {
+                    r.deliveries as f64 / r.secs / r.relay_cpu
+                } else {
+                    0.0
+                };
+                table.row(vec![
+                    r.mode.to_string(),
+                    r.streams.to_string(),
+                    format!("{:.0}", r.published as f64 / r.secs),
+                    format!("{:.3}", r.origin_cpu),
+                    if via_relay {
+                        format!("{:.3}", r.relay_cpu)
+                    } else {
+                        "-".into()
+                    },
+                    format!("{:.0}", r.deliveries as f64 / r.secs),
+                    if via_relay {
+                        format!("{per_relay_cpu:.0}")
+                    } else {
+                        "-".into()
+                    },
+                    us(r.p50_us),
+                    us(r.p99_us),
+                ]);
+                ctx.report.push(
+                    "fleet",
+                    "runs",
+                    json!({
+                        "mode": r.mode,
+                        "streams": r.streams,
+                        "rate": r.rate,
+                        "published_per_s": r.published as f64 / r.secs,
+                        "origin_cpu_per_s": r.origin_cpu,
+                        "relay_cpu_per_s": r.relay_cpu,
+                        "deliveries_per_s": r.deliveries as f64 / r.secs,
+                        "deliveries_per_relay_cpu_s": per_relay_cpu,
+                        "p50_us": r.p50_us,
+                        "p99_us": r.p99_us,
+                    }),
+                );
+            }
+        }
+    }
+    ctx.report.add_table(table);
+
+    // The storm: the origin's topic filled to `storm_keys` keys (100-byte values), the relay
+    // synced, then every leaf subscribing at once.
+    let mut client = pb::feed_client::FeedClient::new(origin.1.clone());
+    for chunk in (0..storm_keys).collect::<Vec<_>>().chunks(5000) {
+        client
+            .publish(pb::PublishRequest {
+                topic: "t".to_string(),
+                changes: chunk
+                    .iter()
+                    .map(|i| pb::Change {
+                        key: format!("s{i:08}"),
+                        value: Bytes::from(vec![b'x'; 100]),
+                        deleted: false,
+                    })
+                    .collect(),
+            })
+            .await
+            .map_err(|e| BenchError::setup(format!("loading the storm topic: {e}")))?;
+    }
+    // A fresh relay for the storm: the runs above leave the first one's allocator holding
+    // what its queues and transport buffers took at 5,000 streams.
+    drop(relay);
+    relay = start_relay(&ctx.exe, &dir, origin.0.addr).await?;
+    wait_relay_holds(&relay, storm_keys).await?;
+    let mut storm_table = Table::new(
+        format!("fleet: snapshot storm, every leaf subscribing at once to a relay holding {storm_keys}+ keys"),
+        &["leaves", "all synced", "relay rss before", "relay rss peak"],
+    );
+    for &n in &storm_leaves {
+        ctx.progress(format!("fleet: storm of {n} leaves"));
+        let (took, before, peak) = storm(&relay, n).await?;
+        storm_table.row(vec![
+            n.to_string(),
+            format!("{:.2}s", took.as_secs_f64()),
+            format!("{:.1}MiB", before as f64 / (1 << 20) as f64),
+            format!("{:.1}MiB", peak as f64 / (1 << 20) as f64),
+        ]);
+        ctx.report.push(
+            "fleet",
+            "storm",
+            json!({
+                "leaves": n,
+                "keys": storm_keys,
+                "all_synced_s": took.as_secs_f64(),
+                "relay_rss_before": before,
+                "relay_rss_peak": peak,
+            }),
+        );
+    }
+    ctx.report.add_table(storm_table);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

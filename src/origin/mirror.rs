@@ -1,0 +1,168 @@
+//! A relay's topics: an origin whose topics are not published to but mirrored from a
+//! sidecar's replicas (with the upstream's epochs and versions unchanged) and views (with the
+//! relay's own epoch). Streams are served by the same sessions as the origin's: retained
+//! window, Progress, Reset + snapshot, the catch-up of a stream that falls behind.
+//!
+//! A topic has no epoch until its first snapshot arrives; a stream subscribing before that
+//! waits for it (a leaf resuming on a relay that just started resumes, without a snapshot,
+//! as soon as the relay holds its position). A new upstream snapshot (a new epoch, or the
+//! relay fell behind its own upstream) replaces the topic and catches up every stream with
+//! Reset + snapshot.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, warn};
+
+use super::{retain, session, Inner, Origin, OriginStats, Stored, Topic, TopicState};
+use crate::config::OriginConfig;
+use crate::pb::feed::v1 as pb;
+use crate::store::Source;
+
+impl Origin {
+    /// A relay serving `sources` (full topics and views of a sidecar) under `cfg`'s bounds;
+    /// `upstream` names what it mirrors in the refusal of a Publish.
+    pub(crate) fn relay(cfg: OriginConfig, upstream: String, sources: &[Arc<Source>]) -> Self {
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        let mut topics: HashMap<Arc<str>, Arc<Topic>> = HashMap::new();
+        let mut declared = HashSet::new();
+        for s in sources {
+            let mut t = Topic::new(s.name(), None);
+            t.mirror_of = Some(s.clone());
+            declared.insert(s.name().to_string());
+            topics.insert(s.name().clone(), Arc::new(t));
+        }
+        let streams = Arc::new(Semaphore::new(cfg.max_streams));
+        Origin {
+            inner: Arc::new(Inner {
+                cfg,
+                epoch,
+                upstream: Some(upstream),
+                topics: RwLock::new(topics),
+                declared: Some(declared),
+                stats: OriginStats::default(),
+                streams,
+                next_session: AtomicU64::new(1),
+                cut: watch::channel(0).0,
+                shutting_down: AtomicBool::new(false),
+                upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
+                store: None::<Mutex<Option<super::durable::Store>>>,
+            }),
+        }
+    }
+
+    /// Whether this origin mirrors `topic` and holds it (its first snapshot arrived).
+    pub(crate) fn holds(&self, topic: &str) -> bool {
+        self.mirrored(topic)
+            .is_some_and(|t| t.lock().epoch.is_some())
+    }
+
+    fn mirrored(&self, topic: &str) -> Option<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .cloned()
+    }
+
+    /// `topic` is now `rows` at (epoch, version): its log starts over there, and every stream
+    /// following it is caught up with Reset + snapshot (streams waiting for the topic's first
+    /// snapshot are answered instead). The same position again changes nothing.
+    pub(crate) fn mirror_snapshot(
+        &self,
+        topic: &str,
+        epoch: &str,
+        version: u64,
+        rows: impl IntoIterator<Item = (Arc<str>, Bytes, u64)>,
+    ) {
+        let Some(t) = self.mirrored(topic) else {
+            return;
+        };
+        {
+            let st = t.lock();
+            if st.epoch.as_deref() == Some(epoch) && st.version == version {
+                return;
+            }
+        }
+        let data: imbl::OrdMap<Arc<str>, Stored> = rows
+            .into_iter()
+            .map(|(k, value, version)| (k, Stored { value, version }))
+            .collect();
+        let mut st = t.lock();
+        let was = st.epoch.replace(Arc::from(epoch));
+        debug!(topic, epoch, version, was = ?was, "relay topic replaced by a snapshot");
+        st.replace(&t.name, data, version);
+    }
+
+    /// One version of `topic`'s changes, after the last one: retained, and offered to every
+    /// stream. A batch of another epoch or at or below the topic's version is dropped.
+    pub(crate) fn mirror_batch(
+        &self,
+        topic: &str,
+        epoch: &str,
+        version: u64,
+        changes: Vec<(Arc<str>, Option<Bytes>)>,
+    ) {
+        let Some(t) = self.mirrored(topic) else {
+            return;
+        };
+        let mut bytes = 0;
+        let changes: Vec<pb::Change> = changes
+            .into_iter()
+            .map(|(k, v)| {
+                bytes += k.len() + v.as_ref().map_or(0, |v| v.len()) + 8;
+                match v {
+                    Some(value) => pb::Change {
+                        key: k.to_string(),
+                        value,
+                        deleted: false,
+                    },
+                    None => pb::Change {
+                        key: k.to_string(),
+                        value: Bytes::new(),
+                        deleted: true,
+                    },
+                }
+            })
+            .collect();
+        let mut st = t.lock();
+        if st.epoch.as_deref() != Some(epoch) {
+            if st.epoch.is_some() {
+                warn!(
+                    topic,
+                    epoch, "relay got a batch of another epoch than it holds; dropped"
+                );
+            }
+            return;
+        }
+        if version <= st.version {
+            return;
+        }
+        let batch = st.append(version, changes, bytes);
+        st.version = version;
+        st.shared_snapshot = None;
+        retain(&self.inner.cfg, &mut st);
+        let st: &mut TopicState = &mut st;
+        for interest in st.interests.values_mut() {
+            session::offer(&self.inner, &t.name, interest, &batch, None);
+        }
+        self.inner.stats.published.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Nothing newer than (epoch, version) upstream: the topic's position moves there (a
+    /// database-fed origin's versions are commit positions, with gaps between a topic's).
+    pub(crate) fn mirror_progress(&self, topic: &str, epoch: &str, version: u64) {
+        let Some(t) = self.mirrored(topic) else {
+            return;
+        };
+        let mut st = t.lock();
+        if st.epoch.as_deref() == Some(epoch) && version > st.version {
+            st.version = version;
+            st.shared_snapshot = None;
+        }
+    }
+}
