@@ -167,14 +167,23 @@ async fn publish_at_a_relay_is_refused_naming_the_upstream() {
         assert!(err.message().contains(&origin.url()), "{}", err.message());
         // Fetch of a held topic is served, with the origin's position.
         wait_position(&source(&relay, "t"), origin.origin.epoch(), 1).await;
-        let got = client
-            .fetch(feed::FetchRequest {
-                topic: "t".into(),
-                keys: vec!["a".into(), "b".into()],
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        // The relay's Feed side takes the snapshot when the writer's step ends, after the source:
+        // until then a Fetch is UNAVAILABLE ("retry shortly"), as documented.
+        let got = loop {
+            match client
+                .fetch(feed::FetchRequest {
+                    topic: "t".into(),
+                    keys: vec!["a".into(), "b".into()],
+                })
+                .await
+            {
+                Ok(r) => break r.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                Err(s) => panic!("fetch at the relay: {s:?}"),
+            }
+        };
         let pos = got.position.unwrap();
         assert_eq!(
             (pos.epoch.as_str(), pos.version),
