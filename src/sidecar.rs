@@ -414,6 +414,7 @@ impl Sidecar {
             views: view_list.clone(),
             ws: ws_stats.clone(),
             redis: redis_listener.as_ref().map(|_| redis_stats.clone()),
+            relay: relay.clone(),
             readiness: readiness.clone(),
         });
         let health = serve_cache(

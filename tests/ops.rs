@@ -599,6 +599,7 @@ async fn every_metric_the_readme_names_is_exposed() {
         let o = TestOrigin::start_on(origin.clone(), loopback0()).await;
         let mut cfg = demo::sidecar_config(o.addr, loopback0());
         cfg.listen.redis = Some("127.0.0.1:0".parse().expect("address"));
+        cfg.listen.feed = Some(loopback0());
         let sidecar = common::start_sidecar(cfg).await;
         sidecar.synced().await;
         let body = get(sidecar.http_addr(), "/metrics").await.body;

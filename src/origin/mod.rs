@@ -521,6 +521,14 @@ impl Origin {
         &self.inner.epoch
     }
 
+    /// Sync streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.inner
+            .cfg
+            .max_streams
+            .saturating_sub(self.inner.streams.available_permits())
+    }
+
     pub fn stats(&self) -> &OriginStats {
         &self.inner.stats
     }

@@ -95,6 +95,8 @@ pub(crate) struct Parts {
     pub ws: Arc<WsStats>,
     /// The Redis protocol listener's counters, when it is served.
     pub redis: Option<Arc<crate::serve::redis::RedisStats>>,
+    /// The relay's Feed side, with `[listen] feed`.
+    pub relay: Option<crate::serve::feed::Relay>,
     pub readiness: Arc<Readiness>,
 }
 
@@ -629,8 +631,68 @@ impl Collector for Parts {
         if let Some(r) = &self.redis {
             self.encode_redis(r, e)?;
         }
+        if let Some(relay) = &self.relay {
+            encode_relay(relay.origin(), e)?;
+        }
         Ok(())
     }
+}
+
+/// The relay's Feed side (`[listen] feed`): its leaf streams and what it sent them.
+fn encode_relay(o: &crate::Origin, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let st = o.stats();
+    family(
+        e,
+        "relay_streams",
+        "Leaf Sync streams open at this relay",
+        [(vec![], gauge(o.open_streams() as u64))],
+    )?;
+    for (name, help, c) in [
+        (
+            "relay_streams_opened",
+            "Leaf Sync streams opened",
+            &st.streams_opened,
+        ),
+        (
+            "relay_snapshots_sent",
+            "Snapshots sent to leaves",
+            &st.snapshots_sent,
+        ),
+        (
+            "relay_resumes",
+            "Leaf subscriptions resumed inside the window",
+            &st.resumes,
+        ),
+        (
+            "relay_resets_sent",
+            "Resets sent to leaves",
+            &st.resets_sent,
+        ),
+        (
+            "relay_batches_sent",
+            "Change batches sent to leaves",
+            &st.batches_sent,
+        ),
+        (
+            "relay_lagged",
+            "Leaf streams that overflowed their queue",
+            &st.lagged,
+        ),
+        ("relay_fetches", "Fetch calls answered", &st.fetches),
+        (
+            "relay_snapshot_encodings",
+            "Snapshots encoded (one per topic and position, shared by every leaf)",
+            &st.snapshot_encodings,
+        ),
+        (
+            "relay_batch_encodings",
+            "Change batches encoded (shared by every leaf at that position)",
+            &st.batch_encodings,
+        ),
+    ] {
+        family(e, name, help, [(vec![], counter(c))])?;
+    }
+    Ok(())
 }
 
 impl Parts {
