@@ -10,14 +10,13 @@
 //! Reset + snapshot.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
 
-use super::{retain, session, Inner, Origin, OriginStats, Stored, Topic, TopicState};
+use super::{retain, session, Inner, Origin, Stored, Topic, TopicState};
 use crate::config::OriginConfig;
 use crate::pb::feed::v1 as pb;
 use crate::store::Source;
@@ -35,22 +34,15 @@ impl Origin {
             declared.insert(s.name().to_string());
             topics.insert(s.name().clone(), Arc::new(t));
         }
-        let streams = Arc::new(Semaphore::new(cfg.max_streams));
         Origin {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Inner::new(
                 cfg,
                 epoch,
-                upstream: Some(upstream),
-                topics: RwLock::new(topics),
-                declared: Some(declared),
-                stats: OriginStats::default(),
-                streams,
-                next_session: AtomicU64::new(1),
-                cut: watch::channel(0).0,
-                shutting_down: AtomicBool::new(false),
-                upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
-                store: None::<Mutex<Option<super::durable::Store>>>,
-            }),
+                topics,
+                Some(declared),
+                Some(upstream),
+                None,
+            )),
         }
     }
 

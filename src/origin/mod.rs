@@ -340,6 +340,33 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The one place an origin's (or a relay's) shared state is put together: every field
+    /// but the ones given starts empty.
+    pub(crate) fn new(
+        cfg: OriginConfig,
+        epoch: String,
+        topics: HashMap<Arc<str>, Arc<Topic>>,
+        declared: Option<HashSet<String>>,
+        upstream: Option<String>,
+        store: Option<durable::Store>,
+    ) -> Self {
+        let streams = Arc::new(Semaphore::new(cfg.max_streams));
+        Inner {
+            cfg,
+            epoch,
+            upstream,
+            topics: RwLock::new(topics),
+            declared,
+            stats: OriginStats::default(),
+            streams,
+            next_session: AtomicU64::new(1),
+            cut: watch::channel(0).0,
+            shutting_down: AtomicBool::new(false),
+            upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
+            store: store.map(|s| Mutex::new(Some(s))),
+        }
+    }
+
     /// The durable copy, if this origin has one and it is still open.
     fn store_guard(&self) -> std::sync::MutexGuard<'_, Option<durable::Store>> {
         static NONE: Mutex<Option<durable::Store>> = Mutex::new(None);
@@ -471,22 +498,8 @@ impl Origin {
         for (name, topic) in loaded {
             topics.insert(Arc::from(name.as_str()), Arc::new(topic));
         }
-        let streams = Arc::new(Semaphore::new(cfg.max_streams));
         Origin {
-            inner: Arc::new(Inner {
-                cfg,
-                epoch,
-                upstream: None,
-                topics: RwLock::new(topics),
-                declared,
-                stats: OriginStats::default(),
-                streams,
-                next_session: AtomicU64::new(1),
-                cut: watch::channel(0).0,
-                shutting_down: AtomicBool::new(false),
-                upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
-                store: store.map(|s| Mutex::new(Some(s))),
-            }),
+            inner: Arc::new(Inner::new(cfg, epoch, topics, declared, None, store)),
         }
     }
 
