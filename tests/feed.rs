@@ -515,13 +515,7 @@ async fn a_keyed_interest_past_max_subscribed_bytes_ends_the_stream() {
             .await
             .unwrap()
             .into_inner();
-        let status = loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(status) => break status,
-            }
-        };
+        let status = ending_status(&mut stream).await;
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(
             status.message().contains("max_subscribed_bytes") && status.message().contains("items"),
@@ -546,13 +540,7 @@ async fn a_keyed_interest_past_max_subscribed_bytes_ends_the_stream() {
         tx.send(subscribe("items", &["k1", "k2"], None))
             .await
             .unwrap();
-        let status = loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(status) => break status,
-            }
-        };
+        let status = ending_status(&mut stream).await;
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(
             status.message().contains("max_subscribed_bytes"),
@@ -593,13 +581,7 @@ async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
         tx.send(subscribe("items", &["b", "c", "d"], None))
             .await
             .unwrap();
-        let status = loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(status) => break status,
-            }
-        };
+        let status = ending_status(&mut stream).await;
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(
             status.message().contains("max_subscribed_keys"),
@@ -635,13 +617,7 @@ async fn empty_keys_are_refused_and_a_huge_epoch_is_not_echoed() {
             .await
             .unwrap()
             .into_inner();
-        let status = loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without a status"),
-                Err(status) => break status,
-            }
-        };
+        let status = ending_status(&mut stream).await;
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains("empty"), "{status:?}");
 

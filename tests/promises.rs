@@ -481,16 +481,7 @@ async fn sync_streams_past_max_streams_are_refused() {
         tx2.send(subscribe()).await.unwrap();
         let refused = match client.sync(ReceiverStream::new(rx2)).await {
             Err(status) => status,
-            Ok(resp) => {
-                let mut s = resp.into_inner();
-                loop {
-                    match s.message().await {
-                        Ok(Some(_)) => continue,
-                        Ok(None) => panic!("a second stream was served"),
-                        Err(status) => break status,
-                    }
-                }
-            }
+            Ok(resp) => ending_status(&mut resp.into_inner()).await,
         };
         assert_eq!(
             refused.code(),

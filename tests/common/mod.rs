@@ -1043,3 +1043,15 @@ pub fn installed(program: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// Reads `stream` past its messages to the status it ends with (a stream that ends cleanly
+/// fails the test).
+pub async fn ending_status<T>(stream: &mut tonic::Streaming<T>) -> Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => return status,
+        }
+    }
+}
