@@ -541,13 +541,22 @@ async fn silent_grpc_connections_are_closed_and_bounded() {
         ocfg.header_timeout = Dur(Duration::from_millis(500));
         let origin = common::TestOrigin::start(ocfg).await;
         // Two silent connections hold the origin's every slot ...
-        let feed_silent: Vec<_> = futures_util::future::join_all(
+        let mut feed_silent: Vec<_> = futures_util::future::join_all(
             (0..2).map(|_| tokio::net::TcpStream::connect(origin.addr)),
         )
         .await
         .into_iter()
         .map(|s| s.unwrap())
         .collect();
+        // One of them starts the HTTP/2 preface and stops two-thirds of the way: some bytes
+        // are not the preface, and the deadline still applies.
+        {
+            use tokio::io::AsyncWriteExt;
+            feed_silent[1]
+                .write_all(b"PRI * HTTP/2.0\r\n")
+                .await
+                .unwrap();
+        }
 
         let mut cfg = common::sidecar_config(&origin.url(), &["t"]);
         cfg.listen.grpc_max_connections = 2;
