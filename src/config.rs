@@ -344,6 +344,14 @@ mod tests {
             ("[relay]\nretain_batches = 0\n", "relay.retain_batches"),
             ("[relay]\nmax_connections = 0\n", "relay.max_connections"),
             (
+                "[relay]\nheader_timeout = \"1ms\"\n",
+                "relay.header_timeout",
+            ),
+            (
+                "[relay]\nmax_subscribed_bytes = \"100B\"\n",
+                "relay.max_subscribed_bytes",
+            ),
+            (
                 "[relay]\nsnapshot_chunk_bytes = \"32MiB\"\n",
                 "relay.snapshot_chunk_bytes",
             ),

@@ -328,8 +328,13 @@ pub struct RelayConfig {
     pub max_streams: usize,
     /// Most open connections of the feed listener; more wait to be accepted.
     pub max_connections: usize,
-    /// Most keys one stream may subscribe to one by one in a topic.
+    /// Most keys one stream may subscribe to one by one in a topic ...
     pub max_subscribed_keys: usize,
+    /// ... and the bytes those keys name (keys plus values when subscribed).
+    pub max_subscribed_bytes: ByteSize,
+    /// A connection must send its first bytes (HTTP/2 preface or TLS handshake) within this
+    /// long, or it is closed.
+    pub header_timeout: Dur,
     pub keepalive_interval: Dur,
     pub keepalive_timeout: Dur,
     /// How often an idle subscription gets a Progress (only while this relay's upstream is
@@ -353,6 +358,8 @@ impl Default for RelayConfig {
             max_streams: 10_000,
             max_connections: 10_000,
             max_subscribed_keys: o.max_subscribed_keys,
+            max_subscribed_bytes: o.max_subscribed_bytes,
+            header_timeout: o.header_timeout,
             keepalive_interval: o.keepalive_interval,
             keepalive_timeout: o.keepalive_timeout,
             progress_interval: o.progress_interval,
@@ -376,6 +383,8 @@ impl RelayConfig {
             max_streams: self.max_streams,
             max_connections: self.max_connections,
             max_subscribed_keys: self.max_subscribed_keys,
+            max_subscribed_bytes: self.max_subscribed_bytes,
+            header_timeout: self.header_timeout,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
             progress_interval: self.progress_interval,
