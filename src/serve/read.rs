@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::config::Limits;
 use crate::store::on_demand::{OnDemandError, Slot};
-use crate::store::{Keyspace, Source, Store};
+use crate::store::{Keyspace, Row, Source, Store};
 
 /// Longest wait for a batch in flight to land before reading again.
 const BATCH_LAND_WAIT: Duration = Duration::from_millis(20);
@@ -174,7 +174,9 @@ impl Reader {
     pub(crate) async fn point(&self, source: &Source, key: &str) -> Result<Answer, ReadError> {
         match source.read_through(key).await {
             Some(got) => Ok(got?.into()),
-            None => Ok(answer_in(&source.keyspace(), key)),
+            // `get`, not `keyspace()`: a point read borrows the keyspace without touching its
+            // reference count, which every reading thread would otherwise write to.
+            None => Ok(answer_of(source.get(key))),
         }
     }
 
@@ -300,7 +302,11 @@ pub(crate) fn check_staleness(source: &Source, f: &Freshness) -> Result<(), Read
 
 /// Reads `key` from `rows`, a keyspace loaded once for the whole request.
 fn answer_in(rows: &Keyspace, key: &str) -> Answer {
-    match rows.get(key) {
+    answer_of(rows.get(key))
+}
+
+fn answer_of(row: Option<Row>) -> Answer {
+    match row {
         Some(row) => Answer {
             value: Some(row.value),
             version: row.version,
