@@ -117,7 +117,7 @@ async fn setup(od_bytes: u64) -> Setup {
     });
 
     let mut cfg = SidecarConfig::default();
-    cfg.listen.grpc = loopback;
+    cfg.listen.grpc = loopback.into();
     cfg.feed.backoff_initial = Dur(Duration::from_millis(10));
     cfg.origins = vec![OriginSpec {
         name: "o".to_string(),

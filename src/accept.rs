@@ -1,5 +1,6 @@
 //! Accepting connections of the gRPC listeners (the sidecar's Cache API and the origin's Feed)
-//! with a bound and a deadline, which tonic's own `TcpIncoming` does not offer.
+//! with a bound and a deadline, which tonic's own `TcpIncoming` does not offer, over TCP or a
+//! Unix socket.
 //!
 //! - A connection takes a permit before it is accepted, and holds it until it closes: past the
 //!   bound, new connections wait in the kernel's backlog instead of being served (the http
@@ -18,11 +19,62 @@ use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tracing::warn;
+
+/// A listener whose connections a gRPC server serves: TCP or a Unix socket.
+pub trait Listen: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static;
+
+    fn accept_one(&self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl Listen for TcpListener {
+    type Io = TcpStream;
+
+    /// Nagle off: a reply of more than one segment would otherwise wait for a delayed ACK.
+    async fn accept_one(&self) -> io::Result<TcpStream> {
+        let (io, _) = self.accept().await?;
+        let _ = io.set_nodelay(true);
+        Ok(io)
+    }
+}
+
+impl Listen for UnixListener {
+    type Io = UnixStream;
+
+    async fn accept_one(&self) -> io::Result<UnixStream> {
+        self.accept().await.map(|(io, _)| io)
+    }
+}
+
+/// Binds a Unix socket at `path` with file mode `mode`. A file left there by a previous run
+/// (nothing accepts on it) is replaced; a socket something still listens on is not, nor is a
+/// file that is not a socket.
+pub async fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process listens on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
 
 /// Bytes of the HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
 const PREFACE: usize = 24;
@@ -37,22 +89,22 @@ pub struct Bounds {
 }
 
 /// One accepted connection: its permit, and the preface deadline until the preface is in.
-pub struct Accepted {
-    io: TcpStream,
+pub struct Accepted<Io> {
+    io: Io,
     _permit: OwnedSemaphorePermit,
     /// Bytes still expected before the deadline is lifted, and the deadline.
     preface: Option<(usize, Pin<Box<Sleep>>)>,
 }
 
-impl Connected for Accepted {
-    type ConnectInfo = TcpConnectInfo;
+impl<Io: Connected> Connected for Accepted<Io> {
+    type ConnectInfo = Io::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
     }
 }
 
-impl AsyncRead for Accepted {
+impl<Io: AsyncRead + Unpin> AsyncRead for Accepted<Io> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -85,7 +137,7 @@ impl AsyncRead for Accepted {
     }
 }
 
-impl AsyncWrite for Accepted {
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Accepted<Io> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -115,13 +167,12 @@ impl AsyncWrite for Accepted {
     }
 }
 
-/// The connections of `listener`, accepted within `bounds`, Nagle off (a reply of more than one
-/// segment would otherwise wait for a delayed ACK). `what` names the listener in logs.
-pub fn incoming(
-    listener: TcpListener,
+/// The connections of `listener`, accepted within `bounds`. `what` names the listener in logs.
+pub fn incoming<L: Listen>(
+    listener: L,
     bounds: Bounds,
     what: &'static str,
-) -> impl Stream<Item = io::Result<Accepted>> {
+) -> impl Stream<Item = io::Result<Accepted<L::Io>>> {
     let permits = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     futures_util::stream::unfold(
         (listener, permits, false),
@@ -139,9 +190,8 @@ pub fn incoming(
                 if permits.available_permits() > 0 {
                     full_logged = false;
                 }
-                match listener.accept().await {
-                    Ok((io, _)) => {
-                        let _ = io.set_nodelay(true);
+                match listener.accept_one().await {
+                    Ok(io) => {
                         let conn = Accepted {
                             io,
                             _permit: permit,

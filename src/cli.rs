@@ -100,14 +100,38 @@ pub async fn run_origin(cfg: OriginConfig) -> ExitCode {
 /// A command's outcome: `Err` carries the exit code of a failure already reported.
 type Outcome = Result<ExitCode, ExitCode>;
 
-async fn cache_client(addr: &str) -> Result<cache::cache_client::CacheClient<Channel>, ExitCode> {
+/// A gRPC channel to `addr`: `host:port`, `http://host:port` (or `https://`), or
+/// `unix:/path` for a Cache API on a Unix socket. It connects at once, so an address where
+/// nothing listens is an error here rather than at the first call.
+pub async fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        let path = std::path::PathBuf::from(path);
+        // The URI is not dialled: the connector opens the socket; it only names the authority
+        // of the HTTP/2 requests.
+        return tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    let io = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+                }
+            }))
+            .await;
+    }
     let url = if addr.starts_with("http") {
         addr.to_string()
     } else {
         format!("http://{addr}")
     };
-    cache::cache_client::CacheClient::connect(url)
+    tonic::transport::Endpoint::from_shared(url)?
+        .connect()
         .await
+}
+
+async fn cache_client(addr: &str) -> Result<cache::cache_client::CacheClient<Channel>, ExitCode> {
+    channel(addr)
+        .await
+        .map(cache::cache_client::CacheClient::new)
         .map_err(|e| {
             eprintln!("viewcar: cannot connect to {addr}: {e}");
             ExitCode::FAILURE

@@ -308,7 +308,7 @@ pub fn views() -> Vec<ViewSpec> {
 /// The sidecar config the demo uses: every catalog topic as a full replica, and the demo views.
 pub fn sidecar_config(origin: SocketAddr, grpc: SocketAddr) -> SidecarConfig {
     let mut cfg = SidecarConfig::default();
-    cfg.listen.grpc = grpc;
+    cfg.listen.grpc = grpc.into();
     cfg.origins.push(OriginSpec {
         name: "catalog".into(),
         address: format!("http://{origin}"),

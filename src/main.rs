@@ -58,7 +58,7 @@ enum Command {
     Get {
         source: String,
         key: String,
-        /// The sidecar's Cache API.
+        /// The sidecar's Cache API: `host:port` or `unix:/path`.
         #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
         addr: String,
     },
@@ -68,6 +68,7 @@ enum Command {
         keys: Vec<String>,
         #[arg(long, default_value = "")]
         prefix: String,
+        /// The sidecar's Cache API: `host:port` or `unix:/path`.
         #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
         addr: String,
     },
@@ -76,6 +77,7 @@ enum Command {
     Bench(viewcar::bench::BenchArgs),
     /// List a sidecar's sources with their state.
     Sources {
+        /// The sidecar's Cache API: `host:port` or `unix:/path`.
         #[arg(long, default_value = "127.0.0.1:7070", env = "VIEWCAR_ADDR")]
         addr: String,
     },
@@ -161,9 +163,10 @@ struct SidecarArgs {
     /// The sidecar config file (viewcar.toml).
     #[arg(long, value_name = "FILE", env = "VIEWCAR_CONFIG")]
     config: PathBuf,
-    /// Where the Cache gRPC API listens; overrides `[listen] grpc`.
+    /// Where the Cache gRPC API listens (`host:port` or `unix:/path`); overrides
+    /// `[listen] grpc`.
     #[arg(long, value_name = "ADDR", env = "VIEWCAR_GRPC_LISTEN")]
-    grpc_listen: Option<SocketAddr>,
+    grpc_listen: Option<viewcar::config::ListenAddr>,
     /// Where the http listener (WebSocket /ws, /metrics, /healthz, /readyz, /status and the
     /// status page) listens; overrides `[listen] http`.
     #[arg(long, value_name = "ADDR", env = "VIEWCAR_HTTP_LISTEN")]
@@ -209,7 +212,7 @@ impl SidecarArgs {
     fn load(&self) -> Result<SidecarConfig, ConfigError> {
         let mut cfg = SidecarConfig::load(&self.config)?;
         let overrides = SidecarOverrides {
-            grpc_listen: self.grpc_listen,
+            grpc_listen: self.grpc_listen.clone(),
             http_listen: self.http_listen,
             allow_non_loopback: self.allow_non_loopback,
             origins: self.origins.clone(),

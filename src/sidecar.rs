@@ -86,7 +86,7 @@ pub struct Sidecar {
     feeds: HashMap<String, Arc<FeedStats>>,
     writer_stats: Arc<WriterStats>,
     view_stats: HashMap<String, Arc<ViewStats>>,
-    grpc_addr: SocketAddr,
+    grpc_addr: ListenAddr,
     http_addr: SocketAddr,
     ws_stats: Arc<WsStats>,
     redis_addr: Option<SocketAddr>,
@@ -134,6 +134,35 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr),
     Ok((listener, local))
 }
 
+/// The Cache API's listener: TCP, or a Unix socket (whose file is removed when it stops).
+enum GrpcListener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+/// Binds the Cache API at `listen.grpc`; returns the listener and the address bound (the
+/// port chosen when port 0 was asked for).
+async fn bind_grpc(cfg: &SidecarConfig) -> Result<(GrpcListener, ListenAddr), StartError> {
+    match &cfg.listen.grpc {
+        ListenAddr::Tcp(addr) => {
+            let (l, local) = bind(*addr, "Cache API").await?;
+            Ok((GrpcListener::Tcp(l), ListenAddr::Tcp(local)))
+        }
+        ListenAddr::Unix(path) => {
+            let l = crate::accept::bind_unix(path, cfg.listen.grpc_socket_mode)
+                .await
+                .map_err(|source| StartError::BindUnix {
+                    path: path.clone(),
+                    source,
+                })?;
+            Ok((
+                GrpcListener::Unix(l, path.clone()),
+                ListenAddr::Unix(path.clone()),
+            ))
+        }
+    }
+}
+
 /// The Redis protocol listener of `cfg`, if any, and its TCP address.
 async fn bind_redis(
     cfg: &SidecarConfig,
@@ -145,7 +174,7 @@ async fn bind_redis(
             Some((redis::Listener::Tcp(l), Some(local)))
         }
         Some(ListenAddr::Unix(path)) => {
-            let l = redis::bind_unix(path, cfg.redis.socket_mode)
+            let l = crate::accept::bind_unix(path, cfg.redis.socket_mode)
                 .await
                 .map_err(|source| StartError::BindUnix {
                     path: path.clone(),
@@ -268,7 +297,7 @@ fn announce_ready(
 #[allow(clippy::too_many_arguments)]
 async fn serve_cache(
     cfg: &SidecarConfig,
-    listener: TcpListener,
+    listener: GrpcListener,
     store: &Arc<Store>,
     hub: &Arc<Hub>,
     metrics: &Metrics,
@@ -294,8 +323,7 @@ async fn serve_cache(
     let server = pb::cache_server::CacheServer::new(service)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let mut sd = shutdown.clone();
-    let grpc = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(cfg.listen.keepalive_interval.0))
         .http2_keepalive_timeout(Some(cfg.listen.keepalive_timeout.0))
@@ -303,23 +331,35 @@ async fn serve_cache(
         .add_service(server)
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(reflection_alpha)
-        .serve_with_incoming_shutdown(
-            crate::accept::incoming(
-                listener,
-                crate::accept::Bounds {
-                    max_connections: cfg.listen.grpc_max_connections,
-                    header_timeout: cfg.listen.grpc_header_timeout.0,
-                },
-                "grpc",
-            ),
-            async move {
-                let _ = sd.wait_for(|s| *s).await;
-            },
-        );
+        .add_service(reflection_alpha);
+    let bounds = crate::accept::Bounds {
+        max_connections: cfg.listen.grpc_max_connections,
+        header_timeout: cfg.listen.grpc_header_timeout.0,
+    };
+    let mut sd = shutdown.clone();
+    let stopped = async move {
+        let _ = sd.wait_for(|s| *s).await;
+    };
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = grpc.await {
+        let (served, socket) = match listener {
+            GrpcListener::Tcp(l) => {
+                let incoming = crate::accept::incoming(l, bounds, "grpc");
+                (
+                    router.serve_with_incoming_shutdown(incoming, stopped).await,
+                    None,
+                )
+            }
+            GrpcListener::Unix(l, path) => {
+                let incoming = crate::accept::incoming(l, bounds, "grpc");
+                let served = router.serve_with_incoming_shutdown(incoming, stopped).await;
+                (served, Some(path))
+            }
+        };
+        if let Err(e) = served {
             warn!(error = %e, "Cache API server failed");
+        }
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
         }
     }));
     health
@@ -365,7 +405,7 @@ impl Sidecar {
         let store = Arc::new(store);
         let hub = Arc::new(Hub::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (grpc_listener, grpc_addr) = bind(cfg.listen.grpc, "Cache API").await?;
+        let (grpc_listener, grpc_addr) = bind_grpc(&cfg).await?;
         let (http_listener, http_addr) = bind(cfg.listen.http_addr(), "http").await?;
         let redis_listener = bind_redis(&cfg).await?;
         let feed_listener = match cfg.listen.feed {
@@ -488,9 +528,10 @@ impl Sidecar {
         })
     }
 
-    /// Where the Cache gRPC API listens.
-    pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
+    /// Where the Cache gRPC API listens: the TCP address bound (the port chosen when port 0
+    /// was asked for), or the Unix socket's path.
+    pub fn grpc_addr(&self) -> &ListenAddr {
+        &self.grpc_addr
     }
 
     /// Where the http listener (WebSocket `/ws`, admin endpoints) listens.

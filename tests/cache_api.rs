@@ -1,5 +1,6 @@
 //! The Cache gRPC API over loopback: freshness controls, degradation while the origin is down,
 //! Watch ordering, and bad input (unknown sources, oversized messages, refused publishes).
+//! Every test runs twice: over TCP, and over a Unix socket (`listen.grpc = "unix:/path"`).
 
 mod common;
 
@@ -8,10 +9,74 @@ use std::time::Duration;
 
 use common::*;
 use tonic::Code;
+use viewcar::config::ListenAddr;
 use viewcar::config::{ByteSize, Dur};
 use viewcar::pb::cache::v1 as cache;
 use viewcar::pb::feed::v1 as feed;
-use viewcar::OriginConfig;
+use viewcar::{OriginConfig, Sidecar, SidecarConfig};
+
+/// How the tests reach the Cache API.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Unix,
+}
+
+/// Starts a sidecar with its Cache API over `t`; for a Unix socket, also the directory that
+/// holds the socket file (removed when dropped).
+async fn start_over(t: Transport, mut cfg: SidecarConfig) -> (Sidecar, Option<tempfile::TempDir>) {
+    let dir = match t {
+        Transport::Tcp => None,
+        Transport::Unix => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            cfg.listen.grpc = ListenAddr::Unix(dir.path().join("grpc.sock"));
+            // The http listener's default port follows a TCP grpc's port 0 only.
+            cfg.listen.http.get_or_insert(loopback0());
+            Some(dir)
+        }
+    };
+    let sidecar = start_sidecar(cfg).await;
+    if let Transport::Unix = t {
+        assert!(
+            matches!(sidecar.grpc_addr(), ListenAddr::Unix(_)),
+            "{}",
+            sidecar.grpc_addr()
+        );
+    }
+    (sidecar, dir)
+}
+
+/// A test for each transport: `tcp::NAME` and `unix::NAME` run `NAME(Transport::...)`.
+macro_rules! over_both {
+    ($($name:ident),* $(,)?) => {
+        mod tcp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Transport::Tcp).await
+                }
+            )*
+        }
+        mod unix {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Transport::Unix).await
+                }
+            )*
+        }
+    };
+}
+
+over_both!(
+    unknown_source_is_not_found_naming_it,
+    min_version_reads_your_writes,
+    origin_down_reads_keep_answering_with_growing_staleness,
+    watch_sees_every_change_of_its_keys_in_version_order,
+    bad_publishes_are_invalid_argument_and_apply_nothing,
+    oversized_messages_are_refused_by_the_configured_limits,
+    batch_get_never_sees_half_a_publish,
+);
 
 fn change(key: &str, value: Option<&str>) -> feed::Change {
     feed::Change {
@@ -30,12 +95,11 @@ fn publish_request(topic: &str, changes: Vec<feed::Change>) -> feed::PublishRequ
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_source_is_not_found_naming_it() {
+async fn unknown_source_is_not_found_naming_it(t: Transport) {
     within(async {
         let origin = TestOrigin::start(origin_config()).await;
         origin.origin.publish("t", vec![put("a", "1")]).unwrap();
-        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let (sidecar, _socket) = start_over(t, sidecar_config(&origin.url(), &["t"])).await;
         let mut c = cache_client(&sidecar).await;
         let check = |r: Result<(), tonic::Status>| {
             let e = r.expect_err("unknown source was answered");
@@ -81,12 +145,11 @@ async fn unknown_source_is_not_found_naming_it() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn min_version_reads_your_writes() {
+async fn min_version_reads_your_writes(t: Transport) {
     within(async {
         let origin = TestOrigin::start(origin_config()).await;
         origin.origin.publish("t", vec![put("seed", "0")]).unwrap();
-        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let (sidecar, _socket) = start_over(t, sidecar_config(&origin.url(), &["t"])).await;
         let mut c = cache_client(&sidecar).await;
         let mut writer = origin.feed_client().await;
         for i in 0..20 {
@@ -136,14 +199,13 @@ async fn min_version_reads_your_writes() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn origin_down_reads_keep_answering_with_growing_staleness() {
+async fn origin_down_reads_keep_answering_with_growing_staleness(t: Transport) {
     within(async {
         let mut origin = TestOrigin::start(origin_config()).await;
         let p = origin.origin.publish("t", vec![put("a", "1")]).unwrap();
         let mut cfg = sidecar_config(&origin.url(), &["t"]);
         cfg.feed.live_window = Dur(Duration::from_secs(5));
-        let sidecar = start_sidecar(cfg).await;
+        let (sidecar, _socket) = start_over(t, cfg).await;
         let t = source(&sidecar, "t");
         wait_position(&t, &p.epoch, p.version).await;
         let mut c = cache_client(&sidecar).await;
@@ -194,15 +256,14 @@ async fn origin_down_reads_keep_answering_with_growing_staleness() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_sees_every_change_of_its_keys_in_version_order() {
+async fn watch_sees_every_change_of_its_keys_in_version_order(t: Transport) {
     within(async {
         let origin = TestOrigin::start(origin_config()).await;
         let p0 = origin
             .origin
             .publish("t", vec![put("w1", "0"), put("x", "0")])
             .unwrap();
-        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let (sidecar, _socket) = start_over(t, sidecar_config(&origin.url(), &["t"])).await;
         let mut c = cache_client(&sidecar).await;
         let mut stream = c
             .watch(cache::WatchRequest {
@@ -306,8 +367,7 @@ async fn next_change(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_publishes_are_invalid_argument_and_apply_nothing() {
+async fn bad_publishes_are_invalid_argument_and_apply_nothing(t: Transport) {
     within(async {
         let origin = TestOrigin::start(OriginConfig {
             topics: vec!["t".into()],
@@ -315,7 +375,7 @@ async fn bad_publishes_are_invalid_argument_and_apply_nothing() {
         })
         .await;
         let p0 = origin.origin.publish("t", vec![put("a", "1")]).unwrap();
-        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let (sidecar, _socket) = start_over(t, sidecar_config(&origin.url(), &["t"])).await;
         let t = source(&sidecar, "t");
         wait_position(&t, &p0.epoch, p0.version).await;
         let mut w = origin.feed_client().await;
@@ -361,8 +421,7 @@ async fn bad_publishes_are_invalid_argument_and_apply_nothing() {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_messages_are_refused_by_the_configured_limits() {
+async fn oversized_messages_are_refused_by_the_configured_limits(t: Transport) {
     within(async {
         let origin = TestOrigin::start(OriginConfig {
             max_message_bytes: ByteSize(8 << 10),
@@ -377,7 +436,7 @@ async fn oversized_messages_are_refused_by_the_configured_limits() {
             .unwrap();
         let mut cfg = sidecar_config(&origin.url(), &["t"]);
         cfg.limits.max_message_bytes = ByteSize(4 << 10);
-        let sidecar = start_sidecar(cfg).await;
+        let (sidecar, _socket) = start_over(t, cfg).await;
         let t = source(&sidecar, "t");
         wait_position(&t, &p0.epoch, p0.version).await;
         let mut c = cache_client(&sidecar).await;
@@ -446,8 +505,7 @@ async fn oversized_messages_are_refused_by_the_configured_limits() {
 
 /// One Publish is one version: a BatchGet racing the writer sees all of its keys from the same
 /// version, never half of a batch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_get_never_sees_half_a_publish() {
+async fn batch_get_never_sees_half_a_publish(t: Transport) {
     within(async {
         const KEYS: usize = 50;
         let keys: Vec<String> = (0..KEYS).map(|i| format!("k{i:02}")).collect();
@@ -459,7 +517,7 @@ async fn batch_get_never_sees_half_a_publish() {
         };
         let origin = TestOrigin::start(origin_config()).await;
         origin.origin.publish("t", batch(0)).unwrap();
-        let sidecar = start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        let (sidecar, _socket) = start_over(t, sidecar_config(&origin.url(), &["t"])).await;
         let mut c = cache_client(&sidecar).await;
         let request = cache::BatchGetRequest {
             keys: keys
@@ -511,4 +569,75 @@ async fn batch_get_never_sees_half_a_publish() {
         sidecar.shutdown().await;
     })
     .await
+}
+
+/// `listen.grpc = "unix:/path"`: a socket file left by an earlier run is replaced, the file
+/// gets `grpc_socket_mode`, a path something still listens on or that is not a socket is
+/// refused naming it, and a graceful stop removes the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_cache_api_replaces_a_stale_file_and_refuses_a_live_one() {
+    use std::os::unix::fs::PermissionsExt;
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("grpc.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
+        let mut cfg = sidecar_config(&origin.url(), &["t"]);
+        cfg.listen.grpc = ListenAddr::Unix(path.clone());
+        cfg.listen.http = Some(loopback0());
+        cfg.listen.grpc_socket_mode = 0o600;
+        let sidecar = start_sidecar(cfg.clone()).await;
+        let mode = std::fs::metadata(&path)
+            .expect("socket file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut c = cache_client(&sidecar).await;
+        let got = c
+            .get(cache::GetRequest {
+                source: "t".into(),
+                key: "a".into(),
+                options: Some(cache::ReadOptions {
+                    wait_ms: 5_000,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("Get over the Unix socket")
+            .into_inner();
+        assert_eq!(got.item.map(|i| i.value.to_vec()), Some(b"1".to_vec()));
+        // The command-line client dials the socket too.
+        let addr = format!("unix:{}", path.display());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_viewcar"))
+                .args(["get", "t", "a", "--addr", &addr])
+                .output()
+        })
+        .await
+        .expect("join")
+        .expect("run viewcar get");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+
+        // A second sidecar on the same path while the first listens: refused, naming the path.
+        let err = Sidecar::start(cfg.clone()).await.err().expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("listens on this socket"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+
+        // A path that is not a socket is left alone and refused.
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"data").expect("write");
+        let mut other = cfg.clone();
+        other.listen.grpc = ListenAddr::Unix(file.clone());
+        let err = Sidecar::start(other).await.err().expect("refused");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).expect("file kept"), b"data");
+
+        drop(c);
+        sidecar.shutdown().await;
+        assert!(!path.exists(), "the socket file is removed at shutdown");
+    })
+    .await;
 }

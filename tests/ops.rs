@@ -24,7 +24,7 @@ use viewcar::pb::cache::v1 as cache;
 use viewcar::{demo, Origin, Put, Sidecar};
 
 async fn health_status(sidecar: &Sidecar, service: &str) -> ServingStatus {
-    let mut client = HealthClient::new(channel(sidecar.grpc_addr()).await);
+    let mut client = HealthClient::new(common::grpc_channel(sidecar).await);
     let resp = client
         .check(HealthCheckRequest {
             service: service.to_string(),
@@ -72,7 +72,7 @@ async fn readiness_flips_only_after_sync() {
             health_status(&sidecar, "viewcar.cache.v1.Cache").await,
             ServingStatus::NotServing
         );
-        let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
+        let mut health = HealthClient::new(common::grpc_channel(&sidecar).await);
         let mut statuses = health_watch(&mut health, "viewcar.cache.v1.Cache").await;
         let first = statuses.message().await.unwrap().unwrap();
         assert_eq!(first.status, ServingStatus::NotServing as i32);
@@ -268,7 +268,8 @@ async fn reflection_lists_the_services_without_proto_files() {
     within(async {
         let o = TestOrigin::start(origin_config()).await;
         let sidecar = common::start_sidecar(common::sidecar_config(&o.url(), &["t"])).await;
-        for addr in [sidecar.grpc_addr(), o.addr] {
+        let grpc = sidecar.grpc_addr().tcp().expect("a TCP listener");
+        for addr in [grpc, o.addr] {
             let mut client = ServerReflectionClient::new(channel(addr).await);
             let reqs = [
                 MessageRequest::ListServices(String::new()),
@@ -293,7 +294,7 @@ async fn reflection_lists_the_services_without_proto_files() {
                 names.contains(&"grpc.health.v1.Health".to_string()),
                 "{names:?}"
             );
-            if addr == sidecar.grpc_addr() {
+            if addr == grpc {
                 assert!(
                     names.contains(&"viewcar.cache.v1.Cache".to_string()),
                     "{names:?}"
@@ -353,7 +354,7 @@ async fn shutdown_ends_watch_and_websocket_within_the_grace_period() {
                 }
             }
         }
-        let mut health = HealthClient::new(channel(sidecar.grpc_addr()).await);
+        let mut health = HealthClient::new(common::grpc_channel(&sidecar).await);
         let mut statuses = health_watch(&mut health, "").await;
         assert_eq!(
             statuses.message().await.unwrap().unwrap().status,
@@ -568,7 +569,7 @@ async fn silent_grpc_connections_are_closed_and_bounded() {
             silent_until_closed(s).await;
         }
 
-        let grpc = sidecar.grpc_addr();
+        let grpc = sidecar.grpc_addr().tcp().expect("a TCP listener");
         let silent: Vec<_> =
             futures_util::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(grpc)))
                 .await

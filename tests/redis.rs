@@ -708,7 +708,7 @@ async fn a_unix_socket_listener_replaces_a_stale_socket_file() {
     assert_eq!(got.as_deref(), Some("\"u\""));
     // A second sidecar on the same path is refused while the first listens.
     let mut cfg = SidecarConfig::default();
-    cfg.listen.grpc = "127.0.0.1:0".parse().expect("address");
+    cfg.listen.grpc = ws_support::common::loopback0().into();
     cfg.listen.redis = Some(listen.parse().expect("unix address"));
     let err = viewcar::Sidecar::start(cfg).await.err().expect("refused");
     assert!(err.to_string().contains("listens on this socket"), "{err}");

@@ -10,7 +10,7 @@ use crate::types::Dur;
 /// sidecar` and `viewcar check`); `None` leaves the file's setting.
 #[derive(Debug, Clone, Default)]
 pub struct SidecarOverrides {
-    pub grpc_listen: Option<SocketAddr>,
+    pub grpc_listen: Option<super::ListenAddr>,
     pub http_listen: Option<SocketAddr>,
     pub allow_non_loopback: bool,
     /// `--origin NAME=ADDRESS`, applied after `VIEWCAR_ORIGIN_<NAME>_ADDRESS`.
@@ -31,8 +31,8 @@ impl SidecarConfig {
         for (name, address) in &o.origins {
             self.set_origin_address(name, address, "--origin")?;
         }
-        if let Some(a) = o.grpc_listen {
-            self.listen.grpc = a;
+        if let Some(a) = &o.grpc_listen {
+            self.listen.grpc = a.clone();
         }
         if let Some(a) = o.http_listen {
             self.listen.http = Some(a);

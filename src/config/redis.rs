@@ -32,6 +32,22 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
+impl ListenAddr {
+    /// The TCP address, or `None` for a Unix socket.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(a: SocketAddr) -> Self {
+        ListenAddr::Tcp(a)
+    }
+}
+
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -194,6 +210,42 @@ mod tests {
             ("[listen]\nredis = \"10.1.2.3:6380\"\n", "listen.redis"),
             ("[listen]\nredis = \"nowhere\"\n", "unix:/path"),
             ("[redis]\nsocket_mode = 0o1777\n", "redis.socket_mode"),
+        ] {
+            let e = SidecarConfig::parse("t.toml", text)
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_cache_api_may_listen_on_a_unix_socket() {
+        let cfg = SidecarConfig::parse(
+            "t.toml",
+            "[listen]\ngrpc = \"unix:/run/viewcar/grpc.sock\"\ngrpc_socket_mode = 0o600\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            cfg.listen.grpc,
+            super::ListenAddr::Unix("/run/viewcar/grpc.sock".into())
+        );
+        assert_eq!(cfg.listen.grpc_socket_mode, 0o600);
+        // The http listener keeps its own default when the Cache API has no port.
+        assert_eq!(cfg.listen.http_addr().port(), 7071);
+        for (text, field) in [
+            ("[listen]\ngrpc = \"unix:\"\n", "got an empty path"),
+            (
+                "[listen]\ngrpc = \"nowhere\"\n",
+                "or \"unix:/path\", got \"nowhere\"",
+            ),
+            (
+                "[listen]\ngrpc_socket_mode = 0o1000\n",
+                "listen.grpc_socket_mode",
+            ),
+            (
+                "[listen]\ngrpc = \"unix:/s\"\nredis = \"unix:/s\"\n",
+                "listen.redis",
+            ),
         ] {
             let e = SidecarConfig::parse("t.toml", text)
                 .expect_err(text)

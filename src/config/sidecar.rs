@@ -47,9 +47,13 @@ pub struct SidecarConfig {
     expecting = "a table [listen] with grpc, http, allow_non_loopback, ..."
 )]
 pub struct ListenConfig {
-    /// The Cache gRPC API.
+    /// The Cache gRPC API: `host:port` or `unix:/path` (a Unix socket, whose file mode is
+    /// `grpc_socket_mode`).
     #[serde(default = "default_grpc")]
-    pub grpc: SocketAddr,
+    pub grpc: ListenAddr,
+    /// File mode of the socket file when `grpc` is `unix:/path` (TOML octal: `0o660`).
+    #[serde(default = "default_socket_mode")]
+    pub grpc_socket_mode: u32,
     /// The HTTP listener: WebSocket `/ws` (and the admin endpoints). Unset means
     /// 127.0.0.1:7071, or port 0 (any free port) when `grpc` asks for port 0, so that
     /// ephemeral sidecars (tests, tools) never collide on a fixed port.
@@ -103,14 +107,19 @@ fn default_keepalive() -> Dur {
     Dur(Duration::from_secs(10))
 }
 
-fn default_grpc() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 7070))
+fn default_grpc() -> ListenAddr {
+    ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070)))
+}
+
+fn default_socket_mode() -> u32 {
+    0o660
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             grpc: default_grpc(),
+            grpc_socket_mode: default_socket_mode(),
             http: None,
             redis: None,
             feed: None,
@@ -130,8 +139,10 @@ impl ListenConfig {
     pub fn http_addr(&self) -> SocketAddr {
         match self.http {
             Some(a) => a,
-            None if self.grpc.port() == 0 => SocketAddr::new(self.grpc.ip(), 0),
-            None => SocketAddr::from(([127, 0, 0, 1], 7071)),
+            None => match self.grpc {
+                ListenAddr::Tcp(g) if g.port() == 0 => SocketAddr::new(g.ip(), 0),
+                _ => SocketAddr::from(([127, 0, 0, 1], 7071)),
+            },
         }
     }
 }
@@ -656,15 +667,41 @@ impl SidecarConfig {
     /// Checks what the types alone cannot: names unique and well formed, addresses usable,
     /// bounds non-zero, views well formed.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        if !self.listen.allow_non_loopback && !self.listen.grpc.ip().is_loopback() {
+        let grpc = self.listen.grpc.tcp();
+        if let Some(g) = grpc {
+            if !self.listen.allow_non_loopback && !g.ip().is_loopback() {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.grpc",
+                    format!(
+                        "{g} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host"
+                    ),
+                ));
+            }
+        }
+        if self.listen.grpc_socket_mode > 0o777 {
             return Err(ConfigError::invalid(
                 file,
-                "listen.grpc",
+                "listen.grpc_socket_mode",
                 format!(
-                    "{} is not a loopback address; set listen.allow_non_loopback = true to serve beyond this host",
-                    self.listen.grpc
+                    "{:#o} is not a file mode (at most 0o777)",
+                    self.listen.grpc_socket_mode
                 ),
             ));
+        }
+        if let (ListenAddr::Unix(g), Some(ListenAddr::Unix(r))) =
+            (&self.listen.grpc, &self.listen.redis)
+        {
+            if g == r {
+                return Err(ConfigError::invalid(
+                    file,
+                    "listen.redis",
+                    format!(
+                        "{} is also listen.grpc; give each listener its own socket",
+                        g.display()
+                    ),
+                ));
+            }
         }
         let http = self.listen.http_addr();
         if !self.listen.allow_non_loopback && !http.ip().is_loopback() {
@@ -676,7 +713,7 @@ impl SidecarConfig {
                 ),
             ));
         }
-        if http.port() != 0 && http == self.listen.grpc {
+        if http.port() != 0 && Some(http) == grpc {
             return Err(ConfigError::invalid(
                 file,
                 "listen.http",
@@ -723,7 +760,7 @@ impl SidecarConfig {
                     ),
                 ));
             }
-            if redis.port() != 0 && (redis == self.listen.grpc || redis == http) {
+            if redis.port() != 0 && (Some(redis) == grpc || redis == http) {
                 return Err(ConfigError::invalid(
                     file,
                     "listen.redis",
@@ -743,7 +780,7 @@ impl SidecarConfig {
                     ),
                 ));
             }
-            if feed.port() != 0 && (feed == self.listen.grpc || feed == http) {
+            if feed.port() != 0 && (Some(feed) == grpc || feed == http) {
                 return Err(ConfigError::invalid(
                     file,
                     "listen.feed",

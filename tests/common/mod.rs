@@ -126,7 +126,7 @@ impl Drop for TestOrigin {
 /// `topics` as full replicas, and reconnect timings small enough for tests.
 pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
     let mut cfg = SidecarConfig::default();
-    cfg.listen.grpc = loopback0();
+    cfg.listen.grpc = loopback0().into();
     cfg.feed.backoff_initial = Dur(Duration::from_millis(10));
     cfg.feed.backoff_max = Dur(Duration::from_millis(100));
     cfg.feed.connect_timeout = Dur(Duration::from_secs(2));
@@ -166,7 +166,14 @@ pub async fn channel(addr: SocketAddr) -> Channel {
 }
 
 pub async fn cache_client(sidecar: &Sidecar) -> cache::cache_client::CacheClient<Channel> {
-    cache::cache_client::CacheClient::new(channel(sidecar.grpc_addr()).await)
+    cache::cache_client::CacheClient::new(grpc_channel(sidecar).await)
+}
+
+/// A channel to the sidecar's Cache API, over TCP or its Unix socket.
+pub async fn grpc_channel(sidecar: &Sidecar) -> Channel {
+    viewcar::cli::channel(&sidecar.grpc_addr().to_string())
+        .await
+        .expect("connect to the Cache API")
 }
 
 pub async fn feed_client(addr: SocketAddr) -> feed::feed_client::FeedClient<Channel> {

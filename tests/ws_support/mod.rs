@@ -65,7 +65,7 @@ impl Setup {
                 .await;
         });
         let mut cfg = SidecarConfig::default();
-        cfg.listen.grpc = common::loopback0();
+        cfg.listen.grpc = common::loopback0().into();
         cfg.origins = vec![common::full_origin(&format!("http://{addr}"), topics)];
         tweak(&mut cfg);
         cfg.validate("test").expect("valid test config");

@@ -164,30 +164,6 @@ impl Listener {
     }
 }
 
-/// Binds a Unix socket at `path` with file mode `mode`. A file left there by a previous run
-/// (nothing accepts on it) is replaced; a socket something still listens on is not.
-pub(crate) async fn bind_unix(path: &std::path::Path, mode: u32) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket",
-            ));
-        }
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process listens on this socket",
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
-}
-
 /// Accepts connections until shutdown.
 pub(crate) async fn serve(listener: Listener, shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.clone();
