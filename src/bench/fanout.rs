@@ -66,6 +66,8 @@ impl PageSetup {
                 topics: &demo::TOPICS,
                 views: product_page_views(origin.addr),
                 http: true,
+                redis: true,
+                unix_grpc: false,
             },
             None,
             Duration::from_secs(60),
@@ -79,6 +81,11 @@ impl PageSetup {
             catalog,
             ids,
         })
+    }
+
+    /// Where the origin serves the catalog's feed.
+    pub fn origin_addr(&self) -> std::net::SocketAddr {
+        self._origin.addr
     }
 
     /// How the sidecar serves the page: "view" or "batch_get".

@@ -87,6 +87,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             topics: &["prices"],
             views: Vec::new(),
             http: true,
+            redis: false,
+            unix_grpc: false,
         },
         Some(("prices", KEYS as u64)),
         Duration::from_secs(60),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::BenchError;
 use crate::config::{OriginConfig, SidecarConfig};
@@ -207,12 +207,19 @@ pub struct SidecarSpec<'a> {
     pub views: Vec<ViewSpec>,
     /// Ask for an http listener (WebSocket `/ws`); dropped when this build's config lacks it.
     pub http: bool,
+    /// Also serve the Redis protocol, on a free TCP port.
+    pub redis: bool,
+    /// Serve the Cache API on a Unix socket (in the child's temp directory) instead of TCP.
+    pub unix_grpc: bool,
 }
 
 /// A running `viewcar sidecar` child.
 pub struct SidecarProc {
     pub proc: Proc,
-    pub grpc: SocketAddr,
+    /// The Cache API: `127.0.0.1:port` or `unix:/path`.
+    pub grpc: String,
+    /// The Redis protocol's TCP port, when asked for.
+    pub redis: Option<u16>,
     /// The http listener, when this build's config has one.
     pub http: Option<SocketAddr>,
     pub views: Vec<String>,
@@ -247,8 +254,11 @@ fn view_toml(v: &ViewSpec) -> String {
     out
 }
 
-fn sidecar_toml(spec: &SidecarSpec, grpc: u16, http: Option<u16>) -> String {
-    let mut t = format!("[listen]\ngrpc = \"127.0.0.1:{grpc}\"\n");
+fn sidecar_toml(spec: &SidecarSpec, grpc: &str, http: Option<u16>, redis: Option<u16>) -> String {
+    let mut t = format!("[listen]\ngrpc = \"{grpc}\"\n");
+    if let Some(r) = redis {
+        t.push_str(&format!("redis = \"127.0.0.1:{r}\"\n"));
+    }
     // Without an explicit port the http listener takes its default (7071), which another
     // process on the machine may hold: any free port will do when nobody connects to it.
     let h = http.unwrap_or(0);
@@ -276,11 +286,16 @@ impl SidecarProc {
         timeout: Duration,
     ) -> Result<SidecarProc, BenchError> {
         let dir = temp_dir("sidecar")?;
-        let grpc = free_port()?;
+        let grpc = if spec.unix_grpc {
+            format!("unix:{}", dir.join("grpc.sock").display())
+        } else {
+            format!("127.0.0.1:{}", free_port()?)
+        };
         let http = if spec.http { Some(free_port()?) } else { None };
+        let redis = if spec.redis { Some(free_port()?) } else { None };
         // The config is checked here so that a refusal names the generated file's problem
         // instead of surfacing as a sidecar that never came up.
-        let text = sidecar_toml(&spec, grpc, http);
+        let text = sidecar_toml(&spec, &grpc, http, redis);
         SidecarConfig::parse("bench sidecar config", &text)
             .map_err(|e| BenchError::setup(format!("generated sidecar config refused: {e}")))?;
         let config = dir.join("viewcar.toml");
@@ -291,7 +306,6 @@ impl SidecarProc {
             config.display().to_string(),
         ];
         let (mut proc, _) = spawn(exe, &args, &dir.join("sidecar.log"), false)?;
-        let grpc_addr = SocketAddr::from(([127, 0, 0, 1], grpc));
         let deadline = Instant::now() + timeout;
         let channel = loop {
             if let Some(status) = proc.exited() {
@@ -300,12 +314,7 @@ impl SidecarProc {
                     proc.log_tail()
                 )));
             }
-            match Endpoint::from_shared(format!("http://{grpc_addr}"))
-                .map_err(|e| BenchError::setup(e.to_string()))?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-            {
+            match crate::cli::channel(&grpc).await {
                 Ok(c) => break c,
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(20)).await
@@ -319,7 +328,8 @@ impl SidecarProc {
         let views = spec.views.iter().map(|v| v.name.clone()).collect();
         let sc = SidecarProc {
             proc,
-            grpc: grpc_addr,
+            grpc,
+            redis,
             http: http.map(|h| SocketAddr::from(([127, 0, 0, 1], h))),
             views,
             client,
@@ -363,10 +373,7 @@ impl SidecarProc {
     ) -> Result<Vec<pb::cache_client::CacheClient<Channel>>, BenchError> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n.max(1) {
-            let ch = Endpoint::from_shared(format!("http://{}", self.grpc))
-                .map_err(|e| BenchError::setup(e.to_string()))?
-                .tcp_nodelay(true)
-                .connect()
+            let ch = crate::cli::channel(&self.grpc)
                 .await
                 .map_err(|e| BenchError::setup(format!("sidecar unreachable: {e}")))?;
             out.push(pb::cache_client::CacheClient::new(ch));

@@ -2,9 +2,15 @@
 //! concurrency, over the same demo catalog values:
 //! - the sidecar over TCP loopback (`Get` of `products`; `Get` of the `product_page` view);
 //! - Redis (`GET`; the page as one pipelined batch of its six keys, composed by the client:
-//!   cache-aside as teams do it today, and its best case, since every key is known up front);
+//!   the best case of cache-aside, since every key is known up front);
 //! - the in-process store (`Source::get`), the floor any out-of-process read is paid on top of;
-//! - a TCP round trip on loopback (64 bytes echoed), the floor of any loopback protocol.
+//! - a TCP round trip on loopback (64 bytes echoed), the floor of any loopback protocol;
+//! - the Redis protocol, one RESP client for both servers: the sidecar's `GET` and Redis's,
+//!   one at a time and 16 pipelined; the page as one `GET product_page:ID` from the sidecar
+//!   against Redis cache-aside as an application does it: 3 dependent rounds (the product;
+//!   then its price, stock, brand and reviews, pipelined; then the brand's country);
+//! - the Cache API over a Unix socket (a second sidecar, `listen.grpc = "unix:..."`): `Get`
+//!   and the page, to set beside the TCP rows.
 //!
 //! Every worker has its own connection, for every system.
 
@@ -18,7 +24,7 @@ use tokio::sync::Mutex;
 
 use super::fanout::PageSetup;
 use super::load::{self, Samples};
-use super::procs;
+use super::procs::{self, SidecarProc, SidecarSpec};
 use super::report::{latency_cells, Table};
 use super::resp::{Redis, RedisServer, Reply};
 use super::{BenchError, Ctx};
@@ -244,6 +250,92 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         }
     }
 
+    // The Redis protocol, one client for both servers.
+    let mut resp_targets: Vec<(&'static str, u16)> = Vec::new();
+    if let Some(port) = setup.sidecar.redis {
+        resp_targets.push(("sidecar", port));
+    }
+    if let Some(server) = &redis {
+        resp_targets.push(("redis", server.port));
+    }
+    for (system, port) in resp_targets {
+        let mut rc = Vec::new();
+        for _ in 0..conc {
+            rc.push(Arc::new(Mutex::new(Redis::connect(port).await?)));
+        }
+        let rc = Arc::new(rc);
+        if system == "sidecar" {
+            ctx.progress(format!("reads: sidecar RESP GET, C={conc}"));
+            let s = load::closed_loop(conc, warmup, run_for, resp_get_op(&rc, &ids)).await;
+            results.push(("sidecar", "RESP GET", 1, s));
+        }
+        ctx.progress(format!("reads: {system} RESP GET -P {PIPELINE}, C={conc}"));
+        let s = load::closed_loop(conc, warmup, run_for, resp_pipelined_op(&rc, &ids)).await;
+        results.push((system, "RESP GET -P 16", 1, s));
+        if system == "sidecar" && setup.page_mode() == "view" {
+            ctx.progress(format!(
+                "reads: sidecar page, RESP GET of the view, C={conc}"
+            ));
+            let op = {
+                let rc = rc.clone();
+                let ids = ids.clone();
+                load::op(move |w, i| {
+                    let c = rc[w % rc.len()].clone();
+                    let key = format!("product_page:{}", ids[(i as usize * 7919) % ids.len()]);
+                    async move {
+                        match c.lock().await.get(&key).await {
+                            Ok(Some(_)) => Ok(()),
+                            Ok(None) => Err("page not found".into()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                })
+            };
+            let s = load::closed_loop(conc, warmup, run_for, op).await;
+            results.push(("sidecar", "page: RESP GET product_page", 1, s));
+        }
+        if system == "redis" {
+            ctx.progress(format!(
+                "reads: Redis page, cache-aside in 3 rounds, C={conc}"
+            ));
+            let s = load::closed_loop(conc, warmup, run_for, cache_aside_op(&rc, &ids)).await;
+            results.push(("redis", "page: cache-aside, 3 rounds", 3, s));
+        }
+    }
+
+    // The Cache API over a Unix socket: a second sidecar on the same origin.
+    let unix = SidecarProc::start(
+        &ctx.exe,
+        SidecarSpec {
+            origin: setup.origin_addr(),
+            topics: &demo::TOPICS,
+            views: super::fanout::product_page_views(setup.origin_addr()),
+            http: false,
+            redis: false,
+            unix_grpc: true,
+        },
+        None,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let unix_clients = unix.clients(conc).await?;
+    ctx.progress(format!("reads: sidecar Get over a Unix socket, C={conc}"));
+    let op = {
+        let clients = Arc::new(unix_clients.clone());
+        let ids = ids.clone();
+        load::op(move |w, i| {
+            let mut c = clients[w % clients.len()].clone();
+            let key = ids[(i as usize * 7919) % ids.len()].clone();
+            async move { procs::get_found(&mut c, "products", key).await }
+        })
+    };
+    let s = load::closed_loop(conc, warmup, run_for, op).await;
+    results.push(("sidecar (unix)", "Get", 1, s));
+    ctx.progress(format!("reads: sidecar page over a Unix socket, C={conc}"));
+    let s = load::closed_loop(conc, warmup, run_for, setup.page_op(unix_clients)).await;
+    results.push(("sidecar (unix)", page_label, 1, s));
+    drop(unix);
+
     // The in-process floor, on as many threads as there are cores (not C: threads would only
     // queue for the CPU).
     let sources = Arc::new(in_process_sources(products));
@@ -337,6 +429,39 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         ratios.insert("page_p99_sidecar_us".into(), json!(a.p99_us));
         ratios.insert("page_p99_redis_us".into(), json!(b.p99_us));
     }
+    let exact = |system: &str, read: &str| {
+        results
+            .iter()
+            .find(|(s, r, _, _)| *s == system && *r == read)
+            .map(|(_, _, _, s)| s.summary(""))
+    };
+    for (name, a, b) in [
+        (
+            "resp_get_sidecar_over_redis",
+            exact("sidecar", "RESP GET"),
+            exact("redis", "GET"),
+        ),
+        (
+            "resp_pipelined_sidecar_over_redis",
+            exact("sidecar", "RESP GET -P 16"),
+            exact("redis", "RESP GET -P 16"),
+        ),
+        (
+            "page_resp_view_over_redis_cache_aside",
+            exact("sidecar", "page: RESP GET product_page"),
+            exact("redis", "page: cache-aside, 3 rounds"),
+        ),
+        (
+            "get_unix_over_tcp",
+            exact("sidecar (unix)", "Get"),
+            exact("sidecar", "Get"),
+        ),
+    ] {
+        if let (Some(a), Some(b)) = (a, b) {
+            ratios.insert(name.into(), json!(a.throughput / b.throughput.max(1e-9)));
+            ratios.insert(format!("{name}_p99_us"), json!([a.p99_us, b.p99_us]));
+        }
+    }
     if let (Some(a), Some(b)) = (find("sidecar", "Get"), find("tcp loopback", "")) {
         ratios.insert(
             "get_p50_over_tcp_rtt_p50".into(),
@@ -348,4 +473,107 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     ctx.report
         .set("reads", "page_read", json!(setup.page_mode()));
     Ok(())
+}
+
+/// Keys per pipelined batch of the `-P 16` rows (as `redis-benchmark -P 16`).
+const PIPELINE: usize = 16;
+
+/// One `GET products:ID` per op over RESP.
+fn resp_get_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
+    let rc = rc.clone();
+    let ids = ids.clone();
+    load::op(move |w, i| {
+        let c = rc[w % rc.len()].clone();
+        let key = format!("products:{}", ids[(i as usize * 7919) % ids.len()]);
+        async move {
+            match c.lock().await.get(&key).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("not found".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+}
+
+/// [`PIPELINE`] `GET products:ID` per op, written at once and read back in order.
+fn resp_pipelined_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
+    let rc = rc.clone();
+    let ids = ids.clone();
+    load::op(move |w, i| {
+        let c = rc[w % rc.len()].clone();
+        let keys: Vec<String> = (0..PIPELINE as u64)
+            .map(|j| {
+                let n = (i * PIPELINE as u64 + j) as usize;
+                format!("products:{}", ids[(n * 7919) % ids.len()])
+            })
+            .collect();
+        async move {
+            let cmds: Vec<Vec<&[u8]>> = keys
+                .iter()
+                .map(|k| vec![&b"GET"[..], k.as_bytes()])
+                .collect();
+            let replies = c
+                .lock()
+                .await
+                .pipeline(&cmds)
+                .await
+                .map_err(|e| e.to_string())?;
+            if replies.iter().all(|r| matches!(r, Reply::Bulk(Some(_)))) {
+                Ok(())
+            } else {
+                Err("a pipelined GET missed".into())
+            }
+        }
+    })
+}
+
+/// A string field of a JSON row.
+fn field(row: &[u8], name: &str) -> Result<String, String> {
+    let v: serde_json::Value = serde_json::from_slice(row).map_err(|e| e.to_string())?;
+    v.get(name)
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| format!("row without {name}"))
+}
+
+/// The product page as an application reads it from a Redis cache: the product; then, from
+/// its fields, its price, stock, brand and reviews in one pipelined round; then the brand's
+/// country. Each round parses what the one before returned, as the application must.
+fn cache_aside_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
+    let rc = rc.clone();
+    let ids = ids.clone();
+    load::op(move |w, i| {
+        let c = rc[w % rc.len()].clone();
+        let id = ids[(i as usize * 7919) % ids.len()].clone();
+        async move {
+            let mut c = c.lock().await;
+            let product = c
+                .get(&format!("products:{id}"))
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("product not found")?;
+            let sku = field(&product, "sku")?;
+            let brand = field(&product, "brand_id")?;
+            let keys = [
+                format!("prices:{id}"),
+                format!("inventory:{sku}"),
+                format!("brands:{brand}"),
+                format!("reviews:{id}"),
+            ];
+            let cmds: Vec<Vec<&[u8]>> = keys
+                .iter()
+                .map(|k| vec![&b"GET"[..], k.as_bytes()])
+                .collect();
+            let replies = c.pipeline(&cmds).await.map_err(|e| e.to_string())?;
+            let Some(Reply::Bulk(Some(brand_row))) = replies.get(2) else {
+                return Err("brand not found".into());
+            };
+            let country = field(brand_row, "country_id")?;
+            c.get(&format!("countries:{country}"))
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("country not found")?;
+            Ok(())
+        }
+    })
 }
