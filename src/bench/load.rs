@@ -57,6 +57,12 @@ impl Samples {
         }
     }
 
+    /// Adds the samples of another run of the same op (its time included).
+    pub fn absorb(&mut self, other: Samples) {
+        self.elapsed += other.elapsed;
+        self.merge(other);
+    }
+
     fn record(&mut self, r: Result<(), String>, ns: u64) {
         match r {
             Ok(()) => self.hist.saturating_record(ns.max(1)),

@@ -199,6 +199,9 @@ impl Drop for OriginHost {
     }
 }
 
+/// A Cache API client of a sidecar under test.
+pub type Client = pb::cache_client::CacheClient<Channel>;
+
 /// What the generated sidecar config asks for.
 pub struct SidecarSpec<'a> {
     pub origin: SocketAddr,

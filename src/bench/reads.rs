@@ -99,6 +99,14 @@ async fn echo_server() -> Result<std::net::SocketAddr, BenchError> {
     Ok(addr)
 }
 
+/// One row of the remote reads: what is read, from which system, and the op that reads it.
+struct Row {
+    system: &'static str,
+    read: &'static str,
+    calls: u32,
+    op: load::Op,
+}
+
 pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     let products = if ctx.args.smoke { 200 } else { 3000 };
     let setup = PageSetup::start(ctx, products).await?;
@@ -107,7 +115,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     let warmup = ctx.warmup();
     let ids = setup.ids.clone();
     let catalog = setup.catalog.clone();
-    let mut results: Vec<(&str, &str, u32, Samples)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
 
     // TCP loopback round trip: the floor under every remote read below.
     let echo = echo_server().await?;
@@ -118,12 +126,11 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         conns.push(Arc::new(Mutex::new(s)));
     }
     let conns = Arc::new(conns);
-    ctx.progress(format!("reads: TCP loopback round trip, C={conc}"));
-    let rtt = load::closed_loop(
-        conc,
-        warmup,
-        run_for,
-        load::op(move |w, _| {
+    rows.push(Row {
+        system: "tcp loopback",
+        read: "64 B echo",
+        calls: 1,
+        op: load::op(move |w, _| {
             let c = conns[w % conns.len()].clone();
             async move {
                 let mut s = c.lock().await;
@@ -133,175 +140,27 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                 Ok(())
             }
         }),
-    )
-    .await;
-    results.push(("tcp loopback", "64 B echo", 1, rtt));
+    });
 
-    // The sidecar.
+    // The sidecar over gRPC (TCP).
     let clients = Arc::new(setup.sidecar.clients(conc).await?);
-    ctx.progress(format!("reads: sidecar Get, C={conc}"));
-    let get_op = {
-        let clients = clients.clone();
-        let ids = ids.clone();
-        load::op(move |w, i| {
-            let mut c = clients[w % clients.len()].clone();
-            let key = ids[(i as usize * 7919) % ids.len()].clone();
-            async move { procs::get_found(&mut c, "products", key).await }
-        })
-    };
-    let s = load::closed_loop(conc, warmup, run_for, get_op).await;
-    results.push(("sidecar", "Get", 1, s));
-    ctx.progress(format!(
-        "reads: sidecar page ({}), C={conc}",
-        setup.page_mode()
-    ));
-    let s = load::closed_loop(conc, warmup, run_for, setup.page_op(clients.to_vec())).await;
+    rows.push(Row {
+        system: "sidecar",
+        read: "Get",
+        calls: 1,
+        op: grpc_get_op(&clients, &ids),
+    });
     let page_label = if setup.page_mode() == "view" {
         "page: Get product_page"
     } else {
         "page: BatchGet 6 keys"
     };
-    results.push(("sidecar", page_label, 1, s));
-
-    // Redis.
-    let redis = RedisServer::start().await?;
-    match &redis {
-        None => {
-            ctx.progress("reads: skipped: redis-server not found");
-            ctx.report.note(
-                "reads",
-                "skipped: redis-server not found (apt-get install redis-server)",
-            );
-        }
-        Some(server) => {
-            let size = CatalogSize {
-                products,
-                ..CatalogSize::default()
-            };
-            let rows = demo::catalog(size, 1)
-                .into_iter()
-                .flat_map(|(topic, puts)| {
-                    puts.into_iter()
-                        .filter_map(move |p| p.value.map(|v| (format!("{topic}:{}", p.key), v)))
-                });
-            server.load(rows).await?;
-            let mut rc = Vec::new();
-            for _ in 0..conc {
-                rc.push(Arc::new(Mutex::new(Redis::connect(server.port).await?)));
-            }
-            let rc = Arc::new(rc);
-            ctx.progress(format!("reads: Redis GET, C={conc}"));
-            let op = {
-                let rc = rc.clone();
-                let ids = ids.clone();
-                load::op(move |w, i| {
-                    let c = rc[w % rc.len()].clone();
-                    let key = format!("products:{}", ids[(i as usize * 7919) % ids.len()]);
-                    async move {
-                        match c.lock().await.get(&key).await {
-                            Ok(Some(_)) => Ok(()),
-                            Ok(None) => Err("not found".into()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                })
-            };
-            let s = load::closed_loop(conc, warmup, run_for, op).await;
-            results.push(("redis", "GET", 1, s));
-            ctx.progress(format!("reads: Redis page, pipelined GETs, C={conc}"));
-            let op = {
-                let rc = rc.clone();
-                let ids = ids.clone();
-                let catalog = catalog.clone();
-                load::op(move |w, i| {
-                    let c = rc[w % rc.len()].clone();
-                    let id = ids[(i as usize * 7919) % ids.len()].clone();
-                    let keys: Vec<String> = demo::TOPICS
-                        .iter()
-                        .filter_map(|t| catalog.key_for(t, &id).map(|k| format!("{t}:{k}")))
-                        .collect();
-                    async move {
-                        let cmds: Vec<Vec<&[u8]>> = keys
-                            .iter()
-                            .map(|k| vec![&b"GET"[..], k.as_bytes()])
-                            .collect();
-                        let replies = c
-                            .lock()
-                            .await
-                            .pipeline(&cmds)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        // Only fetched, not parsed or merged: the sidecar's read is not
-                        // parsed either, so both sides do the same client work.
-                        if replies
-                            .iter()
-                            .filter(|r| matches!(r, Reply::Bulk(Some(_))))
-                            .count()
-                            < 5
-                        {
-                            return Err("page parts missing".into());
-                        }
-                        Ok(())
-                    }
-                })
-            };
-            let s = load::closed_loop(conc, warmup, run_for, op).await;
-            results.push(("redis", "page: 6 GETs pipelined", 1, s));
-        }
-    }
-
-    // The Redis protocol, one client for both servers.
-    let mut resp_targets: Vec<(&'static str, u16)> = Vec::new();
-    if let Some(port) = setup.sidecar.redis {
-        resp_targets.push(("sidecar", port));
-    }
-    if let Some(server) = &redis {
-        resp_targets.push(("redis", server.port));
-    }
-    for (system, port) in resp_targets {
-        let mut rc = Vec::new();
-        for _ in 0..conc {
-            rc.push(Arc::new(Mutex::new(Redis::connect(port).await?)));
-        }
-        let rc = Arc::new(rc);
-        if system == "sidecar" {
-            ctx.progress(format!("reads: sidecar RESP GET, C={conc}"));
-            let s = load::closed_loop(conc, warmup, run_for, resp_get_op(&rc, &ids)).await;
-            results.push(("sidecar", "RESP GET", 1, s));
-        }
-        ctx.progress(format!("reads: {system} RESP GET -P {PIPELINE}, C={conc}"));
-        let s = load::closed_loop(conc, warmup, run_for, resp_pipelined_op(&rc, &ids)).await;
-        results.push((system, "RESP GET -P 16", 1, s));
-        if system == "sidecar" && setup.page_mode() == "view" {
-            ctx.progress(format!(
-                "reads: sidecar page, RESP GET of the view, C={conc}"
-            ));
-            let op = {
-                let rc = rc.clone();
-                let ids = ids.clone();
-                load::op(move |w, i| {
-                    let c = rc[w % rc.len()].clone();
-                    let key = format!("product_page:{}", ids[(i as usize * 7919) % ids.len()]);
-                    async move {
-                        match c.lock().await.get(&key).await {
-                            Ok(Some(_)) => Ok(()),
-                            Ok(None) => Err("page not found".into()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    }
-                })
-            };
-            let s = load::closed_loop(conc, warmup, run_for, op).await;
-            results.push(("sidecar", "page: RESP GET product_page", 1, s));
-        }
-        if system == "redis" {
-            ctx.progress(format!(
-                "reads: Redis page, cache-aside in 3 rounds, C={conc}"
-            ));
-            let s = load::closed_loop(conc, warmup, run_for, cache_aside_op(&rc, &ids)).await;
-            results.push(("redis", "page: cache-aside, 3 rounds", 3, s));
-        }
-    }
+    rows.push(Row {
+        system: "sidecar",
+        read: page_label,
+        calls: 1,
+        op: setup.page_op(clients.to_vec()),
+    });
 
     // The Cache API over a Unix socket: a second sidecar on the same origin.
     let unix = SidecarProc::start(
@@ -318,23 +177,126 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         Duration::from_secs(60),
     )
     .await?;
-    let unix_clients = unix.clients(conc).await?;
-    ctx.progress(format!("reads: sidecar Get over a Unix socket, C={conc}"));
-    let op = {
-        let clients = Arc::new(unix_clients.clone());
-        let ids = ids.clone();
-        load::op(move |w, i| {
-            let mut c = clients[w % clients.len()].clone();
-            let key = ids[(i as usize * 7919) % ids.len()].clone();
-            async move { procs::get_found(&mut c, "products", key).await }
-        })
+    let unix_clients = Arc::new(unix.clients(conc).await?);
+    rows.push(Row {
+        system: "sidecar (unix)",
+        read: "Get",
+        calls: 1,
+        op: grpc_get_op(&unix_clients, &ids),
+    });
+    rows.push(Row {
+        system: "sidecar (unix)",
+        read: page_label,
+        calls: 1,
+        op: setup.page_op(unix_clients.to_vec()),
+    });
+
+    // The sidecar over the Redis protocol.
+    if let Some(port) = setup.sidecar.redis {
+        let rc = resp_connections(port, conc).await?;
+        rows.push(Row {
+            system: "sidecar",
+            read: "RESP GET",
+            calls: 1,
+            op: resp_get_op(&rc, &ids),
+        });
+        rows.push(Row {
+            system: "sidecar",
+            read: "RESP GET -P 16",
+            calls: 1,
+            op: resp_pipelined_op(&rc, &ids),
+        });
+        if setup.page_mode() == "view" {
+            rows.push(Row {
+                system: "sidecar",
+                read: "page: RESP GET product_page",
+                calls: 1,
+                op: resp_view_op(&rc, &ids),
+            });
+        }
+    }
+
+    // Redis, with the same client.
+    let redis = RedisServer::start().await?;
+    match &redis {
+        None => {
+            ctx.progress("reads: skipped: redis-server not found");
+            ctx.report.note(
+                "reads",
+                "skipped: redis-server not found (apt-get install redis-server)",
+            );
+        }
+        Some(server) => {
+            let size = CatalogSize {
+                products,
+                ..CatalogSize::default()
+            };
+            let catalog_rows = demo::catalog(size, 1)
+                .into_iter()
+                .flat_map(|(topic, puts)| {
+                    puts.into_iter()
+                        .filter_map(move |p| p.value.map(|v| (format!("{topic}:{}", p.key), v)))
+                });
+            server.load(catalog_rows).await?;
+            let rc = resp_connections(server.port, conc).await?;
+            rows.push(Row {
+                system: "redis",
+                read: "GET",
+                calls: 1,
+                op: resp_get_op(&rc, &ids),
+            });
+            rows.push(Row {
+                system: "redis",
+                read: "RESP GET -P 16",
+                calls: 1,
+                op: resp_pipelined_op(&rc, &ids),
+            });
+            rows.push(Row {
+                system: "redis",
+                read: "page: 6 GETs pipelined",
+                calls: 1,
+                op: redis_page_pipelined_op(&rc, &ids, &catalog),
+            });
+            rows.push(Row {
+                system: "redis",
+                read: "page: cache-aside, 3 rounds",
+                calls: 3,
+                op: cache_aside_op(&rc, &ids),
+            });
+        }
+    }
+
+    // Every row in turn, `rounds` times, each turn a slice of the run: a machine whose load
+    // drifts during the run (it is shared) weighs on every row alike instead of on whichever
+    // ran at the bad moment.
+    let rounds: u32 = if ctx.args.smoke {
+        1
+    } else if ctx.args.quick {
+        2
+    } else {
+        4
     };
-    let s = load::closed_loop(conc, warmup, run_for, op).await;
-    results.push(("sidecar (unix)", "Get", 1, s));
-    ctx.progress(format!("reads: sidecar page over a Unix socket, C={conc}"));
-    let s = load::closed_loop(conc, warmup, run_for, setup.page_op(unix_clients)).await;
-    results.push(("sidecar (unix)", page_label, 1, s));
+    let slice = run_for / rounds;
+    let mut samples: Vec<Samples> = rows.iter().map(|_| Samples::new()).collect();
+    for round in 0..rounds {
+        for (row, acc) in rows.iter().zip(samples.iter_mut()) {
+            ctx.progress(format!(
+                "reads: {} {}, C={conc}, round {}/{rounds}",
+                row.system,
+                row.read,
+                round + 1
+            ));
+            // Connections are warm after the first turn; a short warm-up settles each turn.
+            let w = if round == 0 { warmup } else { warmup / 4 };
+            acc.absorb(load::closed_loop(conc, w, slice, row.op.clone()).await);
+        }
+    }
     drop(unix);
+    let mut results: Vec<(&str, &str, u32, Samples)> = rows
+        .iter()
+        .zip(samples)
+        .map(|(r, s)| (r.system, r.read, r.calls, s))
+        .collect();
 
     // The in-process floor, on as many threads as there are cores (not C: threads would only
     // queue for the CPU).
@@ -477,6 +439,86 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
 
 /// Keys per pipelined batch of the `-P 16` rows (as `redis-benchmark -P 16`).
 const PIPELINE: usize = 16;
+
+/// `n` RESP connections to `port` on loopback.
+async fn resp_connections(port: u16, n: usize) -> Result<Arc<Vec<Arc<Mutex<Redis>>>>, BenchError> {
+    let mut rc = Vec::with_capacity(n);
+    for _ in 0..n {
+        rc.push(Arc::new(Mutex::new(Redis::connect(port).await?)));
+    }
+    Ok(Arc::new(rc))
+}
+
+/// One gRPC `Get` of `products` per op.
+fn grpc_get_op(clients: &Arc<Vec<procs::Client>>, ids: &Arc<Vec<String>>) -> load::Op {
+    let clients = clients.clone();
+    let ids = ids.clone();
+    load::op(move |w, i| {
+        let mut c = clients[w % clients.len()].clone();
+        let key = ids[(i as usize * 7919) % ids.len()].clone();
+        async move { procs::get_found(&mut c, "products", key).await }
+    })
+}
+
+/// The page as one `GET product_page:ID` over RESP.
+fn resp_view_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
+    let rc = rc.clone();
+    let ids = ids.clone();
+    load::op(move |w, i| {
+        let c = rc[w % rc.len()].clone();
+        let key = format!("product_page:{}", ids[(i as usize * 7919) % ids.len()]);
+        async move {
+            match c.lock().await.get(&key).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("page not found".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+}
+
+/// The page's six keys in one pipelined batch, every key known up front: the best case of
+/// cache-aside, and not how an application can do it (it learns the brand from the product).
+fn redis_page_pipelined_op(
+    rc: &Arc<Vec<Arc<Mutex<Redis>>>>,
+    ids: &Arc<Vec<String>>,
+    catalog: &Arc<super::tree::Catalog>,
+) -> load::Op {
+    let rc = rc.clone();
+    let ids = ids.clone();
+    let catalog = catalog.clone();
+    load::op(move |w, i| {
+        let c = rc[w % rc.len()].clone();
+        let id = ids[(i as usize * 7919) % ids.len()].clone();
+        let keys: Vec<String> = demo::TOPICS
+            .iter()
+            .filter_map(|t| catalog.key_for(t, &id).map(|k| format!("{t}:{k}")))
+            .collect();
+        async move {
+            let cmds: Vec<Vec<&[u8]>> = keys
+                .iter()
+                .map(|k| vec![&b"GET"[..], k.as_bytes()])
+                .collect();
+            let replies = c
+                .lock()
+                .await
+                .pipeline(&cmds)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Only fetched, not parsed or merged: the sidecar's read is not parsed either, so
+            // both sides do the same client work.
+            if replies
+                .iter()
+                .filter(|r| matches!(r, Reply::Bulk(Some(_))))
+                .count()
+                < 5
+            {
+                return Err("page parts missing".into());
+            }
+            Ok(())
+        }
+    })
+}
 
 /// One `GET products:ID` per op over RESP.
 fn resp_get_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
