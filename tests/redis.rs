@@ -593,6 +593,94 @@ async fn tracking_invalidates_a_read_key_on_change_and_delete() {
     );
 }
 
+/// RESP2 client-side caching, as Redis does it: a second connection subscribes to
+/// `__redis__:invalidate`, the tracking connection names it with `REDIRECT <id>`, and the
+/// invalidations of the keys the tracker reads arrive there as messages of that channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp2_tracking_redirects_invalidations_to_a_subscribed_connection() {
+    let s = start(&["products"], RedisConfig::default()).await;
+    let v = s.put("products", &[("p1", json!(1)), ("p2", json!(2))]);
+    s.applied("products", v).await;
+
+    // The receiver: its id, then the channel.
+    let mut inbox = raw(&s).await;
+    inbox.write_all(b"CLIENT ID\r\n").await.expect("send");
+    let id_line = String::from_utf8(read_some(&mut inbox, 4).await).expect("utf-8");
+    let id: u64 = id_line
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap_or_else(|e| panic!("{id_line:?}: {e}"));
+    inbox
+        .write_all(b"SUBSCRIBE __redis__:invalidate\r\n")
+        .await
+        .expect("send");
+    let confirmed = read_some(&mut inbox, 40).await;
+    assert!(
+        String::from_utf8_lossy(&confirmed).contains("__redis__:invalidate"),
+        "{confirmed:?}"
+    );
+
+    // The tracker, RESP2 through a real client.
+    let mut c = client(&s, false).await;
+    let refused = redis::cmd("CLIENT")
+        .arg(&["TRACKING", "ON"])
+        .query_async::<()>(&mut c)
+        .await
+        .expect_err("RESP2 tracking without REDIRECT");
+    assert!(refused.to_string().contains("REDIRECT"), "{refused}");
+    let missing = redis::cmd("CLIENT")
+        .arg(&["TRACKING", "ON", "REDIRECT", "987654"])
+        .query_async::<()>(&mut c)
+        .await
+        .expect_err("no such client");
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["TRACKING", "ON", "REDIRECT", &id.to_string()])
+        .query_async(&mut c)
+        .await
+        .expect("TRACKING ON REDIRECT");
+    let redir: i64 = redis::cmd("CLIENT")
+        .arg("GETREDIR")
+        .query_async(&mut c)
+        .await
+        .expect("GETREDIR");
+    assert_eq!(redir, id as i64);
+    let _: Option<String> = c.get("products:p1").await.expect("GET");
+    s.put("products", &[("p2", json!(20))]);
+    s.put("products", &[("p1", json!(10))]);
+    let want =
+        b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$11\r\nproducts:p1\r\n";
+    let got = read_some(&mut inbox, want.len()).await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want),
+        "one invalidation, of the key read only"
+    );
+    // The tracker's own connection got nothing but its answers: it still reads normally.
+    let got: Option<String> = c.get("products:p1").await.expect("GET");
+    assert_eq!(got.as_deref(), Some("10"));
+    s.origin
+        .publish("products", vec![Put::delete("p1")])
+        .expect("publish");
+    let got = read_some(&mut inbox, want.len()).await;
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
+
+    // The receiver unsubscribes: the tracker's redirect is broken, and CLIENT TRACKING
+    // REDIRECT to it is refused from then on.
+    inbox
+        .write_all(b"UNSUBSCRIBE __redis__:invalidate\r\n")
+        .await
+        .expect("send");
+    let _ = read_some(&mut inbox, 30).await;
+    let gone = redis::cmd("CLIENT")
+        .arg(&["TRACKING", "ON", "REDIRECT", &id.to_string()])
+        .query_async::<()>(&mut c)
+        .await
+        .expect_err("the receiver left the channel");
+    assert!(gone.to_string().contains("does not exist"), "{gone}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_is_closed_and_counted() {
     let s = start(

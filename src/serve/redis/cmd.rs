@@ -253,7 +253,7 @@ impl Conn {
             id,
             peer,
             out: Out::new(4096),
-            push: Push::new(),
+            push: Push::new(id),
             quit: false,
             authed: sh.cfg.token.is_none(),
             name: None,
@@ -880,8 +880,14 @@ impl Conn {
 
     /// Writes one hub delivery as pushes; `Err` when the client must be closed (its output
     /// is past `redis.max_output_bytes`, or it fell behind its keyspace subscription).
-    pub(crate) fn deliver(&mut self, sh: &Shared, d: crate::hub::Delivery) -> Result<(), ()> {
-        self.push.deliver(sh, &mut self.out, d)?;
+    pub(crate) fn deliver(&mut self, sh: &Shared, e: super::push::Event) -> Result<(), ()> {
+        match e {
+            super::push::Event::Hub(d) => self.push.deliver(sh, &mut self.out, d)?,
+            super::push::Event::Redirected => {}
+        }
+        // Redirected invalidations go out with any delivery: a wake-up lost to a delivery that
+        // won the race is made up for here.
+        self.push.deliver_redirected(sh, &mut self.out);
         if self.out.buf.len() > sh.cfg.max_output_bytes.as_usize() {
             return Err(());
         }

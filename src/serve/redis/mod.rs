@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     bounds: parse::Bounds,
     scan_max: usize,
     cursors: scan::Cursors,
+    /// Connections subscribed to `__redis__:invalidate`, for `CLIENT TRACKING ... REDIRECT`.
+    redirects: push::Redirects,
     clients: Arc<Semaphore>,
     next_id: AtomicU64,
     stats: Arc<RedisStats>,
@@ -116,6 +118,7 @@ impl Shared {
             hub,
             clients: Arc::new(Semaphore::new(cfg.maxclients)),
             cursors: scan::Cursors::new(cfg.scan_cursors),
+            redirects: push::Redirects::default(),
             freshness,
             bounds,
             scan_max: limits.scan_max_limit as usize,

@@ -4,8 +4,11 @@
 //!   deliver `set` (a key written) and `del` (a key deleted), as Redis keyspace notifications
 //!   do. A pattern's literal `SOURCE:PREFIX` narrows the hub subscription; the whole pattern is
 //!   matched at delivery. Other channels may be subscribed to and never deliver anything.
-//! - Client-side caching: `CLIENT TRACKING ON` (RESP3) sends `invalidate` pushes. In the
-//!   default mode a key read while tracking is watched until its first change, which
+//! - Client-side caching: `CLIENT TRACKING ON` (RESP3) sends `invalidate` pushes. In RESP2,
+//!   as in Redis, a second connection subscribes to `__redis__:invalidate` and the tracking
+//!   connection names it with `REDIRECT <its CLIENT ID>`: invalidations go to it as `message`s
+//!   of that channel (a bounded inbox per receiver: past `redis.queue` pending invalidations
+//!   they collapse into one "flush everything"). In the default mode a key read while tracking is watched until its first change, which
 //!   invalidates it once; `BCAST` (with `PREFIX`es, or none for every key) invalidates every
 //!   change under the prefixes. `OPTIN`/`OPTOUT` with `CLIENT CACHING yes|no` choose which
 //!   reads are tracked; `NOLOOP` is accepted (clients cannot write here, so there is no loop).
@@ -17,9 +20,9 @@
 //! A tracking client that falls behind is told to flush its whole cache (`invalidate` with a
 //! null), which keeps it exact.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 
@@ -29,6 +32,79 @@ use super::Shared;
 use crate::hub::{Delivery, Selection, SubId, Subscriber};
 
 const KEYSPACE: &[u8] = b"__keyspace@0__:";
+
+/// The channel a RESP2 client subscribes to for the invalidations of its tracking connections.
+const INVALIDATE_CHANNEL: &[u8] = b"__redis__:invalidate";
+
+/// Invalidations on their way to a connection subscribed to `__redis__:invalidate`, from the
+/// tracking connections that redirect to it. `None` = flush every key.
+pub(crate) struct Inbox {
+    queue: Mutex<VecDeque<Option<Vec<Bytes>>>>,
+    cap: usize,
+    ready: tokio::sync::Notify,
+}
+
+impl Inbox {
+    fn new(cap: usize) -> Self {
+        Inbox {
+            queue: Mutex::new(VecDeque::new()),
+            cap: cap.max(1),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Queues an invalidation. Past the bound the queue becomes one flush, which covers
+    /// everything it replaces: the receiver's caches stay exact, whatever its pace.
+    fn send(&self, keys: Option<Vec<Bytes>>) {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if keys.is_none() || q.len() >= self.cap {
+                q.clear();
+                q.push_back(None);
+            } else {
+                q.push_back(keys);
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    fn drain(&self) -> VecDeque<Option<Vec<Bytes>>> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The inboxes of connections subscribed to `__redis__:invalidate`, by client id.
+#[derive(Default)]
+pub(crate) struct Redirects(Mutex<HashMap<u64, Arc<Inbox>>>);
+
+impl Redirects {
+    fn get(&self, id: u64) -> Option<Arc<Inbox>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    fn insert(&self, id: u64, inbox: Arc<Inbox>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, inbox);
+    }
+
+    fn remove(&self, id: u64) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+}
+
+/// What a pushing connection waits for next.
+pub(crate) enum Event {
+    /// A delivery of its hub subscriber.
+    Hub(Delivery),
+    /// Invalidations redirected to it are waiting in its inbox.
+    Redirected,
+}
 
 /// What a hub subscription of this connection stands for.
 #[derive(Debug, Clone)]
@@ -50,12 +126,18 @@ struct Tracking {
     prefixes: Vec<Bytes>,
     /// Default mode: the keys read and watched until their next change.
     tracked: HashMap<(Arc<str>, Arc<str>), SubId>,
+    /// `REDIRECT id`: invalidations go to that connection's inbox instead of this connection.
+    redirect: Option<(u64, Weak<Inbox>)>,
 }
 
 /// One connection's subscriptions and tracking.
 #[derive(Default)]
 pub(crate) struct Push {
+    /// This connection's client id (`CLIENT ID`).
+    id: u64,
     subscriber: Option<Subscriber>,
+    /// Subscribed to `__redis__:invalidate`: what tracking connections redirect here.
+    inbox: Option<Arc<Inbox>>,
     channels: HashMap<Bytes, Vec<SubId>>,
     patterns: HashMap<Bytes, Vec<SubId>>,
     targets: HashMap<SubId, Target>,
@@ -67,8 +149,11 @@ pub(crate) struct Push {
 }
 
 impl Push {
-    pub(crate) fn new() -> Self {
-        Self::default()
+    pub(crate) fn new(id: u64) -> Self {
+        Push {
+            id,
+            ..Self::default()
+        }
     }
 
     /// Subscribed to something, or tracking: deliveries must be read.
@@ -89,11 +174,45 @@ impl Push {
         self.patterns.len()
     }
 
-    /// The next delivery of the hub; pending forever without hub subscriptions.
-    pub(crate) async fn next(&mut self) -> Delivery {
-        match &mut self.subscriber {
-            Some(s) => s.next().await,
-            None => std::future::pending().await,
+    /// The next delivery of the hub, or redirected invalidations; pending forever without
+    /// either.
+    pub(crate) async fn next(&mut self) -> Event {
+        let inbox = self.inbox.clone();
+        let hub = async {
+            match &mut self.subscriber {
+                Some(s) => s.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        match inbox {
+            Some(inbox) => tokio::select! {
+                d = hub => Event::Hub(d),
+                _ = inbox.ready.notified() => Event::Redirected,
+            },
+            None => Event::Hub(hub.await),
+        }
+    }
+
+    /// Writes the invalidations waiting in this connection's inbox as `message`s of
+    /// `__redis__:invalidate` (a null message = flush every key).
+    pub(crate) fn deliver_redirected(&mut self, sh: &Shared, out: &mut Out) {
+        let Some(inbox) = &self.inbox else {
+            return;
+        };
+        for keys in inbox.drain() {
+            sh.stats.pushes.fetch_add(1, Ordering::Relaxed);
+            out.push(3);
+            out.bulk(b"message");
+            out.bulk(INVALIDATE_CHANNEL);
+            match keys {
+                None => out.null(),
+                Some(keys) => {
+                    out.array(keys.len());
+                    for k in keys {
+                        out.bulk(&k);
+                    }
+                }
+            }
         }
     }
 
@@ -204,6 +323,11 @@ impl Push {
                     continue;
                 }
                 let subs = self.watch_channel(sh, ch, pattern);
+                if !pattern && ch.as_ref() == INVALIDATE_CHANNEL {
+                    let inbox = Arc::new(Inbox::new(sh.cfg.queue));
+                    sh.redirects.insert(self.id, inbox.clone());
+                    self.inbox = Some(inbox);
+                }
                 if pattern {
                     self.patterns.insert(ch.clone(), subs);
                 } else {
@@ -256,6 +380,9 @@ impl Push {
                 for sub in subs {
                     self.unwatch(sub);
                 }
+                if !pattern && ch.as_ref() == INVALIDATE_CHANNEL {
+                    self.close_inbox(sh);
+                }
             }
             out.push(3);
             out.bulk(kind);
@@ -293,14 +420,21 @@ impl Push {
                     };
                     if opt == "prefix" {
                         t.prefixes.push(v.clone());
-                    } else if std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        != Some(my_id)
-                    {
-                        return out.error(
-                            "ERR CLIENT TRACKING REDIRECT to another connection is not supported by viewcar; use RESP3 (HELLO 3), whose invalidations are pushed on the tracking connection itself",
-                        );
+                    } else {
+                        let Some(id) = std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok())
+                        else {
+                            return out.error("ERR value is not an integer or out of range");
+                        };
+                        if id != my_id {
+                            let Some(inbox) = sh.redirects.get(id) else {
+                                return out.error(
+                                    "ERR The client ID you want redirect to does not exist",
+                                );
+                            };
+                            t.redirect = Some((id, Arc::downgrade(&inbox)));
+                        }
                     }
                     i += 1;
                 }
@@ -317,9 +451,9 @@ impl Push {
         if (t.optin || t.optout) && t.bcast {
             return out.error("ERR OPTIN and OPTOUT are not compatible with BCAST");
         }
-        if !out.resp3 {
+        if !out.resp3 && t.redirect.is_none() {
             return out.error(
-                "ERR CLIENT TRACKING needs RESP3 here (HELLO 3): invalidations are pushed on the tracking connection",
+                "ERR CLIENT TRACKING in RESP2 needs REDIRECT <id> of a connection subscribed to __redis__:invalidate; or use RESP3 (HELLO 3), whose invalidations are pushed on the tracking connection",
             );
         }
         self.stop_tracking();
@@ -445,12 +579,51 @@ impl Push {
         }
     }
 
-    /// `CLIENT GETREDIR`: -1 when not tracking, 0 when pushing on this connection.
+    /// `CLIENT GETREDIR`: -1 when not tracking, 0 when pushing on this connection, else the
+    /// id of the connection invalidations are redirected to.
     pub(crate) fn redirect(&self) -> i64 {
-        if self.tracking.is_some() {
-            0
-        } else {
-            -1
+        match &self.tracking {
+            None => -1,
+            Some(t) => t
+                .redirect
+                .as_ref()
+                .map_or(0, |(id, _)| i64::try_from(*id).unwrap_or(i64::MAX)),
+        }
+    }
+
+    /// Sends an invalidation (`None` = flush every key): to the redirect target when there is
+    /// one, else on this connection. A redirect target that has gone is reported to a RESP3
+    /// client with a `tracking-redir-broken` push, as Redis does (RESP2 has no way to say it).
+    fn invalidate(&self, sh: &Shared, out: &mut Out, keys: Option<Vec<Bytes>>) {
+        if let Some((id, target)) = self.tracking.as_ref().and_then(|t| t.redirect.as_ref()) {
+            match target.upgrade() {
+                Some(inbox) => inbox.send(keys),
+                None if out.resp3 => {
+                    out.push(2);
+                    out.bulk(b"tracking-redir-broken");
+                    out.int(i64::try_from(*id).unwrap_or(i64::MAX));
+                }
+                None => {}
+            }
+            return;
+        }
+        sh.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        out.push(2);
+        out.bulk(b"invalidate");
+        match keys {
+            None => out.null(),
+            Some(keys) => {
+                out.array(keys.len());
+                for k in keys {
+                    out.bulk(&k);
+                }
+            }
+        }
+    }
+
+    fn close_inbox(&mut self, sh: &Shared) {
+        if self.inbox.take().is_some() {
+            sh.redirects.remove(self.id);
         }
     }
 
@@ -470,7 +643,8 @@ impl Push {
             return;
         };
         if src.is_on_demand() {
-            invalidate(sh, out, &[format!("{source}:{key}").as_bytes()]);
+            let name = Bytes::from(format!("{source}:{key}"));
+            self.invalidate(sh, out, Some(vec![name]));
             return;
         }
         let id = (src.name().clone(), Arc::<str>::from(key));
@@ -499,10 +673,7 @@ impl Push {
         for sub in subs {
             self.unwatch(sub);
         }
-        sh.stats.pushes.fetch_add(1, Ordering::Relaxed);
-        out.push(2);
-        out.bulk(b"invalidate");
-        out.null();
+        self.invalidate(sh, out, None);
     }
 
     /// Writes a delivery as pushes. `Err` when a keyspace subscriber fell behind.
@@ -556,9 +727,9 @@ impl Push {
                             t.tracked.remove(&(source, key));
                         }
                         self.unwatch(sub);
-                        invalidate(sh, out, &[&name]);
+                        self.invalidate(sh, out, Some(vec![Bytes::from(name)]));
                     }
-                    Target::Bcast => invalidate(sh, out, &[&name]),
+                    Target::Bcast => self.invalidate(sh, out, Some(vec![Bytes::from(name)])),
                 }
                 Ok(())
             }
@@ -567,6 +738,7 @@ impl Push {
 
     /// Drops every subscription and tracking (RESET, or the connection closing).
     pub(crate) fn clear(&mut self, sh: &Shared) {
+        self.close_inbox(sh);
         self.channels.clear();
         self.patterns.clear();
         self.targets.clear();
@@ -574,16 +746,6 @@ impl Push {
         self.caching = None;
         self.subscriber = None;
         self.count(sh);
-    }
-}
-
-fn invalidate(sh: &Shared, out: &mut Out, keys: &[&[u8]]) {
-    sh.stats.pushes.fetch_add(1, Ordering::Relaxed);
-    out.push(2);
-    out.bulk(b"invalidate");
-    out.array(keys.len());
-    for k in keys {
-        out.bulk(k);
     }
 }
 
@@ -595,4 +757,43 @@ fn glob_prefix_possible(pattern: &[u8], prefix: &[u8]) -> bool {
         .zip(prefix)
         .take_while(|(p, _)| !matches!(p, b'*' | b'?' | b'[' | b'\\'))
         .all(|(p, c)| p == c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inbox against an oracle: every key queued since the last drain comes out, in order,
+    /// unless more than `cap` were queued or a flush was, in which case one flush does.
+    #[test]
+    fn an_inbox_past_its_bound_collapses_into_one_flush() {
+        for cap in [1usize, 2, 5] {
+            for n in 0..8usize {
+                for flush_at in [None, Some(0), Some(n / 2)] {
+                    let inbox = Inbox::new(cap);
+                    let mut oracle: Vec<Option<Vec<Bytes>>> = Vec::new();
+                    let mut flushed = false;
+                    for i in 0..n {
+                        if flush_at == Some(i) {
+                            inbox.send(None);
+                            flushed = true;
+                        }
+                        inbox.send(Some(vec![Bytes::from(format!("k{i}"))]));
+                        oracle.push(Some(vec![Bytes::from(format!("k{i}"))]));
+                    }
+                    let got: Vec<_> = inbox.drain().into_iter().collect();
+                    if flushed || n > cap {
+                        // A flush first, then whatever came after it (within the bound).
+                        assert_eq!(got.first(), Some(&None), "cap {cap} n {n} {flush_at:?}");
+                        assert!(got.len() <= cap + 1, "cap {cap} n {n}: {got:?}");
+                        let tail: Vec<_> = got[1..].to_vec();
+                        assert_eq!(tail, oracle[oracle.len() - tail.len()..].to_vec());
+                    } else {
+                        assert_eq!(got, oracle, "cap {cap} n {n}");
+                    }
+                    assert!(inbox.drain().is_empty());
+                }
+            }
+        }
+    }
 }
