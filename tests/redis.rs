@@ -681,6 +681,75 @@ async fn resp2_tracking_redirects_invalidations_to_a_subscribed_connection() {
     assert!(gone.to_string().contains("does not exist"), "{gone}");
 }
 
+/// The Python interpreter with redis-py for the interop test: `VIEWCAR_TEST_PYTHON` (.ci/run
+/// sets it to a venv of its own) or `python3`, if it has redis-py with its client-side cache.
+fn python_with_redis_py() -> Option<String> {
+    let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    std::process::Command::new(&python)
+        .args(["-c", "import redis.cache"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        .then_some(python)
+}
+
+/// redis-py's near cache (RESP3 tracking, a peer we did not write) turns on against the
+/// sidecar, answers a repeated read itself, and drops the key when it changes at the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_client_side_cache_stays_exact() {
+    use std::io::{BufRead, Write};
+    let Some(python) = python_with_redis_py() else {
+        ws_support::common::missing("redis-py (pip install redis)");
+        return;
+    };
+    let s = start(&["products"], RedisConfig::default()).await;
+    let v = s.put("products", &[("p1", json!({"price": 1}))]);
+    s.applied("products", v).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/redis_py_cache.py"
+    );
+    let mut child = std::process::Command::new(python)
+        .args([script, &addr(&s).port().to_string(), "products:p1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = tokio::task::spawn_blocking(move || {
+        let l = lines.next();
+        (l, lines)
+    });
+    let (line, mut lines) = within("redis-py to cache the key", first)
+        .await
+        .expect("join");
+    if line.as_ref().map(|l| l.as_ref().ok().map(String::as_str)) != Some(Some("cached")) {
+        let out = child.wait_with_output().expect("python output");
+        panic!(
+            "redis-py did not cache the key: {line:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let new = json!({"price": 2});
+    let v = s.put("products", &[("p1", new.clone())]);
+    s.applied("products", v).await;
+    let mut stdin = child.stdin.take().expect("stdin");
+    writeln!(stdin, "{new}").expect("tell python");
+    drop(stdin);
+    let rest = tokio::task::spawn_blocking(move || lines.next());
+    let line = within("redis-py to see the change", rest)
+        .await
+        .expect("join");
+    let out = child.wait_with_output().expect("python output");
+    assert!(
+        matches!(&line, Some(Ok(l)) if l == "ok") && out.status.success(),
+        "{line:?} {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_never_reads_is_closed_and_counted() {
     let s = start(

@@ -15,7 +15,9 @@ use super::Shared;
 use crate::serve::read::ReadError;
 
 /// The Redis version clients are told (HELLO, INFO): the command set and replies follow it.
-pub(crate) const REDIS_VERSION: &str = "7.2.0";
+/// 7.4: redis-py (5.1 and later) turns its client-side cache on only for a server that says
+/// 7.4 or later; the tracking and invalidation replies it relies on are those of 7.4.
+pub(crate) const REDIS_VERSION: &str = "7.4.0";
 
 /// One connection's state.
 pub(crate) struct Conn {
