@@ -120,6 +120,8 @@ pub struct Writer {
     staged: HashMap<Arc<str>, Staged>,
     stats: Arc<WriterStats>,
     mirror: Option<Arc<dyn Mirror>>,
+    /// Sources whose version moved since the last flush, made visible after it.
+    moved: Vec<Arc<Source>>,
 }
 
 struct Staged {
@@ -140,6 +142,7 @@ impl Writer {
             staged: HashMap::new(),
             stats,
             mirror: None,
+            moved: Vec::new(),
         }
     }
 
@@ -189,11 +192,27 @@ impl Writer {
         if let Some(m) = &self.mirror {
             m.flushed(events);
         }
-        if events.is_empty() {
-            return;
+        if !events.is_empty() {
+            self.hub.publish(events);
+            events.clear();
         }
-        self.hub.publish(events);
-        events.clear();
+        // The views now reflect every version applied so far: readers waiting with
+        // `ReadOptions.after` may read them.
+        for s in self.moved.drain(..) {
+            s.make_visible();
+        }
+        if let Some(e) = &self.engine {
+            for s in e.sources() {
+                s.make_visible();
+            }
+        }
+    }
+
+    /// Notes that `source`'s version moved in this step (made visible at the next flush).
+    fn moved(&mut self, source: &Arc<Source>) {
+        if !self.moved.iter().any(|s| Arc::ptr_eq(s, source)) {
+            self.moved.push(source.clone());
+        }
     }
 
     /// Runs the view engine over `events` and appends the views' changes to them.
@@ -274,6 +293,7 @@ impl Writer {
                 source.end_batch();
                 source.heard();
                 source.set_position(&epoch, version);
+                self.moved(&source);
                 if let (Some(m), Some(changes)) = (&self.mirror, mirrored) {
                     m.batch(&source, &epoch, version, changes);
                 }
@@ -286,6 +306,7 @@ impl Writer {
                 source.heard();
                 if *source.epoch() == epoch && version > source.version() {
                     source.set_version(version);
+                    self.moved(&source);
                 }
                 if let Some(m) = &self.mirror {
                     m.progress(&source, &epoch, version);
@@ -295,6 +316,7 @@ impl Writer {
                 if let Some(e) = self.engine.as_mut() {
                     e.touch(&source, &keys);
                 }
+                self.moved(&source);
             }
             Step::Rows(RowRequest::Row { view, key, reply }) => {
                 // Everything applied before the request is reflected in the views first, so
@@ -389,6 +411,7 @@ impl Writer {
         source.heard();
         source.set_position(&staged.epoch, staged.version);
         source.mark_synced();
+        self.moved(&source);
         if let Some(m) = &self.mirror {
             m.snapshot(&source, &staged.epoch, staged.version);
         }

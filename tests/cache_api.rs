@@ -168,7 +168,7 @@ async fn min_version_reads_your_writes(t: Transport) {
                     options: Some(cache::ReadOptions {
                         min_version: pos.version,
                         wait_ms: 5_000,
-                        max_staleness_ms: 0,
+                        ..Default::default()
                     }),
                 })
                 .await
@@ -187,7 +187,7 @@ async fn min_version_reads_your_writes(t: Transport) {
                 options: Some(cache::ReadOptions {
                     min_version: 1_000,
                     wait_ms: 50,
-                    max_staleness_ms: 0,
+                    ..Default::default()
                 }),
             })
             .await

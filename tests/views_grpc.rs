@@ -103,3 +103,132 @@ async fn product_page_follows_a_published_price() {
     })
     .await
 }
+
+/// `ReadOptions.after`: a view read after `{prices, V}` reflects the price write that returned
+/// V, for Get, BatchGet and Scan, 50 times in a row, with no other wait (a view counts versions
+/// of its own, so `min_version` cannot say this). The feed runs through a proxy that delays it
+/// by 5 ms, so a read that did not wait would find the old price.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_reads_a_view_after_the_write_that_fed_it() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        demo::load(&origin.origin, SIZE, 3);
+        let proxy = Proxy::start(origin.addr).await;
+        let cfg = demo::sidecar_config(proxy.addr, loopback0());
+        let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
+        sidecar.synced().await;
+        proxy.set_latency(std::time::Duration::from_millis(5));
+        let page = source(&sidecar, "product_page");
+        let keys: Vec<String> = page
+            .keyspace()
+            .keys()
+            .iter()
+            .take(5)
+            .map(|k| k.to_string())
+            .collect();
+        let mut client = cache_client(&sidecar).await;
+        let mut writer = origin.feed_client().await;
+        let options = |version: u64| cache::ReadOptions {
+            wait_ms: 5_000,
+            after: vec![cache::SourceVersion {
+                source: "prices".into(),
+                version,
+            }],
+            ..Default::default()
+        };
+        for i in 0..50u64 {
+            let key = &keys[i as usize % keys.len()];
+            let amount = 1_000 + i;
+            let price = json!({"id": key, "amount": amount, "currency": "EUR"}).to_string();
+            let v = writer
+                .publish(viewcar::pb::feed::v1::PublishRequest {
+                    topic: "prices".into(),
+                    changes: vec![viewcar::pb::feed::v1::Change {
+                        key: key.clone(),
+                        value: price.into_bytes().into(),
+                        deleted: false,
+                    }],
+                })
+                .await
+                .expect("publish")
+                .into_inner()
+                .position
+                .expect("position")
+                .version;
+            let got = match i % 3 {
+                0 => client
+                    .get(cache::GetRequest {
+                        source: "product_page".into(),
+                        key: key.clone(),
+                        options: Some(options(v)),
+                    })
+                    .await
+                    .expect("Get")
+                    .into_inner()
+                    .item
+                    .expect("item"),
+                1 => client
+                    .batch_get(cache::BatchGetRequest {
+                        keys: vec![cache::Key {
+                            source: "product_page".into(),
+                            key: key.clone(),
+                        }],
+                        options: Some(options(v)),
+                    })
+                    .await
+                    .expect("BatchGet")
+                    .into_inner()
+                    .items
+                    .remove(0),
+                _ => client
+                    .scan(cache::ScanRequest {
+                        source: "product_page".into(),
+                        prefix: key.clone(),
+                        limit: 1,
+                        page_token: String::new(),
+                        options: Some(options(v)),
+                    })
+                    .await
+                    .expect("Scan")
+                    .into_inner()
+                    .items
+                    .remove(0),
+            };
+            assert_eq!(
+                value(&got.value)["price"]["amount"],
+                amount,
+                "cycle {i}: the view row after {{prices, {v}}}"
+            );
+        }
+
+        // Refusals name what is wrong: an unknown source in `after`, a version never reached.
+        let mut req = get_request("product_page", &keys[0]);
+        req.options = Some(cache::ReadOptions {
+            after: vec![cache::SourceVersion {
+                source: "nosuch".into(),
+                version: 1,
+            }],
+            ..Default::default()
+        });
+        let e = client.get(req.clone()).await.expect_err("unknown source");
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(e.message().contains("nosuch"), "{}", e.message());
+        req.options = Some(cache::ReadOptions {
+            wait_ms: 50,
+            after: vec![cache::SourceVersion {
+                source: "prices".into(),
+                version: u64::MAX,
+            }],
+            ..Default::default()
+        });
+        let e = client.get(req).await.expect_err("never reached");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            e.message().contains("'prices'") && e.message().contains("after"),
+            "{}",
+            e.message()
+        );
+        sidecar.shutdown().await;
+    })
+    .await
+}

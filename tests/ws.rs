@@ -176,6 +176,57 @@ async fn get_waits_for_a_version_published_after_it_was_sent() {
     );
 }
 
+/// The WebSocket get takes `after` as the Cache API does: it waits until the named source
+/// has made the version visible; a malformed `after` is a bad request naming the shape.
+#[tokio::test]
+async fn get_with_after_waits_for_the_named_version() {
+    let s = Setup::start(&["products"], WsConfig::default()).await;
+    let v = s.put("products", &[("p1", json!("one"))]);
+    s.applied("products", v).await;
+    let mut ws = s.connect().await;
+    send(
+        &mut ws,
+        json!({"op":"get","id":"later","source":"products","key":"p1","wait_ms":20_000,
+               "after":[{"source":"products","version":v + 1}]}),
+    )
+    .await;
+    send(
+        &mut ws,
+        json!({"op":"get","id":"now","source":"products","key":"p1","after":[{"source":"products","version":v}]}),
+    )
+    .await;
+    let first = recv(&mut ws).await;
+    assert_eq!(first["id"], "now", "{first}");
+    let v2 = s.put("products", &[("p1", json!("two"))]);
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"value","id":"later","found":true,"source":"products","key":"p1","version":v2,"value":"two"})
+    );
+    for (id, after) in [
+        ("not_a_list", json!({"products": 1})),
+        ("no_version", json!([{"source":"products"}])),
+    ] {
+        send(
+            &mut ws,
+            json!({"op":"get","id":id,"source":"products","key":"p1","after":after}),
+        )
+        .await;
+        let e = recv(&mut ws).await;
+        assert_eq!(
+            (e["id"].as_str(), e["code"].as_str()),
+            (Some(id), Some("bad_request")),
+            "{e}"
+        );
+        assert!(e["message"].as_str().unwrap_or("").contains("after"), "{e}");
+    }
+    send(
+        &mut ws,
+        json!({"op":"get","id":"unknown","source":"products","key":"p1","after":[{"source":"nosuch","version":1}]}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "not_found");
+}
+
 #[tokio::test]
 async fn get_below_min_version_is_unavailable_once_its_wait_is_over() {
     let s = Setup::start(&["products"], WsConfig::default()).await;

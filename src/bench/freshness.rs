@@ -258,6 +258,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                             min_version: pos.version,
                             wait_ms: 2000,
                             max_staleness_ms: 0,
+                            after: Vec::new(),
                         }),
                     })
                     .await;

@@ -59,6 +59,7 @@ async fn wait_version(
                     min_version: version,
                     wait_ms: 10_000,
                     max_staleness_ms: 0,
+                    after: Vec::new(),
                 }),
             })
             .await;

@@ -965,13 +965,13 @@ impl FeedClient {
                         }
                     }
                 }
-                touch(&self.writer, &k.source, touched).await?;
                 k.source.heard();
                 if let Some(c) = &k.cursor {
                     if *k.source.epoch() != c.epoch || c.version > k.source.version() {
                         k.source.set_position(&c.epoch, c.version);
                     }
                 }
+                visible_after(&self.writer, &k.source, touched).await?;
             }
             Kind::Changes(batch) => {
                 let Some(c) = &mut k.cursor else {
@@ -1006,9 +1006,9 @@ impl FeedClient {
                         touched.push(Arc::from(ch.key));
                     }
                 }
-                touch(&self.writer, &k.source, touched).await?;
                 k.source.heard();
                 k.source.set_position(&batch.epoch, batch.version);
+                visible_after(&self.writer, &k.source, touched).await?;
             }
             Kind::Progress(p) => {
                 k.source
@@ -1019,6 +1019,7 @@ impl FeedClient {
                     if pos.epoch == c.epoch && pos.version > c.version {
                         c.version = pos.version;
                         k.source.set_version(pos.version);
+                        k.source.make_visible();
                     }
                 }
             }
@@ -1044,6 +1045,21 @@ impl FeedClient {
 
 /// Hands the writer the keys of an on_demand topic that view rows read and whose value just
 /// changed (the engine ignores keys no row reads any more).
+/// Makes an on_demand topic's new version visible: at once when no key a view holds changed,
+/// else through the writer, which refreshes the views' rows (`touch`) and makes the version
+/// visible after that flush.
+async fn visible_after(
+    writer: &mpsc::Sender<Step>,
+    source: &Arc<Source>,
+    touched: Vec<Arc<str>>,
+) -> Result<(), FeedError> {
+    if touched.is_empty() {
+        source.make_visible();
+        return Ok(());
+    }
+    touch(writer, source, touched).await
+}
+
 async fn touch(
     writer: &mpsc::Sender<Step>,
     source: &Arc<Source>,

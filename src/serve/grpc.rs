@@ -30,12 +30,14 @@ pub struct CacheService {
 /// NOT_FOUND, anything the data is not yet (or no longer) fit for UNAVAILABLE.
 fn status(e: ReadError) -> Status {
     match e {
-        ReadError::EmptySource | ReadError::EmptyKey | ReadError::EmptyKeyOf(_) => {
-            Status::invalid_argument(e.to_string())
-        }
+        ReadError::EmptySource
+        | ReadError::EmptyKey
+        | ReadError::EmptyKeyOf(_)
+        | ReadError::TooManyAfter { .. } => Status::invalid_argument(e.to_string()),
         ReadError::UnknownSource(_) => Status::not_found(e.to_string()),
         ReadError::NotSynced { .. }
         | ReadError::BelowVersion { .. }
+        | ReadError::BeforeAfter { .. }
         | ReadError::TooStale { .. }
         | ReadError::Fetch(_) => Status::unavailable(e.to_string()),
     }
@@ -47,6 +49,7 @@ fn freshness(opts: Option<pb::ReadOptions>) -> Freshness {
         min_version: o.min_version,
         wait: Duration::from_millis(u64::from(o.wait_ms)),
         max_staleness_ms: u64::from(o.max_staleness_ms),
+        after: o.after.into_iter().map(|a| (a.source, a.version)).collect(),
     }
 }
 
@@ -199,10 +202,9 @@ impl pb::cache_server::Cache for CacheService {
         let req = request.into_inner();
         let source = self.source(&req.source)?;
         refuse_on_demand(source, "Scan")?;
-        self.reader
-            .ready(source, &freshness(req.options))
-            .await
-            .map_err(status)?;
+        let f = freshness(req.options);
+        self.reader.wait_after(&f).await.map_err(status)?;
+        self.reader.ready(source, &f).await.map_err(status)?;
         let limit = match req.limit {
             0 => self.limits.scan_default_limit,
             n => n.min(self.limits.scan_max_limit),

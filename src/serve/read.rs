@@ -22,7 +22,7 @@ use crate::store::{Keyspace, Row, Source, Store};
 const BATCH_LAND_WAIT: Duration = Duration::from_millis(20);
 
 /// How fresh a read must be. The default reads whatever is there, without waiting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Freshness {
     /// Wait (up to `wait`) until the source has applied at least this version.
     pub min_version: u64,
@@ -31,6 +31,9 @@ pub(crate) struct Freshness {
     pub wait: Duration,
     /// Refuse data older than this many ms; 0 = any age.
     pub max_staleness_ms: u64,
+    /// Wait (within `wait`) until each named source has made at least this version visible,
+    /// views derived from it included (`ReadOptions.after`).
+    pub after: Vec<(String, u64)>,
 }
 
 /// Why a read was refused.
@@ -56,6 +59,17 @@ pub(crate) enum ReadError {
         waited_ms: u128,
     },
     #[error(
+        "source '{name}' has made version {visible} visible, below the version {after} named in after (waited {waited_ms} ms)"
+    )]
+    BeforeAfter {
+        name: Arc<str>,
+        visible: u64,
+        after: u64,
+        waited_ms: u128,
+    },
+    #[error("after names {count} sources; the limit is {limit} (limits.max_batch_keys)")]
+    TooManyAfter { count: usize, limit: usize },
+    #[error(
         "source '{name}' is {staleness_ms} ms stale, above max_staleness_ms {max_staleness_ms}"
     )]
     TooStale {
@@ -73,7 +87,10 @@ impl ReadError {
     pub(crate) fn is_bad_request(&self) -> bool {
         matches!(
             self,
-            ReadError::EmptySource | ReadError::EmptyKey | ReadError::EmptyKeyOf(_)
+            ReadError::EmptySource
+                | ReadError::EmptyKey
+                | ReadError::EmptyKeyOf(_)
+                | ReadError::TooManyAfter { .. }
         )
     }
 }
@@ -111,6 +128,8 @@ pub(crate) struct Reader {
     store: Arc<Store>,
     max_wait: Duration,
     batch_read_attempts: usize,
+    /// Most entries of `after` in one request (`limits.max_batch_keys`).
+    max_after: usize,
 }
 
 impl Reader {
@@ -119,6 +138,7 @@ impl Reader {
             store,
             max_wait: limits.max_wait.0,
             batch_read_attempts: limits.batch_read_attempts.max(1),
+            max_after: limits.max_batch_keys.max(1),
         }
     }
 
@@ -130,6 +150,62 @@ impl Reader {
         self.store
             .source(name)
             .ok_or_else(|| ReadError::UnknownSource(name.to_string()))
+    }
+
+    /// True if `wait_after` would not wait: every source `f.after` names has made its version
+    /// visible (or is refused at once: unknown, or too many named).
+    pub(crate) fn after_now(&self, f: &Freshness) -> bool {
+        f.after.len() > self.max_after
+            || f.after.iter().all(|(name, v)| {
+                self.store
+                    .source(name)
+                    .is_none_or(|s| s.visible_version() >= *v)
+            })
+    }
+
+    /// Checks every source `f.after` names (before any wait: an unknown one fails at once),
+    /// then waits (within `f.wait`, capped by `limits.max_wait`) until each has made its
+    /// version visible, views derived from it included.
+    pub(crate) async fn wait_after(&self, f: &Freshness) -> Result<(), ReadError> {
+        if f.after.is_empty() {
+            return Ok(());
+        }
+        if f.after.len() > self.max_after {
+            return Err(ReadError::TooManyAfter {
+                count: f.after.len(),
+                limit: self.max_after,
+            });
+        }
+        let named: Vec<(&Arc<Source>, u64)> = f
+            .after
+            .iter()
+            .map(|(name, v)| self.source(name).map(|s| (s, *v)))
+            .collect::<Result<_, _>>()?;
+        let wait = f.wait.min(self.max_wait);
+        let deadline = tokio::time::Instant::now() + wait;
+        for (source, version) in named {
+            if source.visible_version() >= version {
+                continue;
+            }
+            let mut changes = source.subscribe_changes();
+            let reached = tokio::time::timeout_at(deadline, async {
+                while source.visible_version() < version {
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if reached.is_err() || source.visible_version() < version {
+                return Err(ReadError::BeforeAfter {
+                    name: source.name().clone(),
+                    visible: source.visible_version(),
+                    after: version,
+                    waited_ms: wait.as_millis(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// True if `source` can be read at `f` without waiting (staleness aside).
@@ -191,6 +267,7 @@ impl Reader {
         if key.is_empty() {
             return Err(ReadError::EmptyKey);
         }
+        self.wait_after(f).await?;
         self.ready(source, f).await?;
         // The writer publishes a version after applying it, so reading the version first makes
         // it a lower bound: the answer is at least as new as `source_version`.
@@ -222,6 +299,7 @@ impl Reader {
                 return Err(ReadError::EmptyKeyOf(source.to_string()));
             }
         }
+        self.wait_after(f).await?;
         for source in &sources {
             self.ready(source, f).await?;
         }
@@ -381,7 +459,7 @@ mod tests {
         let f = Freshness {
             min_version: 2,
             wait: Duration::from_secs(5),
-            max_staleness_ms: 0,
+            ..Freshness::default()
         };
         let writer = source.clone();
         tokio::spawn(async move {

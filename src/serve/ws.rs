@@ -379,10 +379,32 @@ fn parse(text: &str, cfg: &WsConfig) -> Result<Request, String> {
                         .ok_or_else(|| bad(&format!("\"{name}\" must be a non-negative integer"))),
                 }
             };
+            let after = match obj.get("after") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .map(|e| {
+                        let source = e.get("source").and_then(Value::as_str);
+                        let version = e.get("version").and_then(Value::as_u64);
+                        match (source, version) {
+                            (Some(s), Some(v)) => Ok((s.to_string(), v)),
+                            _ => Err(bad(
+                                "each entry of \"after\" must be {\"source\": string, \"version\": non-negative integer}",
+                            )),
+                        }
+                    })
+                    .collect::<Result<_, _>>()?,
+                Some(_) => {
+                    return Err(bad(
+                        "\"after\" must be a list of {\"source\": string, \"version\": integer}",
+                    ))
+                }
+            };
             let freshness = Freshness {
                 min_version: count("min_version")?,
                 wait: Duration::from_millis(count("wait_ms")?),
                 max_staleness_ms: count("max_staleness_ms")?,
+                after,
             };
             Ok(Request::Get {
                 id,
@@ -532,8 +554,11 @@ async fn answer_get(
     key: &str,
     f: &Freshness,
 ) -> Answered {
-    let read = match reader.ready(source, f).await {
-        Ok(()) => reader.point(source, key).await,
+    let read = match reader.wait_after(f).await {
+        Ok(()) => match reader.ready(source, f).await {
+            Ok(()) => reader.point(source, key).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let frame = match read {
@@ -889,7 +914,9 @@ impl Outbox {
                 };
                 // A read that needs no wait is answered in order with everything else on the
                 // connection; one that waits for its source runs beside it, bounded.
-                if Reader::ready_now(&src, &freshness) || freshness.wait.is_zero() {
+                if (Reader::ready_now(&src, &freshness) && self.st.reader.after_now(&freshness))
+                    || freshness.wait.is_zero()
+                {
                     let a = answer_get(&self.st.reader, &id, &src, &key, &freshness).await;
                     if a.error {
                         self.st.stats.errors.fetch_add(1, Ordering::Relaxed);

@@ -248,6 +248,9 @@ pub struct Source {
     rows: ArcSwap<Keyspace>,
     epoch: ArcSwap<String>,
     version: AtomicU64,
+    /// The version whose changes every view has also been brought up to (the writer moves it
+    /// after each flush): what `ReadOptions.after` waits for.
+    visible: AtomicU64,
     synced: AtomicBool,
     connected: AtomicBool,
     /// Why the origin refused this topic's subscription, while it does (retried with backoff).
@@ -310,6 +313,7 @@ impl Source {
             rows: ArcSwap::from_pointee(Keyspace::new()),
             epoch: ArcSwap::from_pointee(String::new()),
             version: AtomicU64::new(0),
+            visible: AtomicU64::new(0),
             synced: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             failure: ArcSwapOption::empty(),
@@ -624,6 +628,22 @@ impl Source {
         self.version.store(version, Ordering::Release);
         self.moves.fetch_add(1, Ordering::Release);
         self.changed.send_replace(version);
+    }
+
+    /// The version whose changes are visible everywhere: in this source and in every view
+    /// derived from it. It trails [`Source::version`] while the writer is between applying a
+    /// batch and deriving the views from it.
+    pub fn visible_version(&self) -> u64 {
+        self.visible.load(Ordering::Acquire)
+    }
+
+    /// Marks the current version visible (the views are up to date with it) and wakes
+    /// waiters.
+    pub(crate) fn make_visible(&self) {
+        let v = self.version();
+        if self.visible.swap(v, Ordering::AcqRel) != v {
+            self.changed.send_replace(v);
+        }
     }
 
     /// Advances the source version (never backwards within an epoch) and wakes waiters.

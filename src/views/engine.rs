@@ -195,6 +195,11 @@ impl Engine {
         }
     }
 
+    /// Every source of the store, views included.
+    pub(crate) fn sources(&self) -> &[Arc<Source>] {
+        &self.sources
+    }
+
     pub(crate) fn stats(&self) -> HashMap<String, Arc<ViewStats>> {
         self.views
             .iter()

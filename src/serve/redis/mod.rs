@@ -106,6 +106,7 @@ impl Shared {
             min_version: 0,
             wait: cfg.wait.0,
             max_staleness_ms: cfg.max_staleness_ms,
+            after: Vec::new(),
         };
         let bounds = parse::Bounds {
             max_args: cfg.max_args,
@@ -137,7 +138,9 @@ impl Shared {
 /// `replica-serve-stale-data no`).
 fn read_error(e: &ReadError) -> String {
     match e {
-        ReadError::NotSynced { .. } | ReadError::BelowVersion { .. } => format!("LOADING {e}"),
+        ReadError::NotSynced { .. }
+        | ReadError::BelowVersion { .. }
+        | ReadError::BeforeAfter { .. } => format!("LOADING {e}"),
         ReadError::TooStale { .. } | ReadError::Fetch(_) => format!("MASTERDOWN {e}"),
         _ => format!("ERR {e}"),
     }
