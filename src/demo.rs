@@ -464,13 +464,18 @@ pub async fn run(args: DemoOptions) -> ExitCode {
     println!("  viewcar get products p00042 --addr {g}");
     println!("  viewcar watch prices p00042 p00043 --addr {g}");
     println!("  viewcar sources --addr {g}");
-    println!("  grpcurl -plaintext -import-path proto -proto viewcar/cache/v1/cache.proto \\");
+    // The sidecar serves gRPC reflection: grpcurl needs no proto files, so this works with a
+    // prebuilt binary as well as from a checkout.
     println!(
-        "    -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
+        "  grpcurl -plaintext -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
     );
-    println!("Subscribe over WebSocket:");
+    println!("Subscribe over WebSocket (any client, e.g. websocat), then send the line below:");
+    println!("  websocat ws://{}/ws", sidecar.http_addr());
     println!(
-        "  cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043",
+        "  {{\"op\":\"subscribe\",\"id\":\"s1\",\"source\":\"prices\",\"keys\":[\"p00042\",\"p00043\"]}}"
+    );
+    println!(
+        "  (from a source checkout: cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043)",
         sidecar.http_addr()
     );
     crate::shutdown_signal().await;

@@ -187,3 +187,102 @@ topics = ["b"]
     })
     .await
 }
+
+/// What `viewcar demo` prints for a new user to try works as printed with the binary alone:
+/// every `viewcar ...` line runs and answers (a watch prints a first change), and the grpcurl
+/// line relies on the sidecar's reflection instead of proto files from a checkout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_the_demo_prints_work_with_the_binary_alone() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Child, Stdio};
+
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let printed = within(tokio::task::spawn_blocking(|| {
+        let mut demo = Kill(
+            viewcar()
+                .args([
+                    "demo",
+                    "--origin-listen",
+                    "127.0.0.1:0",
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                    "--http-listen",
+                    "127.0.0.1:0",
+                    "--products",
+                    "300",
+                    "--rate",
+                    "20",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the demo"),
+        );
+        let out = demo.0.stdout.take().expect("stdout");
+        let mut printed = Vec::new();
+        for line in BufReader::new(out).lines() {
+            let line = line.expect("demo output");
+            let done = line.contains("ws_subscriber");
+            printed.push(line);
+            if done {
+                break;
+            }
+        }
+        let mut ran = Vec::new();
+        for line in &printed {
+            let Some(cmd) = line.strip_prefix("  viewcar ") else {
+                continue;
+            };
+            let cmd = cmd.split('#').next().unwrap_or("");
+            let args: Vec<&str> = cmd.split_whitespace().collect();
+            if args.first() == Some(&"watch") {
+                let mut w = Kill(
+                    viewcar()
+                        .args(&args)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("start watch"),
+                );
+                let first = BufReader::new(w.0.stdout.take().expect("stdout"))
+                    .lines()
+                    .next();
+                assert!(
+                    matches!(&first, Some(Ok(l)) if !l.is_empty()),
+                    "{line}: {first:?}"
+                );
+            } else {
+                let out = viewcar().args(&args).output().expect("run");
+                assert!(out.status.success(), "{line}: {out:?}");
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                if args.first() == Some(&"get") {
+                    assert!(stdout.contains("p00042"), "{line}: {stdout}");
+                }
+            }
+            ran.push(args[0].to_string());
+        }
+        assert!(
+            ["get", "watch", "sources"]
+                .iter()
+                .all(|c| ran.iter().any(|r| r == c)),
+            "{ran:?} from {printed:#?}"
+        );
+        printed
+    }))
+    .await
+    .expect("join");
+    let text = printed.join("\n");
+    let grpcurl = printed
+        .iter()
+        .find(|l| l.trim_start().starts_with("grpcurl"))
+        .unwrap_or_else(|| panic!("no grpcurl line in {text}"));
+    assert!(!grpcurl.contains("-proto"), "{grpcurl}");
+    assert!(text.contains("websocat ws://"), "{text}");
+}
