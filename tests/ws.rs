@@ -853,3 +853,75 @@ async fn protocol_violations_close_with_1007_or_1002() {
             >= 3
     );
 }
+
+/// Each origin restart (a new epoch) resets a WebSocket subscription once: one `reset`, the
+/// new epoch's rows, one `synced`, and nothing of that restart after it. Five restarts in a
+/// row, each replacing 600 keys (a diff larger than a page), with the subscription open; a
+/// marker written after each resync ends that round, so a late second reset would be seen
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_epoch_change_resets_a_subscription_once() {
+    use viewcar::Origin;
+    use ws_support::common::{origin_config, sidecar_config, within, TestOrigin};
+    within(async {
+        let puts = |round: u32| -> Vec<Put> {
+            (0..600)
+                .map(|i| Put::upsert(format!("k{i:04}"), format!("\"r{round}-{i}\"")))
+                .collect()
+        };
+        let first = Origin::new(origin_config());
+        first.publish("t", puts(0)).expect("publish");
+        let mut origin = TestOrigin::start_on(first, ws_support::common::loopback0()).await;
+        let sidecar =
+            ws_support::common::start_sidecar(sidecar_config(&origin.url(), &["t"])).await;
+        sidecar.synced().await;
+        let mut ws = connect(&format!("ws://{}/ws", sidecar.http_addr())).await;
+        send(
+            &mut ws,
+            json!({"op":"subscribe","id":"s","source":"t","prefix":"","initial":true}),
+        )
+        .await;
+        loop {
+            if recv(&mut ws).await["type"] == "synced" {
+                break;
+            }
+        }
+        for round in 1..=5u32 {
+            let next = Origin::new(origin_config());
+            next.publish("t", puts(round)).expect("publish");
+            origin.stop().await;
+            origin = TestOrigin::start_on(next, origin.addr).await;
+            let marker = format!("m{round}");
+            let (mut resets, mut synced, mut rows) = (0, 0, 0);
+            loop {
+                let f = recv(&mut ws).await;
+                match f["type"].as_str() {
+                    Some("reset") => {
+                        resets += 1;
+                        assert_eq!(synced, 0, "round {round}: a reset after synced: {f}");
+                    }
+                    Some("row") => rows += 1,
+                    Some("synced") => {
+                        synced += 1;
+                        assert_eq!(resets, 1, "round {round}: synced without one reset");
+                        // The round's resync is over: write the marker that ends it.
+                        origin
+                            .origin
+                            .publish("t", vec![Put::upsert(marker.clone(), "1")])
+                            .expect("publish marker");
+                    }
+                    Some("change") if f["key"] == marker.as_str() => break,
+                    Some("change") => rows += 1,
+                    Some("delete") => {}
+                    other => panic!("round {round}: unexpected frame {other:?}: {f}"),
+                }
+            }
+            assert_eq!((resets, synced), (1, 1), "round {round}");
+            assert!(
+                rows >= 600,
+                "round {round}: {rows} rows and changes after the reset"
+            );
+        }
+    })
+    .await
+}
