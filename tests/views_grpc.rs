@@ -232,3 +232,52 @@ async fn after_reads_a_view_after_the_write_that_fed_it() {
     })
     .await
 }
+
+/// The README's Python example through grpcio, a gRPC implementation other than ours: stubs
+/// generated from `proto/`, Publish at the origin, then the product page read with `after`,
+/// 20 times. Needs Python with grpcio and grpcio-tools (`VIEWCAR_TEST_PYTHON`, as .ci/run sets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
+    let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let has_grpc = std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpc {
+        missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
+        return;
+    }
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        demo::load(&origin.origin, SIZE, 3);
+        let cfg = demo::sidecar_config(origin.addr, loopback0());
+        let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
+        sidecar.synced().await;
+        let key = source(&sidecar, "product_page").keyspace().keys()[0].to_string();
+        let out = tempfile::tempdir().expect("temp dir");
+        let root = env!("CARGO_MANIFEST_DIR");
+        let args = vec![
+            format!("{root}/tests/interop/python_publish_read.py"),
+            format!("{root}/proto"),
+            out.path().display().to_string(),
+            origin.addr.to_string(),
+            sidecar.grpc_addr().to_string(),
+            key,
+        ];
+        let run = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python).args(&args).output()
+        })
+        .await
+        .expect("join")
+        .expect("run python");
+        assert!(
+            run.status.success() && String::from_utf8_lossy(&run.stdout).contains("ok"),
+            "{:?}\n{}\n{}",
+            run.status,
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        sidecar.shutdown().await;
+    })
+    .await
+}
