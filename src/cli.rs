@@ -138,6 +138,33 @@ async fn cache_client(addr: &str) -> Result<cache::cache_client::CacheClient<Cha
         })
 }
 
+/// `viewcar check --probe`: each origin address and topic, reachable and served or why not.
+/// Exit 69 (EX_UNAVAILABLE) when anything is not.
+pub async fn probe(cfg: &crate::SidecarConfig) -> ExitCode {
+    println!("probe:");
+    let findings = crate::feed::probe::probe(cfg).await;
+    let mut bad = 0;
+    for f in &findings {
+        let what = match &f.topic {
+            Some(t) => format!("origin {} ({}) topic {t}", f.origin, f.address),
+            None => format!("origin {} ({})", f.origin, f.address),
+        };
+        match &f.problem {
+            None => println!("  ok    {what}"),
+            Some(p) => {
+                bad += 1;
+                println!("  FAIL  {what}: {p}");
+            }
+        }
+    }
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("viewcar: {bad} probe(s) failed");
+        ExitCode::from(69)
+    }
+}
+
 /// Prints what the sidecar refused and returns failure.
 fn failed(s: tonic::Status) -> ExitCode {
     eprintln!("viewcar: {}: {}", s.code(), s.message());

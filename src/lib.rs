@@ -62,6 +62,7 @@ pub mod demo;
 mod sidecar;
 
 pub use config::{ConfigError, OriginConfig, SidecarConfig};
+pub use feed::probe::{probe as probe_origins, Finding as ProbeFinding};
 pub use feed::FeedStats;
 pub use origin::{OpenError, Origin, Put, StoreError};
 pub use readiness::Readiness;

@@ -52,8 +52,16 @@ enum Command {
     #[command(after_help = SIDECAR_AFTER_HELP)]
     Sidecar(SidecarArgs),
     /// Validate a sidecar config (with the same overrides as `sidecar`) and print its sources;
-    /// exit 0 or 64.
-    Check(SidecarArgs),
+    /// exit 0 or 64. With --probe, also dial each origin and ask for each topic (exit 69 if
+    /// one is unreachable or lacks a topic).
+    Check {
+        #[command(flatten)]
+        args: SidecarArgs,
+        /// Dial every origin address as the sidecar would (timeouts, TLS) and check that it
+        /// serves each configured topic.
+        #[arg(long)]
+        probe: bool,
+    },
     /// Read one key from a sidecar and print its value.
     Get {
         source: String,
@@ -300,7 +308,7 @@ async fn run(command: Command) -> ExitCode {
             Ok(cfg) => cli::run_sidecar(cfg).await,
             Err(e) => usage(e),
         },
-        Command::Check(args) if cli::is_origin_config(&args.config) => {
+        Command::Check { args, .. } if cli::is_origin_config(&args.config) => {
             match OriginConfig::load(&args.config) {
                 Ok(cfg) => {
                     print!("{}", viewcar::config::describe_origin(&cfg));
@@ -309,11 +317,15 @@ async fn run(command: Command) -> ExitCode {
                 Err(e) => usage(e),
             }
         }
-        Command::Check(args) => match args.load() {
+        Command::Check { args, probe } => match args.load() {
             Ok(cfg) => {
                 print!("{}", viewcar::config::describe(&cfg));
                 print!("{}", viewcar::views::describe(&cfg.views));
-                ExitCode::SUCCESS
+                if probe {
+                    cli::probe(&cfg).await
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(e) => usage(e),
         },

@@ -286,3 +286,97 @@ async fn the_commands_the_demo_prints_work_with_the_binary_alone() {
     assert!(!grpcurl.contains("-proto"), "{grpcurl}");
     assert!(text.contains("websocat ws://"), "{text}");
 }
+
+/// `viewcar check --probe` dials each origin as the sidecar would and asks for each topic:
+/// a mistyped topic, an address where nothing listens and a port that serves the Cache API
+/// instead of Feed are each named with their cause (exit 69); a config whose origins serve
+/// every topic passes (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_probe_names_unreachable_origins_and_missing_topics() {
+    within(async {
+        let o = TestOrigin::start(viewcar::OriginConfig {
+            topics: vec!["orders".into(), "users".into()],
+            ..origin_config()
+        })
+        .await;
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let cache_port = common::start_sidecar(common::sidecar_config(&o.url(), &["users"])).await;
+        let dir = TempDir::new("probe");
+        let write = |name: &str, origins: &str| {
+            dir.write(
+                name,
+                &format!("[listen]\ngrpc = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n{origins}"),
+            )
+        };
+        let bad = write(
+            "bad.toml",
+            &format!(
+                r#"
+[[origin]]
+name = "shop"
+address = "{}"
+topics = ["order", "users"]
+
+[[origin]]
+name = "gone"
+address = "http://{refused}"
+topics = ["x"]
+
+[[origin]]
+name = "wrong"
+address = "http://{}"
+topics = ["y"]
+"#,
+                o.url(),
+                cache_port.grpc_addr()
+            ),
+        );
+        let good = write(
+            "good.toml",
+            &format!(
+                "[[origin]]\nname = \"shop\"\naddress = \"{}\"\ntopics = [\"orders\", \"users\"]\n",
+                o.url()
+            ),
+        );
+        let run = |config: std::path::PathBuf| {
+            tokio::task::spawn_blocking(move || {
+                let mut cmd = viewcar();
+                cmd.args(["check", "--probe", "--config"]).arg(config);
+                cmd.output().expect("run check")
+            })
+        };
+        let out = run(bad).await.expect("join");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(69), "{stdout}\n{out:?}");
+        let probed = stdout.split("probe:").nth(1).unwrap_or_default();
+        let line = |needle: &str| {
+            probed
+                .lines()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no line with {needle:?} in\n{stdout}"))
+                .to_string()
+        };
+        assert!(line("topic users").contains("ok"), "{stdout}");
+        let order = line("topic order:");
+        assert!(
+            order.contains("FAIL") && order.contains("no topic named 'order'"),
+            "{order}"
+        );
+        let gone = line("origin gone");
+        assert!(
+            gone.contains("FAIL") && gone.contains("connection refused"),
+            "{gone}"
+        );
+        let wrong = line("origin wrong");
+        assert!(
+            wrong.contains("FAIL") && wrong.contains("does not serve the Feed API"),
+            "{wrong}"
+        );
+        let out = run(good).await.expect("join");
+        assert!(out.status.success(), "{out:?}");
+    })
+    .await
+}

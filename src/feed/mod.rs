@@ -30,6 +30,7 @@ use crate::store::{Fetched, Fetcher, OnDemand, Source};
 use crate::types::redact_address;
 use crate::writer::{BatchChange, SnapEntry, Step};
 
+pub mod probe;
 #[cfg(any(test, feature = "fuzzing"))]
 mod replay;
 #[cfg(any(test, feature = "fuzzing"))]
