@@ -380,3 +380,180 @@ topics = ["y"]
     })
     .await
 }
+
+/// The three silent view mistakes, each visible: an include keyed by a field no row has
+/// (`usr_id` for `user_id`), a `where` comparing a bare word (`status == paid`), a `group_by`
+/// on a field no row has; plus an include whose keys find no rows. Each is a warning in the
+/// log (with a "did you mean" where a field is close), counters in `/status` and `/metrics`,
+/// and an empty view is logged after its first build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_view_mistakes_are_logged_and_counted() {
+    within(async {
+        let o = TestOrigin::start(origin_config()).await;
+        let orders: Vec<_> = (0..8)
+            .map(|i| {
+                put(
+                    &format!("o{i}"),
+                    &format!(
+                        r#"{{"user_id":"u{}","shop_id":"nope{i}","status":"paid","total":{i}}}"#,
+                        i % 3
+                    ),
+                )
+            })
+            .collect();
+        o.origin.publish("orders", orders).unwrap();
+        o.origin
+            .publish(
+                "users",
+                vec![
+                    put("u0", r#"{"name":"Ann"}"#),
+                    put("u1", r#"{"name":"Bo"}"#),
+                    put("u2", r#"{"name":"Cy"}"#),
+                ],
+            )
+            .unwrap();
+        o.origin
+            .publish("shops", vec![put("s1", r#"{"name":"Corner"}"#)])
+            .unwrap();
+        let dir = TempDir::new("view-mistakes");
+        let config = dir.write(
+            "viewcar.toml",
+            &format!(
+                r#"
+[listen]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+
+[[origin]]
+name = "shop"
+address = "{}"
+topics = ["orders", "users", "shops"]
+
+[[view]]
+name = "order_page"
+from = "orders"
+[view.include]
+user = {{ source = "users", key = "usr_id" }}
+shop = {{ source = "shops", key = "shop_id" }}
+
+[[view]]
+name = "paid_orders"
+from = "orders"
+where = "status == paid"
+
+[[view]]
+name = "orders_by_user"
+from = "orders"
+group_by = "userid"
+"#,
+                o.url()
+            ),
+        );
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "sidecar", "--config"])
+            .arg(&config);
+        let (_sidecar, mut log) = spawn(cmd);
+        // Every warning, in whatever order the views are built: some may come before the
+        // sidecar says it started.
+        let mut seen: Vec<serde_json::Value> = Vec::new();
+        let started = loop {
+            let line = log.recv().await.expect("log ended before the start");
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "sidecar started" {
+                break v;
+            }
+            if v["level"] == "WARN" {
+                seen.push(v);
+            }
+        };
+        let http = addr(&started, "http");
+        let wanted = [
+            "include key finds no field in most rows",
+            "include key finds no row of its source in most rows",
+            "where compares 'paid' as a field",
+            "view is empty after its first build",
+        ];
+        let empty_views = |seen: &[serde_json::Value]| {
+            seen.iter()
+                .filter(|v| {
+                    v["fields"]["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("view is empty")
+                })
+                .count()
+        };
+        while !wanted.iter().all(|w| {
+            seen.iter()
+                .any(|v| v["fields"]["message"].as_str().unwrap_or("").contains(w))
+        }) || empty_views(&seen) < 2
+        {
+            let line = log.recv().await.expect("log ended before every warning");
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["level"] == "WARN" {
+                    seen.push(v);
+                }
+            }
+        }
+        let find = |w: &str| {
+            seen.iter()
+                .find(|v| v["fields"]["message"].as_str().unwrap_or("").contains(w))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let key = find("include key finds no field");
+        assert_eq!(key["fields"]["view"], "order_page", "{key}");
+        assert_eq!(key["fields"]["include"], "user", "{key}");
+        assert!(
+            key["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("did you mean 'user_id'"),
+            "{key}"
+        );
+        let lookup = find("finds no row of its source");
+        assert_eq!(lookup["fields"]["include"], "shop", "{lookup}");
+        assert_eq!(lookup["fields"]["source"], "shops", "{lookup}");
+        let empty: Vec<&str> = seen
+            .iter()
+            .filter(|v| {
+                v["fields"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("view is empty")
+            })
+            .filter_map(|v| v["fields"]["view"].as_str())
+            .collect();
+        assert!(
+            empty.contains(&"paid_orders") && empty.contains(&"orders_by_user"),
+            "{empty:?}"
+        );
+
+        let status: serde_json::Value =
+            serde_json::from_str(&get(http, "/status").await.body).unwrap();
+        let page = status["views"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "order_page"))
+            .cloned()
+            .unwrap_or_default();
+        let include = |name: &str| {
+            page["includes"]
+                .as_array()
+                .and_then(|v| v.iter().find(|i| i["name"] == name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(include("user")["key_missing"], 8, "{page}");
+        assert_eq!(include("shop")["lookup_missing"], 8, "{page}");
+        let metrics = get(http, "/metrics").await.body;
+        assert!(
+            metrics.contains(
+                r#"viewcar_view_include_key_missing_total{view="order_page",include="user"} 8"#
+            ),
+            "{metrics}"
+        );
+    })
+    .await
+}

@@ -180,6 +180,12 @@ impl Admin {
                     "changes": load(&s.changes),
                     "kept_last_good": load(&s.kept),
                     "stale_rows": load(&s.stale),
+                    "includes": s.includes.iter().map(|(i, st)| json!({
+                        "name": i,
+                        "lookups": load(&st.evaluated),
+                        "key_missing": load(&st.key_missing),
+                        "lookup_missing": load(&st.lookup_missing),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -506,6 +506,34 @@ impl Collector for Parts {
             "View rows kept at their last good value because an input was not JSON",
             view(&|s| counter(&s.kept)),
         )?;
+        let include = |f: &dyn Fn(&crate::views::IncludeStats) -> ConstCounter<u64>| {
+            self.views
+                .iter()
+                .flat_map(|(n, s)| {
+                    s.includes.iter().map(move |(i, st)| {
+                        (vec![("view", n.as_str()), ("include", i.as_str())], f(st))
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "view_include_lookups",
+            "Lookups of a declared view's include (each computation of a row)",
+            include(&|s| counter(&s.evaluated)),
+        )?;
+        family(
+            e,
+            "view_include_key_missing",
+            "Include lookups whose key expression found no field in the row (the include is null)",
+            include(&|s| counter(&s.key_missing)),
+        )?;
+        family(
+            e,
+            "view_include_lookup_missing",
+            "Include lookups whose key found no row of the source (the include is null)",
+            include(&|s| counter(&s.lookup_missing)),
+        )?;
 
         let queues = self.hub.queues();
         let (mut watch, mut ws) = (0u64, 0u64);

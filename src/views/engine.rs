@@ -151,6 +151,10 @@ impl Engine {
                 Compute::Group(_) => true,
                 Compute::Declared(d) => d.grouped(),
             };
+            let includes = match &v.compute {
+                Compute::Declared(d) => d.include_stats(),
+                _ => Vec::new(),
+            };
             states.push(ViewState {
                 grouped,
                 name: source.name().clone(),
@@ -167,7 +171,10 @@ impl Engine {
                 groups: HashMap::new(),
                 dirty_groups: HashSet::new(),
                 version: 0,
-                stats: Arc::new(ViewStats::default()),
+                stats: Arc::new(ViewStats {
+                    includes,
+                    ..ViewStats::default()
+                }),
                 lazy,
             });
         }
@@ -254,6 +261,18 @@ impl Engine {
                 }
                 if v.inputs.iter().all(|s| s.is_synced()) {
                     v.source.mark_synced();
+                    // A view left empty by its first build over inputs that have rows is
+                    // almost always a mistake (a `where` or `group_by` that matches nothing).
+                    let from_rows = self.sources[v.from].len();
+                    if v.lazy.is_none() && v.source.is_empty() && from_rows > 0 {
+                        tracing::warn!(
+                            view = %v.name,
+                            from = %v.from_name,
+                            from_rows,
+                            recomputed = v.stats.recomputes.load(Ordering::Relaxed),
+                            "view is empty after its first build although its from has rows: check its where, group_by and includes"
+                        );
+                    }
                 } else {
                     self.pending_sync = true;
                 }

@@ -223,6 +223,28 @@ impl Filter {
         }
     }
 
+    /// Bare words compared with something (`status == paid`: `status` and `paid`): each is
+    /// read as a field, which is what the writer meant unless it was meant as text.
+    pub(crate) fn compared_fields<'a>(&'a self, f: &mut impl FnMut(&'a Path)) {
+        match self {
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                a.compared_fields(f);
+                b.compared_fields(f);
+            }
+            Filter::Not(a) => a.compared_fields(f),
+            Filter::Has(_) | Filter::Truthy(_) => {}
+            Filter::Compare(a, _, b) => {
+                for o in [a, b] {
+                    if let Operand::Field(p) = o {
+                        if p.0.len() == 1 {
+                            f(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     pub(crate) fn matches(&self, row: &Map<String, Value>) -> bool {
         match self {
             Filter::And(a, b) => a.matches(row) && b.matches(row),

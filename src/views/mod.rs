@@ -306,6 +306,23 @@ pub struct ViewStats {
     pub kept: AtomicU64,
     /// Rows held at their last good value now: stale until the bad input is fixed or deleted.
     pub stale: AtomicU64,
+    /// Per include of a declared view (in declaration order): how its lookups went.
+    pub includes: Vec<(String, Arc<IncludeStats>)>,
+}
+
+/// How the lookups of one include of a declared view went: a key expression that finds no
+/// field, or a key that finds no row, leaves the include `null` without any error, so these
+/// counters (in `/metrics` and `/status`) and a warning are how such a mistake shows.
+#[derive(Debug, Default)]
+pub struct IncludeStats {
+    /// Rows whose include key was evaluated (each computation of a row).
+    pub evaluated: AtomicU64,
+    /// ... of which the key expression found no field (or a null) in the row.
+    pub key_missing: AtomicU64,
+    /// ... of which the source had no row at the key.
+    pub lookup_missing: AtomicU64,
+    /// The "most rows miss" warning was logged (once per include).
+    pub(crate) warned: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) type SourceId = usize;
@@ -388,6 +405,11 @@ impl<'a> Lookup<'a> {
                 Ok(None)
             }
         }
+    }
+
+    /// Reads of inputs that are not held yet, so far (an on_demand input: not a miss).
+    pub(crate) fn pending(&self) -> usize {
+        self.missing.len()
     }
 
     fn not_json(&self, slot: usize, key: &str, e: serde_json::Error) -> RowError {

@@ -3,10 +3,12 @@
 
 use serde_json::{Map, Value};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::expr::{key_text, Filter, KeyExpr, Path};
-use super::{Lookup, RowError, View};
+use super::{IncludeStats, Lookup, RowError, View};
 use crate::config::ViewSpec;
 use crate::types::{check_on_demand_budget, Mode, DEFAULT_ON_DEMAND_BYTES};
 
@@ -58,6 +60,10 @@ impl ViewSpec {
                 slot,
                 key,
                 parse: true,
+                view: self.name.clone(),
+                source: inc.source.clone(),
+                key_text: inc.key.clone(),
+                stats: Arc::new(IncludeStats::default()),
             });
         }
         let select = match &self.select {
@@ -109,6 +115,17 @@ impl ViewSpec {
         for (inc, parse) in includes.iter_mut().zip(parse) {
             inc.parse = parse;
         }
+        let mut bare: Vec<(String, std::sync::atomic::AtomicU64)> = Vec::new();
+        if let Some(f) = &filter {
+            f.compared_fields(&mut |p| {
+                let name = p.first().to_string();
+                // An include is a field every row has (null or not).
+                if !includes.iter().any(|i| i.name == name) && !bare.iter().any(|(b, _)| *b == name)
+                {
+                    bare.push((name, Default::default()));
+                }
+            });
+        }
         let view = View::declared(
             &self.name,
             &self.from,
@@ -117,6 +134,12 @@ impl ViewSpec {
                 includes,
                 select,
                 group_by,
+                filter_check: FilterCheck {
+                    view: self.name.clone(),
+                    rows: Default::default(),
+                    bare,
+                    warned: Default::default(),
+                },
             },
         );
         let view = view.reading(reads).described(self.describe_body());
@@ -182,6 +205,95 @@ struct Included {
     key: KeyExpr,
     /// Something reads into this include (a later key, the filter, group_by or select).
     parse: bool,
+    /// For the diagnostics: the view, the source read and the key as written.
+    view: String,
+    source: String,
+    key_text: String,
+    stats: Arc<IncludeStats>,
+}
+
+/// Misses before "most rows miss" is judged: fewer say little.
+const WARN_AFTER_MISSES: u64 = 5;
+
+impl Included {
+    /// Counts one lookup (`found`: the key expression's value, and whether the source had a
+    /// row there; `None` while an on_demand input is being fetched) and, the first time most
+    /// lookups have missed, logs why with what the row does have.
+    fn count(&self, row: &Map<String, Value>, key: Option<&str>, found: Option<bool>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(found) = found else { return };
+        let st = &self.stats;
+        let evaluated = st.evaluated.fetch_add(1, Relaxed) + 1;
+        let (missed, what) = match key {
+            None => (st.key_missing.fetch_add(1, Relaxed) + 1, "no field"),
+            Some(_) if !found => (st.lookup_missing.fetch_add(1, Relaxed) + 1, "no row"),
+            Some(_) => return,
+        };
+        if missed < WARN_AFTER_MISSES || missed * 2 <= evaluated || st.warned.swap(true, Relaxed) {
+            return;
+        }
+        if what == "no field" {
+            let fields: Vec<&str> = row.keys().map(String::as_str).collect();
+            let wanted: Vec<&str> = self.key.paths().map(Path::first).collect();
+            let hint = wanted
+                .iter()
+                .filter(|w| !row.contains_key(**w))
+                .find_map(|w| did_you_mean(w, &fields).map(|m| format!("; did you mean '{m}'?")))
+                .unwrap_or_default();
+            tracing::warn!(
+                view = %self.view,
+                include = %self.name,
+                key = %self.key_text,
+                missed,
+                of = evaluated,
+                fields = %fields.join(", "),
+                "include key finds no field in most rows: the include is null in them{hint}"
+            );
+        } else {
+            tracing::warn!(
+                view = %self.view,
+                include = %self.name,
+                key = %self.key_text,
+                source = %self.source,
+                missed,
+                of = evaluated,
+                example = %key.unwrap_or_default(),
+                "include key finds no row of its source in most rows: the include is null in them"
+            );
+        }
+    }
+}
+
+/// The field of `fields` closest to `wanted` (edit distance at most 2, or one contains the
+/// other ignoring `_`), if any.
+fn did_you_mean<'a>(wanted: &str, fields: &[&'a str]) -> Option<&'a str> {
+    let squash = |s: &str| s.replace('_', "").to_ascii_lowercase();
+    let w = squash(wanted);
+    fields
+        .iter()
+        .map(|f| {
+            let d = edit_distance(wanted, f);
+            let close = d <= 2 || squash(f) == w || (w.len() >= 3 && squash(f).contains(&w));
+            (close, d, *f)
+        })
+        .filter(|(close, _, _)| *close)
+        .min_by_key(|(_, d, _)| *d)
+        .map(|(_, _, f)| f)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// A compiled declaration: includes, then the filter, then the group key and the selection.
@@ -190,11 +302,57 @@ pub(crate) struct Declared {
     includes: Vec<Included>,
     select: Option<Vec<(Path, String)>>,
     group_by: Option<Path>,
+    filter_check: FilterCheck,
+}
+
+/// Watches the bare words a `where` compares (`status == paid`): one that no row has as a
+/// field was most likely meant as text, and the filter silently matches nothing.
+struct FilterCheck {
+    view: String,
+    rows: std::sync::atomic::AtomicU64,
+    /// Each bare word, and in how many rows it was absent.
+    bare: Vec<(String, std::sync::atomic::AtomicU64)>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl FilterCheck {
+    fn count(&self, row: &Map<String, Value>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.bare.is_empty() || self.warned.load(Relaxed) {
+            return;
+        }
+        let rows = self.rows.fetch_add(1, Relaxed) + 1;
+        for (word, absent) in &self.bare {
+            let absent = if row.contains_key(word) {
+                absent.load(Relaxed)
+            } else {
+                absent.fetch_add(1, Relaxed) + 1
+            };
+            if rows >= WARN_AFTER_MISSES && absent == rows && !self.warned.swap(true, Relaxed) {
+                let fields: Vec<&str> = row.keys().map(String::as_str).collect();
+                tracing::warn!(
+                    view = %self.view,
+                    field = %word,
+                    rows,
+                    fields = %fields.join(", "),
+                    "where compares '{word}' as a field, and no row has it: if it is text, quote it ('{word}')"
+                );
+            }
+        }
+    }
 }
 
 impl Declared {
     pub(crate) fn grouped(&self) -> bool {
         self.group_by.is_some()
+    }
+
+    /// The counters of each include, in declaration order.
+    pub(crate) fn include_stats(&self) -> Vec<(String, Arc<IncludeStats>)> {
+        self.includes
+            .iter()
+            .map(|i| (i.name.clone(), i.stats.clone()))
+            .collect()
     }
 
     /// The serialized row built from `value`, with its group key when grouped; `None` when
@@ -220,19 +378,28 @@ impl Declared {
         for inc in &self.includes {
             let existing = row.contains_key(&inc.name);
             if inc.parse {
-                let v = match inc.key.eval(&row) {
-                    Some(k) => lookup.get_slot(inc.slot, &k)?.unwrap_or(Value::Null),
-                    None => Value::Null,
+                let pending = lookup.pending();
+                let k = inc.key.eval(&row);
+                let v = match &k {
+                    Some(k) => lookup.get_slot(inc.slot, k)?,
+                    None => None,
                 };
+                let found = (lookup.pending() == pending).then_some(v.is_some());
+                inc.count(&row, k.as_deref(), found);
+                let v = v.unwrap_or(Value::Null);
                 if !existing {
                     tail.push(Tail::Parsed(&inc.name));
                 }
                 row.insert(inc.name.clone(), v);
             } else {
-                let b = match inc.key.eval(&row) {
-                    Some(k) => lookup.raw_slot(inc.slot, &k)?,
+                let pending = lookup.pending();
+                let k = inc.key.eval(&row);
+                let b = match &k {
+                    Some(k) => lookup.raw_slot(inc.slot, k)?,
                     None => None,
                 };
+                let found = (lookup.pending() == pending).then_some(b.is_some());
+                inc.count(&row, k.as_deref(), found);
                 if existing {
                     row.insert(inc.name.clone(), Value::Null);
                     if let Some(b) = b {
@@ -244,6 +411,7 @@ impl Declared {
             }
         }
         if let Some(f) = &self.filter {
+            self.filter_check.count(&row);
             if !f.matches(&row) {
                 return Ok(None);
             }
