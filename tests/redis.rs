@@ -681,6 +681,57 @@ async fn resp2_tracking_redirects_invalidations_to_a_subscribed_connection() {
     assert!(gone.to_string().contains("does not exist"), "{gone}");
 }
 
+/// `NODE_PATH` for the ioredis interop test: `VIEWCAR_TEST_NODE_PATH` (.ci/run installs ioredis
+/// there) or the environment's, if `node` finds ioredis with it.
+fn node_with_ioredis() -> Option<String> {
+    let path = std::env::var("VIEWCAR_TEST_NODE_PATH")
+        .or_else(|_| std::env::var("NODE_PATH"))
+        .unwrap_or_default();
+    std::process::Command::new("node")
+        .args(["-e", "require('ioredis')"])
+        .env("NODE_PATH", &path)
+        .output()
+        .is_ok_and(|o| o.status.success())
+        .then_some(path)
+}
+
+/// ioredis (Node.js), a client we did not write, connects without an error or a warning
+/// and reads: GET, MGET, a pipeline, SCAN; a write is refused READONLY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ioredis_connects_and_reads() {
+    let Some(node_path) = node_with_ioredis() else {
+        ws_support::common::missing("node with ioredis (npm install ioredis)");
+        return;
+    };
+    let s = start(&["products"], RedisConfig::default()).await;
+    let v = s.put(
+        "products",
+        &[("p1", json!({"name": "one"})), ("p2", json!(2))],
+    );
+    s.applied("products", v).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/ioredis_read.js");
+    let port = addr(&s).port().to_string();
+    let out = within(
+        "ioredis",
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("node")
+                .args([script, &port])
+                .env("NODE_PATH", node_path)
+                .output()
+        }),
+    )
+    .await
+    .expect("join")
+    .expect("run node");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{:?}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The Python interpreter with redis-py for the interop test: `VIEWCAR_TEST_PYTHON` (.ci/run
 /// sets it to a venv of its own) or `python3`, if it has redis-py with its client-side cache.
 fn python_with_redis_py() -> Option<String> {
