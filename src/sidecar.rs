@@ -124,6 +124,23 @@ async fn housekeeping(store: Arc<Store>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Samples the status page's history until shutdown.
+async fn sample_history(
+    history: Arc<crate::serve::admin::History>,
+    store: Arc<Store>,
+    started: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(crate::serve::admin::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => history.sample(&store, started),
+            _ = crate::signalled(&mut shutdown) => return,
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
@@ -476,6 +493,7 @@ impl Sidecar {
             shutdown_rx.clone(),
             ws_stats.clone(),
         );
+        let history = Arc::new(crate::serve::admin::History::default());
         let admin = Admin {
             metrics,
             readiness: readiness.clone(),
@@ -485,7 +503,14 @@ impl Sidecar {
             views: view_list,
             ws: ws_stats.clone(),
             started: Instant::now(),
+            history: history.clone(),
         };
+        tasks.push(tokio::spawn(sample_history(
+            history,
+            store.clone(),
+            admin.started,
+            shutdown_rx.clone(),
+        )));
         tasks.push(serve_http(&cfg, http_listener, ws, admin, &shutdown_rx));
         if store.sources().iter().any(|s| s.is_on_demand()) {
             tasks.push(tokio::spawn(housekeeping(

@@ -1,6 +1,7 @@
 //! The status page in a real headless Chromium (Debian's `chromium`), driven over the DevTools
-//! protocol: against a running demo catalog, the sources table fills and a change published to
-//! `prices` appears in the live tail. Without Chromium the test says so and passes.
+//! protocol: against a running demo catalog, the sources table fills, a change published to
+//! `prices` appears in the live tail, the sparklines show prices moving, and the view graph
+//! is drawn with an edge per view input. Without Chromium the test says so and passes.
 //!
 //! The page has no event a test can wait on, so the DOM is polled with `Runtime.evaluate`
 //! every 50 ms, bounded by a deadline.
@@ -260,6 +261,60 @@ async fn status_page_fills_and_tails_changes_in_chromium() {
                     li.dataset.type === "change"
                     && li.querySelector(".key").textContent === "{key}"
                     && li.textContent.includes("424242"))"##
+            ),
+        )
+        .await;
+
+        // What moves: prices' versions/s sparkline rises once its changes span two samples of
+        // the history (taken every 2 s); every source has both sparklines.
+        for i in 0..5 {
+            origin
+                .publish(
+                    "prices",
+                    vec![Put::upsert(demo::product_id(i), r##"{"amount":1}"##)],
+                )
+                .unwrap();
+        }
+        cdp.wait_for(
+            "sparklines for every source, prices' versions/s above 0",
+            &format!(
+                r##"(() => {{
+                    const rows = document.querySelectorAll("#sources tbody tr");
+                    const prices = document.querySelector('#sources tr[data-source="prices"] svg.spark.rate');
+                    return rows.length === {sources}
+                        && [...rows].every(r => r.querySelectorAll("svg.spark").length === 2)
+                        && prices !== null && Number(prices.dataset.max) > 0
+                        && prices.querySelector("polyline") !== null;
+                }})()"##
+            ),
+        )
+        .await;
+        // The view graph: a node per view and per topic a view reads, an edge per input.
+        let status: Value =
+            serde_json::from_str(&ops_support::get(sidecar.http_addr(), "/status").await.body)
+                .expect("status JSON");
+        let views = status["views"].as_array().expect("views").clone();
+        let edges: usize = views
+            .iter()
+            .map(|v| v["inputs"].as_array().map_or(0, |i| i.len()))
+            .sum();
+        assert!(edges >= 7, "{views:?}");
+        let page_inputs = views
+            .iter()
+            .find(|v| v["name"] == "product_page")
+            .and_then(|v| v["inputs"].as_array())
+            .map_or(0, |i| i.len());
+        cdp.wait_for(
+            "the view graph with every view and edge",
+            &format!(
+                r##"(() => {{
+                    const g = document.getElementById("graph");
+                    return g.querySelectorAll("line").length === {edges}
+                        && g.querySelectorAll('line[data-to="product_page"]').length === {page_inputs}
+                        && g.querySelector('g.node[data-name="product_page"] rect.view') !== null
+                        && g.querySelector('g.node[data-name="prices"] rect.topic') !== null
+                        && Number(g.getAttribute("width")) > 0;
+                }})()"##
             ),
         )
         .await;

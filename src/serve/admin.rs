@@ -34,6 +34,61 @@ pub(crate) struct OriginInfo {
     pub stats: Arc<FeedStats>,
 }
 
+/// How often the status page's history is sampled, and how many samples are kept (3 min).
+pub(crate) const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const SAMPLES: usize = 90;
+
+/// Every source's version and staleness, sampled every [`SAMPLE_EVERY`]: the status page draws
+/// what moves (versions applied per second) and what is stuck (staleness) from it.
+#[derive(Default)]
+pub(crate) struct History {
+    samples: std::sync::Mutex<std::collections::VecDeque<Sample>>,
+}
+
+/// (ms since start, per source in store order: (version, staleness ms)).
+type Sample = (u64, Vec<(u64, u64)>);
+
+impl History {
+    pub(crate) fn sample(&self, store: &Store, started: Instant) {
+        let at = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let row = store
+            .sources()
+            .iter()
+            .map(|s| (s.version(), s.staleness_ms()))
+            .collect();
+        let mut q = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        q.push_back((at, row));
+        while q.len() > SAMPLES {
+            q.pop_front();
+        }
+    }
+
+    /// Per source: versions applied per second between samples (0 across a new epoch, whose
+    /// versions start over) and the staleness at each sample.
+    fn json(&self, store: &Store) -> Value {
+        let q = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let sources: Vec<Value> = store
+            .sources()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let rate: Vec<f64> = q
+                    .iter()
+                    .zip(q.iter().skip(1))
+                    .map(|((t0, a), (t1, b))| {
+                        let (v0, v1) = (a.get(i).map_or(0, |x| x.0), b.get(i).map_or(0, |x| x.0));
+                        let secs = (t1.saturating_sub(*t0) as f64 / 1000.0).max(1e-3);
+                        (v1.saturating_sub(v0) as f64 / secs * 10.0).round() / 10.0
+                    })
+                    .collect();
+                let staleness: Vec<u64> = q.iter().map(|(_, r)| r.get(i).map_or(0, |x| x.1)).collect();
+                json!({ "name": s.name().as_ref(), "versions_per_s": rate, "staleness_ms": staleness })
+            })
+            .collect();
+        json!({ "interval_ms": SAMPLE_EVERY.as_millis() as u64, "sources": sources })
+    }
+}
+
 /// What the admin endpoints read.
 pub(crate) struct Admin {
     pub metrics: Metrics,
@@ -44,6 +99,7 @@ pub(crate) struct Admin {
     pub views: Vec<(String, Arc<ViewStats>)>,
     pub ws: Arc<WsStats>,
     pub started: Instant,
+    pub history: Arc<History>,
 }
 
 pub(crate) fn router(admin: Arc<Admin>) -> Router {
@@ -178,6 +234,7 @@ impl Admin {
                     "recomputes": load(&s.recomputes),
                     "row_errors": load(&s.errors),
                     "changes": load(&s.changes),
+                    "inputs": self.store.source(name).map(|v| v.input_names()).unwrap_or_default().iter().map(|n| n.as_ref()).collect::<Vec<_>>(),
                     "kept_last_good": load(&s.kept),
                     "stale_rows": load(&s.stale),
                     "includes": s.includes.iter().map(|(i, st)| json!({
@@ -202,6 +259,7 @@ impl Admin {
             "sources": sources,
             "origins": origins,
             "views": views,
+            "history": self.history.json(&self.store),
             "subscribers": {
                 "watch": queues.iter().filter(|q| !q.label.starts_with("ws")).count(),
                 "ws": queues.iter().filter(|q| q.label.starts_with("ws")).count(),

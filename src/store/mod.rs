@@ -394,6 +394,11 @@ impl Source {
         &self.name
     }
 
+    /// For a view: the names of the sources it reads directly (its `from` and includes).
+    pub fn input_names(&self) -> Vec<Arc<str>> {
+        self.inputs.iter().map(|s| s.name().clone()).collect()
+    }
+
     pub fn kind(&self) -> &SourceKind {
         &self.kind
     }
