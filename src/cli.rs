@@ -252,7 +252,7 @@ pub async fn sources(addr: &str) -> ExitCode {
             .await
             .map_err(failed)?;
         println!(
-            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}",
+            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}  last_error",
             "source",
             "kind",
             "mode",
@@ -262,11 +262,11 @@ pub async fn sources(addr: &str) -> ExitCode {
             "synced",
             "connected",
             "stale_ms",
-            "lag_ms"
+            "lag_ms",
         );
         for s in resp.into_inner().sources {
             println!(
-                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}",
+                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}  {}",
                 s.name,
                 s.kind,
                 s.mode,
@@ -276,7 +276,12 @@ pub async fn sources(addr: &str) -> ExitCode {
                 s.synced,
                 s.connected,
                 s.staleness_ms,
-                s.upstream_lag_ms
+                s.upstream_lag_ms,
+                if s.last_error.is_empty() {
+                    "-"
+                } else {
+                    &s.last_error
+                }
             );
         }
         Outcome::Ok(ExitCode::SUCCESS)

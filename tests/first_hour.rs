@@ -184,6 +184,31 @@ topics = ["b"]
         }
         let line = log_line(&mut log, "feed disconnected").await;
         assert!(line["fields"]["cause"].as_str().is_some(), "{line}");
+        // `viewcar sources` says it too, with the connected column.
+        let grpc = addr(&started, "grpc").to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            viewcar()
+                .args(["sources", "--addr", &grpc])
+                .output()
+                .expect("run sources")
+        })
+        .await
+        .expect("join");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            text.lines().next().unwrap_or("").contains("last_error"),
+            "{text}"
+        );
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("no row {name} in\n{text}"))
+                .to_string()
+        };
+        assert!(row("a").contains("connection refused"), "{text}");
+        assert!(row("b").contains("wrong protocol"), "{text}");
+        assert!(row("a").contains("false"), "connected false: {text}");
     })
     .await
 }

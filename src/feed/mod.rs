@@ -312,6 +312,12 @@ impl FeedClient {
                 Err(e) => {
                     let cause = cause(&e);
                     self.stats.set_last_error(cause.clone());
+                    for t in self.topics.values() {
+                        t.source.set_last_error(&cause);
+                    }
+                    for k in self.keyed.values() {
+                        k.source.set_last_error(&cause);
+                    }
                     warn!(origin = %self.spec.name, address = %redact_address(self.address()), %cause, error = %e, "feed disconnected")
                 }
                 Ok(()) => {}

@@ -333,6 +333,11 @@ impl pb::cache_server::Cache for CacheService {
                 bytes: s.bytes(),
                 upstream_lag_ms: s.upstream_lag().0,
                 upstream_lag_bytes: s.upstream_lag().1,
+                last_error: s
+                    .failure()
+                    .or_else(|| s.last_error())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
                 ..on_demand_status(s)
             })
             .collect();

@@ -255,6 +255,8 @@ pub struct Source {
     connected: AtomicBool,
     /// Why the origin refused this topic's subscription, while it does (retried with backoff).
     failure: ArcSwapOption<String>,
+    /// The cause of the feed's last failure.
+    last_error: ArcSwapOption<String>,
     /// Clock ms when the origin last confirmed this source current (0 = never).
     last_heard_ms: AtomicU64,
     /// How far the origin's copy trails what it follows (ms, bytes), as of its last Progress.
@@ -317,6 +319,7 @@ impl Source {
             synced: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             failure: ArcSwapOption::empty(),
+            last_error: ArcSwapOption::empty(),
             last_heard_ms: AtomicU64::new(0),
             upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
             live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
@@ -533,6 +536,19 @@ impl Source {
 
     pub(crate) fn set_failure(&self, reason: Option<String>) {
         self.failure.store(reason.map(Arc::new));
+    }
+
+    /// The cause of this source's feed's last failure (any source of one origin shares it);
+    /// for a view, the first of its inputs'.
+    pub fn last_error(&self) -> Option<Arc<String>> {
+        if !self.inputs.is_empty() {
+            return self.inputs.iter().find_map(|s| s.last_error());
+        }
+        self.last_error.load_full()
+    }
+
+    pub(crate) fn set_last_error(&self, cause: &str) {
+        self.last_error.store(Some(Arc::new(cause.to_string())));
     }
 
     pub fn is_connected(&self) -> bool {
