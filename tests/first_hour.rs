@@ -174,6 +174,9 @@ topics = ["b"]
                 assert!(wrong.contains("wrong protocol"), "{wrong}");
                 assert!(wrong.contains("Feed"), "{wrong}");
                 assert!(status["origins"][0]["last_error_at_ms"].as_u64().unwrap() > 0);
+                // Per topic too.
+                let topic_err = status["sources"][0]["last_error"].as_str().unwrap_or("");
+                assert!(topic_err.contains("connection refused"), "{status}");
                 break;
             }
             assert!(

@@ -233,11 +233,13 @@ async fn after_reads_a_view_after_the_write_that_fed_it() {
     .await
 }
 
-/// The README's Python example through grpcio, a gRPC implementation other than ours: stubs
+/// The README's Python example through grpcio, a gRPC implementation other than ours, against
+/// the real binary (`viewcar demo`: its origin and sidecar, no generated changes): stubs
 /// generated from `proto/`, Publish at the origin, then the product page read with `after`,
 /// 20 times. Needs Python with grpcio and grpcio-tools (`VIEWCAR_TEST_PYTHON`, as .ci/run sets).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
+    use std::io::{BufRead, BufReader};
     let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
     let has_grpc = std::process::Command::new(&python)
         .args(["-c", "import grpc, grpc_tools"])
@@ -247,37 +249,70 @@ async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
         missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
         return;
     }
-    within(async {
-        let origin = TestOrigin::start(origin_config()).await;
-        demo::load(&origin.origin, SIZE, 3);
-        let cfg = demo::sidecar_config(origin.addr, loopback0());
-        let sidecar = Sidecar::start(cfg).await.expect("sidecar starts");
-        sidecar.synced().await;
-        let key = source(&sidecar, "product_page").keyspace().keys()[0].to_string();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let run = within(tokio::task::spawn_blocking(move || {
+        let mut demo = Kill(
+            viewcar()
+                .args([
+                    "demo",
+                    "--origin-listen",
+                    "127.0.0.1:0",
+                    "--grpc-listen",
+                    "127.0.0.1:0",
+                    "--http-listen",
+                    "127.0.0.1:0",
+                    "--products",
+                    "300",
+                    "--rate",
+                    "0",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start the demo"),
+        );
+        let out = demo.0.stdout.take().expect("stdout");
+        let (mut origin, mut sidecar) = (None, None);
+        for line in BufReader::new(out).lines() {
+            let line = line.expect("demo output");
+            if let Some(a) = line.trim().strip_prefix("origin  (Feed API)") {
+                origin = Some(a.trim().trim_start_matches("http://").to_string());
+            }
+            if let Some(a) = line.trim().strip_prefix("sidecar (Cache API)") {
+                sidecar = Some(a.trim().to_string());
+            }
+            if origin.is_some() && sidecar.is_some() {
+                break;
+            }
+        }
         let out = tempfile::tempdir().expect("temp dir");
         let root = env!("CARGO_MANIFEST_DIR");
         let args = vec![
             format!("{root}/tests/interop/python_publish_read.py"),
             format!("{root}/proto"),
             out.path().display().to_string(),
-            origin.addr.to_string(),
-            sidecar.grpc_addr().to_string(),
-            key,
+            origin.expect("the demo names its origin"),
+            sidecar.expect("the demo names its sidecar"),
+            "p00042".to_string(),
         ];
-        let run = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(python).args(&args).output()
-        })
-        .await
-        .expect("join")
-        .expect("run python");
-        assert!(
-            run.status.success() && String::from_utf8_lossy(&run.stdout).contains("ok"),
-            "{:?}\n{}\n{}",
-            run.status,
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
-        sidecar.shutdown().await;
-    })
+        std::process::Command::new(python)
+            .args(&args)
+            .output()
+            .expect("run python")
+    }))
     .await
+    .expect("join");
+    assert!(
+        run.status.success() && String::from_utf8_lossy(&run.stdout).contains("ok"),
+        "{:?}\n{}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
 }

@@ -198,6 +198,7 @@ impl Admin {
                     "upstream_lag_ms": s.upstream_lag().0,
                     "upstream_lag_bytes": s.upstream_lag().1,
                     "error": s.failure().map(|e| e.to_string()),
+                    "last_error": s.last_error().map(|e| e.to_string()),
                 })
             })
             .collect();
