@@ -221,16 +221,9 @@ topics = ["b"]
 /// line relies on the sidecar's reflection instead of proto files from a checkout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_the_demo_prints_work_with_the_binary_alone() {
+    use common::Kill;
     use std::io::{BufRead, BufReader};
-    use std::process::{Child, Stdio};
-
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    use std::process::Stdio;
 
     let printed = within(tokio::task::spawn_blocking(|| {
         let mut demo = Kill(

@@ -249,15 +249,8 @@ async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
         missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
         return;
     }
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let run = within(tokio::task::spawn_blocking(move || {
-        let mut demo = Kill(
+        let mut demo = common::Kill(
             viewcar()
                 .args([
                     "demo",
@@ -279,7 +272,8 @@ async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
         );
         let out = demo.0.stdout.take().expect("stdout");
         let (mut origin, mut sidecar) = (None, None);
-        for line in BufReader::new(out).lines() {
+        let mut lines = BufReader::new(out).lines();
+        for line in lines.by_ref() {
             let line = line.expect("demo output");
             if let Some(a) = line.trim().strip_prefix("origin  (Feed API)") {
                 origin = Some(a.trim().trim_start_matches("http://").to_string());
@@ -291,6 +285,9 @@ async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
                 break;
             }
         }
+        // The demo goes on printing: keep its stdout open and read, or a write to a closed
+        // pipe ends it.
+        std::thread::spawn(move || lines.for_each(drop));
         let out = tempfile::tempdir().expect("temp dir");
         let root = env!("CARGO_MANIFEST_DIR");
         let args = vec![

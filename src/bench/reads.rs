@@ -198,7 +198,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             system: "sidecar",
             read: "RESP GET",
             calls: 1,
-            op: resp_get_op(&rc, &ids),
+            op: resp_get_op(&rc, &ids, "products"),
         });
         rows.push(Row {
             system: "sidecar",
@@ -211,7 +211,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                 system: "sidecar",
                 read: "page: RESP GET product_page",
                 calls: 1,
-                op: resp_view_op(&rc, &ids),
+                op: resp_get_op(&rc, &ids, "product_page"),
             });
         }
     }
@@ -243,7 +243,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                 system: "redis",
                 read: "GET",
                 calls: 1,
-                op: resp_get_op(&rc, &ids),
+                op: resp_get_op(&rc, &ids, "products"),
             });
             rows.push(Row {
                 system: "redis",
@@ -460,23 +460,6 @@ fn grpc_get_op(clients: &Arc<Vec<procs::Client>>, ids: &Arc<Vec<String>>) -> loa
     })
 }
 
-/// The page as one `GET product_page:ID` over RESP.
-fn resp_view_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
-    let rc = rc.clone();
-    let ids = ids.clone();
-    load::op(move |w, i| {
-        let c = rc[w % rc.len()].clone();
-        let key = format!("product_page:{}", ids[(i as usize * 7919) % ids.len()]);
-        async move {
-            match c.lock().await.get(&key).await {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err("page not found".into()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    })
-}
-
 /// The page's six keys in one pipelined batch, every key known up front: the best case of
 /// cache-aside, and not how an application can do it (it learns the brand from the product).
 fn redis_page_pipelined_op(
@@ -495,16 +478,7 @@ fn redis_page_pipelined_op(
             .filter_map(|t| catalog.key_for(t, &id).map(|k| format!("{t}:{k}")))
             .collect();
         async move {
-            let cmds: Vec<Vec<&[u8]>> = keys
-                .iter()
-                .map(|k| vec![&b"GET"[..], k.as_bytes()])
-                .collect();
-            let replies = c
-                .lock()
-                .await
-                .pipeline(&cmds)
-                .await
-                .map_err(|e| e.to_string())?;
+            let replies = get_all(&c, &keys).await?;
             // Only fetched, not parsed or merged: the sidecar's read is not parsed either, so
             // both sides do the same client work.
             if replies
@@ -520,21 +494,38 @@ fn redis_page_pipelined_op(
     })
 }
 
-/// One `GET products:ID` per op over RESP.
-fn resp_get_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -> load::Op {
+/// One `GET SOURCE:ID` per op over RESP (`products`, or the `product_page` view).
+fn resp_get_op(
+    rc: &Arc<Vec<Arc<Mutex<Redis>>>>,
+    ids: &Arc<Vec<String>>,
+    source: &'static str,
+) -> load::Op {
     let rc = rc.clone();
     let ids = ids.clone();
     load::op(move |w, i| {
         let c = rc[w % rc.len()].clone();
-        let key = format!("products:{}", ids[(i as usize * 7919) % ids.len()]);
+        let key = format!("{source}:{}", ids[(i as usize * 7919) % ids.len()]);
         async move {
             match c.lock().await.get(&key).await {
                 Ok(Some(_)) => Ok(()),
-                Ok(None) => Err("not found".into()),
+                Ok(None) => Err(format!("{key} not found")),
                 Err(e) => Err(e.to_string()),
             }
         }
     })
+}
+
+/// `GET` of every key of `keys` in one pipelined write.
+async fn get_all(c: &Mutex<Redis>, keys: &[String]) -> Result<Vec<Reply>, String> {
+    let cmds: Vec<Vec<&[u8]>> = keys
+        .iter()
+        .map(|k| vec![&b"GET"[..], k.as_bytes()])
+        .collect();
+    c.lock()
+        .await
+        .pipeline(&cmds)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// [`PIPELINE`] `GET products:ID` per op, written at once and read back in order.
@@ -550,16 +541,7 @@ fn resp_pipelined_op(rc: &Arc<Vec<Arc<Mutex<Redis>>>>, ids: &Arc<Vec<String>>) -
             })
             .collect();
         async move {
-            let cmds: Vec<Vec<&[u8]>> = keys
-                .iter()
-                .map(|k| vec![&b"GET"[..], k.as_bytes()])
-                .collect();
-            let replies = c
-                .lock()
-                .await
-                .pipeline(&cmds)
-                .await
-                .map_err(|e| e.to_string())?;
+            let replies = get_all(&c, &keys).await?;
             if replies.iter().all(|r| matches!(r, Reply::Bulk(Some(_)))) {
                 Ok(())
             } else {

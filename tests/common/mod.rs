@@ -931,6 +931,17 @@ pub fn viewcar() -> Command {
     cmd
 }
 
+/// A child process killed (SIGKILL) and reaped when dropped, for children whose output the
+/// test reads itself.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A child process killed (SIGKILL) if the test ends before it exited.
 pub struct Running {
     child: Option<Child>,
