@@ -578,3 +578,103 @@ group_by = "userid"
     })
     .await
 }
+
+/// One malformed input row does not delete the view rows that read it: they keep their last
+/// good value, counted as stale in `/status`, and `viewcar get` still answers them; fixing the
+/// input recomputes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_input_keeps_the_last_good_view_rows() {
+    within(async {
+        let o = TestOrigin::start(origin_config()).await;
+        let orders: Vec<_> = (0..3)
+            .map(|i| put(&format!("o{i}"), r#"{"user_id":"u0","total":1}"#))
+            .collect();
+        o.origin.publish("orders", orders).unwrap();
+        o.origin
+            .publish("users", vec![put("u0", r#"{"name":"Ann"}"#)])
+            .unwrap();
+        let dir = TempDir::new("last-good");
+        let config = dir.write(
+            "viewcar.toml",
+            &format!(
+                r#"
+[listen]
+grpc = "127.0.0.1:0"
+http = "127.0.0.1:0"
+
+[[origin]]
+name = "shop"
+address = "{}"
+topics = ["orders", "users"]
+
+[[view]]
+name = "order_page"
+from = "orders"
+[view.include]
+user = {{ source = "users", key = "user_id" }}
+"#,
+                o.url()
+            ),
+        );
+        let mut cmd = viewcar();
+        cmd.args(["--log-format", "json", "sidecar", "--config"])
+            .arg(&config);
+        let (_sidecar, mut log) = spawn(cmd);
+        let started = log_line(&mut log, "sidecar started").await;
+        let http = addr(&started, "http");
+        let grpc = addr(&started, "grpc").to_string();
+        let view = |status: &serde_json::Value| {
+            status["views"]
+                .as_array()
+                .and_then(|v| v.iter().find(|v| v["name"] == "order_page"))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let status = || async {
+            serde_json::from_str::<serde_json::Value>(&get(http, "/status").await.body).unwrap()
+        };
+        // Every row built, then the bad write.
+        while status().await["ready"] != true {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        o.origin
+            .publish("users", vec![put("u0", "{not json")])
+            .unwrap();
+        loop {
+            let s = status().await;
+            if view(&s)["stale_rows"] == 3 {
+                assert!(view(&s)["kept_last_good"].as_u64() >= Some(3), "{s}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let read = |key: &'static str| {
+            let grpc = grpc.clone();
+            tokio::task::spawn_blocking(move || {
+                viewcar()
+                    .args(["get", "order_page", key, "--addr", &grpc])
+                    .output()
+                    .expect("run get")
+            })
+        };
+        let out = read("o1").await.expect("join");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && text.contains("Ann"), "{out:?}");
+        // Fixed: recomputed, no longer stale.
+        o.origin
+            .publish("users", vec![put("u0", r#"{"name":"Bo"}"#)])
+            .unwrap();
+        loop {
+            if view(&status().await)["stale_rows"] == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let out = read("o1").await.expect("join");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Bo"),
+            "{out:?}"
+        );
+    })
+    .await
+}

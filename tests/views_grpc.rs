@@ -236,7 +236,7 @@ async fn after_reads_a_view_after_the_write_that_fed_it() {
 /// The README's Python example through grpcio, a gRPC implementation other than ours, against
 /// the real binary (`viewcar demo`: its origin and sidecar, no generated changes): stubs
 /// generated from `proto/`, Publish at the origin, then the product page read with `after`,
-/// 20 times. Needs Python with grpcio and grpcio-tools (`VIEWCAR_TEST_PYTHON`, as .ci/run sets).
+/// 50 times. Needs Python with grpcio and grpcio-tools (`VIEWCAR_TEST_PYTHON`, as .ci/run sets).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
     use std::io::{BufRead, BufReader};

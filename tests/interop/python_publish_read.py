@@ -22,7 +22,7 @@ from viewcar.feed.v1 import feed_pb2, feed_pb2_grpc  # noqa: E402
 
 feed = feed_pb2_grpc.FeedStub(grpc.insecure_channel(origin_addr))
 cache = cache_pb2_grpc.CacheStub(grpc.insecure_channel(sidecar_addr))
-for amount in range(5000, 5020):
+for amount in range(5000, 5050):
     price = json.dumps({"id": key, "amount": amount, "currency": "EUR"}).encode()
     pos = feed.Publish(feed_pb2.PublishRequest(topic="prices", changes=[
         feed_pb2.Change(key=key, value=price),
