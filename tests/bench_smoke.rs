@@ -62,5 +62,26 @@ fn every_scenario_runs_end_to_end() {
     } else {
         common::missing("redis-server");
     }
+    // The Postgres source's figures, where Postgres is installed (.ci/run installs it).
+    if viewcar::bench::postgres::postgres_bin().is_some() {
+        let pg = &json["postgres"];
+        assert_eq!(pg["copy"]["rows"], 2001, "{pg}");
+        assert!(
+            pg["copy"]["rows_per_s_to_synced"].as_f64() > Some(0.0),
+            "{pg}"
+        );
+        assert!(
+            pg["apply"]["applied_per_origin_cpu_s"].as_f64() > Some(0.0),
+            "{pg}"
+        );
+        let latency = pg["latency"].as_array().expect("latency rows");
+        assert_eq!(latency.len(), 2, "Get and WebSocket: {pg}");
+        assert!(
+            latency.iter().all(|r| r["samples"].as_u64() > Some(0)),
+            "{pg}"
+        );
+    } else {
+        common::missing("postgres");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }

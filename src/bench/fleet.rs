@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::procs::{free_port, rss_of, spawn, temp_dir, Proc};
+use super::procs::{cpu_secs, free_port, rss_of, spawn, temp_dir, Proc};
 use super::report::{us, Table};
 use super::{BenchError, Ctx};
 use crate::pb::feed::v1 as pb;
@@ -33,21 +33,6 @@ use crate::pb::feed::v1 as pb;
 const LATENCY_LEAVES: usize = 200;
 /// Streams per HTTP/2 connection of the simulated leaves.
 const STREAMS_PER_CONNECTION: usize = 100;
-
-/// CPU seconds (user + system) a process has used, from /proc (Linux, 100 ticks/s).
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the state field.
-    (tick(11) + tick(12)) / 100.0
-}
 
 /// A child process serving Feed on `addr`.
 struct Served {

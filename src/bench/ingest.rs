@@ -26,21 +26,7 @@ use crate::pb::cache::v1 as pb;
 
 /// User + system CPU time of a process, from /proc (Linux); zero elsewhere.
 fn cpu_time(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Duration::ZERO;
-    };
-    // Fields after the command name (which may hold spaces, so split after its closing paren).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return Duration::ZERO;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name and state.
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    // USER_HZ is 100 on every Linux the harness targets.
-    Duration::from_millis(ticks * 10)
+    Duration::from_secs_f64(super::procs::cpu_secs(pid))
 }
 
 async fn wait_version(

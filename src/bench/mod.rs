@@ -13,7 +13,9 @@
 //!   in-process store (floor), and a loopback TCP round trip for reference;
 //! - [`freshness`]: publish -> visible to Get, Watch and WebSocket;
 //! - [`ingest`]: changes applied/s with and without views, snapshot load time, bytes per key;
-//! - [`fleet`]: many leaf feed streams on one origin, directly or through one relay.
+//! - [`fleet`]: many leaf feed streams on one origin, directly or through one relay;
+//! - [`postgres`]: an origin fed by a real Postgres: initial copy, streamed changes applied,
+//!   commit -> visible at a sidecar.
 //!
 //! Every figure goes to a table on stdout and `bench.json` in `--out`; the fanout and freshness
 //! figures are also drawn as SVG charts there.
@@ -24,6 +26,7 @@ mod fleet;
 mod freshness;
 mod ingest;
 mod load;
+pub mod postgres;
 mod procs;
 mod reads;
 mod report;
@@ -101,6 +104,7 @@ pub enum Scenario {
     Freshness,
     Ingest,
     Fleet,
+    Postgres,
     All,
     /// Internal: serve a fan-out tree and print its root addresses (the fanout scenario runs it).
     #[value(hide = true)]
@@ -195,6 +199,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         Scenario::Freshness,
         Scenario::Ingest,
         Scenario::Fleet,
+        Scenario::Postgres,
     ];
     for s in scenarios {
         if !(all || ctx.args.scenario == s) {
@@ -207,6 +212,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             Scenario::Freshness => freshness::run(&mut ctx).await,
             Scenario::Ingest => ingest::run(&mut ctx).await,
             Scenario::Fleet => fleet::run(&mut ctx).await,
+            Scenario::Postgres => postgres::run(&mut ctx).await,
             Scenario::All | Scenario::Tree => Ok(()),
         };
         if let Err(e) = result {

@@ -91,6 +91,21 @@ pub fn rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// CPU seconds (user + system) a process has used, from /proc (Linux, 100 ticks/s).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the state field.
+    (tick(11) + tick(12)) / 100.0
+}
+
 /// Spawns `exe args`, stdout piped (for a ready line), stderr to `log`.
 pub fn spawn(
     exe: &Path,
@@ -161,7 +176,12 @@ impl OriginHost {
             retain_bytes: crate::config::ByteSize(512 << 20),
             ..OriginConfig::default()
         };
-        let origin = Origin::new(cfg);
+        OriginHost::serve(Origin::new(cfg), listener)
+    }
+
+    /// Serves `origin` (built elsewhere: a Postgres-fed one) on `listener` until dropped.
+    pub fn serve(origin: Origin, listener: TcpListener) -> Result<OriginHost, BenchError> {
+        let addr = listener.local_addr()?;
         let (stop, mut stop_rx) = watch::channel(false);
         let serving = origin.clone();
         tokio::spawn(async move {
