@@ -483,6 +483,12 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
     wait_source(&products, "the copy", |s| s.len() == 2).await;
     let feed = sidecar.feed_stats("o").unwrap().clone();
     assert_eq!(counter(&feed.snapshots), 1);
+    let first_epoch = products.epoch().to_string();
+    assert_eq!(
+        first_epoch,
+        src.origin().epoch(),
+        "the database's own epoch"
+    );
     // End the origin's walsender and drop its slot before it reconnects.
     let mut dropped = false;
     for _ in 0..200 {
@@ -513,6 +519,12 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
     .await;
     assert_eq!(counter(&feed.resets), 1);
     assert_eq!(counter(&feed.snapshots), 2);
+    // A new epoch: the changes between the old slot and the copy were never batches, so no
+    // stream may resume across the copy, here or at another origin of the database.
+    let epoch = products.epoch().to_string();
+    assert_ne!(epoch, first_epoch);
+    assert!(epoch.starts_with(&first_epoch), "{epoch} of {first_epoch}");
+    assert_eq!(src.status().new_epochs, 1, "{:?}", src.status());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -816,4 +828,60 @@ async fn kill_9_of_a_durable_origin_process_during_writes_loses_nothing_and_need
         snapshots,
         "the sidecar resumed on the restarted origin without a snapshot"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_a_durable_origin_is_down_is_a_new_epoch_kept_across_restarts() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("CREATE TABLE prices (id int PRIMARY KEY, cents int)");
+    sql.exec("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    sql.exec("INSERT INTO prices VALUES (1, 100)");
+    let dir = tempfile::tempdir().expect("data dir");
+    let mut cfg = origin_cfg(&pg, "down", &["products", "prices"]);
+    cfg.data_dir = Some(dir.path().to_path_buf());
+    let src = PgOrigin::start(cfg.clone()).await.expect("start");
+    within(src.wait_streaming()).await;
+    let database = src.origin().epoch().to_string();
+    src.close();
+    drop(src);
+
+    // While the origin is down its slot goes (dropped by an operator, or invalidated), and the
+    // tables change.
+    sql.exec("SELECT pg_drop_replication_slot('down')");
+    sql.exec("UPDATE products SET name = 'changed while down' WHERE id = 1");
+    sql.exec("INSERT INTO prices VALUES (2, 200)");
+    let src = PgOrigin::start(cfg.clone()).await.expect("restart");
+    within(src.wait_streaming()).await;
+    let s = src.status();
+    assert_eq!((s.copies, s.slots_lost, s.new_epochs), (1, 1, 1), "{s:?}");
+    until_equal(&src, &pg, "products", "id::text").await;
+    until_equal(&src, &pg, "prices", "id::text").await;
+    let version = src.origin().version("products").unwrap();
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products", "prices"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "synced", |s| s.version() == version).await;
+    let epoch = products.epoch().to_string();
+    assert_ne!(epoch, database);
+    assert!(epoch.starts_with(&database), "{epoch} of {database}");
+    assert_eq!(
+        *source(&sidecar, "prices").epoch(),
+        epoch,
+        "one epoch for the copy"
+    );
+    drop(sidecar);
+    drop(served);
+    src.close();
+    drop(src);
+
+    // The new epoch is the data directory's now: the next restart resumes from the new slot.
+    sql.exec("UPDATE prices SET cents = 150 WHERE id = 1");
+    let src = PgOrigin::start(cfg).await.expect("second restart");
+    within(src.wait_streaming()).await;
+    assert_eq!(src.origin().epoch(), epoch);
+    let s = src.status();
+    assert_eq!((s.copies, s.new_epochs), (0, 0), "{s:?}");
+    until_equal(&src, &pg, "prices", "id::text").await;
 }

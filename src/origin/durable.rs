@@ -419,39 +419,44 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces every row of `topic` with `rows` at `version` (an initial copy), empties its
-    /// log, and records the source `position`, in one commit.
-    pub(crate) fn replace_topic(
+    /// Replaces every row of each of `topics` with its rows at `version` (an initial copy),
+    /// empties their logs, and records `epoch` and the source `position`, in one commit: a
+    /// copy interrupted by a crash leaves the previous state whole, never some tables copied
+    /// and the position moved past the others.
+    pub(crate) fn replace_topics(
         &self,
-        topic: &str,
-        rows_in: &[(String, Bytes)],
+        topics: &[(&str, &[(String, Bytes)])],
         version: u64,
         position: u64,
+        epoch: &str,
     ) -> Result<(), StoreError> {
         let dir = &self.dir;
         let mut wtx = self.db.begin_write().map_err(|e| err(dir, e))?;
         wtx.set_durability(Durability::Immediate);
         {
             let mut rows = wtx.open_table(ROWS).map_err(|e| err(dir, e))?;
-            rows.retain_in((topic, "")..=(topic, "\u{10FFFF}"), |_, _| false)
-                .map_err(|e| err(dir, e))?;
-            for (k, v) in rows_in {
-                rows.insert((topic, k.as_str()), (version, &v[..]))
+            let mut versions = wtx.open_table(VERSIONS).map_err(|e| err(dir, e))?;
+            let mut log = wtx.open_table(LOG).map_err(|e| err(dir, e))?;
+            for &(topic, rows_in) in topics {
+                rows.retain_in((topic, "")..=(topic, "\u{10FFFF}"), |_, _| false)
+                    .map_err(|e| err(dir, e))?;
+                for (k, v) in rows_in {
+                    rows.insert((topic, k.as_str()), (version, &v[..]))
+                        .map_err(|e| err(dir, e))?;
+                }
+                versions.insert(topic, version).map_err(|e| err(dir, e))?;
+                log.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)
+                    .map_err(|e| err(dir, e))?;
+                // An empty batch at the copy's version marks where the log starts: reloaded,
+                // the topic resumes streams that are at the copy (versions are not contiguous
+                // here, so the start could not be told from the first change after it).
+                log.insert((topic, version), &[][..])
                     .map_err(|e| err(dir, e))?;
             }
-            let mut versions = wtx.open_table(VERSIONS).map_err(|e| err(dir, e))?;
-            versions.insert(topic, version).map_err(|e| err(dir, e))?;
-            let mut log = wtx.open_table(LOG).map_err(|e| err(dir, e))?;
-            log.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)
-                .map_err(|e| err(dir, e))?;
-            // An empty batch at the copy's version marks where the log starts: reloaded, the
-            // topic resumes streams that are at the copy (versions are not contiguous here, so
-            // the start could not be told from the first change after it).
-            log.insert((topic, version), &[][..])
-                .map_err(|e| err(dir, e))?;
             let mut meta = wtx.open_table(META).map_err(|e| err(dir, e))?;
             meta.insert(SOURCE_POSITION, position.to_string().as_str())
                 .map_err(|e| err(dir, e))?;
+            meta.insert(EPOCH, epoch).map_err(|e| err(dir, e))?;
         }
         wtx.commit().map_err(|e| err(dir, e))
     }

@@ -15,29 +15,39 @@ use super::super::{
 use crate::pb::feed::v1 as pb;
 
 impl Origin {
-    /// Replaces the data of `topic` with `rows`, all at `version` (the copy's position). The
-    /// retained window is emptied (nothing before `version` can be resumed from), and every
-    /// stream subscribed to the topic is caught up with Reset + snapshot.
-    pub(crate) fn replace_topic(
+    /// Replaces the data of each table's topic with its rows, all at `version` (the copy's
+    /// position), served under `epoch` from now on. The durable copy takes them in one commit.
+    /// Each retained window is emptied (nothing before `version` can be resumed from), and
+    /// every stream subscribed to a topic is caught up with Reset + snapshot.
+    pub(crate) fn replace_topics(
         &self,
-        topic: &str,
-        rows: Vec<(String, Bytes)>,
+        tables: Vec<(String, Vec<(String, Bytes)>)>,
         version: u64,
+        epoch: &str,
     ) -> Result<(), StoreError> {
-        let Ok(t) = self.topic(topic, false) else {
-            return Ok(());
-        };
         if self.inner.store.is_some() {
+            let parts: Vec<(&str, &[(String, Bytes)])> = tables
+                .iter()
+                .map(|(t, rows)| (t.as_str(), rows.as_slice()))
+                .collect();
             match self.inner.store_guard().as_ref() {
-                Some(store) => store.replace_topic(topic, &rows, version, version)?,
+                Some(store) => store.replace_topics(&parts, version, version, epoch)?,
                 None => return Err(StoreError::Closed),
             }
         }
-        let data: imbl::OrdMap<Arc<str>, Stored> = rows
-            .into_iter()
-            .map(|(k, value)| (Arc::from(k.as_str()), Stored { value, version }))
-            .collect();
-        t.lock().replace(&t.name, data, version);
+        let epoch: Arc<str> = Arc::from(epoch);
+        for (topic, rows) in tables {
+            let Ok(t) = self.topic(&topic, false) else {
+                continue;
+            };
+            let data: imbl::OrdMap<Arc<str>, Stored> = rows
+                .into_iter()
+                .map(|(k, value)| (Arc::from(k.as_str()), Stored { value, version }))
+                .collect();
+            let mut st = t.lock();
+            st.epoch = Some(epoch.clone());
+            st.replace(&t.name, data, version);
+        }
         Ok(())
     }
 
@@ -181,7 +191,9 @@ impl Origin {
     fn split(&self, topic: &str, changes: Vec<pb::Change>) -> Vec<Vec<pb::Change>> {
         use prost::encoding::message;
         let limit = self.inner.cfg.max_message_bytes.as_usize();
-        let room = limit.saturating_sub(FEED_OVERHEAD + topic.len() + self.inner.epoch.len());
+        // A topic's epoch may be the origin's plus a lost slot's suffix (see `postgres::epoch_after_lost_slot`).
+        let epoch = self.inner.epoch.len() + super::EPOCH_SUFFIX_MAX;
+        let room = limit.saturating_sub(FEED_OVERHEAD + topic.len() + epoch);
         let mut out: Vec<Vec<pb::Change>> = vec![Vec::new()];
         let mut size = 0;
         for c in changes {

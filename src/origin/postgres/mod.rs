@@ -61,8 +61,6 @@ pub enum PgError {
     KeyNotInIdentity { table: String, column: String },
     #[error("table '{table}' has no column '{column}' (a key column in [postgres] tables)")]
     NoColumn { table: String, column: String },
-    #[error("the database is not the one this origin follows (it was {was}, it is {now}): restart the origin to serve the new epoch")]
-    OtherDatabase { was: String, now: String },
     #[error("database error: {0}")]
     Sql(String),
     #[error("replication failed: {0}")]
@@ -133,6 +131,9 @@ pub struct PgStatus {
     pub last_error: Option<String>,
     /// Slots found lost or missing while the origin held data (each forced a new copy).
     pub slots_lost: u64,
+    /// Times the epoch served changed (a lost slot, a new timeline): each one resnapshots
+    /// every sidecar.
+    pub new_epochs: u64,
 }
 
 impl PgStatus {
@@ -187,7 +188,7 @@ impl PgOrigin {
                 let id = identity.clone();
                 blocking(move || {
                     let stored = super::durable::Store::stored_epoch(&dir)?;
-                    if stored.as_deref() != Some(id.as_str()) {
+                    if !stored.as_deref().is_some_and(|s| of_database(s, &id)) {
                         if let Some(old) = stored {
                             warn!(dir = %dir.display(), stored = %old, epoch = %id, "the data directory holds another database's or timeline's data; copying the tables again");
                         }
@@ -208,11 +209,14 @@ impl PgOrigin {
             phase: "connecting",
             ..Default::default()
         });
+        // The epoch served: the database's, or (stored) the one a lost slot's copy started.
+        let epoch = origin.epoch().to_string();
         let source = Source {
             origin: origin.clone(),
             pg,
             urls,
-            epoch: identity,
+            database: identity,
+            epoch,
             tables: HashMap::new(),
             applied: resumed.unwrap_or(0),
             loaded: resumed.is_some(),
@@ -337,6 +341,25 @@ fn backoff(pg: &PostgresConfig, attempt: u32) -> Duration {
         .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
         .min(max);
     Duration::from_millis(rand::random_range(0..=cap.max(1)))
+}
+
+/// Longest suffix [`epoch_after_lost_slot`] adds to a database's epoch.
+pub(crate) const EPOCH_SUFFIX_MAX: usize = 18;
+
+/// The epoch of a copy taken because the slot was lost: the database's, and the copy's
+/// position. Versions stay commit positions, but the batches between what was applied and the
+/// copy were never seen, so a stream must not resume across it, here or at another origin.
+fn epoch_after_lost_slot(database: &str, at: u64) -> String {
+    format!("{database}-c{at:x}")
+}
+
+/// Whether `epoch` is one this database's origin serves (its own or after a lost slot).
+fn of_database(epoch: &str, database: &str) -> bool {
+    epoch == database
+        || epoch
+            .strip_prefix(database)
+            .and_then(|rest| rest.strip_prefix("-c"))
+            .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `<system identifier>-<timeline>`: the epoch of an origin following this database.
@@ -546,6 +569,10 @@ struct Source {
     origin: Origin,
     pg: PostgresConfig,
     urls: Urls,
+    /// `pg-<system identifier>-<timeline>` of the database followed.
+    database: String,
+    /// The epoch served: `database`, or after a lost slot `database` and the new copy's
+    /// position (see [`epoch_after_lost_slot`]).
     epoch: String,
     tables: HashMap<String, TableMeta>,
     /// The commit position of the last transaction applied (or of the copy).
@@ -583,16 +610,20 @@ impl Source {
     async fn session(&mut self) -> Result<(), PgError> {
         let repl = self.urls.replication.clone();
         let now = blocking(move || identify(&repl)).await?;
-        if now != self.epoch {
-            return Err(PgError::OtherDatabase {
-                was: self.epoch.clone(),
-                now,
-            });
+        // A new timeline (a standby promoted) or another database behind the address: what
+        // is held cannot be continued from there. The tables are copied again and served
+        // under the new epoch, so every sidecar resnapshots.
+        let mut new_epoch = None;
+        if now != self.database {
+            warn!(was = %self.database, now = %now, "the database has a new timeline or identity; copying the tables again under a new epoch");
+            self.database = now.clone();
+            self.loaded = false;
+            new_epoch = Some(now);
         }
         let (url, pg, loaded) = (self.urls.plain.clone(), self.pg.clone(), self.loaded);
         let prepared = blocking(move || prepare(&url, &pg, loaded)).await?;
         if prepared.slot_lost {
-            warn!(slot = %self.pg.slot, "replication slot lost; copying the tables again");
+            warn!(slot = %self.pg.slot, "replication slot lost; copying the tables again under a new epoch");
             self.status.send_modify(|s| s.slots_lost += 1);
         }
         self.tables = prepared
@@ -613,7 +644,7 @@ impl Source {
             .await
             .map_err(PgError::from_pg)?;
         if prepared.copy {
-            stream = self.copy(stream).await?;
+            stream = self.copy(stream, new_epoch, prepared.slot_lost).await?;
         }
         stream.start(None).await.map_err(PgError::from_pg)?;
         let applied = self.applied;
@@ -628,9 +659,15 @@ impl Source {
 
     /// Creates the slot with an exported snapshot, copies the tables under it and loads them
     /// at the slot's consistent point.
+    /// The copy is served under `new_epoch` when the database changed, under a new epoch of
+    /// this database when `slot_lost` (changes between what was applied and the copy were
+    /// never seen as batches, so no stream may resume across it), and otherwise under the
+    /// database's own epoch (a first copy: two origins on one database then agree).
     async fn copy(
         &mut self,
         stream: LogicalReplicationStream,
+        new_epoch: Option<String>,
+        slot_lost: bool,
     ) -> Result<LogicalReplicationStream, PgError> {
         self.status.send_modify(|s| {
             s.phase = "copying";
@@ -679,9 +716,18 @@ impl Source {
             }
         }
         let stream = rows.finish().await.map_err(PgError::from_pg)?;
-        for (table, rows) in loaded {
-            self.origin.replace_topic(&table, rows, at)?;
+        let epoch = match new_epoch {
+            Some(e) => e,
+            None if slot_lost => epoch_after_lost_slot(&self.database, at),
+            None => self.database.clone(),
+        };
+        if epoch != self.epoch {
+            warn!(was = %self.epoch, epoch = %epoch, "serving a new epoch: sidecars resnapshot");
+            self.status.send_modify(|s| s.new_epochs += 1);
         }
+        self.origin
+            .replace_topics(loaded.into_iter().collect(), at, &epoch)?;
+        self.epoch = epoch;
         self.applied = at;
         self.loaded = true;
         let ms = started.elapsed().as_millis() as u64;
@@ -865,4 +911,28 @@ pub(crate) fn is_table(cfg: &OriginConfig, topic: &str) -> bool {
     cfg.postgres
         .as_ref()
         .is_some_and(|pg| pg.tables.iter().any(|t| t.name() == topic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_after_a_lost_slot_is_still_the_databases_and_fits_its_bound() {
+        let db = "pg-7340293837712938473-1";
+        let e = epoch_after_lost_slot(db, u64::MAX);
+        assert!(e.len() - db.len() <= EPOCH_SUFFIX_MAX, "{e}");
+        assert!(of_database(&e, db));
+        assert!(of_database(db, db));
+        assert!(of_database(&epoch_after_lost_slot(db, 0x16b3748), db));
+        // Another timeline, another database, or something that only looks like a suffix.
+        assert!(!of_database(
+            &epoch_after_lost_slot(db, 1),
+            "pg-7340293837712938473-2"
+        ));
+        assert!(!of_database("pg-7340293837712938473-12", db));
+        assert!(!of_database("pg-7340293837712938473-1-c", db));
+        assert!(!of_database("pg-7340293837712938473-1-cxyz", db));
+        assert!(!of_database("pg-1-1", db));
+    }
 }
