@@ -44,20 +44,11 @@ impl Pg {
             common::missing("postgres");
             return None;
         };
-        let dir = tempfile::tempdir().expect("temp dir");
         let root = Command::new("id")
             .arg("-u")
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        if root {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .expect("chown")
-                .success();
-            assert!(ok, "chown the data dir to postgres");
-        }
+        let dir = Pg::own_dir(root);
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("free port")
             .local_addr()
@@ -84,13 +75,21 @@ impl Pg {
                 "--no-sync",
             ],
         );
+        pg.launch();
+        Some(pg)
+    }
+
+    /// Starts the server of `data()` on `port`.
+    fn launch(&self) {
+        let data = self.data();
         let opts = format!(
-            "-c wal_level=logical -c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+            "-c wal_level=logical -c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
              -c max_replication_slots=20 -c max_wal_senders=20 -c fsync=off -c synchronous_commit=off",
-            pg.dir.path().display()
+            self.port,
+            self.dir.path().display()
         );
-        let log = pg.dir.path().join("log");
-        pg.run(
+        let log = self.dir.path().join("log");
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -103,7 +102,61 @@ impl Pg {
                 "start",
             ],
         );
-        Some(pg)
+    }
+
+    /// A temp dir the server's user owns.
+    fn own_dir(root: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if root {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown")
+                .success();
+            assert!(ok, "chown the data dir to postgres");
+        }
+        dir
+    }
+
+    /// A physical standby of this server (pg_basebackup), set up to serve on this server's
+    /// port once this one is stopped: what a failover looks like from the origin's address.
+    fn standby(&self) -> Pg {
+        let standby = Pg {
+            bin: self.bin.clone(),
+            dir: Pg::own_dir(self.as_postgres),
+            port: self.port,
+            as_postgres: self.as_postgres,
+        };
+        let data = standby.data();
+        let port = self.port.to_string();
+        standby.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        standby
+    }
+
+    /// Stops the server (fast: connections are ended, WAL is flushed).
+    fn stop(&self) {
+        let data = self.data();
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
     }
 
     fn data(&self) -> PathBuf {
@@ -884,4 +937,55 @@ async fn a_slot_dropped_while_a_durable_origin_is_down_is_a_new_epoch_kept_acros
     let s = src.status();
     assert_eq!((s.copies, s.new_epochs), (0, 0), "{s:?}");
     until_equal(&src, &pg, "prices", "id::text").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_promoted_standby_is_a_new_epoch_and_the_sidecar_resnapshots() {
+    let Some(primary) = Pg::start() else { return };
+    let mut sql = primary.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
+    let src = PgOrigin::start(origin_cfg(&primary, "failover", &["products"]))
+        .await
+        .expect("start");
+    within(src.wait_streaming()).await;
+    let first_epoch = src.origin().epoch().to_string();
+    assert!(first_epoch.ends_with("-1"), "timeline 1: {first_epoch}");
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products"])).await;
+    let products = source(&sidecar, "products");
+    wait_source(&products, "the copy", |s| s.len() == 2).await;
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+
+    // The standby is taken now; a row written after it reaches the origin (and the sidecar)
+    // but not the standby: the tail an asynchronous failover loses.
+    let standby = primary.standby();
+    sql.exec("INSERT INTO products VALUES (3, 'lost in the failover')");
+    until_equal(&src, &primary, "products", "id::text").await;
+    wait_source(&products, "the lost row", |s| s.len() == 3).await;
+    drop(sql);
+    primary.stop();
+    standby.launch();
+    standby.run(
+        "pg_ctl",
+        &["-D", standby.data().to_str().unwrap(), "-w", "promote"],
+    );
+    let mut sql = standby.connect();
+    sql.exec("INSERT INTO products VALUES (4, 'written after the failover')");
+
+    // The origin finds timeline 2 behind its address: the tables are copied again under that
+    // epoch, and the sidecar drops the lost row with a Reset and a snapshot.
+    within(src.wait_copied(2)).await;
+    until_equal(&src, &standby, "products", "id::text").await;
+    let epoch = src.status();
+    assert_eq!(epoch.new_epochs, 1, "{epoch:?}");
+    wait_source(&products, "the new timeline's rows", |s| {
+        s.len() == 3 && s.get("3").is_none() && s.get("4").is_some()
+    })
+    .await;
+    let now = products.epoch().to_string();
+    assert_ne!(now, first_epoch);
+    assert!(now.ends_with("-2"), "timeline 2: {now}");
+    assert_eq!(counter(&feed.resets), 1);
+    assert_eq!(counter(&feed.snapshots), 2);
 }
