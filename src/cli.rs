@@ -252,7 +252,7 @@ pub async fn sources(addr: &str) -> ExitCode {
             .await
             .map_err(failed)?;
         println!(
-            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}  last_error",
+            "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8} {:>10}  last_error",
             "source",
             "kind",
             "mode",
@@ -263,10 +263,11 @@ pub async fn sources(addr: &str) -> ExitCode {
             "connected",
             "stale_ms",
             "lag_ms",
+            "copied",
         );
         for s in resp.into_inner().sources {
             println!(
-                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8}  {}",
+                "{:<24} {:<6} {:<9} {:<10} {:>8} {:>10} {:>7} {:>9} {:>10} {:>8} {:>10}  {}",
                 s.name,
                 s.kind,
                 s.mode,
@@ -277,6 +278,7 @@ pub async fn sources(addr: &str) -> ExitCode {
                 s.connected,
                 s.staleness_ms,
                 s.upstream_lag_ms,
+                s.upstream_copied_rows,
                 if s.last_error.is_empty() {
                     "-"
                 } else {

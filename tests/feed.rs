@@ -664,9 +664,29 @@ async fn upstream_lag_from_progress_is_shown_by_the_sidecar() {
         let t = source(&sidecar, "t");
         let mut s = fake.accept().await;
         s.next_subscribe().await;
+        // Before the topic's first copy is loaded: Progress without a position, with the rows
+        // the copy has read. (The stream is handled in order: once the snapshot after it is
+        // applied, so is this Progress.)
+        s.send(feed::sync_response::Kind::Progress(feed::Progress {
+            topic: "t".into(),
+            position: None,
+            upstream_copied_rows: 70_000,
+            ..Default::default()
+        }))
+        .await;
         s.snapshot("t", "e1", 1, &[("a".into(), "1".into())], 10)
             .await;
         wait_position(&t, "e1", 1).await;
+        assert_eq!(t.upstream_copied_rows(), 70_000);
+        let mut client = cache_client(&sidecar).await;
+        let listed = client
+            .list_sources(viewcar::pb::cache::v1::ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
+        let st = listed.iter().find(|s| s.name == "t").expect("source t");
+        assert_eq!(st.upstream_copied_rows, 70_000);
         s.send(feed::sync_response::Kind::Progress(feed::Progress {
             topic: "t".into(),
             position: Some(feed::Position {
@@ -675,12 +695,13 @@ async fn upstream_lag_from_progress_is_shown_by_the_sidecar() {
             }),
             upstream_lag_ms: 1250,
             upstream_lag_bytes: 4096,
+            upstream_copied_rows: 0,
         }))
         .await;
         wait_position(&t, "e1", 2).await;
         assert_eq!(t.upstream_lag(), (1250, 4096));
+        assert_eq!(t.upstream_copied_rows(), 0, "the copy is loaded");
 
-        let mut client = cache_client(&sidecar).await;
         let sources = client
             .list_sources(viewcar::pb::cache::v1::ListSourcesRequest {})
             .await
@@ -705,7 +726,8 @@ async fn upstream_lag_from_progress_is_shown_by_the_sidecar() {
         assert!(
             text.contains("viewcar_source_upstream_lag_seconds{source=\"t\"")
                 && text.contains(" 1.25\n")
-                && text.contains("viewcar_source_upstream_lag_bytes{source=\"t\""),
+                && text.contains("viewcar_source_upstream_lag_bytes{source=\"t\"")
+                && text.contains("viewcar_source_upstream_copied_rows{source=\"t\""),
             "{text}"
         );
     })

@@ -989,3 +989,56 @@ async fn a_failover_to_a_promoted_standby_is_a_new_epoch_and_the_sidecar_resnaps
     assert_eq!(counter(&feed.resets), 1);
     assert_eq!(counter(&feed.snapshots), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_waits_for_the_first_copy_instead_of_syncing_to_an_empty_topic() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text)");
+    sql.exec("INSERT INTO products SELECT i, 'p' || i FROM generate_series(1, 500) i");
+    // The origin's role may replicate but not read the table yet: its copy fails, and is
+    // retried, until the privilege is granted.
+    sql.exec("CREATE ROLE viewcar LOGIN REPLICATION");
+    sql.exec("CREATE PUBLICATION viewcar FOR TABLE products");
+    let mut cfg = origin_cfg(&pg, "first", &["products"]);
+    if let Some(p) = cfg.postgres.as_mut() {
+        p.url = format!("postgres://viewcar@127.0.0.1:{}/postgres", pg.port);
+    }
+    let src = PgOrigin::start(cfg).await.expect("start");
+    let mut status = src.watch_status();
+    let failed = within(status.wait_for(|s| s.failures > 0))
+        .await
+        .unwrap()
+        .clone();
+    assert!(
+        failed
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("permission denied")),
+        "{failed:?}"
+    );
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let sidecar = start_sidecar(sidecar_config(&served.url(), &["products"])).await;
+    let products = source(&sidecar, "products");
+    let feed = sidecar.feed_stats("o").unwrap().clone();
+    // The sidecar has subscribed; the topic is not served (empty) meanwhile.
+    within(async {
+        while src.origin().subscribers("products") == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(!products.is_synced());
+    sql.exec("GRANT SELECT ON products TO viewcar");
+    wait_source(&products, "the copy", |s| {
+        assert!(
+            !s.is_synced() || s.len() == 500,
+            "synced to {} rows before the copy",
+            s.len()
+        );
+        s.is_synced()
+    })
+    .await;
+    assert_eq!(counter(&feed.snapshots), 1, "one snapshot: the copy's");
+    assert_eq!(counter(&feed.resets), 0, "no empty topic to reset");
+}

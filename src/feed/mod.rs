@@ -712,6 +712,7 @@ impl FeedClient {
             Kind::Progress(p) => {
                 t.source
                     .set_upstream_lag(p.upstream_lag_ms, p.upstream_lag_bytes);
+                t.source.set_upstream_copied(p.upstream_copied_rows);
                 let Some(pos) = p.position else { return Ok(()) };
                 let Some(c) = live_cursor(t) else {
                     return Ok(());
@@ -1020,6 +1021,7 @@ impl FeedClient {
             Kind::Progress(p) => {
                 k.source
                     .set_upstream_lag(p.upstream_lag_ms, p.upstream_lag_bytes);
+                k.source.set_upstream_copied(p.upstream_copied_rows);
                 let Some(pos) = p.position else { return Ok(()) };
                 k.source.heard();
                 if let Some(c) = &mut k.cursor {

@@ -335,6 +335,8 @@ pub(crate) struct Inner {
     pub shutting_down: AtomicBool,
     /// How far the topics fed by a database trail it (ms, bytes), told in Progress.
     pub upstream_lag: (AtomicU64, AtomicU64),
+    /// Rows read by a copy of the database in progress (0 when none runs).
+    pub upstream_copied: AtomicU64,
     /// The durable copy: `None` = in memory only; `Some(None)` = closed (publishes refused).
     store: Option<Mutex<Option<durable::Store>>>,
 }
@@ -363,6 +365,7 @@ impl Inner {
             cut: watch::channel(0).0,
             shutting_down: AtomicBool::new(false),
             upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
+            upstream_copied: AtomicU64::new(0),
             store: store.map(|s| Mutex::new(Some(s))),
         }
     }
@@ -393,6 +396,36 @@ impl Origin {
     pub(crate) fn set_upstream_lag(&self, ms: u64, bytes: u64) {
         self.inner.upstream_lag.0.store(ms, Ordering::Relaxed);
         self.inner.upstream_lag.1.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Streams subscribed to `topic` now, those waiting for its first copy included.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.topic(topic, false)
+            .map_or(0, |t| t.lock().interests.len())
+    }
+
+    /// Records the rows a copy of the database in progress has read (0: none runs).
+    pub(crate) fn set_upstream_copied(&self, rows: u64) {
+        self.inner.upstream_copied.store(rows, Ordering::Relaxed);
+    }
+
+    /// Rows read so far by a copy of the system `topic` follows that is not loaded yet.
+    pub fn upstream_copied_rows(&self, topic: &str) -> u64 {
+        let mirrored = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+            .and_then(|t| t.mirror_of.clone());
+        if let Some(source) = mirrored {
+            return source.upstream_copied_rows();
+        }
+        if postgres::is_table(&self.inner.cfg, topic) {
+            self.inner.upstream_copied.load(Ordering::Relaxed)
+        } else {
+            0
+        }
     }
 
     /// How far `topic` trails the system it follows (ms, bytes): (0, 0) for a published topic.

@@ -516,6 +516,7 @@ impl Session {
                     position: Self::position(&epoch, at),
                     upstream_lag_ms,
                     upstream_lag_bytes,
+                    upstream_copied_rows: self.origin.upstream_copied_rows(&name),
                 }))
                 .await?;
                 self.mark_started(&name);
@@ -851,8 +852,14 @@ impl Session {
     /// relay's topic whose upstream is not live gets none, so that downstream sees it stale.
     async fn progress(&mut self) -> Result<(), End> {
         let mut msgs = Vec::with_capacity(self.topics.len());
+        let mut copying = Vec::new();
         for (name, st) in self.topics.iter_mut() {
             if st.parked.is_some() {
+                // Waiting for a first copy: no position to tell, only how far the copy is.
+                let rows = self.origin.upstream_copied_rows(name);
+                if rows > 0 {
+                    copying.push((name.clone(), rows));
+                }
                 continue;
             }
             if let Some(source) = &st.topic.mirror_of {
@@ -875,6 +882,16 @@ impl Session {
             st.cursor = st.seen;
             msgs.push((name.clone(), st.seen, st.epoch.clone()));
         }
+        for (name, rows) in copying {
+            self.send(pb::sync_response::Kind::Progress(pb::Progress {
+                topic: name.to_string(),
+                position: None,
+                upstream_lag_ms: 0,
+                upstream_lag_bytes: 0,
+                upstream_copied_rows: rows,
+            }))
+            .await?;
+        }
         for (name, version, epoch) in msgs {
             let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
             self.send(pb::sync_response::Kind::Progress(pb::Progress {
@@ -882,6 +899,7 @@ impl Session {
                 position: Self::position(&epoch, version),
                 upstream_lag_ms,
                 upstream_lag_bytes,
+                upstream_copied_rows: self.origin.upstream_copied_rows(&name),
             }))
             .await?;
             self.inner()

@@ -197,6 +197,7 @@ impl Admin {
                     "staleness_ms": s.staleness_ms(),
                     "upstream_lag_ms": s.upstream_lag().0,
                     "upstream_lag_bytes": s.upstream_lag().1,
+                    "upstream_copied_rows": s.upstream_copied_rows(),
                     "error": s.failure().map(|e| e.to_string()),
                     "last_error": s.last_error().map(|e| e.to_string()),
                 })

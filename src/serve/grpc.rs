@@ -333,6 +333,7 @@ impl pb::cache_server::Cache for CacheService {
                 bytes: s.bytes(),
                 upstream_lag_ms: s.upstream_lag().0,
                 upstream_lag_bytes: s.upstream_lag().1,
+                upstream_copied_rows: s.upstream_copied_rows(),
                 last_error: s
                     .failure()
                     .or_else(|| s.last_error())

@@ -295,6 +295,17 @@ impl Collector for Parts {
                 )
             }),
         )?;
+        family(
+            e,
+            "source_upstream_copied_rows",
+            "Rows read so far by the origin's copy of the system it follows that is not loaded yet (a Postgres table's initial copy); 0 when none runs",
+            (0..sources.len()).map(|i| {
+                (
+                    labels(i),
+                    ConstGauge::new(sources[i].upstream_copied_rows() as f64),
+                )
+            }),
+        )?;
 
         // on_demand topics and views: what they hold and how reads went.
         let on_demand: Vec<(&Source, Held)> = sources

@@ -261,6 +261,7 @@ pub struct Source {
     last_heard_ms: AtomicU64,
     /// How far the origin's copy trails what it follows (ms, bytes), as of its last Progress.
     upstream_lag: (AtomicU64, AtomicU64),
+    upstream_copied: AtomicU64,
     live_window_ms: u64,
     clock: Clock,
     /// Ticks on every applied version and on sync, so that waiting readers wake up.
@@ -322,6 +323,7 @@ impl Source {
             last_error: ArcSwapOption::empty(),
             last_heard_ms: AtomicU64::new(0),
             upstream_lag: (AtomicU64::new(0), AtomicU64::new(0)),
+            upstream_copied: AtomicU64::new(0),
             live_window_ms: u64::try_from(live_window.as_millis()).unwrap_or(u64::MAX),
             clock,
             changed: watch::channel(0).0,
@@ -572,6 +574,16 @@ impl Source {
     pub(crate) fn set_upstream_lag(&self, ms: u64, bytes: u64) {
         self.upstream_lag.0.store(ms, Ordering::Relaxed);
         self.upstream_lag.1.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Rows read so far by the origin's copy of the system it follows that is not loaded yet
+    /// (a Postgres table's initial copy), as of the origin's last Progress; 0 when none runs.
+    pub fn upstream_copied_rows(&self) -> u64 {
+        self.upstream_copied.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_upstream_copied(&self, rows: u64) {
+        self.upstream_copied.store(rows, Ordering::Relaxed);
     }
 
     pub fn staleness_ms(&self) -> u64 {

@@ -51,6 +51,17 @@ impl Origin {
         Ok(())
     }
 
+    /// Until a first copy is loaded, the tables' topics have nothing to serve: a stream that
+    /// subscribes waits (as at a relay not synced yet, told how far the copy is) instead of
+    /// syncing to empty topics and reporting ready.
+    pub(crate) fn await_first_copy(&self, tables: &[String]) {
+        for name in tables {
+            if let Ok(t) = self.topic(name, true) {
+                t.lock().epoch = None;
+            }
+        }
+    }
+
     /// The current value of `key` in `topic`.
     pub(crate) fn value(&self, topic: &str, key: &str) -> Option<Bytes> {
         let t = self.topic(topic, false).ok()?;

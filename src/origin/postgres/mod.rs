@@ -204,6 +204,9 @@ impl PgOrigin {
             Some(store) => store.source_position()?,
             None => None,
         };
+        if resumed.is_none() {
+            origin.await_first_copy(&pg.table_names());
+        }
         info!(epoch = %identity, tables = ?pg.table_names(), slot = %pg.slot, resumes_after = ?resumed, "origin follows postgres");
         let (tx, status) = watch::channel(PgStatus {
             phase: "connecting",
@@ -596,6 +599,8 @@ impl Source {
             } else {
                 attempt + 1
             };
+            // A copy that failed is not in progress any more.
+            self.origin.set_upstream_copied(0);
             let wait = backoff(&self.pg, attempt);
             warn!(error = %err, attempt, retry_in_ms = wait.as_millis() as u64, "postgres source failed; retrying");
             self.status.send_modify(|s| {
@@ -706,6 +711,7 @@ impl Source {
             n += 1;
             if n.is_multiple_of(10_000) {
                 self.status.send_modify(|s| s.copied_rows = n);
+                self.origin.set_upstream_copied(n);
                 if n.is_multiple_of(PROGRESS_ROWS) {
                     info!(
                         rows = n,
@@ -727,6 +733,7 @@ impl Source {
         }
         self.origin
             .replace_topics(loaded.into_iter().collect(), at, &epoch)?;
+        self.origin.set_upstream_copied(0);
         self.epoch = epoch;
         self.applied = at;
         self.loaded = true;
