@@ -733,3 +733,75 @@ async fn upstream_lag_from_progress_is_shown_by_the_sidecar() {
     })
     .await;
 }
+
+/// A new stream resumes topic by topic. A transaction that touched both topics (version 5 of
+/// each, as a Postgres-fed origin numbers them) reaches the sidecar as two tails, one per
+/// topic: it is applied whole, in one writer step, once both tails have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_tails_of_several_topics_are_applied_as_one_step() {
+    within(async {
+        let mut fake = FakeOrigin::start().await;
+        let sidecar = start_sidecar(sidecar_config(&fake.url(), &["a", "b"])).await;
+        let (a, b) = (source(&sidecar, "a"), source(&sidecar, "b"));
+        let feed = sidecar.feed_stats("o").unwrap().clone();
+        let s = {
+            let mut s = fake.accept().await;
+            for _ in 0..2 {
+                let sub = s.next_subscribe().await;
+                s.snapshot(&sub.topic, "e1", 1, &[("k".into(), "1".into())], 10)
+                    .await;
+            }
+            s
+        };
+        wait_position(&a, "e1", 1).await;
+        wait_position(&b, "e1", 1).await;
+        // The stream fails; the sidecar comes back resuming both topics.
+        s.out
+            .send(Err(tonic::Status::unavailable("cut")))
+            .await
+            .unwrap();
+        let mut s = fake.accept().await;
+        for _ in 0..2 {
+            let sub = s.next_subscribe().await;
+            assert_eq!(sub.resume.map(|p| p.version), Some(1), "{}", sub.topic);
+        }
+        let progress = |topic: &str| {
+            feed::sync_response::Kind::Progress(feed::Progress {
+                topic: topic.into(),
+                position: Some(feed::Position {
+                    epoch: "e1".into(),
+                    version: 5,
+                }),
+                ..Default::default()
+            })
+        };
+        s.batch("a", "e1", 1, 5, &[("k", Some("5"))]).await;
+        s.send(progress("a")).await;
+        // Half the transaction is not visible: a read waiting for a's version 5 waits on.
+        let mut client = cache_client(&sidecar).await;
+        let get = client.get(cache::GetRequest {
+            source: "a".into(),
+            key: "k".into(),
+            options: Some(cache::ReadOptions {
+                min_version: 5,
+                wait_ms: 10_000,
+                ..Default::default()
+            }),
+        });
+        tokio::pin!(get);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), &mut get)
+                .await
+                .is_err(),
+            "a's half of the transaction was visible before b's tail"
+        );
+        s.batch("b", "e1", 1, 5, &[("k", Some("5"))]).await;
+        s.send(progress("b")).await;
+        let got = get.await.unwrap().into_inner();
+        assert_eq!(got.item.unwrap().value, "5".as_bytes());
+        assert_eq!(b.version(), 5, "both halves in one step");
+        assert_eq!(b.get("k").unwrap().value, "5".as_bytes());
+        assert_eq!(counter(&feed.snapshots), 2, "resumed without a snapshot");
+    })
+    .await
+}

@@ -58,6 +58,14 @@ pub(crate) fn first_address(instance: Option<&str>, n: usize) -> usize {
 /// keyed snapshot answering one stays a small message.
 const KEYS_PER_REQUEST: usize = 128;
 
+/// A new stream resumes topic by topic, each with the tail of batches it missed: until every
+/// resumed topic's tail has ended (its first Progress), what arrives is held and then handed
+/// to the writer as one step, so a transaction that touched several topics (or was split in
+/// several batches of one) is never half visible. Bounded: past this many held steps, or
+/// [`RESUME_BARRIER_FOR`] after the stream opened, what is held is applied as it stands.
+const RESUME_BARRIER_STEPS: usize = 4096;
+const RESUME_BARRIER_FOR: Duration = Duration::from_secs(1);
+
 /// Counters of one origin's feed, for tests, metrics and status.
 #[derive(Debug, Default)]
 pub struct FeedStats {
@@ -207,6 +215,10 @@ pub(crate) struct FeedClient {
     /// handed to the writer together, as one step, so no reader sees half of it.
     held: Vec<Held>,
     held_group: u64,
+    /// Topics resumed on this stream whose tail has not ended yet, and until when the stream
+    /// holds what it receives for them (see [`RESUME_BARRIER_STEPS`]).
+    resuming: HashSet<String>,
+    resuming_until: Option<tokio::time::Instant>,
     /// The origin's addresses and the one dialled now: a lost feed redials the next one.
     addresses: Vec<String>,
     current: usize,
@@ -282,6 +294,8 @@ impl FeedClient {
             stats,
             held: Vec::new(),
             held_group: 0,
+            resuming: HashSet::new(),
+            resuming_until: None,
             current,
         }
     }
@@ -452,9 +466,20 @@ impl FeedClient {
             t.source.set_connected(true);
         }
         let idle = self.cfg.idle_timeout.0;
+        // The origin answers the resumed subscriptions from here on.
+        self.resuming_until = Some(tokio::time::Instant::now() + RESUME_BARRIER_FOR);
         loop {
             let retry = self.next_retry();
+            let barrier = self
+                .resuming_until
+                .filter(|_| !self.resuming.is_empty() && !self.held.is_empty());
             let next = tokio::select! {
+                _ = tokio::time::sleep_until(barrier.unwrap_or_else(tokio::time::Instant::now)), if barrier.is_some() => {
+                    debug!(origin = %self.spec.name, waiting = self.resuming.len(), held = self.held.len(), "resumed tails not all ended in time; applying what arrived");
+                    self.resuming.clear();
+                    self.release_held().await?;
+                    continue;
+                }
                 m = tokio::time::timeout(idle, stream.message()) => Some(m),
                 _ = key_ops.notified() => None,
                 _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => None,
@@ -539,6 +564,8 @@ impl FeedClient {
     /// Returns true if some keyed requests wait for room in the channel.
     fn open_stream(&mut self, req_tx: &mpsc::Sender<pb::SyncRequest>) -> bool {
         let now = tokio::time::Instant::now();
+        self.resuming.clear();
+        self.resuming_until = None;
         for (name, t) in self.topics.iter_mut() {
             if let Some(Refusal {
                 retry_at: Some(at), ..
@@ -558,6 +585,7 @@ impl FeedClient {
                 version: c.version,
             });
             (t.phase, t.owed) = if resume.is_some() {
+                self.resuming.insert(name.clone());
                 (Phase::Live, 0)
             } else {
                 (Phase::AwaitSnapshot, 1)
@@ -595,7 +623,11 @@ impl FeedClient {
             Kind::Changes(b) => b.group,
             _ => None,
         };
-        if !self.held.is_empty() && group.as_ref().map(|g| g.id) != Some(self.held_group) {
+        let barrier = !self.resuming.is_empty();
+        if !barrier
+            && !self.held.is_empty()
+            && group.as_ref().map(|g| g.id) != Some(self.held_group)
+        {
             // Something other than the rest of the group: what was held is all this stream
             // has of it (the origin lagged on a topic, or resumes topic by topic).
             self.release_held().await?;
@@ -721,10 +753,13 @@ impl FeedClient {
                     self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                     return resubscribe(t, &topic, req_tx, &self.writer).await;
                 }
+                prev_version = c.version;
                 if pos.version > c.version {
                     c.version = pos.version;
                 }
                 let version = c.version;
+                // The origin tells a resumed topic's position once its tail is sent.
+                self.resuming.remove(&topic);
                 Step::Progress {
                     source: t.source.clone(),
                     epoch: pos.epoch,
@@ -769,6 +804,11 @@ impl FeedClient {
                 }
             }
         };
+        if barrier {
+            return self
+                .hold_while_resuming(topic, prev_version, op, group)
+                .await;
+        }
         if let Some(g) = group {
             self.held.push(Held {
                 topic,
@@ -786,6 +826,55 @@ impl FeedClient {
             .send(op)
             .await
             .map_err(|_| FeedError::WriterGone)
+    }
+
+    /// While topics resume: holds batches and positions (snapshot steps go on: a topic being
+    /// snapshotted is not resuming), and hands all of it to the writer as one step once every
+    /// resumed topic's tail has ended (or was given up for a snapshot), or the bound is hit.
+    async fn hold_while_resuming(
+        &mut self,
+        topic: String,
+        prev_version: u64,
+        op: Step,
+        group: Option<pb::TxGroup>,
+    ) -> Result<(), FeedError> {
+        if matches!(op, Step::Batch { .. } | Step::Progress { .. }) {
+            self.held.push(Held {
+                topic,
+                prev_version,
+                op,
+            });
+        } else {
+            self.writer
+                .send(op)
+                .await
+                .map_err(|_| FeedError::WriterGone)?;
+        }
+        // A topic that fell back to a snapshot (a gap, another epoch, a Reset) has no tail to
+        // wait for.
+        let topics = &self.topics;
+        self.resuming.retain(|n| {
+            topics
+                .get(n)
+                .is_some_and(|t| matches!(t.phase, Phase::Live))
+        });
+        let expired = self
+            .resuming_until
+            .is_some_and(|u| tokio::time::Instant::now() >= u);
+        if self.resuming.is_empty() || expired || self.held.len() >= RESUME_BARRIER_STEPS {
+            if !self.resuming.is_empty() {
+                debug!(origin = %self.spec.name, waiting = self.resuming.len(), held = self.held.len(), "resumed tails not all ended; applying what arrived");
+                self.resuming.clear();
+            }
+            if let Some(g) = group.filter(|g| !g.last) {
+                // The last message held is part of a live group: the rest of it is still to
+                // come, and it all goes to the writer with that group's last batch.
+                self.held_group = g.id;
+                return Ok(());
+            }
+            self.release_held().await?;
+        }
+        Ok(())
     }
 
     /// Hands the held batches of a group to the writer as one step.
