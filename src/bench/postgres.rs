@@ -161,6 +161,37 @@ impl LocalPostgres {
         }
     }
 
+    /// CPU seconds used so far by the server: the postmaster and its children (backends, the
+    /// walsender, background workers), from /proc.
+    pub fn cpu_secs(&self) -> f64 {
+        let Some(postmaster) = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return 0.0;
+        };
+        let mut total = cpu_secs(postmaster);
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return total;
+        };
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // The parent is the second field after the command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(postmaster) {
+                total += cpu_secs(pid);
+            }
+        }
+        total
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
@@ -385,10 +416,13 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             "p90",
             "p99",
             "max",
+            "CPU/s harness",
+            "sidecar",
+            "postgres",
         ],
     );
     for &r in rates {
-        latency(ctx, &url, &sidecar, rows, r, now_ns, &mut table).await?;
+        latency(ctx, &pg, &sidecar, rows, r, now_ns, &mut table).await?;
     }
     ctx.report.add_table(table);
     drop(sidecar);
@@ -509,7 +543,7 @@ const WRITERS: usize = 4;
 #[allow(clippy::too_many_arguments)]
 async fn latency(
     ctx: &mut Ctx,
-    url: &str,
+    pg: &LocalPostgres,
     sidecar: &SidecarProc,
     rows: usize,
     tx_rate: u32,
@@ -523,6 +557,8 @@ async fn latency(
     };
     let run_for = ctx.run_for(Duration::from_secs(10));
     let warmup = ctx.warmup().max(Duration::from_millis(300));
+    let url = pg.url();
+    let url = url.as_str();
     let (stop_tx, stop) = watch::channel(false);
     let record_from = Arc::new(AtomicU64::new(u64::MAX));
     let ws_hist: Shared = Arc::new(Mutex::new(load::histogram()));
@@ -579,9 +615,12 @@ async fn latency(
             let start = Instant::now();
             let mut sent = 0u64;
             while !*stop.borrow() {
-                let due = (start.elapsed().as_secs_f64() * per_s) as u64;
-                if sent >= due {
-                    std::thread::sleep(Duration::from_micros(200));
+                // Sleep until this writer's next transaction is due (open loop: a slow
+                // commit is not made up for by skipping the wait of the next).
+                let next = Duration::from_secs_f64(sent as f64 / per_s);
+                let now = start.elapsed();
+                if next > now {
+                    std::thread::sleep(next - now);
                     continue;
                 }
                 let id = (sent as usize * WRITERS + w) * 7919 % rows + 1;
@@ -679,9 +718,19 @@ async fn latency(
     ));
     tokio::time::sleep(warmup).await;
     let done0 = done.load(Ordering::Relaxed);
+    let me = std::process::id();
+    let cpu0 = [cpu_secs(me), cpu_secs(sidecar.proc.pid()), pg.cpu_secs()];
     record_from.store(now_ns(), Ordering::Relaxed);
     tokio::time::sleep(run_for).await;
     let done1 = done.load(Ordering::Relaxed);
+    let cpu1 = [cpu_secs(me), cpu_secs(sidecar.proc.pid()), pg.cpu_secs()];
+    // CPU-seconds per second of the window: the harness (origin, load, subscribers), the
+    // sidecar, Postgres. This machine has two cores.
+    let cpu: Vec<f64> = cpu0
+        .iter()
+        .zip(cpu1)
+        .map(|(a, b)| (b - a) / run_for.as_secs_f64())
+        .collect();
     record_from.store(u64::MAX, Ordering::Relaxed);
     stop_tx.send_replace(true);
     for w in writers {
@@ -706,13 +755,17 @@ async fn latency(
             us(q(0.9)),
             us(q(0.99)),
             us(h.max() as f64 / 1000.0),
+            format!("{:.2}", cpu[0]),
+            format!("{:.2}", cpu[1]),
+            format!("{:.2}", cpu[2]),
         ]);
         ctx.report.push(
             "postgres",
             "latency",
             json!({"tx_rate_asked": tx_rate, "tx_rate_achieved": achieved, "channel": name,
                    "subscribers": subscribers, "samples": h.len(), "p50_us": q(0.5),
-                   "p90_us": q(0.9), "p99_us": q(0.99), "max_us": h.max() as f64 / 1000.0}),
+                   "p90_us": q(0.9), "p99_us": q(0.99), "max_us": h.max() as f64 / 1000.0,
+                   "cpu_per_s": {"harness": cpu[0], "sidecar": cpu[1], "postgres": cpu[2]}}),
         );
     }
     let write_errors = errors.load(Ordering::Relaxed);
