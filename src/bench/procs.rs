@@ -214,6 +214,9 @@ pub struct SidecarSpec<'a> {
     pub redis: bool,
     /// Serve the Cache API on a Unix socket (in the child's temp directory) instead of TCP.
     pub unix_grpc: bool,
+    /// Set `ws.max_connections` (default 1024) to this, and the http listener's connection
+    /// bound with it, for a run with more WebSocket subscribers.
+    pub ws_max_connections: Option<usize>,
 }
 
 /// A running `viewcar sidecar` child.
@@ -266,7 +269,14 @@ fn sidecar_toml(spec: &SidecarSpec, grpc: &str, http: Option<u16>, redis: Option
     // process on the machine may hold: any free port will do when nobody connects to it.
     let h = http.unwrap_or(0);
     t.push_str(&format!("http = \"127.0.0.1:{h}\"\n"));
+    if let Some(n) = spec.ws_max_connections {
+        // Room beside the WebSockets for the harness's own http requests.
+        t.push_str(&format!("http_max_connections = {}\n", (n + 64).max(4096)));
+    }
     t.push_str("\n[limits]\nwriter_queue = 65536\nmax_batch_keys = 10000\n");
+    if let Some(n) = spec.ws_max_connections {
+        t.push_str(&format!("\n[ws]\nmax_connections = {n}\n"));
+    }
     let topics: Vec<String> = spec.topics.iter().map(|t| format!("\"{t}\"")).collect();
     t.push_str(&format!(
         "\n[[origin]]\nname = \"bench\"\naddress = \"http://{}\"\ntopics = [{}]\n",
@@ -414,5 +424,27 @@ pub async fn get_found(
 impl Drop for SidecarProc {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_max_connections_reaches_the_sidecar_config() {
+        let spec = SidecarSpec {
+            origin: SocketAddr::from(([127, 0, 0, 1], 1)),
+            topics: &["t"],
+            views: Vec::new(),
+            http: true,
+            redis: false,
+            unix_grpc: false,
+            ws_max_connections: Some(5000),
+        };
+        let text = sidecar_toml(&spec, "127.0.0.1:2", Some(3), None);
+        let cfg = SidecarConfig::parse("test", &text).expect("valid config");
+        assert_eq!(cfg.ws.max_connections, 5000);
+        assert!(cfg.listen.http_max_connections >= 5000);
     }
 }
