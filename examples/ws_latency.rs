@@ -4,7 +4,8 @@
 //! subscribers over loopback. Changes are published at a fixed rate; each value carries its
 //! publish time, and every subscriber records (receive time - publish time) in an HDR
 //! histogram. The clients' own cost (reading, parsing) is in the same process, so the CPU
-//! figure is for the whole loop, not for the sidecar alone.
+//! figure is for the whole loop, not for the sidecar alone: `viewcar bench push` measures the
+//! same fan-out with the sidecar and the subscribers in processes of their own.
 //!
 //! ```text
 //! cargo run --release --example ws_latency -- [--subscribers 1000] [--rate 10000]

@@ -16,7 +16,14 @@ fn every_scenario_runs_end_to_end() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
-    for title in ["fanout:", "reads:", "freshness:", "ingest:", "fleet:"] {
+    for title in [
+        "fanout:",
+        "reads:",
+        "freshness:",
+        "push:",
+        "ingest:",
+        "fleet:",
+    ] {
         assert!(stdout.contains(title), "no {title} table in\n{stdout}");
     }
     let json: serde_json::Value =
@@ -31,6 +38,19 @@ fn every_scenario_runs_end_to_end() {
         .as_array()
         .is_some_and(|r| r.len() >= 4));
     assert!(json["freshness"]["channels"][1]["samples"].as_u64() > Some(0));
+    let push = &json["push"];
+    assert_eq!(push["subscribers"], 20, "{push}");
+    assert_eq!(push["fanout"], 1, "{push}");
+    assert!(push["rate"].as_u64() > Some(0), "{push}");
+    assert!(push["frames"].as_u64() > Some(0), "{push}");
+    assert!(
+        push["frames_per_server_cpu_s"].as_f64() > Some(0.0),
+        "{push}"
+    );
+    assert!(push["server_cpu_s"].as_f64() > Some(0.0), "{push}");
+    let (p50, p99) = (push["p50_us"].as_f64(), push["p99_us"].as_f64());
+    assert!(p50 > Some(0.0) && p99 >= p50, "{push}");
+    assert_eq!(push["closed"], 0, "{push}");
     assert!(json["ingest"]["memory"]["sidecar_bytes_per_key"].as_f64() > Some(0.0));
     let fleet = json["fleet"]["runs"].as_array().expect("fleet runs");
     assert_eq!(fleet.len(), 2, "direct and through the relay");

@@ -68,6 +68,7 @@ impl PageSetup {
                 http: true,
                 redis: true,
                 unix_grpc: false,
+                ws_max_connections: None,
             },
             None,
             Duration::from_secs(60),

@@ -89,6 +89,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             http: true,
             redis: false,
             unix_grpc: false,
+            ws_max_connections: None,
         },
         Some(("prices", KEYS as u64)),
         Duration::from_secs(60),

@@ -4,7 +4,8 @@
 //! executable, with a generated config in a temp dir), as in production. The origin and the
 //! load generator live in the harness process: the harness publishes at the origin and reads
 //! from the sidecar, so it can time a change from publish to visibility on one clock. The
-//! fan-out tree is another child process (`viewcar bench tree`, hidden), and Redis is a
+//! fan-out tree is another child process (`viewcar bench tree`, hidden), so are the WebSocket
+//! subscribers of the push run (`viewcar bench push-clients`, hidden), and Redis is a
 //! `redis-server` child on a free loopback port when it is installed.
 //!
 //! Scenarios (see BENCHMARKS.md for what each measures and why):
@@ -12,6 +13,8 @@
 //! - [`reads`]: single-key and page reads: sidecar, Redis (GET, pipelined cache-aside), the
 //!   in-process store (floor), and a loopback TCP round trip for reference;
 //! - [`freshness`]: publish -> visible to Get, Watch and WebSocket;
+//! - [`push`]: WebSocket frames delivered per CPU second of the sidecar alone, and publish ->
+//!   delivered latency, with many subscribers;
 //! - [`ingest`]: changes applied/s with and without views, snapshot load time, bytes per key;
 //! - [`fleet`]: many leaf feed streams on one origin, directly or through one relay;
 //! - [`postgres`]: an origin fed by a real Postgres: initial copy, streamed changes applied,
@@ -28,6 +31,8 @@ mod ingest;
 mod load;
 pub mod postgres;
 mod procs;
+mod push;
+mod push_clients;
 mod reads;
 mod report;
 mod resp;
@@ -80,12 +85,19 @@ pub struct BenchArgs {
     /// The delay of a tail call, in milliseconds.
     #[arg(long, default_value_t = 20)]
     pub tail_ms: u64,
-    /// Changes per second published during the freshness run.
+    /// Changes per second published during the freshness and push runs.
     #[arg(long, default_value_t = 10_000)]
     pub change_rate: u32,
     /// Watch (and WebSocket) subscribers during the freshness run.
     #[arg(long, default_value_t = 10)]
     pub subscribers: usize,
+    /// WebSocket subscribers of the push run, one connection each, in a process of their own.
+    #[arg(long, default_value_t = 1000)]
+    pub push_subscribers: usize,
+    /// Keys each push subscriber watches; each key is watched by this many subscribers (there
+    /// are as many keys as subscribers).
+    #[arg(long, default_value_t = 1)]
+    pub push_fanout: usize,
     /// Keys of the snapshot and memory runs (ingest).
     #[arg(long, default_value_t = 1_000_000)]
     pub keys: usize,
@@ -95,6 +107,9 @@ pub struct BenchArgs {
     /// Hidden: the tree's shape when serving it (`viewcar bench tree`).
     #[arg(long, hide = true, default_value_t = 3000)]
     pub products: usize,
+    /// Hidden: the sidecar's WebSocket URL (`viewcar bench push-clients`).
+    #[arg(long, hide = true)]
+    pub ws_url: Option<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +117,7 @@ pub enum Scenario {
     Fanout,
     Reads,
     Freshness,
+    Push,
     Ingest,
     Fleet,
     Postgres,
@@ -109,6 +125,9 @@ pub enum Scenario {
     /// Internal: serve a fan-out tree and print its root addresses (the fanout scenario runs it).
     #[value(hide = true)]
     Tree,
+    /// Internal: the WebSocket subscribers of the push scenario (it runs them).
+    #[value(hide = true)]
+    PushClients,
 }
 
 /// Shared state of one harness run.
@@ -174,6 +193,15 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             }
         };
     }
+    if args.scenario == Scenario::PushClients {
+        return match push_clients::run(&args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("viewcar bench push-clients: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let exe = match args.exe.clone().map_or_else(std::env::current_exe, Ok) {
         Ok(p) => p,
         Err(e) => {
@@ -197,6 +225,7 @@ pub async fn run(args: BenchArgs) -> ExitCode {
         Scenario::Fanout,
         Scenario::Reads,
         Scenario::Freshness,
+        Scenario::Push,
         Scenario::Ingest,
         Scenario::Fleet,
         Scenario::Postgres,
@@ -210,10 +239,11 @@ pub async fn run(args: BenchArgs) -> ExitCode {
             Scenario::Fanout => fanout::run(&mut ctx).await,
             Scenario::Reads => reads::run(&mut ctx).await,
             Scenario::Freshness => freshness::run(&mut ctx).await,
+            Scenario::Push => push::run(&mut ctx).await,
             Scenario::Ingest => ingest::run(&mut ctx).await,
             Scenario::Fleet => fleet::run(&mut ctx).await,
             Scenario::Postgres => postgres::run(&mut ctx).await,
-            Scenario::All | Scenario::Tree => Ok(()),
+            Scenario::All | Scenario::Tree | Scenario::PushClients => Ok(()),
         };
         if let Err(e) = result {
             failed = true;

@@ -367,6 +367,7 @@ pub(crate) async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             http: true,
             redis: false,
             unix_grpc: false,
+            ws_max_connections: None,
         },
         Some(("items", total_rows)),
         Duration::from_secs(600),

@@ -5,14 +5,14 @@
 //! behind. Ports come from binding port 0 and releasing it just before the child binds: a small
 //! race with other programs, acceptable for a benchmark on a quiet machine.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
 use super::BenchError;
@@ -42,8 +42,9 @@ pub fn temp_dir(tag: &str) -> Result<PathBuf, BenchError> {
 /// A child process killed on drop.
 pub struct Proc {
     child: Child,
-    /// Held so a child that waits for stdin EOF lives exactly as long as this handle.
-    _stdin: Option<ChildStdin>,
+    /// Held so a child that waits for stdin EOF lives exactly as long as this handle; also
+    /// where a child that takes commands reads them.
+    stdin: Option<ChildStdin>,
     pub log: Option<PathBuf>,
 }
 
@@ -70,6 +71,23 @@ impl Proc {
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
+
+    /// User + system CPU seconds the child has used so far; None where /proc is unavailable.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(self.child.id())
+    }
+
+    /// Writes one command line to the child's stdin. A line is a few bytes and the child reads
+    /// its stdin all along, so the blocking write returns at once.
+    pub fn send_line(&mut self, line: &str) -> Result<(), BenchError> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| BenchError::setup("child has no stdin"))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        Ok(())
+    }
 }
 
 impl Drop for Proc {
@@ -91,19 +109,23 @@ pub fn rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// CPU seconds (user + system) a process has used, from /proc (Linux, 100 ticks/s).
+/// User + system CPU seconds of a process so far (every thread), from /proc/<pid>/stat (Linux);
+/// None where unavailable.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces, so fields are counted
+    // from its closing one: field 3 (state) comes first, utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // In clock ticks of USER_HZ, which Linux fixes at 100 for user space on every architecture
+    // it runs on (sysconf(_SC_CLK_TCK) would need unsafe code, which this crate forbids).
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// [`cpu_seconds`], 0 where unavailable.
 pub fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the state field.
-    (tick(11) + tick(12)) / 100.0
+    cpu_seconds(pid).unwrap_or(0.0)
 }
 
 /// Spawns `exe args`, stdout piped (for a ready line), stderr to `log`.
@@ -132,7 +154,7 @@ pub fn spawn(
     Ok((
         Proc {
             child,
-            _stdin: stdin,
+            stdin,
             log: Some(log.to_path_buf()),
         },
         stdout,
@@ -152,6 +174,34 @@ pub async fn ready_line(
         Ok(Ok(Ok(line))) if !line.is_empty() => Ok(line.trim().to_string()),
         Ok(_) => Err(BenchError::setup("child exited before it was ready")),
         Err(_) => Err(BenchError::setup("child not ready in time")),
+    }
+}
+
+/// The child's stdout as lines, read on a thread of its own, for a child that reports more
+/// than once. At most 16 lines wait unread; past that the thread, then the child's writes,
+/// wait. The thread ends when the child's stdout closes (it exits or is killed).
+pub fn stdout_lines(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(16);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line of [`stdout_lines`] within `timeout`.
+pub async fn next_line(
+    lines: &mut mpsc::Receiver<String>,
+    timeout: Duration,
+) -> Result<String, BenchError> {
+    match tokio::time::timeout(timeout, lines.recv()).await {
+        Ok(Some(line)) => Ok(line.trim().to_string()),
+        Ok(None) => Err(BenchError::setup("child closed its stdout")),
+        Err(_) => Err(BenchError::setup("no line from the child in time")),
     }
 }
 
@@ -234,6 +284,9 @@ pub struct SidecarSpec<'a> {
     pub redis: bool,
     /// Serve the Cache API on a Unix socket (in the child's temp directory) instead of TCP.
     pub unix_grpc: bool,
+    /// Set `ws.max_connections` (default 1024) to this, and the http listener's connection
+    /// bound with it, for a run with more WebSocket subscribers.
+    pub ws_max_connections: Option<usize>,
 }
 
 /// A running `viewcar sidecar` child.
@@ -286,7 +339,14 @@ fn sidecar_toml(spec: &SidecarSpec, grpc: &str, http: Option<u16>, redis: Option
     // process on the machine may hold: any free port will do when nobody connects to it.
     let h = http.unwrap_or(0);
     t.push_str(&format!("http = \"127.0.0.1:{h}\"\n"));
+    if let Some(n) = spec.ws_max_connections {
+        // Room beside the WebSockets for the harness's own http requests.
+        t.push_str(&format!("http_max_connections = {}\n", (n + 64).max(4096)));
+    }
     t.push_str("\n[limits]\nwriter_queue = 65536\nmax_batch_keys = 10000\n");
+    if let Some(n) = spec.ws_max_connections {
+        t.push_str(&format!("\n[ws]\nmax_connections = {n}\n"));
+    }
     let topics: Vec<String> = spec.topics.iter().map(|t| format!("\"{t}\"")).collect();
     t.push_str(&format!(
         "\n[[origin]]\nname = \"bench\"\naddress = \"http://{}\"\ntopics = [{}]\n",
@@ -434,5 +494,33 @@ pub async fn get_found(
 impl Drop for SidecarProc {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_max_connections_reaches_the_sidecar_config() {
+        let spec = SidecarSpec {
+            origin: SocketAddr::from(([127, 0, 0, 1], 1)),
+            topics: &["t"],
+            views: Vec::new(),
+            http: true,
+            redis: false,
+            unix_grpc: false,
+            ws_max_connections: Some(5000),
+        };
+        let text = sidecar_toml(&spec, "127.0.0.1:2", Some(3), None);
+        let cfg = SidecarConfig::parse("test", &text).expect("valid config");
+        assert_eq!(cfg.ws.max_connections, 5000);
+        assert!(cfg.listen.http_max_connections >= 5000);
+    }
+
+    #[test]
+    fn cpu_seconds_reads_this_process() {
+        assert!(cpu_seconds(std::process::id()).is_some_and(|s| s >= 0.0));
+        assert_eq!(cpu_seconds(u32::MAX), None);
     }
 }

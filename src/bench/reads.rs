@@ -172,6 +172,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             http: false,
             redis: false,
             unix_grpc: true,
+            ws_max_connections: None,
         },
         None,
         Duration::from_secs(60),
