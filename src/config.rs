@@ -422,6 +422,42 @@ mod tests {
             .unwrap();
         let err = cfg.validate("t.toml").unwrap_err().to_string();
         assert!(err.contains("origin[1].address"), "{err}");
+
+        // Several addresses, as `address = [..]` in the file: tried in turn on a lost feed.
+        cfg.apply_origin_env(env(&[(
+            "VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS",
+            "http://relay-a:7100, http://relay-b:7100,http://origin:7000",
+        )]))
+        .unwrap();
+        assert_eq!(cfg.origins[0].address, "http://relay-a:7100");
+        assert_eq!(
+            cfg.origins[0].fallback,
+            ["http://relay-b:7100", "http://origin:7000"]
+        );
+        cfg.set_origin_address("users", "http://a:1,http://b:2", "--origin")
+            .unwrap();
+        assert_eq!(
+            (
+                cfg.origins[1].address.as_str(),
+                cfg.origins[1].fallback.as_slice()
+            ),
+            ("http://a:1", ["http://b:2".to_string()].as_slice())
+        );
+        // One address again drops the others.
+        cfg.set_origin_address("users", "http://c:3", "--origin")
+            .unwrap();
+        assert!(cfg.origins[1].fallback.is_empty());
+        cfg.validate("t.toml").unwrap();
+        for bad in ["http://a:1,", ",http://a:1", "http://a:1,,http://b:2", ""] {
+            let err = cfg
+                .apply_origin_env(env(&[("VIEWCAR_ORIGIN_USERS_ADDRESS", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("VIEWCAR_ORIGIN_USERS_ADDRESS") && err.contains("empty address"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]

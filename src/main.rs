@@ -47,8 +47,8 @@ enum Command {
     /// Settings come from the config file; the flags below (or their environment variables)
     /// override it, a flag winning over its variable. The address of an `[[origin]]` can also be
     /// set by `VIEWCAR_ORIGIN_<NAME>_ADDRESS`: the origin's name upper-cased, `-` and `.` written
-    /// as `_` (origin `catalog-eu` -> `VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS`); one naming no origin
-    /// is an error.
+    /// as `_` (origin `catalog-eu` -> `VIEWCAR_ORIGIN_CATALOG_EU_ADDRESS`), one address or several
+    /// separated by commas; one naming no origin is an error.
     #[command(after_help = SIDECAR_AFTER_HELP)]
     Sidecar(SidecarArgs),
     /// Validate a sidecar config (with the same overrides as `sidecar`) and print its sources;
@@ -157,7 +157,7 @@ struct OriginArgs {
 /// What `viewcar sidecar --help` adds after the flags.
 const SIDECAR_AFTER_HELP: &str = "\
 Environment:
-  VIEWCAR_ORIGIN_<NAME>_ADDRESS  address of the [[origin]] named <name> (upper-cased, '-' and '.' as '_')
+  VIEWCAR_ORIGIN_<NAME>_ADDRESS  address(es, comma-separated) of the [[origin]] named <name> (upper-cased, '-' and '.' as '_')
   RUST_LOG                       log filter, such as 'info' or 'viewcar=debug' (default: info)
 
 Exit status:
@@ -184,7 +184,8 @@ struct SidecarArgs {
     #[arg(long, env = "VIEWCAR_ALLOW_NON_LOOPBACK")]
     allow_non_loopback: bool,
     /// Point the `[[origin]]` named NAME at ADDRESS (http://host:port, or https:// with its
-    /// `tls`); repeatable. Wins over VIEWCAR_ORIGIN_<NAME>_ADDRESS.
+    /// `tls`), or several separated by commas (tried in turn on a lost feed); repeatable. Wins
+    /// over VIEWCAR_ORIGIN_<NAME>_ADDRESS.
     #[arg(long = "origin", value_name = "NAME=ADDRESS", value_parser = parse_origin)]
     origins: Vec<(String, String)>,
     /// How long in-flight reads, Watch streams and WebSockets get to finish on SIGTERM or

@@ -100,10 +100,34 @@ pub fn origin_address_env(name: &str) -> String {
     format!("{ORIGIN_ENV_PREFIX}{name}{ORIGIN_ENV_SUFFIX}")
 }
 
+/// `address` of an override: one address, or several separated by commas (the first dialled
+/// first, the others on a lost feed, as `address = [..]` in the file). An empty entry is an
+/// error naming `what`.
+fn address_list(
+    address: &str,
+    from: &str,
+    what: &str,
+) -> Result<(String, Vec<String>), ConfigError> {
+    let list: Vec<String> = address.split(',').map(|a| a.trim().to_string()).collect();
+    if list.iter().any(String::is_empty) {
+        return Err(ConfigError::invalid(
+            from,
+            what,
+            format!(
+                "'{address}' has an empty address; give one address or several separated by commas"
+            ),
+        ));
+    }
+    let mut list = list.into_iter();
+    let first = list.next().unwrap_or_default();
+    Ok((first, list.collect()))
+}
+
 impl SidecarConfig {
-    /// Points the `[[origin]]` named `name` at `address`. `from` says where the setting came
-    /// from, for errors. Naming no origin is an error: an override must never be silently
-    /// ignored. Call [`SidecarConfig::validate`] afterwards.
+    /// Points the `[[origin]]` named `name` at `address` (one address, or several separated
+    /// by commas). `from` says where the setting came from, for errors. Naming no origin is an
+    /// error: an override must never be silently ignored. Call [`SidecarConfig::validate`]
+    /// afterwards.
     pub fn set_origin_address(
         &mut self,
         name: &str,
@@ -112,8 +136,7 @@ impl SidecarConfig {
     ) -> Result<(), ConfigError> {
         match self.origins.iter_mut().find(|o| o.name == name) {
             Some(o) => {
-                o.address = address.to_string();
-                o.fallback.clear();
+                (o.address, o.fallback) = address_list(address, from, name)?;
                 Ok(())
             }
             None => Err(ConfigError::invalid(
@@ -143,8 +166,8 @@ impl SidecarConfig {
                 .collect();
             match matching.as_slice() {
                 [i] => {
-                    self.origins[*i].address = value;
-                    self.origins[*i].fallback.clear();
+                    let o = &mut self.origins[*i];
+                    (o.address, o.fallback) = address_list(&value, "environment", &var)?;
                 }
                 [] => {
                     return Err(ConfigError::invalid(
