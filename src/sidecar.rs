@@ -504,6 +504,7 @@ impl Sidecar {
             ws: ws_stats.clone(),
             started: Instant::now(),
             history: history.clone(),
+            relay: relay.clone(),
         };
         tasks.push(tokio::spawn(sample_history(
             history,

@@ -4,6 +4,7 @@
 //! snapshot is encoded once for all of them.
 
 mod common;
+mod ops_support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -535,6 +536,21 @@ async fn a_view_served_by_a_relay_is_a_topic_of_the_leaf() {
             sidecar_rows(&leaf, "active"),
             sidecar_rows(&relay, "active")
         );
+        // The relay's side shows in its /status (as in /metrics): one leaf stream, its
+        // snapshot and the view's two changes since.
+        let status: serde_json::Value =
+            serde_json::from_str(&ops_support::get(relay.http_addr(), "/status").await.body)
+                .unwrap();
+        let r = &status["relay"];
+        assert_eq!(r["streams"], 1, "{r}");
+        assert_eq!(r["streams_opened"], 1, "{r}");
+        assert_eq!(r["snapshots_sent"], 1, "{r}");
+        assert_eq!(r["batches_sent"], 2, "{r}");
+        assert_eq!(r["resets_sent"], 0, "{r}");
+        let status: serde_json::Value =
+            serde_json::from_str(&ops_support::get(leaf.http_addr(), "/status").await.body)
+                .unwrap();
+        assert!(status["relay"].is_null(), "a leaf serves no feed");
     })
     .await
 }

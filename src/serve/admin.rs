@@ -100,6 +100,8 @@ pub(crate) struct Admin {
     pub ws: Arc<WsStats>,
     pub started: Instant,
     pub history: Arc<History>,
+    /// The relay's Feed side, with `[listen] feed`.
+    pub relay: Option<crate::serve::feed::Relay>,
 }
 
 pub(crate) fn router(admin: Arc<Admin>) -> Router {
@@ -260,6 +262,16 @@ impl Admin {
             "failed": r.failed().iter().map(|(s, e)| json!({"source": s.as_ref(), "error": e.as_str()})).collect::<Vec<_>>(),
             "sources": sources,
             "origins": origins,
+            "relay": self.relay.as_ref().map(|r| {
+                let o = r.origin();
+                let mut counters = serde_json::Map::new();
+                counters.insert("streams".into(), json!(o.open_streams()));
+                for (name, _, c) in crate::serve::metrics::relay_counters(o.stats()) {
+                    let name = name.strip_prefix("relay_").unwrap_or(name);
+                    counters.insert(name.into(), json!(load(c)));
+                }
+                Value::Object(counters)
+            }),
             "views": views,
             "history": self.history.json(&self.store),
             "subscribers": {

@@ -686,7 +686,17 @@ fn encode_relay(o: &crate::Origin, e: &mut DescriptorEncoder) -> Result<(), std:
         "Leaf Sync streams open at this relay",
         [(vec![], gauge(o.open_streams() as u64))],
     )?;
-    for (name, help, c) in [
+    for (name, help, c) in relay_counters(st) {
+        family(e, name, help, [(vec![], counter(c))])?;
+    }
+    Ok(())
+}
+
+/// The relay's counters: metric name, help, value (`/metrics` and `/status` both list these).
+pub(crate) fn relay_counters(
+    st: &crate::origin::OriginStats,
+) -> [(&'static str, &'static str, &std::sync::atomic::AtomicU64); 9] {
+    [
         (
             "relay_streams_opened",
             "Leaf Sync streams opened",
@@ -728,10 +738,7 @@ fn encode_relay(o: &crate::Origin, e: &mut DescriptorEncoder) -> Result<(), std:
             "Change batches encoded (shared by every leaf at that position)",
             &st.batch_encodings,
         ),
-    ] {
-        family(e, name, help, [(vec![], counter(c))])?;
-    }
-    Ok(())
+    ]
 }
 
 impl Parts {
