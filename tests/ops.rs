@@ -595,6 +595,65 @@ async fn silent_grpc_connections_are_closed_and_bounded() {
     .await;
 }
 
+/// A relay's Feed listener (`[listen] feed`) has the origin's bounds: at most
+/// `relay.max_connections` connections, and one that never sends its preface is closed after
+/// `relay.header_timeout`, so silent clients cannot keep leaves out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_feed_listener_closes_silent_connections_and_holds_its_bound() {
+    within(async {
+        let origin = common::TestOrigin::start(common::origin_config()).await;
+        origin
+            .origin
+            .publish("t", vec![common::put("a", "1")])
+            .unwrap();
+        let mut cfg = common::sidecar_config(&origin.url(), &["t"]);
+        cfg.listen.feed = Some(loopback0());
+        cfg.relay.max_connections = 2;
+        cfg.relay.header_timeout = Dur(Duration::from_secs(2));
+        let relay = common::start_sidecar(cfg).await;
+        relay.synced().await;
+        let feed = relay.feed_addr().expect("serves feed");
+        // Two silent connections hold the relay's every feed slot ...
+        let silent: Vec<_> =
+            futures_util::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(feed)))
+                .await
+                .into_iter()
+                .map(|s| s.unwrap())
+                .collect();
+        // ... so a Fetch is not served while they are open ...
+        let fetch = async {
+            let mut c = common::feed_client(feed).await;
+            c.fetch(viewcar::pb::feed::v1::FetchRequest {
+                topic: "t".into(),
+                keys: vec!["a".into()],
+            })
+            .await
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), fetch)
+                .await
+                .is_err(),
+            "served past the relay's connection bound"
+        );
+        // ... and a leaf gets in once they are closed for saying nothing.
+        let leaf =
+            common::start_sidecar(common::sidecar_config(&format!("http://{feed}"), &["t"])).await;
+        leaf.synced().await;
+        assert_eq!(
+            common::source(&leaf, "t").get("a").map(|e| e.value),
+            Some("1".into())
+        );
+        for s in silent {
+            silent_until_closed(s).await;
+        }
+        let served = relay.relay().expect("relay").origin().clone();
+        assert_eq!(common::counter(&served.stats().streams_opened), 1);
+        leaf.shutdown().await;
+        relay.shutdown().await;
+    })
+    .await;
+}
+
 /// Every series the README's metrics table names is exposed (the table stays true to the code).
 #[tokio::test]
 async fn every_metric_the_readme_names_is_exposed() {

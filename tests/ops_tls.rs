@@ -310,3 +310,65 @@ async fn rotated_certificates_are_read_again_on_redial() {
     })
     .await
 }
+
+/// A relay (`[listen] feed` with `[relay] tls` and `client_ca`) serves its feed over mTLS as an
+/// origin does: a leaf with a certificate signed by `client_ca` syncs and follows; no
+/// certificate, another CA's, or plain text gets nothing.
+#[tokio::test]
+async fn a_relay_serves_its_feed_over_mtls_only_to_leaves_with_the_right_certificate() {
+    within(async {
+        let pki = Pki::generate();
+        let o = TestOrigin::start(origin_config()).await;
+        o.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let mut cfg = common::sidecar_config(&o.url(), &["t"]);
+        cfg.listen.feed = Some(common::loopback0());
+        cfg.relay.tls = Some(ServerTls {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: Some(pki.ca.clone()),
+        });
+        let relay = common::start_sidecar(cfg).await;
+        relay.synced().await;
+        let addr = relay.feed_addr().expect("serves feed");
+
+        let ok = fetch_over_tls(addr, &pki.ca, Some((&pki.client_cert, &pki.client_key)))
+            .await
+            .expect("a leaf certificate signed by client_ca is accepted");
+        assert_eq!(&ok.entries[0].value[..], b"1");
+        assert!(fetch_over_tls(addr, &pki.ca, None).await.is_err());
+        assert!(
+            fetch_over_tls(addr, &pki.ca, Some((&pki.rogue_cert, &pki.rogue_key)))
+                .await
+                .is_err()
+        );
+        let mut plain = common::feed_client(addr).await;
+        assert!(plain
+            .fetch(feed::FetchRequest {
+                topic: "t".into(),
+                keys: vec!["a".into()],
+            })
+            .await
+            .is_err());
+        let served = relay.relay().expect("relay").origin().clone();
+        assert_eq!(counter(&served.stats().fetches), 1);
+
+        let mut leaf_cfg =
+            common::sidecar_config(&format!("https://localhost:{}", addr.port()), &["t"]);
+        leaf_cfg.origins[0].tls = Some(ClientTls {
+            ca: pki.ca.clone(),
+            cert: Some(pki.client_cert.clone()),
+            key: Some(pki.client_key.clone()),
+            domain: None,
+        });
+        let leaf = common::start_sidecar(leaf_cfg).await;
+        leaf.synced().await;
+        let t = common::source(&leaf, "t");
+        let pos = o.origin.publish("t", vec![put("b", "2")]).unwrap();
+        wait_position(&t, &pos.epoch, pos.version).await;
+        assert_eq!(t.get("b").map(|e| e.value), Some("2".into()));
+        assert_eq!(counter(&served.stats().streams_opened), 1);
+        leaf.shutdown().await;
+        relay.shutdown().await;
+    })
+    .await
+}
