@@ -241,6 +241,93 @@ async fn a_leaf_listing_two_relays_continues_on_the_other_without_a_snapshot() {
     .await
 }
 
+/// A leaf fails over to a relay that is behind it (cut off from the origin, same epoch): its
+/// stream resumes at the leaf's position and waits there; once that relay catches up, the leaf
+/// goes on from where it was, without a snapshot and without applying anything twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_failing_over_to_a_relay_behind_it_waits_there_and_needs_no_snapshot() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let a = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
+        // Relay b reaches the origin through a proxy, so it can be cut off from it.
+        let proxy = Proxy::start(origin.addr).await;
+        let b = start_sidecar(relay_config(&[format!("http://{}", proxy.addr)], &["t"])).await;
+        b.synced().await;
+        let mut cfg = sidecar_config(&feed_url(&a), &["t"]);
+        cfg.origins[0].fallback = vec![feed_url(&b)];
+        let leaf = start_sidecar(cfg).await;
+        assert_same(&origin.origin, &leaf, "t", "leaf through a").await;
+        let stats = leaf.feed_stats("o").unwrap().clone();
+
+        // b falls behind: cut off, it misses version 2, which a and the leaf get.
+        proxy.set_upstream(Upstream::Refuse);
+        proxy.cut();
+        let b_t = source(&b, "t");
+        let b_version = b_t.version();
+        let pos = origin.origin.publish("t", vec![put("b", "2")]).unwrap();
+        assert_same(&origin.origin, &leaf, "t", "leaf through a").await;
+        assert_eq!(b_t.version(), b_version, "b is behind the leaf");
+
+        // a goes away: the leaf resumes on b at its own position, ahead of b's.
+        let b_resumes = counter(&b.relay().unwrap().origin().stats().resumes);
+        assert!(a.shutdown().await);
+        common::eventually("the leaf resumed on b", || {
+            counter(&b.relay().unwrap().origin().stats().resumes) > b_resumes
+        })
+        .await;
+        let t = source(&leaf, "t");
+        assert_eq!(
+            t.version(),
+            pos.version,
+            "nothing of b's older state applied"
+        );
+        assert_eq!(t.get("b").map(|e| e.value), Some("2".into()));
+
+        // b reaches the origin again and catches up; the leaf follows from version 2 on.
+        proxy.set_upstream(Upstream::Forward(origin.addr));
+        origin.origin.publish("t", vec![put("c", "3")]).unwrap();
+        origin.origin.publish("t", vec![del("a")]).unwrap();
+        assert_same(&origin.origin, &leaf, "t", "leaf through b").await;
+        assert_eq!(counter(&stats.snapshots), 1, "no snapshot at the leaf");
+        assert_eq!(counter(&stats.gaps), 0);
+        assert_eq!(counter(&stats.duplicates), 0, "nothing applied twice");
+    })
+    .await
+}
+
+/// A relay cut off from the origin sends no Progress, so a leaf on it hears nothing: after its
+/// `feed.idle_timeout` the leaf redials its next address, a live relay, and goes on there from
+/// its position, without a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_on_a_relay_cut_off_from_the_origin_moves_to_a_live_one_after_its_idle_timeout() {
+    within(async {
+        let origin = TestOrigin::start(origin_config()).await;
+        origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let a = start_sidecar(relay_config(&[format!("http://{}", proxy.addr)], &["t"])).await;
+        let b = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
+        a.synced().await;
+        let mut cfg = sidecar_config(&feed_url(&a), &["t"]);
+        cfg.origins[0].fallback = vec![feed_url(&b)];
+        cfg.feed.idle_timeout = Dur(Duration::from_millis(500));
+        let leaf = start_sidecar(cfg).await;
+        assert_same(&origin.origin, &leaf, "t", "leaf through a").await;
+        let stats = leaf.feed_stats("o").unwrap().clone();
+        let b_streams = counter(&b.relay().unwrap().origin().stats().streams_opened);
+
+        // a loses the origin and goes quiet; the origin goes on.
+        proxy.set_upstream(Upstream::Refuse);
+        proxy.cut();
+        origin.origin.publish("t", vec![put("b", "2")]).unwrap();
+        origin.origin.publish("t", vec![del("a")]).unwrap();
+        assert_same(&origin.origin, &leaf, "t", "leaf moved to b").await;
+        assert!(counter(&b.relay().unwrap().origin().stats().streams_opened) > b_streams);
+        assert_eq!(counter(&stats.snapshots), 1, "resumed on b, no snapshot");
+    })
+    .await
+}
+
 /// A lightweight leaf: one Sync stream to `addr`, keeping rows and position as a sidecar
 /// would, checking `prev_version` continuity, redialling (with its position) when cut.
 struct Leaf {
