@@ -163,10 +163,25 @@ impl Reader {
             })
     }
 
+    /// How long a read at `f` may wait in all: `f.wait`, capped by `limits.max_wait`.
+    fn budget(&self, f: &Freshness) -> Duration {
+        f.wait.min(self.max_wait)
+    }
+
+    /// When the waits of one read at `f` end: one budget for the whole read, however many
+    /// sources it waits for (`after`, then readiness of each source read).
+    pub(crate) fn deadline(&self, f: &Freshness) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.budget(f)
+    }
+
     /// Checks every source `f.after` names (before any wait: an unknown one fails at once),
-    /// then waits (within `f.wait`, capped by `limits.max_wait`) until each has made its
-    /// version visible, views derived from it included.
-    pub(crate) async fn wait_after(&self, f: &Freshness) -> Result<(), ReadError> {
+    /// then waits until `deadline` (see [`Reader::deadline`]) for each to make its version
+    /// visible, views derived from it included.
+    pub(crate) async fn wait_after(
+        &self,
+        f: &Freshness,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ReadError> {
         if f.after.is_empty() {
             return Ok(());
         }
@@ -181,8 +196,7 @@ impl Reader {
             .iter()
             .map(|(name, v)| self.source(name).map(|s| (s, *v)))
             .collect::<Result<_, _>>()?;
-        let wait = f.wait.min(self.max_wait);
-        let deadline = tokio::time::Instant::now() + wait;
+        let wait = self.budget(f);
         for (source, version) in named {
             if source.visible_version() >= version {
                 continue;
@@ -213,13 +227,18 @@ impl Reader {
         source.is_synced() && source.version() >= f.min_version
     }
 
-    /// Waits (within `f.wait`, capped by `limits.max_wait`) until the source is synced and at
+    /// Waits until `deadline` (see [`Reader::deadline`]) for the source to be synced and at
     /// `f.min_version`, then checks `f.max_staleness_ms`.
-    pub(crate) async fn ready(&self, source: &Source, f: &Freshness) -> Result<(), ReadError> {
+    pub(crate) async fn ready(
+        &self,
+        source: &Source,
+        f: &Freshness,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ReadError> {
         if !Self::ready_now(source, f) {
-            let wait = f.wait.min(self.max_wait);
+            let wait = self.budget(f);
             let mut changes = source.subscribe_changes();
-            let waited = tokio::time::timeout(wait, async {
+            let waited = tokio::time::timeout_at(deadline, async {
                 while !Self::ready_now(source, f) {
                     if changes.changed().await.is_err() {
                         return;
@@ -267,8 +286,9 @@ impl Reader {
         if key.is_empty() {
             return Err(ReadError::EmptyKey);
         }
-        self.wait_after(f).await?;
-        self.ready(source, f).await?;
+        let deadline = self.deadline(f);
+        self.wait_after(f, deadline).await?;
+        self.ready(source, f, deadline).await?;
         // The writer publishes a version after applying it, so reading the version first makes
         // it a lower bound: the answer is at least as new as `source_version`.
         let source_version = source.version();
@@ -299,9 +319,10 @@ impl Reader {
                 return Err(ReadError::EmptyKeyOf(source.to_string()));
             }
         }
-        self.wait_after(f).await?;
+        let deadline = self.deadline(f);
+        self.wait_after(f, deadline).await?;
         for source in &sources {
-            self.ready(source, f).await?;
+            self.ready(source, f, deadline).await?;
         }
         // on_demand keys are read through first, concurrently: each miss is one Fetch. They are
         // not part of the batch sequence below (their values carry their own versions).
@@ -516,5 +537,70 @@ mod tests {
             r.get("products", "k", &strict).await,
             Err(ReadError::TooStale { .. })
         ));
+    }
+
+    fn source_of(name: &str) -> Source {
+        Source::new(
+            name,
+            SourceKind::Topic {
+                origin: Arc::from("o"),
+            },
+            Mode::Full,
+            Clock::new(),
+            Duration::from_secs(10),
+        )
+    }
+
+    /// One read has one wait budget: however many sources it waits for, it gives up `wait`
+    /// after it started (here a source ready at 3 s and another at 6 s, with 5 s to wait: each
+    /// wait with a budget of its own would have answered at 6 s).
+    #[tokio::test(start_paused = true)]
+    async fn the_waits_of_one_read_share_one_budget() {
+        let mut store = Store::new();
+        let a = store.add(source_of("a"));
+        let b = store.add(source_of("b"));
+        let r = reader(Arc::new(store));
+        let at = |s: &Arc<Source>, secs: u64| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                s.set_position("e", 1);
+                s.mark_synced();
+                s.make_visible();
+            })
+        };
+        let f = Freshness {
+            wait: Duration::from_secs(5),
+            ..Freshness::default()
+        };
+        let (ta, tb) = (at(&a, 3), at(&b, 6));
+        let started = tokio::time::Instant::now();
+        let got = r.batch(&[("a", "k"), ("b", "k")], &f).await;
+        assert!(
+            matches!(&got, Err(ReadError::NotSynced { name, .. }) if name.as_ref() == "b"),
+            "{got:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        let _ = (ta.await, tb.await);
+
+        // `after` and the source read: the same single budget.
+        let mut store = Store::new();
+        let a = store.add(source_of("a"));
+        let b = store.add(source_of("b"));
+        let r = reader(Arc::new(store));
+        let f = Freshness {
+            wait: Duration::from_secs(5),
+            after: vec![("b".into(), 1)],
+            ..Freshness::default()
+        };
+        let (ta, tb) = (at(&b, 3), at(&a, 6));
+        let started = tokio::time::Instant::now();
+        let got = r.get("a", "k", &f).await;
+        assert!(
+            matches!(&got, Err(ReadError::NotSynced { name, .. }) if name.as_ref() == "a"),
+            "{got:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        let _ = (ta.await, tb.await);
     }
 }

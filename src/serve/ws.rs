@@ -554,8 +554,9 @@ async fn answer_get(
     key: &str,
     f: &Freshness,
 ) -> Answered {
-    let read = match reader.wait_after(f).await {
-        Ok(()) => match reader.ready(source, f).await {
+    let deadline = reader.deadline(f);
+    let read = match reader.wait_after(f, deadline).await {
+        Ok(()) => match reader.ready(source, f, deadline).await {
             Ok(()) => reader.point(source, key).await,
             Err(e) => Err(e),
         },
