@@ -438,47 +438,83 @@ pub async fn run(args: DemoOptions) -> ExitCode {
     };
     sidecar.synced().await;
     let generator = tokio::spawn(generate(origin.clone(), size, args.rate, 2, stop_rx));
+    // SIGTERM and Ctrl-C are handled from here on, before anyone is told where to connect.
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
+    let _ = futures_util::poll!(&mut stop);
     let g = sidecar.grpc_addr();
-    println!(
-        "viewcar demo is running ({} catalog changes/s). Ctrl-C stops it.",
-        args.rate
-    );
-    println!();
-    println!("  origin  (Feed API)   http://{origin_addr}");
-    println!("  sidecar (Cache API)  {g}");
-    println!("  sidecar (WebSocket)  ws://{}/ws", sidecar.http_addr());
-    println!("  status page          http://{}/", sidecar.http_addr());
-    println!();
-    println!("Sources:");
-    for s in sidecar.store().sources() {
-        println!(
-            "  {:<22} {:>6} keys  version {}",
-            s.name(),
-            s.len(),
-            s.version()
+    let mut out = String::new();
+    {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "viewcar demo is running ({} catalog changes/s). Ctrl-C stops it.",
+            args.rate
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "  origin  (Feed API)   http://{origin_addr}");
+        let _ = writeln!(out, "  sidecar (Cache API)  {g}");
+        let _ = writeln!(
+            out,
+            "  sidecar (WebSocket)  ws://{}/ws",
+            sidecar.http_addr()
+        );
+        let _ = writeln!(
+            out,
+            "  status page          http://{}/",
+            sidecar.http_addr()
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Sources:");
+        for s in sidecar.store().sources() {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>6} keys  version {}",
+                s.name(),
+                s.len(),
+                s.version()
+            );
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Read a key (in another terminal):");
+        let _ = writeln!(
+            out,
+            "  viewcar get product_page p00042 --addr {g}   # the whole product page, one read"
+        );
+        let _ = writeln!(out, "  viewcar get products p00042 --addr {g}");
+        let _ = writeln!(out, "  viewcar watch prices p00042 p00043 --addr {g}");
+        let _ = writeln!(out, "  viewcar sources --addr {g}");
+        // The sidecar serves gRPC reflection: grpcurl needs no proto files, so this works with a
+        // prebuilt binary as well as from a checkout.
+        let _ = writeln!(
+            out,
+            "  grpcurl -plaintext -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
+        );
+        let _ = writeln!(
+            out,
+            "Subscribe over WebSocket (any client, e.g. websocat), then send the line below:"
+        );
+        let _ = writeln!(out, "  websocat ws://{}/ws", sidecar.http_addr());
+        let _ = writeln!(
+            out,
+            "  {{\"op\":\"subscribe\",\"id\":\"s1\",\"source\":\"prices\",\"keys\":[\"p00042\",\"p00043\"]}}"
+        );
+        let _ = writeln!(
+            out,
+            "  (from a source checkout: cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043)",
+            sidecar.http_addr()
         );
     }
-    println!();
-    println!("Read a key (in another terminal):");
-    println!("  viewcar get product_page p00042 --addr {g}   # the whole product page, one read");
-    println!("  viewcar get products p00042 --addr {g}");
-    println!("  viewcar watch prices p00042 p00043 --addr {g}");
-    println!("  viewcar sources --addr {g}");
-    // The sidecar serves gRPC reflection: grpcurl needs no proto files, so this works with a
-    // prebuilt binary as well as from a checkout.
-    println!(
-        "  grpcurl -plaintext -d '{{\"source\":\"products\",\"key\":\"p00042\"}}' {g} viewcar.cache.v1.Cache/Get"
-    );
-    println!("Subscribe over WebSocket (any client, e.g. websocat), then send the line below:");
-    println!("  websocat ws://{}/ws", sidecar.http_addr());
-    println!(
-        "  {{\"op\":\"subscribe\",\"id\":\"s1\",\"source\":\"prices\",\"keys\":[\"p00042\",\"p00043\"]}}"
-    );
-    println!(
-        "  (from a source checkout: cargo run --example ws_subscriber -- ws://{}/ws prices p00042 p00043)",
-        sidecar.http_addr()
-    );
-    crate::shutdown_signal().await;
+    // One write, and a closed stdout (`viewcar demo | head`) is not an error: the demo goes on
+    // serving whoever reads it over the network.
+    {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush());
+    }
+    stop.await;
     stop_tx.send_replace(true);
     let _ = generator.await;
     let drained = sidecar.shutdown().await;

@@ -678,3 +678,73 @@ user = {{ source = "users", key = "user_id" }}
     })
     .await
 }
+
+/// `viewcar demo | head -1`, or any reader that goes away: the demo's stdout is closed, and it
+/// goes on serving (no panic on the failed write) until it is stopped, then exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_outlives_a_closed_stdout_and_stops_cleanly() {
+    use common::Kill;
+    use std::process::Stdio;
+
+    within(tokio::task::spawn_blocking(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let grpc = format!("127.0.0.1:{port}");
+        let mut demo = Kill(
+            viewcar()
+                .args([
+                    "demo",
+                    "--origin-listen",
+                    "127.0.0.1:0",
+                    "--grpc-listen",
+                    &grpc,
+                    "--http-listen",
+                    "127.0.0.1:0",
+                    "--products",
+                    "100",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the demo"),
+        );
+        // Nobody reads the demo's output.
+        drop(demo.0.stdout.take());
+        // Up and synced (the banner is written right after): every source listed as synced.
+        loop {
+            assert!(
+                demo.0.try_wait().expect("wait").is_none(),
+                "the demo exited"
+            );
+            let out = viewcar()
+                .args(["sources", "--addr", &grpc])
+                .output()
+                .expect("run sources");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && text.lines().skip(1).all(|l| l.contains(" true ")) {
+                break;
+            }
+        }
+        let out = viewcar()
+            .args(["get", "products", "p00042", "--addr", &grpc])
+            .output()
+            .expect("run get");
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            demo.0.try_wait().expect("wait").is_none(),
+            "the demo exited"
+        );
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &demo.0.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok);
+        let status = demo.0.wait().expect("wait for the demo");
+        assert!(status.success(), "{status:?}");
+    }))
+    .await
+    .unwrap();
+}
