@@ -674,6 +674,11 @@ impl Source {
     /// waiters.
     pub(crate) fn make_visible(&self) {
         let v = self.version();
+        // Called for every view at every flush: a plain load when nothing moved, so the cache
+        // line readers load `visible` from is not written (and taken from them) each time.
+        if self.visible.load(Ordering::Acquire) == v {
+            return;
+        }
         if self.visible.swap(v, Ordering::AcqRel) != v {
             self.changed.send_replace(v);
         }
