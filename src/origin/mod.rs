@@ -409,8 +409,10 @@ impl Origin {
         self.inner.upstream_copied.store(rows, Ordering::Relaxed);
     }
 
-    /// Rows read so far by a copy of the system `topic` follows that is not loaded yet.
-    pub fn upstream_copied_rows(&self, topic: &str) -> u64 {
+    /// A Progress of `topic` at `position`, telling how far the topic trails the system it
+    /// follows: a relay passes on what its own upstream told about it; a table's topic has the
+    /// database's replication lag and the rows of a copy in progress; a published topic, zeros.
+    pub(crate) fn progress(&self, topic: &str, position: Option<pb::Position>) -> pb::Progress {
         let mirrored = self
             .inner
             .topics
@@ -418,37 +420,30 @@ impl Origin {
             .unwrap_or_else(|p| p.into_inner())
             .get(topic)
             .and_then(|t| t.mirror_of.clone());
-        if let Some(source) = mirrored {
-            return source.upstream_copied_rows();
-        }
-        if postgres::is_table(&self.inner.cfg, topic) {
-            self.inner.upstream_copied.load(Ordering::Relaxed)
-        } else {
-            0
+        let ((lag_ms, lag_bytes), copied_rows) = match mirrored {
+            Some(source) => (source.upstream_lag(), source.upstream_copied_rows()),
+            None if postgres::is_table(&self.inner.cfg, topic) => (
+                (
+                    self.inner.upstream_lag.0.load(Ordering::Relaxed),
+                    self.inner.upstream_lag.1.load(Ordering::Relaxed),
+                ),
+                self.inner.upstream_copied.load(Ordering::Relaxed),
+            ),
+            None => ((0, 0), 0),
+        };
+        pb::Progress {
+            topic: topic.to_string(),
+            position,
+            upstream_lag_ms: lag_ms,
+            upstream_lag_bytes: lag_bytes,
+            upstream_copied_rows: copied_rows,
         }
     }
 
     /// How far `topic` trails the system it follows (ms, bytes): (0, 0) for a published topic.
     pub fn upstream_lag(&self, topic: &str) -> (u64, u64) {
-        // A relay passes on what its own upstream told about the topic.
-        let mirrored = self
-            .inner
-            .topics
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(topic)
-            .and_then(|t| t.mirror_of.clone());
-        if let Some(source) = mirrored {
-            return source.upstream_lag();
-        }
-        if postgres::is_table(&self.inner.cfg, topic) {
-            (
-                self.inner.upstream_lag.0.load(Ordering::Relaxed),
-                self.inner.upstream_lag.1.load(Ordering::Relaxed),
-            )
-        } else {
-            (0, 0)
-        }
+        let p = self.progress(topic, None);
+        (p.upstream_lag_ms, p.upstream_lag_bytes)
     }
 
     /// A new, empty, in-memory origin with a fresh epoch. `cfg.data_dir` is not read here:

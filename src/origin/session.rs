@@ -510,14 +510,9 @@ impl Session {
                     cursor = b.version;
                 }
                 let at = version.max(from);
-                let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
-                self.send(pb::sync_response::Kind::Progress(pb::Progress {
-                    topic: name.to_string(),
-                    position: Self::position(&epoch, at),
-                    upstream_lag_ms,
-                    upstream_lag_bytes,
-                    upstream_copied_rows: self.origin.upstream_copied_rows(&name),
-                }))
+                self.send(pb::sync_response::Kind::Progress(
+                    self.origin.progress(&name, Self::position(&epoch, at)),
+                ))
                 .await?;
                 self.mark_started(&name);
             }
@@ -856,9 +851,9 @@ impl Session {
         for (name, st) in self.topics.iter_mut() {
             if st.parked.is_some() {
                 // Waiting for a first copy: no position to tell, only how far the copy is.
-                let rows = self.origin.upstream_copied_rows(name);
-                if rows > 0 {
-                    copying.push((name.clone(), rows));
+                let p = self.origin.progress(name, None);
+                if p.upstream_copied_rows > 0 {
+                    copying.push(p);
                 }
                 continue;
             }
@@ -882,25 +877,13 @@ impl Session {
             st.cursor = st.seen;
             msgs.push((name.clone(), st.seen, st.epoch.clone()));
         }
-        for (name, rows) in copying {
-            self.send(pb::sync_response::Kind::Progress(pb::Progress {
-                topic: name.to_string(),
-                position: None,
-                upstream_lag_ms: 0,
-                upstream_lag_bytes: 0,
-                upstream_copied_rows: rows,
-            }))
-            .await?;
+        for p in copying {
+            self.send(pb::sync_response::Kind::Progress(p)).await?;
         }
         for (name, version, epoch) in msgs {
-            let (upstream_lag_ms, upstream_lag_bytes) = self.origin.upstream_lag(&name);
-            self.send(pb::sync_response::Kind::Progress(pb::Progress {
-                topic: name.to_string(),
-                position: Self::position(&epoch, version),
-                upstream_lag_ms,
-                upstream_lag_bytes,
-                upstream_copied_rows: self.origin.upstream_copied_rows(&name),
-            }))
+            self.send(pb::sync_response::Kind::Progress(
+                self.origin.progress(&name, Self::position(&epoch, version)),
+            ))
             .await?;
             self.inner()
                 .stats
