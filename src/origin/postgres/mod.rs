@@ -687,6 +687,18 @@ impl Source {
                 )))
             }
         };
+        // The slot exists now, so the server is out of recovery and its timeline is final: a
+        // standby promoted between this session's IDENTIFY_SYSTEM and here is a new database
+        // epoch, not a lost slot of the old timeline.
+        let repl = self.urls.replication.clone();
+        let now = blocking(move || identify(&repl)).await?;
+        let new_epoch = if now != self.database {
+            warn!(was = %self.database, now = %now, "the database has a new timeline or identity");
+            self.database = now.clone();
+            Some(now)
+        } else {
+            new_epoch
+        };
         let at = snap.consistent_point().value();
         let started = std::time::Instant::now();
         let mut rows = snap.rows();
