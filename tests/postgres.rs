@@ -27,20 +27,9 @@ struct Pg {
     as_postgres: bool,
 }
 
-fn pg_bin() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("bin"))
-        .filter(|b| b.join("initdb").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
 impl Pg {
     fn start() -> Option<Pg> {
-        let Some(bin) = pg_bin() else {
+        let Some(bin) = viewcar::bench::postgres::postgres_bin() else {
             common::missing("postgres");
             return None;
         };

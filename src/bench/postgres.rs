@@ -195,11 +195,6 @@ impl LocalPostgres {
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
-
-    /// A plain SQL connection (blocking: use it from a blocking thread).
-    pub fn connect(&self) -> Result<Sql, BenchError> {
-        connect(&self.url())
-    }
 }
 
 impl Drop for LocalPostgres {
@@ -233,7 +228,7 @@ impl Sql {
         Ok((r.ntuples() > 0).then(|| r.get_value(0, 0)).flatten())
     }
 
-    /// The current WAL insert position, as the origin's versions count (a u64 LSN).
+    /// An LSN as Postgres prints it (`16/B374D848`), as the origin counts versions: a u64.
     fn lsn_of(text: &str) -> Result<u64, BenchError> {
         let (hi, lo) = text
             .split_once('/')

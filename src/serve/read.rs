@@ -425,15 +425,7 @@ mod tests {
 
     fn store_with(name: &str) -> (Arc<Store>, Arc<Source>) {
         let mut store = Store::new();
-        let source = store.add(Source::new(
-            name,
-            SourceKind::Topic {
-                origin: Arc::from("o"),
-            },
-            Mode::Full,
-            Clock::new(),
-            Duration::from_secs(10),
-        ));
+        let source = store.add(source_of(name));
         (Arc::new(store), source)
     }
 
