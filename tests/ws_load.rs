@@ -165,7 +165,9 @@ async fn a_thousand_subscribers_get_every_change_in_order_after_a_100k_burst() {
         assert_eq!(
             *frames as u64 + q.conflated,
             changes_per_sub as u64,
-            "{local}: sent + conflated = every change of its keys"
+            "{local}: sent + conflated = every change of its keys; frames {:?}, {}",
+            replica.kinds,
+            s.upstream()
         );
         assert_eq!(replica.resets, 0);
         sent += frames;
@@ -241,7 +243,11 @@ async fn a_subscriber_that_stops_reading_stays_bounded_and_catches_up_to_the_lat
         assert_eq!(
             replica.frames as u64 + q.conflated,
             (10 * BATCHES * PER_BATCH / KEYS) as u64,
-            "fast subscribers get every change (or its newer replacement)"
+            "fast subscribers get every change (or its newer replacement); frames {:?}, \
+             conflated {}, {}",
+            replica.kinds,
+            q.conflated,
+            s.upstream()
         );
     }
     let fast_took = fast_started.elapsed();

@@ -177,12 +177,18 @@ pub struct Replica {
     pub versions: HashMap<String, Vec<u64>>,
     pub resets: usize,
     pub frames: usize,
+    /// Frames applied, by their `type`: what a miscount was made of.
+    pub kinds: std::collections::BTreeMap<String, usize>,
 }
 
 impl Replica {
     /// Applies one frame; panics on an out-of-order or repeated version of a key.
     pub fn apply(&mut self, v: &Value) {
         self.frames += 1;
+        *self
+            .kinds
+            .entry(v["type"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
         let key = v["key"].as_str().map(str::to_string);
         match v["type"].as_str() {
             Some("row" | "change" | "delete") => {
@@ -222,6 +228,22 @@ impl Replica {
 }
 
 impl Setup {
+    /// The sidecar's feed counters, for a failure message: a miscount while the feed
+    /// reconnected or resnapshotted is a different bug from one on a steady stream.
+    pub fn upstream(&self) -> String {
+        let f = self.sidecar.feed_stats("o").expect("feed stats");
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "feed: connects {} disconnects {} snapshots {} resets {} duplicates {} gaps {}",
+            n(&f.connects),
+            n(&f.disconnects),
+            n(&f.snapshots),
+            n(&f.resets),
+            n(&f.duplicates),
+            n(&f.gaps)
+        )
+    }
+
     /// Waits until the sidecar has applied `version` of `topic`.
     pub async fn applied(&self, topic: &str, version: u64) {
         let source = self.sidecar.store().source(topic).expect("source").clone();
