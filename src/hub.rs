@@ -423,7 +423,8 @@ struct SubState {
     selection: Selection,
     initial: bool,
     started: bool,
-    /// Walking the current rows; `None` once `Synced` has been sent (or without `initial`).
+    /// Walking the current rows (reading none without `initial`); `None` once `Synced` has
+    /// been sent.
     cursor: Option<Cursor>,
 }
 
@@ -437,8 +438,11 @@ struct Cursor {
 }
 
 impl Cursor {
-    fn new(selection: &Selection) -> Self {
+    /// A walk over the current rows of `selection`; with `rows` false, a walk that reads
+    /// none and has passed no key (every change queued before its step is covered).
+    fn new(selection: &Selection, rows: bool) -> Self {
         let positions = match selection {
+            _ if !rows => Some(HashMap::new()),
             Selection::Keys(keys) => Some(
                 keys.iter()
                     .enumerate()
@@ -654,15 +658,11 @@ impl Subscriber {
             return;
         };
         state.started = true;
-        if state.initial {
-            state.cursor = Some(Cursor::new(&state.selection));
-        } else {
-            state.cursor = None;
-            self.pending.push_back(Delivery::Synced {
-                sub,
-                version: state.source.version(),
-            });
-        }
+        // Without `initial` the walk reads no rows, but still takes its one step under the
+        // hub's gate: the writer moves a source's version before it publishes the batch's
+        // changes, and a `Synced` read between the two would be followed by changes it
+        // already covers.
+        state.cursor = Some(Cursor::new(&state.selection, state.initial));
     }
 
     /// Reads the next page of current rows of one subscription whose cursor is walking, into
@@ -694,6 +694,10 @@ impl Subscriber {
         let rows: Vec<(Arc<str>, crate::store::Row)>;
         let done;
         match &state.selection {
+            _ if !state.initial => {
+                rows = Vec::new();
+                done = true;
+            }
             Selection::Keys(keys) => {
                 let end = (cursor.read + PAGE_ROWS).min(keys.len());
                 rows = keys[cursor.read..end]
@@ -988,6 +992,37 @@ mod tests {
         assert_eq!(drain(&mut s), ["change a@3", "change b@2"]);
         assert_eq!(hub.stats().conflated.load(Ordering::Relaxed), 1);
         assert_eq!(hub.queues()[0].conflated, 1);
+    }
+
+    #[test]
+    fn a_change_published_after_the_synced_that_covers_it_is_not_sent() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let mut s = Subscriber::new(&hub, "t", 8, None);
+        s.subscribe(src.clone(), Selection::Prefix(String::new()), false);
+        // The writer has applied version 1 (the source's version moved) and holds the gate
+        // until it has published it: the subscription's `Synced` waits for that.
+        let gate = hub.write_gate();
+        let value = Bytes::from_static(b"1");
+        src.put(
+            Arc::from("a"),
+            Row {
+                value: value.clone(),
+                version: 1,
+            },
+        );
+        src.set_version(1);
+        assert_eq!(drain(&mut s), Vec::<String>::new());
+        hub.publish(&[Event {
+            source: src.name().clone(),
+            key: Arc::from("a"),
+            version: 1,
+            value: Some(value),
+        }]);
+        drop(gate);
+        assert_eq!(drain(&mut s), ["synced 1"]);
+        apply(&hub, &src, "b", 2, "2");
+        assert_eq!(drain(&mut s), ["change b@2"]);
     }
 
     #[test]
