@@ -386,18 +386,35 @@ impl Writer {
         let new = source.keyspace();
         // The diff is what readers of changes need: the snapshot replaced every row at once.
         let first = old.is_empty();
-        events.reserve(if first { keys } else { 0 });
-        new.for_each(|key, row| {
-            let same = !first && old.get(key).is_some_and(|o| o.value == row.value);
-            if !same {
+        // Into an empty source with no reader of its changes (no view reads it, no relay
+        // mirrors it, no subscriber yet: one that comes is held by the hub's gate, which this
+        // step holds, and reads the new rows), the diff would be a million events for nobody.
+        let wanted = self.mirror.is_some()
+            || self.engine.as_ref().is_some_and(|e| e.reads(&name))
+            || self.hub.watches(&name);
+        if first && wanted {
+            events.reserve(keys);
+            // Every row is news: no lookups, no need for key order.
+            new.for_each_unordered(|key, row| {
                 events.push(Event {
                     source: name.clone(),
                     key: key.clone(),
                     version: row.version,
-                    value: Some(row.value),
+                    value: Some(row.value.clone()),
                 });
-            }
-        });
+            });
+        } else if !first {
+            new.for_each(|key, row| {
+                if old.get(key).is_none_or(|o| o.value != row.value) {
+                    events.push(Event {
+                        source: name.clone(),
+                        key: key.clone(),
+                        version: row.version,
+                        value: Some(row.value),
+                    });
+                }
+            });
+        }
         old.for_each(|key, _| {
             if new.get(key).is_none() {
                 events.push(Event {

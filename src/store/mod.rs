@@ -159,6 +159,13 @@ impl Keyspace {
         index.iter().cloned().collect()
     }
 
+    /// Calls `f` with every row, in no particular order, without a lookup per key.
+    pub(crate) fn for_each_unordered(&self, mut f: impl FnMut(&Arc<str>, &Row)) {
+        for entry in self.map.iter() {
+            f(entry.key(), entry.value());
+        }
+    }
+
     /// Calls `f` with every row, in key order, without copying the key list first (a snapshot
     /// diff walks a million keys). Holds the index's read lock throughout, so `f` must not
     /// insert into or remove from this keyspace.

@@ -202,6 +202,13 @@ impl Engine {
         }
     }
 
+    /// Whether some view reads `source` (as its `from` or through a lookup).
+    pub(crate) fn reads(&self, source: &str) -> bool {
+        self.views
+            .iter()
+            .any(|v| v.inputs.iter().any(|s| s.name().as_ref() == source))
+    }
+
     /// Every source of the store, views included.
     pub(crate) fn sources(&self) -> &[Arc<Source>] {
         &self.sources
