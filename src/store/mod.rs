@@ -55,7 +55,8 @@ pub enum SourceKind {
 /// for prefix scans. Only the writer inserts or removes keys.
 #[derive(Debug, Default)]
 pub struct Keyspace {
-    map: DashMap<Arc<str>, Row>,
+    /// Keys come from the origin's data, not from readers: a fast hasher, randomly seeded.
+    map: DashMap<Arc<str>, Row, foldhash::fast::RandomState>,
     index: RwLock<BTreeSet<Arc<str>>>,
     bytes: AtomicU64,
 }
