@@ -40,7 +40,7 @@ fn source() -> Arc<Source> {
 }
 
 fn loaded(writer: &mut Writer, source: &Arc<Source>) {
-    let entries = (0..KEYS)
+    let entries: Vec<SnapEntry> = (0..KEYS)
         .map(|i| SnapEntry {
             key: key(i),
             value: value(i),
@@ -50,6 +50,7 @@ fn loaded(writer: &mut Writer, source: &Arc<Source>) {
     let mut events = Vec::new();
     writer.apply(
         Step::SnapshotChunk {
+            total: entries.len() as u64,
             source: source.clone(),
             epoch: "e".into(),
             version: 1,

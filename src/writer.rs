@@ -52,6 +52,9 @@ pub enum Step {
         version: u64,
         entries: Vec<SnapEntry>,
         last: bool,
+        /// Entries of the whole snapshot as the origin told them (0: not told), to size the
+        /// staged table once.
+        total: u64,
     },
     /// Forget a half-received snapshot (the stream broke or restarted it).
     AbortSnapshot { source: Arc<Source> },
@@ -129,6 +132,10 @@ struct Staged {
     version: u64,
     rows: Staging,
 }
+
+/// The most rows a staged snapshot reserves room for up front, whatever the origin announces
+/// (~4M rows: a table of ~230 MiB).
+const STAGED_CAPACITY_MAX: u64 = 1 << 22;
 
 /// Past this many, the event buffer is released after a flush instead of kept for reuse: a
 /// snapshot's diff of a million keys would otherwise pin ~70 MiB for the life of the process.
@@ -233,7 +240,8 @@ impl Writer {
                 version,
                 entries,
                 last,
-            } => self.snapshot_chunk(source, epoch, version, entries, last, events),
+                total,
+            } => self.snapshot_chunk(source, epoch, version, entries, last, total, events),
             Step::AbortSnapshot { source } => {
                 self.staged.remove(source.name());
             }
@@ -337,6 +345,7 @@ impl Writer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn snapshot_chunk(
         &mut self,
         source: Arc<Source>,
@@ -344,6 +353,7 @@ impl Writer {
         version: u64,
         entries: Vec<SnapEntry>,
         last: bool,
+        total: u64,
         events: &mut Vec<Event>,
     ) {
         let name = source.name().clone();
@@ -357,7 +367,9 @@ impl Writer {
                 Staged {
                     epoch: epoch.clone(),
                     version,
-                    rows: Staging::new(),
+                    // The origin's count sizes the table once; capped, since it is only a
+                    // hint (a wrong one costs growth or slack, never rows).
+                    rows: Staging::with_capacity(total.min(STAGED_CAPACITY_MAX) as usize),
                 },
             );
         }

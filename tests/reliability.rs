@@ -88,6 +88,7 @@ async fn bad_peer(bad: Bad) {
             }
             Bad::SnapshotAfterLast => {
                 s.send(feed::sync_response::Kind::Snapshot(feed::SnapshotChunk {
+                    total_entries: u64::MAX, // a hint that is wrong: it sizes nothing beyond a cap
                     topic: "t".into(),
                     position: Some(feed::Position {
                         epoch: "e".into(),
@@ -101,6 +102,7 @@ async fn bad_peer(bad: Bad) {
             Bad::SnapshotPositionChanges => {
                 s.reset("t", "test").await;
                 s.send(feed::sync_response::Kind::Snapshot(feed::SnapshotChunk {
+                    total_entries: 0,
                     topic: "t".into(),
                     position: Some(feed::Position {
                         epoch: "e".into(),
@@ -213,6 +215,7 @@ async fn bad_keyed_peer(bad: BadKeyed) {
         assert_eq!(fake.fetches(), 1, "a resident key is read from memory");
 
         let newer_a = |last| feed::SnapshotChunk {
+            total_entries: 0,
             topic: "t".into(),
             position: Some(feed::Position {
                 epoch: "e".into(),

@@ -53,7 +53,7 @@ fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
             Clock::new(),
             Duration::from_secs(10),
         ));
-        let entries = puts
+        let entries: Vec<SnapEntry> = puts
             .into_iter()
             .filter_map(|p| {
                 p.value.map(|value| SnapEntry {
@@ -66,6 +66,7 @@ fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
         let mut events = Vec::new();
         writer.apply(
             Step::SnapshotChunk {
+                total: entries.len() as u64,
                 source: src.clone(),
                 epoch: "bench".into(),
                 version: 1,

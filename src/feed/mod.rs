@@ -692,6 +692,7 @@ impl FeedClient {
                     }
                 }
                 Step::SnapshotChunk {
+                    total: chunk.total_entries,
                     source: t.source.clone(),
                     epoch: at.epoch,
                     version: at.version,

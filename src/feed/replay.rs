@@ -183,14 +183,18 @@ pub fn decode_streams(data: &[u8]) -> Vec<Vec<pb::SyncResponse>> {
                 0..=2 => {
                     let topic = inp.topic();
                     let position = inp.position();
-                    let entries = (0..inp.byte() % 4)
+                    let entries: Vec<pb::Entry> = (0..inp.byte() % 4)
                         .map(|_| pb::Entry {
                             key: inp.key(),
                             value: bytes::Bytes::from(vec![b'v'; usize::from(inp.byte() % 3)]),
                             version: inp.version(),
                         })
                         .collect();
+                    // A hint from the peer, wrong and up to absurd (derived, so that the byte
+                    // layout of recorded streams stays as it was).
+                    let total_entries = (entries.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     Kind::Snapshot(pb::SnapshotChunk {
+                        total_entries,
                         topic,
                         position,
                         entries,

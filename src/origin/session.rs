@@ -584,6 +584,7 @@ impl Session {
         self.send(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
             topic: topic.name.to_string(),
             position: Self::position(&epoch, version),
+            total_entries: entries.len() as u64,
             entries,
             last: true,
         }))
@@ -675,6 +676,7 @@ impl Session {
                             position: Self::position(epoch, shared.version),
                             entries,
                             last,
+                            total_entries: shared.data.len() as u64,
                         })),
                     };
                     out.push(Bytes::from(msg.encode_to_vec()));
@@ -714,9 +716,13 @@ impl Session {
                 position: Self::position(epoch, version),
                 entries,
                 last,
+                // Keyed: counted once the chunks are cut (below).
+                total_entries: 0,
             })
         });
-        for m in msgs {
+        let total: u64 = msgs.iter().map(|m| m.entries.len() as u64).sum();
+        for mut m in msgs {
+            m.total_entries = total;
             self.send(pb::sync_response::Kind::Snapshot(m)).await?;
         }
         self.inner()

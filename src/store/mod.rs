@@ -192,8 +192,15 @@ pub(crate) struct Staging {
 }
 
 impl Staging {
-    pub(crate) fn new() -> Self {
-        Self::default()
+    /// Staging with room for `rows` rows.
+    pub(crate) fn with_capacity(rows: usize) -> Self {
+        Staging {
+            rows: Keyspace {
+                map: DashMap::with_capacity_and_hasher(rows, Default::default()),
+                ..Keyspace::default()
+            },
+            new_keys: Vec::with_capacity(rows),
+        }
     }
 
     /// Inserts or replaces a row (a key repeated across chunks keeps the later row).
@@ -821,7 +828,7 @@ pub(crate) mod tests {
 
     #[test]
     fn staging_builds_the_index_once_and_keeps_later_rows() {
-        let mut st = Staging::new();
+        let mut st = Staging::with_capacity(0);
         st.put("c".into(), row("1", 1));
         st.put("a".into(), row("22", 1));
         st.put("b".into(), row("333", 1));

@@ -91,6 +91,7 @@ impl Standalone {
                 version: 0,
                 entries: Vec::new(),
                 last: true,
+                total: 0,
             }]);
         }
         s.derive(Vec::new());
@@ -151,7 +152,9 @@ impl Standalone {
     ) -> Result<Vec<Event>, ViewError> {
         let source = self.topic(topic)?;
         let version = source.version() + 1;
+        let total = entries.len() as u64;
         let events = self.step(vec![Step::SnapshotChunk {
+            total,
             source,
             epoch: EPOCH.into(),
             version,

@@ -346,6 +346,7 @@ impl FakeStream {
         for i in 0..n {
             let part = chunks.get(i).copied().unwrap_or(&[]);
             self.send(feed::sync_response::Kind::Snapshot(feed::SnapshotChunk {
+                total_entries: entries.len() as u64,
                 topic: topic.to_string(),
                 position: Some(feed::Position {
                     epoch: epoch.to_string(),
