@@ -429,9 +429,13 @@ struct SubState {
     selection: Selection,
     initial: bool,
     started: bool,
-    /// Walking the current rows (reading none without `initial`); `None` once `Synced` has
-    /// been sent.
+    /// Walking the current rows; `None` once `Synced` has been sent (or without `initial`).
     cursor: Option<Cursor>,
+    /// Without `initial`: the version its `Synced` carries, read when it subscribed (or, if
+    /// its source had not synced yet, when it did). A change at or below it is covered by it:
+    /// the writer moves a source's version before it publishes the batch's changes, so such a
+    /// change can still reach the queue after the subscription was registered.
+    from: Option<u64>,
 }
 
 /// Where a subscription's walk over its current rows stands.
@@ -444,11 +448,8 @@ struct Cursor {
 }
 
 impl Cursor {
-    /// A walk over the current rows of `selection`; with `rows` false, a walk that reads
-    /// none and has passed no key (every change queued before its step is covered).
-    fn new(selection: &Selection, rows: bool) -> Self {
+    fn new(selection: &Selection) -> Self {
         let positions = match selection {
-            _ if !rows => Some(HashMap::new()),
             Selection::Keys(keys) => Some(
                 keys.iter()
                     .enumerate()
@@ -538,6 +539,9 @@ impl Subscriber {
         let selection = selection.normalized();
         self.hub
             .register(sub, source.name(), &selection, &self.queue);
+        // Read after registering: every change above it is published after this point, so it
+        // reaches the queue (a client told it is subscribed gets every later change).
+        let from = (!initial && source.is_synced()).then(|| source.version());
         self.subs.insert(
             sub,
             SubState {
@@ -546,6 +550,7 @@ impl Subscriber {
                 initial,
                 started: false,
                 cursor: None,
+                from,
             },
         );
         sub
@@ -664,11 +669,13 @@ impl Subscriber {
             return;
         };
         state.started = true;
-        // Without `initial` the walk reads no rows, but still takes its one step under the
-        // hub's gate: the writer moves a source's version before it publishes the batch's
-        // changes, and a `Synced` read between the two would be followed by changes it
-        // already covers.
-        state.cursor = Some(Cursor::new(&state.selection, state.initial));
+        if state.initial {
+            state.cursor = Some(Cursor::new(&state.selection));
+        } else {
+            state.cursor = None;
+            let version = *state.from.get_or_insert_with(|| state.source.version());
+            self.pending.push_back(Delivery::Synced { sub, version });
+        }
     }
 
     /// Reads the next page of current rows of one subscription whose cursor is walking, into
@@ -700,10 +707,6 @@ impl Subscriber {
         let rows: Vec<(Arc<str>, crate::store::Row)>;
         let done;
         match &state.selection {
-            _ if !state.initial => {
-                rows = Vec::new();
-                done = true;
-            }
             Selection::Keys(keys) => {
                 let end = (cursor.read + PAGE_ROWS).min(keys.len());
                 rows = keys[cursor.read..end]
@@ -825,18 +828,23 @@ impl Subscriber {
                     // A page still to be read covers this key.
                     continue;
                 }
+            } else if state.from.is_some_and(|v| change.version <= v) {
+                // Applied before the subscription, published after it: its `Synced` covers it.
+                continue;
             }
             self.pending.push_back(Delivery::Change { sub, change });
         }
     }
 
     fn restart(&mut self, sub: SubId, reason: Arc<str>) {
-        let Some(state) = self.subs.get(&sub) else {
+        let Some(state) = self.subs.get_mut(&sub) else {
             return;
         };
         if !state.started {
             return;
         }
+        // Starting over: its `Synced` carries the version of now (of a new epoch, perhaps).
+        state.from = None;
         self.pending.retain(|d| match d {
             Delivery::Row { sub: s, .. }
             | Delivery::Change { sub: s, .. }
@@ -1001,14 +1009,11 @@ mod tests {
     }
 
     #[test]
-    fn a_change_published_after_the_synced_that_covers_it_is_not_sent() {
+    fn a_change_published_after_the_subscription_that_covers_it_is_not_sent() {
         let hub = Arc::new(Hub::new());
         let src = source();
-        let mut s = Subscriber::new(&hub, "t", 8, None);
-        s.subscribe(src.clone(), Selection::Prefix(String::new()), false);
-        // The writer has applied version 1 (the source's version moved) and holds the gate
-        // until it has published it: the subscription's `Synced` waits for that.
-        let gate = hub.write_gate();
+        // The writer has applied version 1 (the source's version moved) but not yet published
+        // it when the subscription is registered.
         let value = Bytes::from_static(b"1");
         src.put(
             Arc::from("a"),
@@ -1018,17 +1023,29 @@ mod tests {
             },
         );
         src.set_version(1);
-        assert_eq!(drain(&mut s), Vec::<String>::new());
+        let mut s = Subscriber::new(&hub, "t", 8, None);
+        s.subscribe(src.clone(), Selection::Prefix(String::new()), false);
         hub.publish(&[Event {
             source: src.name().clone(),
             key: Arc::from("a"),
             version: 1,
             value: Some(value),
         }]);
-        drop(gate);
-        assert_eq!(drain(&mut s), ["synced 1"]);
         apply(&hub, &src, "b", 2, "2");
-        assert_eq!(drain(&mut s), ["change b@2"]);
+        assert_eq!(drain(&mut s), ["synced 1", "change b@2"]);
+    }
+
+    #[test]
+    fn a_change_after_the_subscription_is_sent_even_before_the_first_read() {
+        // A Redis SUBSCRIBE replies once registered; its consumer reads later. What changed
+        // in between is news to it.
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        apply(&hub, &src, "a", 1, "1");
+        let mut s = Subscriber::new(&hub, "t", 8, None);
+        s.subscribe(src.clone(), Selection::Keys(vec!["a".into()]), false);
+        apply(&hub, &src, "a", 2, "2");
+        assert_eq!(drain(&mut s), ["synced 1", "change a@2"]);
     }
 
     #[test]
