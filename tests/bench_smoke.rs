@@ -39,6 +39,7 @@ fn every_scenario_runs_end_to_end() {
         .is_some_and(|r| r.len() >= 4));
     assert!(json["freshness"]["channels"][1]["samples"].as_u64() > Some(0));
     let push = &json["push"];
+    assert_eq!(push["protocol"], "ws", "{push}");
     assert_eq!(push["subscribers"], 20, "{push}");
     assert_eq!(push["fanout"], 1, "{push}");
     assert!(push["rate"].as_u64() > Some(0), "{push}");
@@ -103,5 +104,36 @@ fn every_scenario_runs_end_to_end() {
     } else {
         common::missing("postgres");
     }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn the_push_scenario_runs_over_grpc_watch() {
+    let out = std::env::temp_dir().join(format!("viewcar-bench-watch-{}", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_viewcar"))
+        .args([
+            "bench",
+            "push",
+            "--smoke",
+            "--push-protocol",
+            "watch",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .expect("viewcar runs");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("gRPC Watch event"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bench.json")).expect("bench.json"))
+            .expect("valid JSON");
+    let push = &json["push"];
+    assert_eq!(push["protocol"], "watch", "{push}");
+    assert_eq!(push["subscribers"], 20, "{push}");
+    assert!(push["frames"].as_u64() > Some(0), "{push}");
+    assert!(push["p99_us"].as_f64() > Some(0.0), "{push}");
+    assert_eq!(push["closed"], 0, "{push}");
     let _ = std::fs::remove_dir_all(&out);
 }

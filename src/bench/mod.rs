@@ -110,6 +110,31 @@ pub struct BenchArgs {
     /// Hidden: the sidecar's WebSocket URL (`viewcar bench push-clients`).
     #[arg(long, hide = true)]
     pub ws_url: Option<String>,
+    /// How the push scenario's subscribers follow their keys: WebSocket subscriptions, or gRPC
+    /// Watch streams (one HTTP/2 connection each, as a WebSocket subscriber has its own).
+    #[arg(long, value_enum, default_value_t = PushProtocol::Ws)]
+    pub push_protocol: PushProtocol,
+    /// Hidden: the sidecar's Cache API address, `host:port` (`viewcar bench push-clients`).
+    #[arg(long, hide = true)]
+    pub grpc_addr: Option<String>,
+}
+
+/// The push scenario's subscriber protocol.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushProtocol {
+    /// WebSocket (`/ws`), JSON frames.
+    Ws,
+    /// gRPC `Cache.Watch`, protobuf messages on HTTP/2.
+    Watch,
+}
+
+impl PushProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            PushProtocol::Ws => "ws",
+            PushProtocol::Watch => "watch",
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -340,8 +340,10 @@ fn sidecar_toml(spec: &SidecarSpec, grpc: &str, http: Option<u16>, redis: Option
     let h = http.unwrap_or(0);
     t.push_str(&format!("http = \"127.0.0.1:{h}\"\n"));
     if let Some(n) = spec.ws_max_connections {
-        // Room beside the WebSockets for the harness's own http requests.
+        // Room beside the subscribers (WebSockets or Watch streams, each on its own
+        // connection) for the harness's own requests.
         t.push_str(&format!("http_max_connections = {}\n", (n + 64).max(4096)));
+        t.push_str(&format!("grpc_max_connections = {}\n", (n + 64).max(4096)));
     }
     t.push_str("\n[limits]\nwriter_queue = 65536\nmax_batch_keys = 10000\n");
     if let Some(n) = spec.ws_max_connections {

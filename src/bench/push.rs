@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::procs::{self, OriginHost, SidecarProc, SidecarSpec};
 use super::push_clients::{key, wall_ns, Tally, SOURCE};
 use super::report::{rate, us, Table};
-use super::{BenchError, Ctx};
+use super::{BenchError, Ctx, PushProtocol};
 use crate::origin::Put;
 
 /// How far ahead of its start the window is announced, so the subscribers hold it in time.
@@ -95,20 +95,34 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         .http
         .ok_or_else(|| BenchError::setup("this build's sidecar has no http listener"))?;
 
+    let protocol = a.push_protocol;
+    let (what, channel) = match protocol {
+        PushProtocol::Ws => ("WebSocket frame", "WebSocket subscribers"),
+        PushProtocol::Watch => ("gRPC Watch event", "gRPC Watch streams"),
+    };
     ctx.progress(format!(
-        "push: {subscribers} WebSocket subscribers (fanout {fanout}) connecting"
+        "push: {subscribers} {channel} (fanout {fanout}) connecting"
     ));
     let dir = procs::temp_dir("push-clients")?;
+    let target = match protocol {
+        PushProtocol::Ws => vec!["--ws-url".to_string(), format!("ws://{http}/ws")],
+        PushProtocol::Watch => vec!["--grpc-addr".to_string(), sidecar.grpc.clone()],
+    };
     let args: Vec<String> = vec![
         "bench".into(),
         "push-clients".into(),
-        "--ws-url".into(),
-        format!("ws://{http}/ws"),
+        "--push-protocol".into(),
+        protocol.name().into(),
+    ]
+    .into_iter()
+    .chain(target)
+    .chain([
         "--push-subscribers".into(),
         subscribers.to_string(),
         "--push-fanout".into(),
         fanout.to_string(),
-    ];
+    ])
+    .collect();
     let (mut clients, stdout) = procs::spawn(&ctx.exe, &args, &dir.join("push-clients.log"), true)?;
     let stdout = stdout.ok_or_else(|| BenchError::setup("push-clients: no stdout"))?;
     let mut lines = procs::stdout_lines(stdout);
@@ -205,7 +219,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
 
     let mut table = Table::new(
         format!(
-            "push: publish at origin -> WebSocket frame, {subscribers} subscribers in their own process, fanout {fanout}, changes at {} ({} asked)",
+            "push: publish at origin -> {what}, {subscribers} subscribers in their own process, fanout {fanout}, changes at {} ({} asked)",
             rate(achieved),
             rate(f64::from(asked))
         ),
@@ -236,6 +250,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     ]);
     ctx.report.add_table(table);
     let figures = json!({
+        "protocol": protocol.name(),
         "subscribers": subscribers,
         "fanout": fanout,
         "keys": keys,

@@ -29,7 +29,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::load;
-use super::{BenchArgs, BenchError};
+use super::{BenchArgs, BenchError, PushProtocol};
+use crate::pb::cache::v1 as pb;
 
 /// The source every subscriber watches.
 pub const SOURCE: &str = "t";
@@ -184,6 +185,83 @@ async fn receive(
     counts.closed.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The publish time at the start of a value: `{"t":123,...}` (a Watch event's value).
+fn value_stamp(value: &[u8]) -> Option<u64> {
+    let rest = value.strip_prefix(b"{\"t\":")?;
+    let end = rest.iter().position(|c| !c.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end])
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|t| *t > 0)
+}
+
+type Watch = tonic::Streaming<pb::WatchEvent>;
+
+/// Opens one HTTP/2 connection, watches `keys` on it, and waits for `synced` (which comes
+/// before any change of the watch).
+async fn watch(addr: &str, keys: Vec<String>) -> Result<Watch, BenchError> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| BenchError::setup(format!("{addr}: {e}")))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| BenchError::setup(format!("connecting to {addr}: {e}")))?;
+    let mut client = pb::cache_client::CacheClient::new(channel);
+    let mut stream = client
+        .watch(pb::WatchRequest {
+            source: SOURCE.to_string(),
+            keys,
+            prefix: String::new(),
+            send_initial: false,
+        })
+        .await
+        .map_err(|e| BenchError::setup(format!("watch: {e}")))?
+        .into_inner();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .map_err(|_| BenchError::setup("no synced within 10 s of a watch"))?;
+        match msg {
+            Ok(Some(pb::WatchEvent {
+                kind: Some(pb::watch_event::Kind::Synced(_)),
+            })) => return Ok(stream),
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(BenchError::setup("watch ended before synced")),
+            Err(e) => return Err(BenchError::setup(format!("watch: {e}"))),
+        }
+    }
+}
+
+async fn receive_watch(
+    mut stream: Watch,
+    window: Arc<Window>,
+    counts: Arc<Counts>,
+    recorded: Arc<Mutex<Recorded>>,
+) {
+    use pb::watch_event::Kind;
+    while let Ok(Some(ev)) = stream.message().await {
+        let now = wall_ns();
+        match ev.kind {
+            Some(Kind::Upsert(item)) | Some(Kind::Delete(item)) => {
+                counts.changes.fetch_add(1, Ordering::Relaxed);
+                if window.contains(now) {
+                    let mut r = recorded.lock().unwrap_or_else(|p| p.into_inner());
+                    r.frames += 1;
+                    if let Some(t) = value_stamp(&item.value) {
+                        r.hist.saturating_record(now.saturating_sub(t).max(1));
+                    }
+                }
+            }
+            Some(Kind::Reset(_)) => {
+                counts.resets.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Kind::Synced(_)) | None => {}
+        }
+    }
+    counts.closed.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The harness's commands, read on a thread of its own; EOF on stdin exits the process, so it
 /// never outlives the harness, even while connections are still being opened.
 fn commands() -> mpsc::Receiver<String> {
@@ -202,10 +280,11 @@ fn commands() -> mpsc::Receiver<String> {
 
 /// Runs the subscribers as described by `args` until stdin closes.
 pub async fn run(args: &BenchArgs) -> Result<(), BenchError> {
-    let url = args
-        .ws_url
-        .clone()
-        .ok_or_else(|| BenchError::setup("--ws-url is required"))?;
+    let target = match args.push_protocol {
+        PushProtocol::Ws => args.ws_url.clone(),
+        PushProtocol::Watch => args.grpc_addr.clone(),
+    }
+    .ok_or_else(|| BenchError::setup("--ws-url (ws) or --grpc-addr (watch) is required"))?;
     let subscribers = args.push_subscribers.max(1);
     let fanout = args.push_fanout.clamp(1, subscribers);
     let mut commands = commands();
@@ -216,12 +295,22 @@ pub async fn run(args: &BenchArgs) -> Result<(), BenchError> {
     let counts = Arc::new(Counts::default());
     let mut recorded = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
-        let ws = subscribe(&url, i, keys_of(i, subscribers, fanout)).await?;
+        let keys = keys_of(i, subscribers, fanout);
         let r = Arc::new(Mutex::new(Recorded {
             frames: 0,
             hist: load::histogram(),
         }));
-        tokio::spawn(receive(ws, window.clone(), counts.clone(), r.clone()));
+        let (window, counts, rec) = (window.clone(), counts.clone(), r.clone());
+        match args.push_protocol {
+            PushProtocol::Ws => {
+                let ws = subscribe(&target, i, keys).await?;
+                tokio::spawn(receive(ws, window, counts, rec));
+            }
+            PushProtocol::Watch => {
+                let stream = watch(&target, keys).await?;
+                tokio::spawn(receive_watch(stream, window, counts, rec));
+            }
+        }
         recorded.push(r);
     }
     println!("ready {subscribers}");
@@ -277,6 +366,13 @@ mod tests {
         assert_eq!(stamp(frame), Some(1234));
         assert_eq!(stamp(r#"{"type":"change","value":{"t":0}}"#), None);
         assert_eq!(stamp(r#"{"type":"synced","id":3,"version":9}"#), None);
+    }
+
+    #[test]
+    fn value_stamp_reads_the_publish_time_at_the_start_of_a_value() {
+        assert_eq!(value_stamp(br#"{"t":1234,"pad":"x"}"#), Some(1234));
+        assert_eq!(value_stamp(br#"{"t":0}"#), None);
+        assert_eq!(value_stamp(br#"{"pad":"x","t":5}"#), None);
     }
 
     #[test]
