@@ -314,7 +314,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
 
     let mut table = Table::new(
         format!(
-            "freshness: publish at origin -> visible, {} changes/s achieved ({} asked), {subscribers} subscribers per channel",
+            "freshness: publish at origin -> visible, changes at {} ({} asked), {subscribers} subscribers per channel",
             rate(achieved),
             rate(f64::from(change_rate))
         ),
