@@ -632,7 +632,7 @@ impl Session {
     fn chunks<'a>(
         &self,
         entries: impl Iterator<Item = (&'a Arc<str>, &'a Stored)>,
-        mut emit: impl FnMut(Vec<pb::Entry>, bool),
+        mut emit: impl FnMut(&[(&'a Arc<str>, &'a Stored)], bool),
     ) {
         let cfg = &self.inner().cfg;
         let (max_n, max_b) = (
@@ -644,17 +644,14 @@ impl Session {
         for (k, s) in entries {
             let size = k.len() + s.value.len() + 16;
             if !chunk.is_empty() && (chunk.len() >= max_n || bytes + size > max_b) {
-                emit(std::mem::take(&mut chunk), false);
+                emit(&chunk, false);
+                chunk.clear();
                 bytes = 0;
             }
             bytes += size;
-            chunk.push(pb::Entry {
-                key: k.to_string(),
-                value: s.value.clone(),
-                version: s.version,
-            });
+            chunk.push((k, s));
         }
-        emit(chunk, true);
+        emit(&chunk, true);
     }
 
     /// Sends the whole-topic snapshot `shared`, encoding its chunks if no stream did yet.
@@ -670,16 +667,14 @@ impl Session {
             .get_or_init(|| async {
                 let mut out = Vec::new();
                 self.chunks(shared.data.iter(), |entries, last| {
-                    let msg = pb::SyncResponse {
-                        kind: Some(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
-                            topic: topic.to_string(),
-                            position: Self::position(epoch, shared.version),
-                            entries,
-                            last,
-                            total_entries: shared.data.len() as u64,
-                        })),
-                    };
-                    out.push(Bytes::from(msg.encode_to_vec()));
+                    out.push(Bytes::from(super::wire::encode_snapshot_chunk(
+                        topic,
+                        epoch,
+                        shared.version,
+                        entries,
+                        last,
+                        shared.data.len() as u64,
+                    )));
                 });
                 stats.snapshot_encodings.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -714,7 +709,14 @@ impl Session {
             msgs.push(pb::SnapshotChunk {
                 topic: topic.to_string(),
                 position: Self::position(epoch, version),
-                entries,
+                entries: entries
+                    .iter()
+                    .map(|(k, s)| pb::Entry {
+                        key: k.to_string(),
+                        value: s.value.clone(),
+                        version: s.version,
+                    })
+                    .collect(),
                 last,
                 // Keyed: counted once the chunks are cut (below).
                 total_entries: 0,
