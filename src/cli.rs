@@ -35,9 +35,11 @@ pub fn is_origin_config(path: &std::path::Path) -> bool {
 /// grace period, so that an orchestrator (or a script) can tell a clean stop from a cut-short
 /// one; 64 for a config the views refuse.
 pub async fn run_sidecar(cfg: SidecarConfig) -> ExitCode {
+    // Installed before the sidecar says it started (see `shutdown_signal`).
+    let signal = crate::shutdown_signal();
     match Sidecar::start(cfg).await {
         Ok(sidecar) => {
-            if sidecar.run_until(crate::shutdown_signal()).await {
+            if sidecar.run_until(signal).await {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -84,8 +86,9 @@ pub async fn run_origin(cfg: OriginConfig) -> ExitCode {
         }
     };
     let addr = listener.local_addr().unwrap_or(listen);
+    let signal = crate::shutdown_signal();
     info!(%addr, epoch = origin.epoch(), "origin serving Feed");
-    let served = origin.serve(listener, crate::shutdown_signal()).await;
+    let served = origin.serve(listener, signal).await;
     drop(source);
     origin.close();
     match served {

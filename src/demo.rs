@@ -441,7 +441,6 @@ pub async fn run(args: DemoOptions) -> ExitCode {
     // SIGTERM and Ctrl-C are handled from here on, before anyone is told where to connect.
     let stop = crate::shutdown_signal();
     tokio::pin!(stop);
-    let _ = futures_util::poll!(&mut stop);
     let g = sidecar.grpc_addr();
     let mut out = String::new();
     {
