@@ -203,12 +203,7 @@ impl pb::cache_server::Cache for CacheService {
         let source = self.source(&req.source)?;
         refuse_on_demand(source, "Scan")?;
         let f = freshness(req.options);
-        let deadline = self.reader.deadline(&f);
-        self.reader.wait_after(&f, deadline).await.map_err(status)?;
-        self.reader
-            .ready(source, &f, deadline)
-            .await
-            .map_err(status)?;
+        self.reader.settle(&[source], &f).await.map_err(status)?;
         let limit = match req.limit {
             0 => self.limits.scan_default_limit,
             n => n.min(self.limits.scan_max_limit),

@@ -168,16 +168,22 @@ impl Reader {
         f.wait.min(self.max_wait)
     }
 
-    /// When the waits of one read at `f` end: one budget for the whole read, however many
-    /// sources it waits for (`after`, then readiness of each source read).
-    pub(crate) fn deadline(&self, f: &Freshness) -> tokio::time::Instant {
-        tokio::time::Instant::now() + self.budget(f)
+    /// Everything a read at `f` waits for, within one budget for the whole read however many
+    /// sources it waits for: the sources `f.after` names (see `wait_after`), then each of
+    /// `sources` being ready (see `ready`).
+    pub(crate) async fn settle(&self, sources: &[&Source], f: &Freshness) -> Result<(), ReadError> {
+        let deadline = tokio::time::Instant::now() + self.budget(f);
+        self.wait_after(f, deadline).await?;
+        for source in sources {
+            self.ready(source, f, deadline).await?;
+        }
+        Ok(())
     }
 
     /// Checks every source `f.after` names (before any wait: an unknown one fails at once),
-    /// then waits until `deadline` (see [`Reader::deadline`]) for each to make its version
-    /// visible, views derived from it included.
-    pub(crate) async fn wait_after(
+    /// then waits until `deadline` for each to make its version visible, views derived from it
+    /// included.
+    async fn wait_after(
         &self,
         f: &Freshness,
         deadline: tokio::time::Instant,
@@ -227,9 +233,9 @@ impl Reader {
         source.is_synced() && source.version() >= f.min_version
     }
 
-    /// Waits until `deadline` (see [`Reader::deadline`]) for the source to be synced and at
-    /// `f.min_version`, then checks `f.max_staleness_ms`.
-    pub(crate) async fn ready(
+    /// Waits until `deadline` for the source to be synced and at `f.min_version`, then checks
+    /// `f.max_staleness_ms`.
+    async fn ready(
         &self,
         source: &Source,
         f: &Freshness,
@@ -286,9 +292,7 @@ impl Reader {
         if key.is_empty() {
             return Err(ReadError::EmptyKey);
         }
-        let deadline = self.deadline(f);
-        self.wait_after(f, deadline).await?;
-        self.ready(source, f, deadline).await?;
+        self.settle(&[source], f).await?;
         // The writer publishes a version after applying it, so reading the version first makes
         // it a lower bound: the answer is at least as new as `source_version`.
         let source_version = source.version();
@@ -319,11 +323,8 @@ impl Reader {
                 return Err(ReadError::EmptyKeyOf(source.to_string()));
             }
         }
-        let deadline = self.deadline(f);
-        self.wait_after(f, deadline).await?;
-        for source in &sources {
-            self.ready(source, f, deadline).await?;
-        }
+        let ready: Vec<&Source> = sources.iter().map(|s| &***s).collect();
+        self.settle(&ready, f).await?;
         // on_demand keys are read through first, concurrently: each miss is one Fetch. They are
         // not part of the batch sequence below (their values carry their own versions).
         let mut through: Vec<Option<Answer>> = vec![None; keys.len()];

@@ -554,12 +554,8 @@ async fn answer_get(
     key: &str,
     f: &Freshness,
 ) -> Answered {
-    let deadline = reader.deadline(f);
-    let read = match reader.wait_after(f, deadline).await {
-        Ok(()) => match reader.ready(source, f, deadline).await {
-            Ok(()) => reader.point(source, key).await,
-            Err(e) => Err(e),
-        },
+    let read = match reader.settle(&[source], f).await {
+        Ok(()) => reader.point(source, key).await,
         Err(e) => Err(e),
     };
     let frame = match read {
