@@ -210,12 +210,6 @@ impl Hub {
         self.gate_open.notify_waiters();
     }
 
-    /// Whether anyone subscribes to `source` now.
-    pub fn watches(&self, source: &str) -> bool {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        index.contains_key(source)
-    }
-
     /// Current number of subscriptions.
     pub fn subscriptions(&self) -> usize {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());

@@ -398,13 +398,16 @@ impl Writer {
         let new = source.keyspace();
         // The diff is what readers of changes need: the snapshot replaced every row at once.
         let first = old.is_empty();
-        // Into an empty source with no reader of its changes (no view reads it, no relay
-        // mirrors it, no subscriber yet: one that comes is held by the hub's gate, which this
-        // step holds, and reads the new rows), the diff would be a million events for nobody.
-        let wanted = self.mirror.is_some()
-            || self.engine.as_ref().is_some_and(|e| e.reads(&name))
-            || self.hub.watches(&name);
-        if first && wanted {
+        // Into an empty source whose changes nobody reads, the diff would be a million events
+        // for nobody: no view reads it, no relay mirrors it, and it has never synced (marked
+        // below), so no subscription has started: the hub drops the changes of one whose
+        // source has not synced and starts it from the rows this snapshot leaves.
+        let wanted = || {
+            self.mirror.is_some()
+                || self.engine.as_ref().is_some_and(|e| e.reads(&name))
+                || source.is_synced()
+        };
+        if first && wanted() {
             events.reserve(keys);
             // Every row is news: no lookups, no need for key order.
             new.for_each_unordered(|key, row| {
@@ -483,4 +486,72 @@ impl RowDesk for Desk {
 /// alive.
 pub(crate) fn desk(tx: &mpsc::Sender<Step>) -> Arc<dyn RowDesk> {
     Arc::new(Desk(tx.downgrade()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Delivery, Selection, Subscriber};
+
+    fn snapshot(source: &Arc<Source>, version: u64, keys: &[&str]) -> Step {
+        Step::SnapshotChunk {
+            source: source.clone(),
+            epoch: "e".into(),
+            version,
+            entries: keys
+                .iter()
+                .map(|k| SnapEntry {
+                    key: k.to_string(),
+                    value: Bytes::from_static(b"v"),
+                    version,
+                })
+                .collect(),
+            last: true,
+            total: keys.len() as u64,
+        }
+    }
+
+    #[test]
+    fn a_first_snapshot_whose_changes_nobody_reads_makes_no_events() {
+        let hub = Arc::new(Hub::new());
+        let source = Arc::new(crate::store::tests::test_source());
+        // A subscription waiting for the first sync does not read changes: it starts from the
+        // rows the snapshot leaves.
+        let mut sub = Subscriber::new(&hub, "t", 8, None);
+        sub.subscribe(source.clone(), Selection::Prefix(String::new()), false);
+        let mut w = Writer::without_views(hub.clone(), Arc::new(WriterStats::default()));
+        let mut events = Vec::new();
+        w.apply(snapshot(&source, 1, &["a", "b"]), &mut events);
+        assert!(events.is_empty(), "{events:?}");
+        w.flush(&mut events);
+        assert_eq!(source.len(), 2);
+        assert!(matches!(
+            sub.try_next(),
+            Some(Delivery::Synced { version: 1, .. })
+        ));
+        assert!(sub.try_next().is_none());
+    }
+
+    #[test]
+    fn a_snapshot_into_a_synced_empty_source_is_news_to_its_subscribers() {
+        let hub = Arc::new(Hub::new());
+        let source = Arc::new(crate::store::tests::test_source());
+        let mut w = Writer::without_views(hub.clone(), Arc::new(WriterStats::default()));
+        let mut events = Vec::new();
+        w.apply(snapshot(&source, 1, &[]), &mut events);
+        w.flush(&mut events);
+        let mut sub = Subscriber::new(&hub, "t", 8, None);
+        sub.subscribe(source.clone(), Selection::Prefix(String::new()), false);
+        assert!(matches!(
+            sub.try_next(),
+            Some(Delivery::Synced { version: 1, .. })
+        ));
+        w.apply(snapshot(&source, 2, &["a"]), &mut events);
+        assert_eq!(events.len(), 1);
+        w.flush(&mut events);
+        assert!(matches!(
+            sub.try_next(),
+            Some(Delivery::Change { change, .. }) if &*change.key == "a" && change.version == 2
+        ));
+    }
 }
