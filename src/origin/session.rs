@@ -711,11 +711,7 @@ impl Session {
                 position: Self::position(epoch, version),
                 entries: entries
                     .iter()
-                    .map(|(k, s)| pb::Entry {
-                        key: k.to_string(),
-                        value: s.value.clone(),
-                        version: s.version,
-                    })
+                    .map(|(k, s)| super::wire::entry(k, s))
                     .collect(),
                 last,
                 // Keyed: counted once the chunks are cut (below).

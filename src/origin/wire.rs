@@ -150,6 +150,15 @@ pub(crate) fn unshare(frame: Frame) -> Result<pb::SyncResponse, Status> {
     }
 }
 
+/// One row as a snapshot entry message.
+pub(crate) fn entry(key: &str, row: &super::Stored) -> pb::Entry {
+    pb::Entry {
+        key: key.to_string(),
+        value: row.value.clone(),
+        version: row.version,
+    }
+}
+
 /// Encodes a whole-topic snapshot chunk (`SyncResponse { snapshot: SnapshotChunk }`) straight
 /// from the origin's rows: the same bytes as building the message and `encode_to_vec`, without
 /// a `String` copy of every key and a reference-count round trip of every value. A million-key
@@ -268,14 +277,7 @@ mod tests {
                 kind: Some(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
                     topic: topic.clone(),
                     position: Some(pb::Position { epoch: epoch.clone(), version }),
-                    entries: rows
-                        .iter()
-                        .map(|(k, s)| pb::Entry {
-                            key: k.to_string(),
-                            value: s.value.clone(),
-                            version: s.version,
-                        })
-                        .collect(),
+                    entries: rows.iter().map(|(k, s)| entry(k, s)).collect(),
                     last,
                     total_entries: total,
                 })),
