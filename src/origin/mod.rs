@@ -822,11 +822,7 @@ impl Origin {
         };
         for k in keys {
             match data.get(k.as_str()) {
-                Some(s) => resp.entries.push(pb::Entry {
-                    key: k.clone(),
-                    value: s.value.clone(),
-                    version: s.version,
-                }),
+                Some(s) => resp.entries.push(wire::entry(k, s)),
                 None => resp.missing.push(k.clone()),
             }
         }

@@ -551,13 +551,7 @@ impl Session {
             let epoch = ts.epoch.clone().unwrap_or_else(|| Arc::from(""));
             let entries: Vec<pb::Entry> = keys
                 .iter()
-                .filter_map(|k| {
-                    ts.data.get(k.as_str()).map(|s| pb::Entry {
-                        key: k.clone(),
-                        value: s.value.clone(),
-                        version: s.version,
-                    })
-                })
+                .filter_map(|k| ts.data.get(k.as_str()).map(|s| super::wire::entry(k, s)))
                 .collect();
             let TopicState {
                 data, interests, ..
