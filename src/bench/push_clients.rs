@@ -128,6 +128,25 @@ struct Recorded {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// Counts one change received at `now`; inside the window, also its receive - publish time
+/// (`stamp`: the publish time it carries).
+fn count_change(
+    window: &Window,
+    counts: &Counts,
+    recorded: &Mutex<Recorded>,
+    now: u64,
+    stamp: impl FnOnce() -> Option<u64>,
+) {
+    counts.changes.fetch_add(1, Ordering::Relaxed);
+    if window.contains(now) {
+        let mut r = recorded.lock().unwrap_or_else(|p| p.into_inner());
+        r.frames += 1;
+        if let Some(t) = stamp() {
+            r.hist.saturating_record(now.saturating_sub(t).max(1));
+        }
+    }
+}
+
 /// Opens one connection, subscribes it to `keys`, and waits for the acknowledgement (which
 /// comes before any change of the subscription).
 async fn subscribe(url: &str, id: usize, keys: Vec<String>) -> Result<Socket, BenchError> {
@@ -170,14 +189,7 @@ async fn receive(
         let now = wall_ns();
         let text = text.as_str();
         if text.starts_with(CHANGE) {
-            counts.changes.fetch_add(1, Ordering::Relaxed);
-            if window.contains(now) {
-                let mut r = recorded.lock().unwrap_or_else(|p| p.into_inner());
-                r.frames += 1;
-                if let Some(t) = stamp(text) {
-                    r.hist.saturating_record(now.saturating_sub(t).max(1));
-                }
-            }
+            count_change(&window, &counts, &recorded, now, || stamp(text));
         } else if text.starts_with(RESET) {
             counts.resets.fetch_add(1, Ordering::Relaxed);
         }
@@ -244,14 +256,9 @@ async fn receive_watch(
         let now = wall_ns();
         match ev.kind {
             Some(Kind::Upsert(item)) | Some(Kind::Delete(item)) => {
-                counts.changes.fetch_add(1, Ordering::Relaxed);
-                if window.contains(now) {
-                    let mut r = recorded.lock().unwrap_or_else(|p| p.into_inner());
-                    r.frames += 1;
-                    if let Some(t) = value_stamp(&item.value) {
-                        r.hist.saturating_record(now.saturating_sub(t).max(1));
-                    }
-                }
+                count_change(&window, &counts, &recorded, now, || {
+                    value_stamp(&item.value)
+                });
             }
             Some(Kind::Reset(_)) => {
                 counts.resets.fetch_add(1, Ordering::Relaxed);
