@@ -50,6 +50,7 @@ fn loaded(writer: &mut Writer, source: &Arc<Source>) {
     let mut events = Vec::new();
     writer.apply(
         Step::SnapshotChunk {
+            in_flight: None,
             total: entries.len() as u64,
             source: source.clone(),
             epoch: "e".into(),

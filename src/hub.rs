@@ -944,7 +944,7 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Clock, Row, SourceKind};
+    use crate::store::{Clock, SourceKind};
     use crate::types::Mode;
 
     fn source() -> Arc<Source> {
@@ -956,13 +956,7 @@ mod tests {
     /// Applies `key = value` at `version` to the source and publishes it.
     fn apply(hub: &Hub, src: &Source, key: &str, version: u64, value: &str) {
         let value = Bytes::from(value.to_string());
-        src.put(
-            Arc::from(key),
-            Row {
-                value: value.clone(),
-                version,
-            },
-        );
+        src.put(key, version, &value);
         src.set_version(version);
         hub.publish(&[Event {
             source: src.name().clone(),
@@ -1009,13 +1003,7 @@ mod tests {
         // The writer has applied version 1 (the source's version moved) but not yet published
         // it when the subscription is registered.
         let value = Bytes::from_static(b"1");
-        src.put(
-            Arc::from("a"),
-            Row {
-                value: value.clone(),
-                version: 1,
-            },
-        );
+        src.put("a", 1, &value);
         src.set_version(1);
         let mut s = Subscriber::new(&hub, "t", 8, None);
         s.subscribe(src.clone(), Selection::Prefix(String::new()), false);
@@ -1229,13 +1217,7 @@ mod tests {
         let mut w = Watcher::new(&hub, src.clone(), Selection::Prefix(String::new()), true, 4);
         let waiting = tokio::spawn(async move { w.next().await });
         tokio::task::yield_now().await;
-        src.put(
-            Arc::from("a"),
-            Row {
-                value: Bytes::from_static(b"1"),
-                version: 5,
-            },
-        );
+        src.put("a", 5, &Bytes::from_static(b"1"));
         src.set_version(5);
         src.mark_synced();
         let first = waiting.await.expect("task");

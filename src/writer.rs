@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::hub::Hub;
 use crate::store::view_cache::{RowAnswer, RowDesk, RowRequest};
-use crate::store::{Event, Row, Source, Staging};
+use crate::store::{Event, Source, Staging};
 use crate::views::Engine;
 
 /// One entry of a snapshot chunk.
@@ -55,6 +55,8 @@ pub enum Step {
         /// Entries of the whole snapshot as the origin told them (0: not told), to size the
         /// staged table once.
         total: u64,
+        /// Held until the chunk is applied: the feed's bound on chunks in flight.
+        in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
     },
     /// Forget a half-received snapshot (the stream broke or restarted it).
     AbortSnapshot { source: Arc<Source> },
@@ -241,6 +243,7 @@ impl Writer {
                 entries,
                 last,
                 total,
+                in_flight: _,
             } => self.snapshot_chunk(source, epoch, version, entries, last, total, events),
             Step::AbortSnapshot { source } => {
                 self.staged.remove(source.name());
@@ -272,13 +275,7 @@ impl Writer {
                     }
                     match c.value {
                         Some(value) => {
-                            source.put(
-                                key.clone(),
-                                Row {
-                                    value: value.clone(),
-                                    version,
-                                },
-                            );
+                            source.put(&key, version, &value);
                             events.push(Event {
                                 source: source.name().clone(),
                                 key,
@@ -377,13 +374,7 @@ impl Writer {
             return;
         };
         for e in entries {
-            staged.rows.put(
-                Arc::from(e.key),
-                Row {
-                    value: e.value,
-                    version: e.version,
-                },
-            );
+            staged.rows.put(&e.key, e.version, &e.value);
         }
         if !last {
             return;
@@ -410,31 +401,31 @@ impl Writer {
         if first && wanted() {
             events.reserve(keys);
             // Every row is news: no lookups, no need for key order.
-            new.for_each_unordered(|key, row| {
+            new.for_each_unordered(|row| {
                 events.push(Event {
                     source: name.clone(),
-                    key: key.clone(),
+                    key: Arc::from(row.key),
                     version: row.version,
-                    value: Some(row.value.clone()),
+                    value: Some(Bytes::copy_from_slice(row.value)),
                 });
             });
         } else if !first {
-            new.for_each(|key, row| {
-                if old.get(key).is_none_or(|o| o.value != row.value) {
+            new.for_each(|row| {
+                if old.with(row.key, |o| o.value == row.value) != Some(true) {
                     events.push(Event {
                         source: name.clone(),
-                        key: key.clone(),
+                        key: Arc::from(row.key),
                         version: row.version,
-                        value: Some(row.value),
+                        value: Some(Bytes::copy_from_slice(row.value)),
                     });
                 }
             });
         }
-        old.for_each(|key, _| {
-            if new.get(key).is_none() {
+        old.for_each(|row| {
+            if new.with(row.key, |_| ()).is_none() {
                 events.push(Event {
                     source: name.clone(),
-                    key: key.clone(),
+                    key: Arc::from(row.key),
                     version: staged.version,
                     value: None,
                 });
@@ -495,6 +486,7 @@ mod tests {
 
     fn snapshot(source: &Arc<Source>, version: u64, keys: &[&str]) -> Step {
         Step::SnapshotChunk {
+            in_flight: None,
             source: source.clone(),
             epoch: "e".into(),
             version,

@@ -66,6 +66,7 @@ fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
         let mut events = Vec::new();
         writer.apply(
             Step::SnapshotChunk {
+                in_flight: None,
                 total: entries.len() as u64,
                 source: src.clone(),
                 epoch: "bench".into(),

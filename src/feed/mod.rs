@@ -222,7 +222,16 @@ pub(crate) struct FeedClient {
     /// The origin's addresses and the one dialled now: a lost feed redials the next one.
     addresses: Vec<String>,
     current: usize,
+    /// Snapshot chunks handed to the writer and not yet applied (see
+    /// [`SNAPSHOT_CHUNKS_IN_FLIGHT`]).
+    chunks_in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Snapshot chunks one feed hands the writer ahead of what it has applied. The writer queue
+/// bounds steps, not bytes: without this, a snapshot decoded faster than it is applied queued
+/// up to `writer_queue` chunks of up to `max_message_bytes` each, and the allocator kept that
+/// peak after the load. Four keep the writer busy while the next chunk is decoded.
+const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 4;
 
 /// A batch of a group not yet handed to the writer, and the cursor to return to when the
 /// stream breaks before the group is whole.
@@ -297,6 +306,7 @@ impl FeedClient {
             resuming: HashSet::new(),
             resuming_until: None,
             current,
+            chunks_in_flight: Arc::new(tokio::sync::Semaphore::new(SNAPSHOT_CHUNKS_IN_FLIGHT)),
         }
     }
 
@@ -691,7 +701,10 @@ impl FeedClient {
                         info!(origin = %self.spec.name, %topic, "the origin serves the topic again");
                     }
                 }
+                // Never closed, so a permit always comes.
+                let in_flight = self.chunks_in_flight.clone().acquire_owned().await.ok();
                 Step::SnapshotChunk {
+                    in_flight,
                     total: chunk.total_entries,
                     source: t.source.clone(),
                     epoch: at.epoch,

@@ -422,7 +422,7 @@ fn answer_of(row: Option<Row>) -> Answer {
 mod tests {
     use super::*;
     use crate::config::Mode;
-    use crate::store::{Clock, Row, SourceKind};
+    use crate::store::{Clock, SourceKind};
 
     fn store_with(name: &str) -> (Arc<Store>, Arc<Source>) {
         let mut store = Store::new();
@@ -478,13 +478,7 @@ mod tests {
         let writer = source.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            writer.put(
-                Arc::from("k"),
-                Row {
-                    value: Bytes::from_static(b"v"),
-                    version: 2,
-                },
-            );
+            writer.put("k", 2, &Bytes::from_static(b"v"));
             writer.set_position("e", 2);
             writer.mark_synced();
         });

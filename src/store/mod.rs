@@ -8,21 +8,23 @@
 //! A snapshot never shows half-applied to readers: it is staged into a fresh [`Keyspace`] and
 //! swapped in with one atomic pointer store.
 
+mod keyspace;
 pub mod on_demand;
 pub mod view_cache;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use dashmap::DashMap;
 use tokio::sync::watch;
 
 use crate::types::Mode;
 
+pub(crate) use keyspace::Staging;
+pub use keyspace::{Keyspace, RowRef};
 pub use on_demand::{Fetched, Fetcher, OnDemand, OnDemandError, OnDemandStats, Slot};
 pub use view_cache::{RowAnswer, RowDesk, RowRequest, ViewCache};
 
@@ -49,185 +51,6 @@ pub enum SourceKind {
     Topic { origin: Arc<str> },
     /// A view maintained by the sidecar.
     View,
-}
-
-/// The rows of a source at one moment: a concurrent map for point reads plus an ordered key index
-/// for prefix scans. Only the writer inserts or removes keys.
-#[derive(Debug, Default)]
-pub struct Keyspace {
-    /// Keys come from the origin's data, not from readers: a fast hasher, randomly seeded.
-    map: DashMap<Arc<str>, Row, foldhash::fast::RandomState>,
-    index: RwLock<BTreeSet<Arc<str>>>,
-    bytes: AtomicU64,
-}
-
-fn entry_bytes(key: &str, value: &Bytes) -> u64 {
-    (key.len() + value.len()) as u64
-}
-
-impl Keyspace {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn get(&self, key: &str) -> Option<Row> {
-        self.map.get(key).map(|r| r.value().clone())
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// Bytes of keys and values held (not counting map overhead).
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Inserts or replaces; returns the previous row.
-    pub(crate) fn put(&self, key: Arc<str>, row: Row) -> Option<Row> {
-        let add = entry_bytes(&key, &row.value);
-        let old = self.map.insert(key.clone(), row);
-        match &old {
-            Some(o) => {
-                let sub = entry_bytes(&key, &o.value);
-                self.adjust_bytes(add, sub);
-            }
-            None => {
-                self.bytes.fetch_add(add, Ordering::Relaxed);
-                self.index_write().insert(key);
-            }
-        }
-        old
-    }
-
-    pub(crate) fn remove(&self, key: &str) -> Option<Row> {
-        let (k, old) = self.map.remove(key)?;
-        self.bytes
-            .fetch_sub(entry_bytes(&k, &old.value), Ordering::Relaxed);
-        self.index_write().remove(key);
-        Some(old)
-    }
-
-    fn adjust_bytes(&self, add: u64, sub: u64) {
-        if add >= sub {
-            self.bytes.fetch_add(add - sub, Ordering::Relaxed);
-        } else {
-            self.bytes.fetch_sub(sub - add, Ordering::Relaxed);
-        }
-    }
-
-    fn index_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeSet<Arc<str>>> {
-        // A poisoned lock only means a panic elsewhere while holding it; the set itself is
-        // always consistent (single insert/remove calls), so keep using it.
-        self.index.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Up to `limit` rows whose key starts with `prefix` and sorts after `after`, in key order.
-    pub fn scan(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<(Arc<str>, Row)> {
-        self.scan_keys(prefix, after, limit)
-            .into_iter()
-            .filter_map(|k| {
-                let row = self.get(&k)?;
-                Some((k, row))
-            })
-            .collect()
-    }
-
-    /// Up to `limit` keys that start with `prefix` and sort after `after`, in key order, as
-    /// the ordered index holds them (a key removed meanwhile may still be listed): a cursor
-    /// walk knows it reached the end when fewer than `limit` come back.
-    pub fn scan_keys(&self, prefix: &str, after: Option<&str>, limit: usize) -> Vec<Arc<str>> {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        let start = match after {
-            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
-            _ => std::ops::Bound::Included(prefix),
-        };
-        index
-            .range::<str, _>((start, std::ops::Bound::Unbounded))
-            .take_while(|k| k.starts_with(prefix))
-            .take(limit)
-            .cloned()
-            .collect()
-    }
-
-    /// Every key, in order (for diffs and recomputes; not a reader path).
-    pub fn keys(&self) -> Vec<Arc<str>> {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        index.iter().cloned().collect()
-    }
-
-    /// Calls `f` with every row, in no particular order, without a lookup per key.
-    pub(crate) fn for_each_unordered(&self, mut f: impl FnMut(&Arc<str>, &Row)) {
-        for entry in self.map.iter() {
-            f(entry.key(), entry.value());
-        }
-    }
-
-    /// Calls `f` with every row, in key order, without copying the key list first (a snapshot
-    /// diff walks a million keys). Holds the index's read lock throughout, so `f` must not
-    /// insert into or remove from this keyspace.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<str>, Row)) {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        for key in index.iter() {
-            if let Some(row) = self.get(key) {
-                f(key, row);
-            }
-        }
-    }
-}
-
-/// A keyspace being filled by snapshot chunks, before any reader can see it.
-///
-/// Rows go into the map as they arrive; the ordered index is built once, in bulk, by
-/// [`Staging::finish`]: inserting a million keys one by one into the `BTreeSet` was a third of
-/// the sidecar's instructions while loading a snapshot, and bulk building packs its nodes full.
-#[derive(Debug, Default)]
-pub(crate) struct Staging {
-    rows: Keyspace,
-    new_keys: Vec<Arc<str>>,
-}
-
-impl Staging {
-    /// Staging with room for `rows` rows.
-    pub(crate) fn with_capacity(rows: usize) -> Self {
-        Staging {
-            rows: Keyspace {
-                map: DashMap::with_capacity_and_hasher(rows, Default::default()),
-                ..Keyspace::default()
-            },
-            new_keys: Vec::with_capacity(rows),
-        }
-    }
-
-    /// Inserts or replaces a row (a key repeated across chunks keeps the later row).
-    pub(crate) fn put(&mut self, key: Arc<str>, row: Row) {
-        let add = entry_bytes(&key, &row.value);
-        match self.rows.map.insert(key.clone(), row) {
-            Some(o) => self.rows.adjust_bytes(add, entry_bytes(&key, &o.value)),
-            None => {
-                self.rows.bytes.fetch_add(add, Ordering::Relaxed);
-                self.new_keys.push(key);
-            }
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    /// The staged rows with their index, ready to swap in.
-    pub(crate) fn finish(self) -> Keyspace {
-        let Staging { rows, new_keys } = self;
-        // Every key is in `new_keys` exactly once (only first inserts push), so the set is
-        // exactly the map's keys.
-        let index: BTreeSet<Arc<str>> = new_keys.into_iter().collect();
-        *rows.index_write() = index;
-        rows
-    }
 }
 
 /// A monotonic millisecond clock shared by a store, so that freshness can live in atomics.
@@ -640,8 +463,9 @@ impl Source {
 
     // ----- writer side -----
 
-    pub(crate) fn put(&self, key: Arc<str>, row: Row) -> Option<Row> {
-        self.rows.load().put(key, row)
+    /// Inserts or replaces `key`; returns the previous row's version.
+    pub(crate) fn put(&self, key: &str, version: u64, value: &[u8]) -> Option<u64> {
+        self.rows.load().put(key, version, value)
     }
 
     /// Brackets the application of one change batch (see `read_begin`).
@@ -654,7 +478,8 @@ impl Source {
         self.writes.fetch_add(1, Ordering::Release);
     }
 
-    pub(crate) fn remove(&self, key: &str) -> Option<Row> {
+    /// Removes `key`; returns the removed row's version.
+    pub(crate) fn remove(&self, key: &str) -> Option<u64> {
         self.rows.load().remove(key)
     }
 
@@ -765,13 +590,6 @@ impl Store {
 pub(crate) mod tests {
     use super::*;
 
-    fn row(v: &str, version: u64) -> Row {
-        Row {
-            value: Bytes::from(v.to_string()),
-            version,
-        }
-    }
-
     /// A new epoch starts at a lower version: a reader of `position` never pairs it with the
     /// previous epoch's version, so no epoch's version ever seems to go back.
     #[test]
@@ -807,11 +625,11 @@ pub(crate) mod tests {
     #[test]
     fn keyspace_tracks_bytes_and_order() {
         let ks = Keyspace::new();
-        ks.put("b".into(), row("xx", 1));
-        ks.put("a".into(), row("y", 1));
-        ks.put("ab".into(), row("zzz", 2));
+        ks.put("b", 1, b"xx");
+        ks.put("a", 1, b"y");
+        ks.put("ab", 2, b"zzz");
         assert_eq!(ks.bytes(), 3 + 2 + 5);
-        ks.put("a".into(), row("yyyy", 3));
+        ks.put("a", 3, b"yyyy");
         assert_eq!(ks.bytes(), 3 + 5 + 5);
         let got: Vec<_> = ks.scan("a", None, 10).into_iter().map(|(k, _)| k).collect();
         assert_eq!(got, vec![Arc::from("a"), Arc::from("ab")]);
@@ -821,7 +639,7 @@ pub(crate) mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(got, vec![Arc::from("ab")]);
-        assert_eq!(ks.remove("ab").unwrap().version, 2);
+        assert_eq!(ks.remove("ab"), Some(2));
         assert_eq!(ks.bytes(), 3 + 5);
         assert_eq!(ks.keys(), vec![Arc::from("a"), Arc::from("b")]);
     }
@@ -829,10 +647,10 @@ pub(crate) mod tests {
     #[test]
     fn staging_builds_the_index_once_and_keeps_later_rows() {
         let mut st = Staging::with_capacity(0);
-        st.put("c".into(), row("1", 1));
-        st.put("a".into(), row("22", 1));
-        st.put("b".into(), row("333", 1));
-        st.put("a".into(), row("4444", 2));
+        st.put("c", 1, b"1");
+        st.put("a", 1, b"22");
+        st.put("b", 1, b"333");
+        st.put("a", 2, b"4444");
         assert_eq!(st.len(), 3);
         let ks = st.finish();
         assert_eq!(
@@ -848,14 +666,14 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(got, vec![Arc::from("b"), Arc::from("c")]);
         let mut seen = Vec::new();
-        ks.for_each(|k, r| seen.push((k.to_string(), r.version)));
+        ks.for_each(|r| seen.push((r.key.to_string(), r.version)));
         assert_eq!(
             seen,
             vec![("a".into(), 2), ("b".into(), 1), ("c".into(), 1)]
         );
         // A staged keyspace is an ordinary one once finished.
-        ks.put("d".into(), row("5", 3));
-        assert_eq!(ks.remove("b").unwrap().version, 1);
+        ks.put("d", 3, b"5");
+        assert_eq!(ks.remove("b"), Some(1));
         assert_eq!(
             ks.keys(),
             vec![Arc::from("a"), Arc::from("c"), Arc::from("d")]

@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::{Compute, Lookup, Read, RowError, SourceId, View, ViewStats};
 use crate::store::on_demand::Slot;
 use crate::store::view_cache::{Replaced, RowAnswer};
-use crate::store::{Clock, Event, Resident, Row, Source, Store, ViewCache};
+use crate::store::{Clock, Event, Resident, Source, Store, ViewCache};
 
 type Dep = (SourceId, Arc<str>);
 
@@ -477,13 +477,7 @@ fn emit(v: &ViewState, key: Arc<str>, new: Option<Bytes>, version: u64, out: &mu
         (None, None) => {}
         (Some(c), Some(n)) if c.value == n => {}
         (_, Some(n)) => {
-            v.source.put(
-                key.clone(),
-                Row {
-                    value: n.clone(),
-                    version,
-                },
-            );
+            v.source.put(&key, version, &n);
             out.push(Event {
                 source: v.name.clone(),
                 key,

@@ -86,6 +86,7 @@ impl Standalone {
             let source = s.topic(t)?;
             source.set_connected(true);
             s.step(vec![Step::SnapshotChunk {
+                in_flight: None,
                 source,
                 epoch: EPOCH.into(),
                 version: 0,
@@ -154,6 +155,7 @@ impl Standalone {
         let version = source.version() + 1;
         let total = entries.len() as u64;
         let events = self.step(vec![Step::SnapshotChunk {
+            in_flight: None,
             total,
             source,
             epoch: EPOCH.into(),
