@@ -55,7 +55,7 @@ fn loaded(writer: &mut Writer, source: &Arc<Source>) {
             source: source.clone(),
             epoch: "e".into(),
             version: 1,
-            entries,
+            entries: entries.into(),
             last: true,
         },
         &mut events,

@@ -35,6 +35,80 @@ pub struct SnapEntry {
     pub version: u64,
 }
 
+/// The entries of a snapshot chunk: decoded one by one, or as spans of the received message
+/// (the feed's fast path: no `String` or `Bytes` per entry).
+#[derive(Debug, Clone)]
+pub enum SnapEntries {
+    Decoded(Vec<SnapEntry>),
+    Raw(RawEntries),
+}
+
+/// Entries as spans of one received message. Made only by the feed's chunk parser, which
+/// checked every key is UTF-8 and every span lies inside `buf`.
+#[derive(Debug, Clone, Default)]
+pub struct RawEntries {
+    pub(crate) buf: Bytes,
+    pub(crate) spans: Vec<RawEntry>,
+}
+
+/// One entry of [`RawEntries`]: byte ranges of `buf`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawEntry {
+    pub(crate) key: (usize, usize),
+    pub(crate) value: (usize, usize),
+    pub(crate) version: u64,
+}
+
+impl SnapEntries {
+    pub fn len(&self) -> usize {
+        match self {
+            SnapEntries::Decoded(v) => v.len(),
+            SnapEntries::Raw(r) => r.spans.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with each entry's key, version and value, in order.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&str, u64, &[u8])) {
+        match self {
+            SnapEntries::Decoded(v) => {
+                for e in v {
+                    f(&e.key, e.version, &e.value);
+                }
+            }
+            SnapEntries::Raw(r) => {
+                for e in &r.spans {
+                    let (Some(key), Some(value)) =
+                        (r.buf.get(e.key.0..e.key.1), r.buf.get(e.value.0..e.value.1))
+                    else {
+                        continue;
+                    };
+                    // The parser checked it; an entry that is not would be a bug there.
+                    let Ok(key) = std::str::from_utf8(key) else {
+                        continue;
+                    };
+                    f(key, e.version, value);
+                }
+            }
+        }
+    }
+}
+
+impl FromIterator<SnapEntry> for SnapEntries {
+    fn from_iter<I: IntoIterator<Item = SnapEntry>>(iter: I) -> Self {
+        SnapEntries::Decoded(iter.into_iter().collect())
+    }
+}
+
+impl From<Vec<SnapEntry>> for SnapEntries {
+    fn from(v: Vec<SnapEntry>) -> Self {
+        SnapEntries::Decoded(v)
+    }
+}
+
 /// One change of a batch; `value: None` = delete.
 #[derive(Debug, Clone)]
 pub struct BatchChange {
@@ -50,7 +124,7 @@ pub enum Step {
         source: Arc<Source>,
         epoch: String,
         version: u64,
-        entries: Vec<SnapEntry>,
+        entries: SnapEntries,
         last: bool,
         /// Entries of the whole snapshot as the origin told them (0: not told), to size the
         /// staged table once.
@@ -348,7 +422,7 @@ impl Writer {
         source: Arc<Source>,
         epoch: String,
         version: u64,
-        entries: Vec<SnapEntry>,
+        entries: SnapEntries,
         last: bool,
         total: u64,
         events: &mut Vec<Event>,
@@ -373,9 +447,7 @@ impl Writer {
         let Some(staged) = self.staged.get_mut(&name) else {
             return;
         };
-        for e in entries {
-            staged.rows.put(&e.key, e.version, &e.value);
-        }
+        entries.for_each(|key, version, value| staged.rows.put(key, version, value));
         if !last {
             return;
         }

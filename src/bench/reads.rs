@@ -71,7 +71,7 @@ fn in_process_sources(products: usize) -> Vec<(&'static str, Arc<Source>)> {
                 source: src.clone(),
                 epoch: "bench".into(),
                 version: 1,
-                entries,
+                entries: entries.into(),
                 last: true,
             },
             &mut events,

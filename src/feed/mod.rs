@@ -28,8 +28,9 @@ use crate::pb::feed::v1 as pb;
 use crate::store::on_demand::{KeyOp, Slot};
 use crate::store::{Fetched, Fetcher, OnDemand, Source};
 use crate::types::redact_address;
-use crate::writer::{BatchChange, SnapEntry, Step};
+use crate::writer::{BatchChange, Step};
 
+mod chunk;
 pub mod probe;
 #[cfg(any(test, feature = "fuzzing"))]
 mod replay;
@@ -431,7 +432,7 @@ impl FeedClient {
             None => endpoint,
         };
         let channel = endpoint.connect().await?;
-        let mut client = pb::feed_client::FeedClient::new(channel)
+        let client = pb::feed_client::FeedClient::new(channel.clone())
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message);
         for k in self.keyed.values() {
@@ -456,7 +457,10 @@ impl FeedClient {
                 .map_err(|_| FeedError::WriterGone)?;
         }
         let key_ops = self.key_ops.clone();
-        let sync = client.sync(ReceiverStream::new(req_rx));
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(self.max_message)
+            .max_encoding_message_size(self.max_message);
+        let sync = sync_stream(&mut grpc, ReceiverStream::new(req_rx));
         tokio::pin!(sync);
         // While the headers are held back, keys read meanwhile are still subscribed on the
         // stream: the origin may be waiting for exactly that before it answers.
@@ -614,11 +618,13 @@ impl FeedClient {
 
     async fn handle(
         &mut self,
-        msg: pb::SyncResponse,
+        msg: chunk::SyncMessage,
         req_tx: &mpsc::Sender<pb::SyncRequest>,
     ) -> Result<(), FeedError> {
-        use pb::sync_response::Kind;
-        let Some(kind) = msg.kind else {
+        use chunk::Received as Kind;
+        let kind = chunk::Received::read(msg)
+            .map_err(|e| FeedError::Protocol(format!("snapshot chunk: {e}")))?;
+        let Some(kind) = kind else {
             return Err(FeedError::Protocol("empty SyncResponse".into()));
         };
         let topic = match &kind {
@@ -643,7 +649,7 @@ impl FeedClient {
             self.release_held().await?;
         }
         if self.keyed.contains_key(&topic) {
-            return self.handle_keyed(&topic, kind).await;
+            return self.handle_keyed(&topic, kind.into_pb()).await;
         }
         let mut prev_version = 0;
         let Some(t) = self.topics.get_mut(&topic) else {
@@ -709,15 +715,7 @@ impl FeedClient {
                     source: t.source.clone(),
                     epoch: at.epoch,
                     version: at.version,
-                    entries: chunk
-                        .entries
-                        .into_iter()
-                        .map(|e| SnapEntry {
-                            key: e.key,
-                            value: e.value,
-                            version: e.version,
-                        })
-                        .collect(),
+                    entries: chunk.entries,
                     last,
                 }
             }
@@ -1301,6 +1299,23 @@ async fn resubscribe(
 /// are not a `SyncResponse` as a `Status` of its own making (`OUT_OF_RANGE` "decoded message
 /// length too large", `INTERNAL` "failed to decode Protobuf message"): those are the origin
 /// breaking the protocol, counted as such, not an origin refusing the stream.
+/// Calls Sync as the generated client does, but reads the responses as
+/// [`chunk::SyncMessage`]s: snapshot chunks in place, not an allocation per entry.
+async fn sync_stream(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    requests: ReceiverStream<pb::SyncRequest>,
+) -> Result<tonic::Response<tonic::codec::Streaming<chunk::SyncMessage>>, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+    let codec = tonic_prost::ProstCodec::<pb::SyncRequest, chunk::SyncMessage>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/viewcar.feed.v1.Feed/Sync");
+    let mut req = tonic::IntoStreamingRequest::into_streaming_request(requests);
+    req.extensions_mut()
+        .insert(tonic::GrpcMethod::new("viewcar.feed.v1.Feed", "Sync"));
+    grpc.streaming(req, path, codec).await
+}
+
 fn from_stream_status(status: tonic::Status) -> FeedError {
     let m = status.message();
     let local = match status.code() {

@@ -86,7 +86,7 @@ pub async fn replay(streams: Vec<Vec<pb::SyncResponse>>) -> Replayed {
         let (req_tx, _req_rx) = client.request_channel();
         client.open_stream(&req_tx);
         for msg in stream {
-            let r = client.handle(msg, &req_tx).await;
+            let r = client.handle(msg.into(), &req_tx).await;
             while let Ok(op) = wrx.try_recv() {
                 writer.apply(op, &mut events);
             }

@@ -127,13 +127,7 @@ impl Relay {
 fn rows_of(source: &Source) -> Vec<(Arc<str>, Bytes, u64)> {
     let rows = source.keyspace();
     let mut all = Vec::with_capacity(rows.len());
-    rows.for_each(|r| {
-        all.push((
-            Arc::from(r.key),
-            Bytes::copy_from_slice(r.value),
-            r.version,
-        ))
-    });
+    rows.for_each(|r| all.push((Arc::from(r.key), Bytes::copy_from_slice(r.value), r.version)));
     all
 }
 

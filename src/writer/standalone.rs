@@ -90,7 +90,7 @@ impl Standalone {
                 source,
                 epoch: EPOCH.into(),
                 version: 0,
-                entries: Vec::new(),
+                entries: Vec::new().into(),
                 last: true,
                 total: 0,
             }]);
