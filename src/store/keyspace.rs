@@ -227,8 +227,18 @@ impl Keyspace {
         Some(f(unpack(p)))
     }
 
+    /// The row of `key`, its value copied out (a read that can use the value in place, under
+    /// the lock, goes through [`Keyspace::with`] and copies nothing).
     pub fn get(&self, key: &str) -> Option<Row> {
-        self.with(key, |r| r.to_row())
+        let h = self.hash(key.as_bytes());
+        let shard = read(self.shard(h));
+        let p = shard.find(h, |p| packed_key(p) == key.as_bytes())?;
+        // `parts`, not `unpack`: the key matched, so it needs no UTF-8 check.
+        let (version, _, value) = parts(p);
+        Some(Row {
+            value: Bytes::copy_from_slice(value),
+            version,
+        })
     }
 
     pub fn len(&self) -> usize {
