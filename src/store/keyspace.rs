@@ -221,24 +221,29 @@ impl Keyspace {
 
     /// Calls `f` with the row of `key`, under its shard's read lock.
     pub fn with<T>(&self, key: &str, f: impl FnOnce(RowRef<'_>) -> T) -> Option<T> {
+        self.with_opt(key, |r| r.map(f))
+    }
+
+    /// Calls `f` with the row of `key` or `None`, under its shard's read lock.
+    pub fn with_opt<T>(&self, key: &str, f: impl FnOnce(Option<RowRef<'_>>) -> T) -> T {
         let h = self.hash(key.as_bytes());
         let shard = read(self.shard(h));
-        let p = shard.find(h, |p| packed_key(p) == key.as_bytes())?;
-        Some(f(unpack(p)))
+        let row = shard.find(h, |p| packed_key(p) == key.as_bytes()).map(|p| {
+            // The key matched `key`, so it needs no UTF-8 check of its own.
+            let (version, _, value) = parts(p);
+            RowRef {
+                key,
+                version,
+                value,
+            }
+        });
+        f(row)
     }
 
     /// The row of `key`, its value copied out (a read that can use the value in place, under
     /// the lock, goes through [`Keyspace::with`] and copies nothing).
     pub fn get(&self, key: &str) -> Option<Row> {
-        let h = self.hash(key.as_bytes());
-        let shard = read(self.shard(h));
-        let p = shard.find(h, |p| packed_key(p) == key.as_bytes())?;
-        // `parts`, not `unpack`: the key matched, so it needs no UTF-8 check.
-        let (version, _, value) = parts(p);
-        Some(Row {
-            value: Bytes::copy_from_slice(value),
-            version,
-        })
+        self.with(key, |r| r.to_row())
     }
 
     pub fn len(&self) -> usize {

@@ -225,6 +225,29 @@ impl Source {
         Resident::Value(self.get(key).map(|r| r.value))
     }
 
+    /// Calls `f` with the row of `key` in this source's keyspace (`None` = absent), in place,
+    /// under its shard's read lock: nothing is copied out.
+    pub fn with_row<T>(&self, key: &str, f: impl FnOnce(Option<RowRef<'_>>) -> T) -> T {
+        self.rows.load().with_opt(key, f)
+    }
+
+    /// For the writer: calls `f` with the value of `key` as far as it is held now (`None` =
+    /// absent), in place where the source is full; `None` when an on_demand source does not
+    /// hold it (see [`Source::resident`]).
+    pub(crate) fn with_resident<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> Option<T> {
+        if self.on_demand.is_some() || self.view_cache.is_some() {
+            return match self.resident(key) {
+                Resident::Value(v) => Some(f(v.as_deref())),
+                Resident::Missing => None,
+            };
+        }
+        Some(self.rows.load().with_opt(key, |r| f(r.map(|r| r.value))))
+    }
+
     /// A view's source. It is as fresh and as connected as the least fresh of `inputs`.
     pub(crate) fn view(name: &str, inputs: Vec<Arc<Source>>, clock: Clock) -> Self {
         Source {

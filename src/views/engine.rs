@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::{Compute, Lookup, Read, RowError, SourceId, View, ViewStats};
 use crate::store::on_demand::Slot;
 use crate::store::view_cache::{Replaced, RowAnswer};
-use crate::store::{Clock, Event, Resident, Source, Store, ViewCache};
+use crate::store::{Clock, Event, Source, Store, ViewCache};
 
 type Dep = (SourceId, Arc<str>);
 
@@ -390,16 +390,20 @@ fn compute(
     if v.lazy.is_some() {
         deps.push((v.from, key.clone()));
     }
-    let from = match sources[v.from].resident(key) {
-        Resident::Value(Some(value)) => value,
-        Resident::Value(None) => return (Ok(None), deps),
-        Resident::Missing => {
+    // Parsed in place: a full input's value is not copied out first.
+    let parsed = sources[v.from].with_resident(key, |value| {
+        value.map(serde_json::from_slice::<serde_json::Value>)
+    });
+    let parsed = match parsed {
+        Some(Some(parsed)) => parsed,
+        Some(None) => return (Ok(None), deps),
+        None => {
             missing.push((v.from, key.clone()));
             return (Ok(None), deps);
         }
     };
     v.stats.recomputes.fetch_add(1, Ordering::Relaxed);
-    let value = match serde_json::from_slice(&from) {
+    let value = match parsed {
         Ok(value) => value,
         Err(e) => {
             return (
@@ -472,10 +476,14 @@ fn regroup(
 
 /// Writes `new` as the row `key` of view `v` if it differs from the current row.
 fn emit(v: &ViewState, key: Arc<str>, new: Option<Bytes>, version: u64, out: &mut Vec<Event>) {
-    let cur = v.source.get(&key);
+    // Compared in place: the current row is not copied out to be compared.
+    let cur = v.source.with_row(&key, |cur| match (cur, &new) {
+        (None, _) => None,
+        (Some(c), Some(n)) => Some(c.value == &n[..]),
+        (Some(_), None) => Some(false),
+    });
     match (cur, new) {
-        (None, None) => {}
-        (Some(c), Some(n)) if c.value == n => {}
+        (None, None) | (Some(true), Some(_)) => {}
         (_, Some(n)) => {
             v.source.put(&key, version, &n);
             out.push(Event {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::store::{Clock, Resident, Source, Store};
+use crate::store::{Clock, Source, Store};
 use crate::types::{check_name, Mode};
 
 pub use crate::config::{Include, Includes, ViewSpec};
@@ -389,20 +389,26 @@ impl<'a> Lookup<'a> {
     }
 
     fn bytes_slot(&mut self, slot: usize, key: &str) -> Result<Option<Bytes>, RowError> {
+        Ok(self.read_slot(slot, key, Bytes::copy_from_slice))
+    }
+
+    /// Calls `f` with the value of `source[key]` in place; `None` when absent (or not held
+    /// yet: an on_demand input, recorded as missing).
+    fn read_slot<T>(&mut self, slot: usize, key: &str, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
         let read = &self.reads[slot];
         let key: Arc<str> = match self.hint.get(self.deps.len()) {
             Some((id, k)) if *id == read.id && **k == *key => k.clone(),
             _ => Arc::from(key),
         };
-        let row = read.source.resident(&key);
+        let row = read.source.with_resident(&key, |v| v.map(f));
         self.deps.push((read.id, key.clone()));
         match row {
-            Resident::Value(v) => Ok(v),
-            Resident::Missing => {
+            Some(v) => v,
+            None => {
                 // Read as absent so that the computation goes on and finds the other inputs it
                 // misses in this round; the engine discards a row computed with a miss.
                 self.missing.push((read.id, key));
-                Ok(None)
+                None
             }
         }
     }
@@ -421,12 +427,12 @@ impl<'a> Lookup<'a> {
     }
 
     pub(crate) fn get_slot(&mut self, slot: usize, key: &str) -> Result<Option<Value>, RowError> {
-        let Some(bytes) = self.bytes_slot(slot, key)? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| self.not_json(slot, key, e))
+        // Parsed in place: a full input's value is not copied out first.
+        match self.read_slot(slot, key, |b| serde_json::from_slice::<Value>(b)) {
+            None => Ok(None),
+            Some(Ok(v)) => Ok(Some(v)),
+            Some(Err(e)) => Err(self.not_json(slot, key, e)),
+        }
     }
 
     /// Like [`Lookup::get_slot`] but without building the value: only checks that it is JSON.
