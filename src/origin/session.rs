@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use prost::Message;
-use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{debug, warn};
 
@@ -28,15 +28,27 @@ pub(crate) enum Frame {
 
 pub(crate) type Out = mpsc::Sender<Result<Frame, Status>>;
 
-/// The whole-topic snapshot of one position, encoded into chunks by the first stream that
-/// needs it; every other stream at that position sends the same chunks. Held by the topic
-/// until its version moves, and by each stream while it sends them.
+/// The whole-topic snapshot of one position, encoded into chunks as the first stream to reach
+/// each chunk needs it; every other stream at that position sends the same chunks. Held by the
+/// topic until its version moves, and by each stream while it sends them.
 pub(crate) struct SharedSnapshot {
     pub version: u64,
     pub generation: u64,
     made: std::time::Instant,
     data: imbl::OrdMap<Arc<str>, Stored>,
-    chunks: OnceCell<Arc<Vec<Bytes>>>,
+    chunks: tokio::sync::Mutex<Encoded>,
+}
+
+/// The chunks of a shared snapshot encoded so far. A chunk is encoded when a stream first
+/// needs it, so the first chunk goes out while the rest are still to be encoded (a
+/// million-key snapshot is a hundred chunks), and a stream cancelled meanwhile leaves the
+/// next one to go on from where it stopped.
+#[derive(Default)]
+struct Encoded {
+    chunks: Vec<Bytes>,
+    /// The last key encoded (`None`: none yet).
+    after: Option<Arc<str>>,
+    done: bool,
 }
 
 impl SharedSnapshot {
@@ -46,7 +58,7 @@ impl SharedSnapshot {
             generation,
             made: std::time::Instant::now(),
             data,
-            chunks: OnceCell::new(),
+            chunks: tokio::sync::Mutex::new(Encoded::default()),
         }
     }
 }
@@ -648,7 +660,7 @@ impl Session {
         emit(&chunk, true);
     }
 
-    /// Sends the whole-topic snapshot `shared`, encoding its chunks if no stream did yet.
+    /// Sends the whole-topic snapshot `shared`, encoding each chunk no stream encoded yet.
     async fn send_shared_snapshot(
         &self,
         topic: &str,
@@ -656,30 +668,62 @@ impl Session {
         shared: &SharedSnapshot,
     ) -> Result<(), End> {
         let stats = &self.inner().stats;
-        let chunks = shared
-            .chunks
-            .get_or_init(|| async {
-                let mut out = Vec::new();
-                self.chunks(shared.data.iter(), |entries, last| {
-                    out.push(Bytes::from(super::wire::encode_snapshot_chunk(
+        let cfg = &self.inner().cfg;
+        let (max_n, max_b) = (
+            cfg.snapshot_chunk_entries,
+            cfg.snapshot_chunk_bytes.as_usize(),
+        );
+        let mut next = 0;
+        loop {
+            let chunk = {
+                let mut e = shared.chunks.lock().await;
+                if next == e.chunks.len() {
+                    if e.done {
+                        break;
+                    }
+                    // No await from here to the push: the chunk is encoded whole or not at all.
+                    let from = match &e.after {
+                        None => std::ops::Bound::Unbounded,
+                        Some(k) => std::ops::Bound::Excluded(&**k),
+                    };
+                    let mut rest = shared
+                        .data
+                        .range::<_, str>((from, std::ops::Bound::Unbounded))
+                        .peekable();
+                    let mut entries = Vec::new();
+                    let mut bytes = 0;
+                    while let Some(&(k, s)) = rest.peek() {
+                        let size = k.len() + s.value.len() + 16;
+                        if !entries.is_empty() && (entries.len() >= max_n || bytes + size > max_b) {
+                            break;
+                        }
+                        bytes += size;
+                        entries.push((k, s));
+                        rest.next();
+                    }
+                    let last = rest.peek().is_none();
+                    let encoded = Bytes::from(super::wire::encode_snapshot_chunk(
                         topic,
                         epoch,
                         shared.version,
-                        entries,
+                        &entries,
                         last,
                         shared.data.len() as u64,
-                    )));
-                });
-                stats.snapshot_encodings.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .snapshot_chunks_encoded
-                    .fetch_add(out.len() as u64, Ordering::Relaxed);
-                Arc::new(out)
-            })
-            .await
-            .clone();
-        for chunk in chunks.iter() {
-            self.send_frame(Frame::Shared(chunk.clone())).await?;
+                    ));
+                    if e.chunks.is_empty() {
+                        stats.snapshot_encodings.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats
+                        .snapshot_chunks_encoded
+                        .fetch_add(1, Ordering::Relaxed);
+                    e.after = entries.last().map(|(k, _)| Arc::clone(k));
+                    e.done = last;
+                    e.chunks.push(encoded);
+                }
+                e.chunks[next].clone()
+            };
+            self.send_frame(Frame::Shared(chunk)).await?;
+            next += 1;
         }
         stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
         Ok(())
