@@ -71,26 +71,24 @@ impl SnapEntries {
         self.len() == 0
     }
 
-    /// Calls `f` with each entry's key, version and value, in order.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&str, u64, &[u8])) {
+    /// Calls `f` with each entry's key, version and value, in order. A key is UTF-8: a decoded
+    /// entry's `String`, or checked by the chunk parser that made the spans.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&[u8], u64, &[u8])) {
         match self {
             SnapEntries::Decoded(v) => {
                 for e in v {
-                    f(&e.key, e.version, &e.value);
+                    f(e.key.as_bytes(), e.version, &e.value);
                 }
             }
             SnapEntries::Raw(r) => {
                 for e in &r.spans {
-                    let (Some(key), Some(value)) =
+                    // The parser made the spans inside `buf`; one that is not would be a bug
+                    // there, and is skipped rather than panicking the writer.
+                    if let (Some(key), Some(value)) =
                         (r.buf.get(e.key.0..e.key.1), r.buf.get(e.value.0..e.value.1))
-                    else {
-                        continue;
-                    };
-                    // The parser checked it; an entry that is not would be a bug there.
-                    let Ok(key) = std::str::from_utf8(key) else {
-                        continue;
-                    };
-                    f(key, e.version, value);
+                    {
+                        f(key, e.version, value);
+                    }
                 }
             }
         }

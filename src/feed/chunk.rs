@@ -197,7 +197,7 @@ impl Chunk {
                 let mut out = Vec::with_capacity(raw.len());
                 raw.for_each(|key, version, value| {
                     out.push(pb::Entry {
-                        key: key.to_owned(),
+                        key: String::from_utf8_lossy(key).into_owned(),
                         value: Bytes::copy_from_slice(value),
                         version,
                     })
@@ -339,8 +339,9 @@ mod tests {
 
     fn decoded(c: &Chunk) -> Vec<(String, u64, Vec<u8>)> {
         let mut out = Vec::new();
-        c.entries
-            .for_each(|k, v, val| out.push((k.to_string(), v, val.to_vec())));
+        c.entries.for_each(|k, v, val| {
+            out.push((String::from_utf8_lossy(k).into_owned(), v, val.to_vec()))
+        });
         out
     }
 

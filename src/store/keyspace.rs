@@ -47,13 +47,13 @@ impl RowRef<'_> {
 /// One row in one allocation: `[version: u64 LE][key length: LEB128][key][value]`.
 type Packed = Box<[u8]>;
 
-fn pack(key: &str, version: u64, value: &[u8]) -> Packed {
+fn pack(key: &[u8], version: u64, value: &[u8]) -> Packed {
     let mut len = [0u8; 10];
     let n = leb128(key.len() as u64, &mut len);
     let mut v = Vec::with_capacity(8 + n + key.len() + value.len());
     v.extend_from_slice(&version.to_le_bytes());
     v.extend_from_slice(&len[..n]);
-    v.extend_from_slice(key.as_bytes());
+    v.extend_from_slice(key);
     v.extend_from_slice(value);
     v.into_boxed_slice()
 }
@@ -107,6 +107,12 @@ fn parts(p: &[u8]) -> (u64, &[u8], &[u8]) {
         .filter(|&e| e <= p.len())
         .unwrap_or(at.min(p.len()));
     (version, &p[at.min(kend)..kend], &p[kend..])
+}
+
+/// A packed row's version and the key + value bytes it counts for in [`Keyspace::bytes`].
+fn counted(p: &[u8]) -> (u64, u64) {
+    let (version, key, value) = parts(p);
+    (version, (key.len() + value.len()) as u64)
 }
 
 /// A packed row's key, as bytes: probes compare and hash bytes, so that a lookup does not
@@ -260,10 +266,10 @@ impl Keyspace {
     }
 
     /// Inserts or replaces a row without touching the index; returns the previous row's
-    /// version and key + value bytes.
-    fn upsert(&self, key: &str, version: u64, value: &[u8]) -> Option<(u64, u64)> {
+    /// version.
+    fn upsert(&self, key: &str, version: u64, value: &[u8]) -> Option<u64> {
         let h = self.hash(key.as_bytes());
-        let new = pack(key, version, value);
+        let new = pack(key.as_bytes(), version, value);
         let add = (key.len() + value.len()) as u64;
         let old = {
             let mut shard = write(self.shard(h));
@@ -283,10 +289,9 @@ impl Keyspace {
         };
         match old {
             Some(o) => {
-                let o = unpack(&o);
-                let sub = (o.key.len() + o.value.len()) as u64;
+                let (version, sub) = counted(&o);
                 self.adjust_bytes(add, sub);
-                Some((o.version, sub))
+                Some(version)
             }
             None => {
                 self.bytes.fetch_add(add, Ordering::Relaxed);
@@ -303,7 +308,7 @@ impl Keyspace {
             write(&self.index).insert(key);
             self.merge_if_due();
         }
-        old.map(|(v, _)| v)
+        old
     }
 
     /// Merges the index's overlays into a new arena when they have grown. Only the writer
@@ -329,13 +334,12 @@ impl Keyspace {
                 .ok()?;
             e.remove().0
         };
-        let o = unpack(&old);
-        self.bytes
-            .fetch_sub((o.key.len() + o.value.len()) as u64, Ordering::Relaxed);
+        let (version, sub) = counted(&old);
+        self.bytes.fetch_sub(sub, Ordering::Relaxed);
         self.len.fetch_sub(1, Ordering::Relaxed);
         write(&self.index).remove(key);
         self.merge_if_due();
-        Some(o.version)
+        Some(version)
     }
 
     fn adjust_bytes(&self, add: u64, sub: u64) {
@@ -431,9 +435,13 @@ impl Staging {
     /// No reader sees a staged keyspace, so this takes no lock and counts in plain fields: a
     /// locked instruction after each insert made the core wait for the slot's cache line
     /// (a third of the load's table inserts).
-    pub(crate) fn put(&mut self, key: &str, version: u64, value: &[u8]) {
+    ///
+    /// `key` must be UTF-8: the writer hands it on from a decoded `String` or from the feed's
+    /// chunk parser, which checked it, so it is not checked a second time here (it was 6% of a
+    /// load's samples). A key that were not would read back as empty, never unsafely.
+    pub(crate) fn put(&mut self, key: &[u8], version: u64, value: &[u8]) {
         let Keyspace { hasher, shards, .. } = &mut self.rows;
-        let h = hasher.hash_one(key.as_bytes());
+        let h = hasher.hash_one(key);
         let n = shards.len();
         let table = shards[shard_index(h, n)]
             .get_mut()
@@ -442,13 +450,12 @@ impl Staging {
         let add = (key.len() + value.len()) as u64;
         match table.entry(
             h,
-            |p| packed_key(p) == key.as_bytes(),
+            |p| packed_key(p) == key,
             |p| hasher.hash_one(packed_key(p)),
         ) {
             hashbrown::hash_table::Entry::Occupied(mut e) => {
                 let old = std::mem::replace(e.get_mut(), new);
-                let o = unpack(&old);
-                self.bytes = self.bytes + add - (o.key.len() + o.value.len()) as u64;
+                self.bytes = self.bytes + add - counted(&old).1;
             }
             hashbrown::hash_table::Entry::Vacant(e) => {
                 e.insert(new);
@@ -529,14 +536,14 @@ impl Arena {
         self.len
     }
 
-    fn push(&mut self, key: &str) {
+    fn push(&mut self, key: &[u8]) {
         if self.len % MARK_EVERY == 0 {
             self.marks.push(self.text.len());
         }
         let mut len = [0u8; 10];
         let n = leb128(key.len() as u64, &mut len);
         self.text.extend_from_slice(&len[..n]);
-        self.text.extend_from_slice(key.as_bytes());
+        self.text.extend_from_slice(key);
         self.len += 1;
     }
 
@@ -596,7 +603,7 @@ impl Arena {
         let mut out = Arena::with_capacity(keys.len());
         out.text.reserve(self.text.len());
         for k in keys {
-            out.push(k);
+            out.push(k.as_bytes());
         }
         out
     }
@@ -642,7 +649,7 @@ impl KeyIndex {
         base.text
             .reserve(self.base.text.len() + 16 * self.added.len());
         for k in self.iter_from(Bound::Unbounded) {
-            base.push(k);
+            base.push(k.as_bytes());
         }
         KeyIndex {
             base,
@@ -699,7 +706,7 @@ mod tests {
     fn a_packed_row_reads_back() {
         for key in ["", "k", &"x".repeat(200), "ключ"] {
             for value in [&b""[..], b"v", &[7u8; 300][..]] {
-                let p = pack(key, u64::MAX, value);
+                let p = pack(key.as_bytes(), u64::MAX, value);
                 assert_eq!(
                     unpack(&p),
                     RowRef {
@@ -761,7 +768,7 @@ mod tests {
             let mut st = Staging::with_capacity(staged.len());
             for (i, (k, v)) in staged.iter().enumerate() {
                 let value = vec![*v; usize::from(*v % 7)];
-                st.put(&key(*k), i as u64, &value);
+                st.put(key(*k).as_bytes(), i as u64, &value);
                 model.insert(key(*k), (i as u64, value));
             }
             prop_assert_eq!(st.len(), model.len());

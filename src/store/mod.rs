@@ -670,10 +670,10 @@ pub(crate) mod tests {
     #[test]
     fn staging_builds_the_index_once_and_keeps_later_rows() {
         let mut st = Staging::with_capacity(0);
-        st.put("c", 1, b"1");
-        st.put("a", 1, b"22");
-        st.put("b", 1, b"333");
-        st.put("a", 2, b"4444");
+        st.put(b"c", 1, b"1");
+        st.put(b"a", 1, b"22");
+        st.put(b"b", 1, b"333");
+        st.put(b"a", 2, b"4444");
         assert_eq!(st.len(), 3);
         let ks = st.finish();
         assert_eq!(
