@@ -640,6 +640,22 @@ impl Session {
         entries: impl Iterator<Item = (&'a Arc<str>, &'a Stored)>,
         mut emit: impl FnMut(&[(&'a Arc<str>, &'a Stored)], bool),
     ) {
+        let mut rest = entries.peekable();
+        loop {
+            let (chunk, last) = self.next_chunk(&mut rest);
+            emit(&chunk, last);
+            if last {
+                return;
+            }
+        }
+    }
+
+    /// The next snapshot chunk's entries from `rest`, within the configured bounds (at least
+    /// one entry while any is left), and whether it is the last.
+    fn next_chunk<'a, I: Iterator<Item = (&'a Arc<str>, &'a Stored)>>(
+        &self,
+        rest: &mut std::iter::Peekable<I>,
+    ) -> (Vec<(&'a Arc<str>, &'a Stored)>, bool) {
         let cfg = &self.inner().cfg;
         let (max_n, max_b) = (
             cfg.snapshot_chunk_entries,
@@ -647,17 +663,16 @@ impl Session {
         );
         let mut chunk = Vec::new();
         let mut bytes = 0;
-        for (k, s) in entries {
+        while let Some(&(k, s)) = rest.peek() {
             let size = k.len() + s.value.len() + 16;
             if !chunk.is_empty() && (chunk.len() >= max_n || bytes + size > max_b) {
-                emit(&chunk, false);
-                chunk.clear();
-                bytes = 0;
+                return (chunk, false);
             }
             bytes += size;
             chunk.push((k, s));
+            rest.next();
         }
-        emit(&chunk, true);
+        (chunk, true)
     }
 
     /// Sends the whole-topic snapshot `shared`, encoding each chunk no stream encoded yet.
@@ -668,11 +683,6 @@ impl Session {
         shared: &SharedSnapshot,
     ) -> Result<(), End> {
         let stats = &self.inner().stats;
-        let cfg = &self.inner().cfg;
-        let (max_n, max_b) = (
-            cfg.snapshot_chunk_entries,
-            cfg.snapshot_chunk_bytes.as_usize(),
-        );
         let mut next = 0;
         loop {
             let chunk = {
@@ -690,18 +700,7 @@ impl Session {
                         .data
                         .range::<_, str>((from, std::ops::Bound::Unbounded))
                         .peekable();
-                    let mut entries = Vec::new();
-                    let mut bytes = 0;
-                    while let Some(&(k, s)) = rest.peek() {
-                        let size = k.len() + s.value.len() + 16;
-                        if !entries.is_empty() && (entries.len() >= max_n || bytes + size > max_b) {
-                            break;
-                        }
-                        bytes += size;
-                        entries.push((k, s));
-                        rest.next();
-                    }
-                    let last = rest.peek().is_none();
+                    let (entries, last) = self.next_chunk(&mut rest);
                     let encoded = Bytes::from(super::wire::encode_snapshot_chunk(
                         topic,
                         epoch,
