@@ -685,12 +685,11 @@ impl Session {
         let stats = &self.inner().stats;
         let mut next = 0;
         loop {
-            let chunk = {
+            let chunk: (Bytes, bool) = {
                 let mut e = shared.chunks.lock().await;
+                // A stream stops after the last chunk, so it only reaches the end of what is
+                // encoded while more is to come.
                 if next == e.chunks.len() {
-                    if e.done {
-                        break;
-                    }
                     // No await from here to the push: the chunk is encoded whole or not at all.
                     let from = match &e.after {
                         None => std::ops::Bound::Unbounded,
@@ -719,9 +718,14 @@ impl Session {
                     e.done = last;
                     e.chunks.push(encoded);
                 }
-                e.chunks[next].clone()
+                // Known here, so that a stream is done once its last chunk is sent, without
+                // waiting for the lock again (a snapshot counts as sent when its stream got it).
+                (e.chunks[next].clone(), e.done && next + 1 == e.chunks.len())
             };
-            self.send_frame(Frame::Shared(chunk)).await?;
+            self.send_frame(Frame::Shared(chunk.0)).await?;
+            if chunk.1 {
+                break;
+            }
             next += 1;
         }
         stats.snapshots_sent.fetch_add(1, Ordering::Relaxed);
