@@ -5,17 +5,28 @@ mod common;
 
 use std::process::Command;
 
+/// Runs `viewcar bench <args> --out <out>`, asserts it succeeded, and returns its stdout and
+/// the `bench.json` it wrote.
+fn bench(args: &[&str], out: &std::path::Path) -> (String, serde_json::Value) {
+    let run = Command::new(env!("CARGO_BIN_EXE_viewcar"))
+        .arg("bench")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("viewcar runs");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
+    let json = serde_json::from_slice(&std::fs::read(out.join("bench.json")).expect("bench.json"))
+        .expect("valid JSON");
+    (stdout, json)
+}
+
 #[test]
 fn every_scenario_runs_end_to_end() {
     let out = std::env::temp_dir().join(format!("viewcar-bench-smoke-{}", std::process::id()));
-    let run = Command::new(env!("CARGO_BIN_EXE_viewcar"))
-        .args(["bench", "all", "--smoke", "--out"])
-        .arg(&out)
-        .output()
-        .expect("viewcar runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
+    let (stdout, json) = bench(&["all", "--smoke"], &out);
     for title in [
         "fanout:",
         "reads:",
@@ -26,9 +37,6 @@ fn every_scenario_runs_end_to_end() {
     ] {
         assert!(stdout.contains(title), "no {title} table in\n{stdout}");
     }
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("bench.json")).expect("bench.json"))
-            .expect("valid JSON");
     let tree = json["fanout"]["tree_closed"].as_array().expect("tree runs");
     assert_eq!(tree.len(), 2);
     assert_eq!(tree[1]["calls_per_page"], 12);
@@ -110,25 +118,8 @@ fn every_scenario_runs_end_to_end() {
 #[test]
 fn the_push_scenario_runs_over_grpc_watch() {
     let out = std::env::temp_dir().join(format!("viewcar-bench-watch-{}", std::process::id()));
-    let run = Command::new(env!("CARGO_BIN_EXE_viewcar"))
-        .args([
-            "bench",
-            "push",
-            "--smoke",
-            "--push-protocol",
-            "watch",
-            "--out",
-        ])
-        .arg(&out)
-        .output()
-        .expect("viewcar runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "bench failed\n{stdout}\n{stderr}");
+    let (stdout, json) = bench(&["push", "--smoke", "--push-protocol", "watch"], &out);
     assert!(stdout.contains("gRPC Watch event"), "{stdout}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("bench.json")).expect("bench.json"))
-            .expect("valid JSON");
     let push = &json["push"];
     assert_eq!(push["protocol"], "watch", "{push}");
     assert_eq!(push["subscribers"], 20, "{push}");

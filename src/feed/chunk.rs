@@ -17,19 +17,13 @@ use crate::pb::feed::v1 as pb;
 use crate::writer::{RawEntries, RawEntry, SnapEntries, SnapEntry};
 
 /// A snapshot chunk with its entries as spans of the message.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub(crate) struct Chunk {
     pub(crate) topic: String,
     pub(crate) position: Option<pb::Position>,
     pub(crate) entries: SnapEntries,
     pub(crate) last: bool,
     pub(crate) total_entries: u64,
-}
-
-impl Default for SnapEntries {
-    fn default() -> Self {
-        SnapEntries::Decoded(Vec::new())
-    }
 }
 
 /// What a `SyncResponse` carries, with a snapshot chunk kept as its bytes.
