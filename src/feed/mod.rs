@@ -1415,6 +1415,74 @@ pub(crate) fn backoff(cfg: &FeedConfig, attempt: u32) -> Duration {
 mod tests {
     use super::*;
 
+    /// A writer that stops applying: the feed hands it at most [`SNAPSHOT_CHUNKS_IN_FLIGHT`]
+    /// chunks of a snapshot, though its queue has room for 1,024 steps, and hands the next one
+    /// as soon as one is applied.
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_stops_applying_holds_a_bounded_number_of_snapshot_chunks() {
+        use crate::store::{Clock, SourceKind};
+        let source = Arc::new(Source::new(
+            "t",
+            SourceKind::Topic { origin: "o".into() },
+            crate::types::Mode::Full,
+            Clock::new(),
+            Duration::from_secs(1),
+        ));
+        let (wtx, mut wrx) = mpsc::channel(1024);
+        let spec = OriginSpec {
+            name: "o".into(),
+            address: "http://127.0.0.1:1".into(),
+            fallback: Vec::new(),
+            topics: Vec::new(),
+            tls: None,
+        };
+        let mut client = FeedClient::new(
+            spec,
+            FeedConfig::default(),
+            16 << 20,
+            vec![source],
+            wtx,
+            Arc::new(FeedStats::default()),
+        );
+        let (req_tx, _req_rx) = client.request_channel();
+        client.open_stream(&req_tx);
+        let chunk = |i: usize, last: bool| -> chunk::SyncMessage {
+            pb::SyncResponse {
+                kind: Some(pb::sync_response::Kind::Snapshot(pb::SnapshotChunk {
+                    topic: "t".into(),
+                    position: Some(pb::Position {
+                        epoch: "e".into(),
+                        version: 1,
+                    }),
+                    entries: vec![pb::Entry {
+                        key: format!("k{i}"),
+                        value: bytes::Bytes::from_static(b"v"),
+                        version: 1,
+                    }],
+                    last,
+                    total_entries: 10,
+                })),
+            }
+            .into()
+        };
+        for i in 0..SNAPSHOT_CHUNKS_IN_FLIGHT {
+            client
+                .handle(chunk(i, false), &req_tx)
+                .await
+                .expect("chunk");
+        }
+        let fifth = tokio::time::timeout(
+            Duration::from_secs(60),
+            client.handle(chunk(4, false), &req_tx),
+        )
+        .await;
+        assert!(fifth.is_err(), "a chunk beyond the bound was handed over");
+        assert_eq!(wrx.len(), SNAPSHOT_CHUNKS_IN_FLIGHT);
+        drop(wrx.recv().await.expect("a step"));
+        client.handle(chunk(5, true), &req_tx).await.expect("chunk");
+        assert_eq!(wrx.len(), SNAPSHOT_CHUNKS_IN_FLIGHT);
+    }
+
     #[test]
     fn first_address_is_spread_by_instance_name() {
         assert_eq!(first_address(None, 3), 0);
