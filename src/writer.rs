@@ -454,8 +454,9 @@ impl Writer {
         };
         let new_epoch = source.epoch().as_str() != staged.epoch;
         let had_epoch = !source.epoch().is_empty();
-        let keys = staged.rows.len();
-        let old = source.swap(staged.rows.finish());
+        let rows = staged.rows.finish();
+        let keys = rows.len();
+        let old = source.swap(rows);
         let new = source.keyspace();
         // The diff is what readers of changes need: the snapshot replaced every row at once.
         let first = old.is_empty();
