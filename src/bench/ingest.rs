@@ -4,7 +4,8 @@
 //!   (batches of 100, one version each) published at the origin; timed from the first publish to
 //!   the last version being readable (`Get` with `min_version`), with and without the demo views;
 //!   the sidecar's CPU time over the burst gives changes per CPU-second (the writer is one task);
-//! - snapshot: N keys of S bytes at the origin, then a sidecar started: process start to synced;
+//! - snapshot: N keys of S bytes at the origin, then a sidecar started: process start to synced,
+//!   with the CPU the sidecar used (all of its life) and the origin (this process) used meanwhile;
 //! - memory: that sidecar's RSS minus an idle sidecar's, per key, beside Redis `used_memory`
 //!   (and its RSS) grown by the same keys and values.
 
@@ -266,6 +267,9 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         i = end;
     }
     ctx.progress("ingest: starting a sidecar on the loaded origin");
+    // The origin is served from this process: its CPU over the load is the origin's side
+    // (chunk encoding, HTTP/2), give or take the harness waiting for the sidecar.
+    let origin_cpu0 = cpu_time(std::process::id());
     let start = Instant::now();
     let full = SidecarProc::start(
         &ctx.exe,
@@ -283,6 +287,10 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     )
     .await?;
     let load_s = start.elapsed().as_secs_f64();
+    let load_cpu = cpu_time(full.proc.pid()).as_secs_f64();
+    let origin_cpu = cpu_time(std::process::id())
+        .saturating_sub(origin_cpu0)
+        .as_secs_f64();
     // Let the allocator settle (snapshot staging buffers freed) before reading RSS.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let full_rss = full.proc.rss_bytes();
@@ -294,7 +302,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         format!("snapshot of {keys} keys x {size} B"),
         format!("{load_s:.2} s"),
         format!(
-            "{} keys/s, process start to synced",
+            "{} keys/s, process start to synced; CPU: sidecar {load_cpu:.2} s, origin {origin_cpu:.2} s",
             rate(keys as f64 / load_s)
         ),
     ]);
@@ -308,7 +316,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         ),
     ]);
     let mut mem = json!({"keys": keys, "value_bytes": size, "payload_bytes_per_key": payload,
-        "snapshot_load_s": load_s, "sidecar_rss": full_rss, "sidecar_idle_rss": idle_rss, "sidecar_bytes_per_key": per_key});
+        "snapshot_load_s": load_s, "snapshot_sidecar_cpu_s": load_cpu, "snapshot_origin_cpu_s": origin_cpu, "sidecar_rss": full_rss, "sidecar_idle_rss": idle_rss, "sidecar_bytes_per_key": per_key});
 
     match RedisServer::start().await? {
         None => {
