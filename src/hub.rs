@@ -26,7 +26,7 @@
 //! change is newer). While the cursor walks, a change of a key the cursor has not reached yet is
 //! dropped (its page will read it); one of a key already sent is delivered.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -136,7 +136,9 @@ type PendingKey = (SubId, Arc<str>);
 #[derive(Default)]
 struct QueueState {
     order: VecDeque<PendingKey>,
-    latest: HashMap<PendingKey, Arc<Change>>,
+    /// Keyed by keys the origin changed (a subscription's keys only select among them): a fast
+    /// hasher, randomly seeded, as for the keyspace.
+    latest: HashMap<PendingKey, Arc<Change>, foldhash::fast::RandomState>,
     /// Overflowed: nothing is queued until the consumer has re-read the current rows.
     lagged: bool,
     /// Subscriptions whose source started over (origin epoch changed), with the reason.
@@ -172,6 +174,9 @@ struct Target {
 struct SourceSubs {
     keys: HashMap<Arc<str>, Vec<Target>>,
     prefixes: HashMap<Arc<str>, Vec<Target>>,
+    /// The lengths of the prefixes watched, each with how many prefixes have it: a change is
+    /// looked up under these lengths only, not under every prefix of its key.
+    prefix_lens: BTreeMap<usize, usize>,
     count: usize,
 }
 
@@ -261,11 +266,13 @@ impl Hub {
                         .push(target.clone());
                 }
             }
-            Selection::Prefix(p) => subs
-                .prefixes
-                .entry(Arc::from(p.as_str()))
-                .or_default()
-                .push(target),
+            Selection::Prefix(p) => {
+                let targets = subs.prefixes.entry(Arc::from(p.as_str())).or_default();
+                if targets.is_empty() {
+                    *subs.prefix_lens.entry(p.len()).or_default() += 1;
+                }
+                targets.push(target);
+            }
         }
         subs.count += 1;
     }
@@ -289,7 +296,18 @@ impl Hub {
                     drop_sub(&mut subs.keys, k, sub);
                 }
             }
-            Selection::Prefix(p) => drop_sub(&mut subs.prefixes, p, sub),
+            Selection::Prefix(p) => {
+                let had = subs.prefixes.contains_key(p.as_str());
+                drop_sub(&mut subs.prefixes, p, sub);
+                if had && !subs.prefixes.contains_key(p.as_str()) {
+                    if let Some(n) = subs.prefix_lens.get_mut(&p.len()) {
+                        *n -= 1;
+                        if *n == 0 {
+                            subs.prefix_lens.remove(&p.len());
+                        }
+                    }
+                }
+            }
         }
         subs.count = subs.count.saturating_sub(1);
         if subs.count == 0 {
@@ -312,12 +330,10 @@ impl Hub {
             if let Some(ts) = subs.keys.get(&ev.key) {
                 targets.extend(ts);
             }
-            if !subs.prefixes.is_empty() {
-                let key: &str = &ev.key;
-                for end in key.char_indices().map(|(i, _)| i).chain([key.len()]) {
-                    if let Some(ts) = subs.prefixes.get(&key[..end]) {
-                        targets.extend(ts);
-                    }
+            let key: &str = &ev.key;
+            for &len in subs.prefix_lens.range(..=key.len()).map(|(len, _)| len) {
+                if let Some(ts) = key.get(..len).and_then(|p| subs.prefixes.get(p)) {
+                    targets.extend(ts);
                 }
             }
             if targets.is_empty() {
@@ -342,32 +358,53 @@ impl Hub {
             return;
         }
         let slot: PendingKey = (t.sub, change.key.clone());
-        if let Some(old) = st.latest.get_mut(&slot) {
-            *old = change.clone();
-            st.conflated += 1;
-            drop(st);
-            self.stats.conflated.fetch_add(1, Ordering::Relaxed);
-            return;
+        enum Offered {
+            Conflated,
+            Queued { was_empty: bool },
+            Overflow,
         }
-        if st.order.len() >= q.bound {
-            st.order = VecDeque::new();
-            st.latest = HashMap::new();
-            st.lagged = true;
-            st.resets += 1;
-            let first = st.resets == 1;
-            drop(st);
-            self.stats.lagged.fetch_add(1, Ordering::Relaxed);
-            if first {
-                warn!(consumer = %q.label, bound = q.bound, "subscriber fell behind its queue bound; resetting it (logged once per subscriber)");
-            } else {
-                debug!(consumer = %q.label, "subscriber fell behind again");
+        let offered = {
+            let QueueState { order, latest, .. } = &mut *st;
+            let full = order.len() >= q.bound;
+            match latest.entry(slot) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    *e.get_mut() = change.clone();
+                    Offered::Conflated
+                }
+                std::collections::hash_map::Entry::Vacant(e) if !full => {
+                    let was_empty = order.is_empty();
+                    order.push_back(e.key().clone());
+                    e.insert(change.clone());
+                    Offered::Queued { was_empty }
+                }
+                std::collections::hash_map::Entry::Vacant(_) => Offered::Overflow,
             }
-            q.wake.notify_one();
-            return;
-        }
-        let was_empty = st.order.is_empty();
-        st.order.push_back(slot.clone());
-        st.latest.insert(slot, change.clone());
+        };
+        let was_empty = match offered {
+            Offered::Queued { was_empty } => was_empty,
+            Offered::Conflated => {
+                st.conflated += 1;
+                drop(st);
+                self.stats.conflated.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Offered::Overflow => {
+                st.order = VecDeque::new();
+                st.latest = HashMap::default();
+                st.lagged = true;
+                st.resets += 1;
+                let first = st.resets == 1;
+                drop(st);
+                self.stats.lagged.fetch_add(1, Ordering::Relaxed);
+                if first {
+                    warn!(consumer = %q.label, bound = q.bound, "subscriber fell behind its queue bound; resetting it (logged once per subscriber)");
+                } else {
+                    debug!(consumer = %q.label, "subscriber fell behind again");
+                }
+                q.wake.notify_one();
+                return;
+            }
+        };
         st.high_water = st.high_water.max(st.order.len());
         drop(st);
         self.stats.delivered.fetch_add(1, Ordering::Relaxed);
@@ -978,6 +1015,60 @@ mod tests {
                 Delivery::TooSlow => "too slow".to_string(),
             })
             .collect()
+    }
+
+    #[test]
+    fn prefixes_of_every_length_match_and_stop_matching_once_unsubscribed() {
+        let hub = Arc::new(Hub::new());
+        let src = source();
+        let mut subs: Vec<(Subscriber, SubId)> = ["", "é", "éa", "b", "éa"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut s = Subscriber::new(&hub, format!("t{i}"), 64, None);
+                let id = s.subscribe(src.clone(), Selection::Prefix(p.to_string()), false);
+                assert_eq!(drain(&mut s), ["synced 0"]);
+                (s, id)
+            })
+            .collect();
+        // "é" is two bytes: its first byte is no prefix of "éa" nor of anything else.
+        for (v, key) in ["éa1", "é", "b2", "c", "\u{e8}"].iter().enumerate() {
+            apply(&hub, &src, key, v as u64 + 1, "x");
+        }
+        let got: Vec<Vec<String>> = subs.iter_mut().map(|(s, _)| drain(s)).collect();
+        assert_eq!(
+            got,
+            [
+                vec![
+                    "change éa1@1",
+                    "change é@2",
+                    "change b2@3",
+                    "change c@4",
+                    "change è@5"
+                ],
+                vec!["change éa1@1", "change é@2"],
+                vec!["change éa1@1"],
+                vec!["change b2@3"],
+                vec!["change éa1@1"],
+            ]
+        );
+        // One of the two "éa" subscriptions goes: the other still matches; then "é" goes.
+        let (s, id) = &mut subs[2];
+        assert!(s.unsubscribe(*id));
+        let (s, id) = &mut subs[1];
+        assert!(s.unsubscribe(*id));
+        apply(&hub, &src, "éa2", 6, "x");
+        let got: Vec<Vec<String>> = subs.iter_mut().map(|(s, _)| drain(s)).collect();
+        assert_eq!(
+            got,
+            [
+                vec!["change éa2@6"],
+                vec![],
+                vec![],
+                vec![],
+                vec!["change éa2@6"],
+            ]
+        );
     }
 
     #[test]
