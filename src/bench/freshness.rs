@@ -7,7 +7,7 @@
 //! its publish time (`{"t":<ns>,...}`) on the harness's clock, and the harness is also the
 //! subscriber, so one clock times both ends.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -45,13 +45,28 @@ fn value(t: u64, i: usize) -> Bytes {
     ))
 }
 
-type Shared = Arc<Mutex<Histogram<u64>>>;
-
-fn record(h: &Shared, from: u64, now: u64, t: u64) {
+/// Each subscriber records into a histogram of its own (merged at the end): a shared one
+/// behind a lock was contended by every frame of every subscriber.
+fn record(h: &mut Histogram<u64>, from: u64, now: u64, t: u64) {
     if t >= from {
-        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
         h.saturating_record(now.saturating_sub(t).max(1));
     }
+}
+
+/// What a WebSocket subscriber reads of a frame: its type and the publish time in a change's
+/// value. Read without building a JSON tree: the harness shares the machine with the sidecar,
+/// and its own parsing of every frame was its largest cost.
+#[derive(serde::Deserialize)]
+struct WsFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    value: Option<Stamped>,
+}
+
+#[derive(serde::Deserialize)]
+struct Stamped {
+    t: Option<u64>,
 }
 
 pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
@@ -98,10 +113,9 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
 
     let (stop_tx, stop) = watch::channel(false);
     let record_from = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-    let watch_hist: Shared = Arc::new(Mutex::new(load::histogram()));
-    let ws_hist: Shared = Arc::new(Mutex::new(load::histogram()));
     let resets = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = Vec::new();
+    let mut watch_tasks = Vec::new();
+    let mut ws_tasks = Vec::new();
 
     // gRPC Watch subscribers, every key of the topic.
     for c in sidecar.clients(subscribers).await? {
@@ -116,19 +130,15 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
             .await
             .map_err(|e| BenchError::setup(format!("Watch: {e}")))?;
         let mut stream = stream.into_inner();
-        let (h, from, resets, mut stop) = (
-            watch_hist.clone(),
-            record_from.clone(),
-            resets.clone(),
-            stop.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
+        let (from, resets, mut stop) = (record_from.clone(), resets.clone(), stop.clone());
+        watch_tasks.push(tokio::spawn(async move {
+            let mut h = load::histogram();
             loop {
                 tokio::select! {
                     ev = stream.next() => match ev {
                         Some(Ok(pb::WatchEvent { kind: Some(Kind::Upsert(item)) })) => {
                             if let Some(t) = stamp(&item.value) {
-                                record(&h, from.load(std::sync::atomic::Ordering::Relaxed), now_ns(), t);
+                                record(&mut h, from.load(std::sync::atomic::Ordering::Relaxed), now_ns(), t);
                             }
                         }
                         Some(Ok(pb::WatchEvent { kind: Some(Kind::Reset(_)) })) => {
@@ -140,6 +150,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                     _ = stop.wait_for(|s| *s) => break,
                 }
             }
+            h
         }));
     }
 
@@ -164,26 +175,22 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                 ))
                 .await
                 .map_err(|e| BenchError::setup(format!("WebSocket subscribe: {e}")))?;
-            let (h, from, resets, mut stop) = (
-                ws_hist.clone(),
-                record_from.clone(),
-                resets.clone(),
-                stop.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
+            let (from, resets, mut stop) = (record_from.clone(), resets.clone(), stop.clone());
+            ws_tasks.push(tokio::spawn(async move {
+                let mut h = load::histogram();
                 loop {
                     tokio::select! {
                         msg = socket.next() => match msg {
                             Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
                                 let now = now_ns();
-                                let Ok(v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
-                                match v["type"].as_str() {
-                                    Some("change") => {
-                                        if let Some(t) = v["value"]["t"].as_u64() {
-                                            record(&h, from.load(std::sync::atomic::Ordering::Relaxed), now, t);
+                                let Ok(f) = serde_json::from_str::<WsFrame<'_>>(text.as_str()) else { continue };
+                                match &*f.kind {
+                                    "change" => {
+                                        if let Some(t) = f.value.and_then(|v| v.t) {
+                                            record(&mut h, from.load(std::sync::atomic::Ordering::Relaxed), now, t);
                                         }
                                     }
-                                    Some("reset") => {
+                                    "reset" => {
                                         resets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     }
                                     _ => {}
@@ -195,6 +202,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                         _ = stop.wait_for(|s| *s) => break,
                     }
                 }
+                h
             }));
         }
     } else {
@@ -299,17 +307,22 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     ));
     tokio::time::sleep(run_for).await;
     let end_count = published.load(std::sync::atomic::Ordering::Relaxed);
-    // Stop publishing, let the last changes arrive, then stop the subscribers.
-    let stop_at = now_ns();
+    // Stop recording and publishing, then collect what each subscriber recorded.
     record_from.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
-    let _ = stop_at;
     stop_tx.send_replace(true);
     let _ = generator.await;
     let probe_s = probe.await.map_err(|e| BenchError::setup(e.to_string()))?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    for t in tasks {
-        t.abort();
-    }
+    let merged = |tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>| async move {
+        let mut all = load::histogram();
+        for t in tasks {
+            let h = t.await.map_err(|e| BenchError::setup(e.to_string()))?;
+            all.add(&h)
+                .map_err(|e| BenchError::setup(format!("merging histograms: {e}")))?;
+        }
+        Ok::<_, BenchError>(all)
+    };
+    let watch_hist = merged(watch_tasks).await?;
+    let ws_hist = merged(ws_tasks).await?;
     let achieved = (end_count - start_count) as f64 / run_for.as_secs_f64();
 
     let mut table = Table::new(
@@ -322,15 +335,9 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     );
     let mut channels: Vec<(&str, Histogram<u64>)> =
         vec![("Get (min_version)", probe_s.hist.clone())];
-    channels.push((
-        "gRPC Watch",
-        watch_hist.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-    ));
+    channels.push(("gRPC Watch", watch_hist));
     if ws_ok {
-        channels.push((
-            "WebSocket",
-            ws_hist.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        ));
+        channels.push(("WebSocket", ws_hist));
     }
     for (name, h) in &channels {
         let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
