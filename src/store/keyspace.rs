@@ -423,7 +423,8 @@ pub(crate) struct Staging {
 }
 
 /// Rows packed before they are inserted as one run: enough that a run touches the table's
-/// slots nearly in address order, few enough to stay small (24 B each) beside the rows.
+/// slots nearly in address order, few enough that the rows waiting (24 B each, plus the rows
+/// themselves: 4.7 MB of 100 B values) stay small beside a snapshot.
 const RUN: usize = 1 << 15;
 
 /// A shard's buckets are split into 2^this regions when a run is ordered (see
@@ -450,9 +451,6 @@ impl Staging {
     pub(crate) fn put(&mut self, key: &[u8], version: u64, value: &[u8]) {
         let h = self.rows.hasher.hash_one(key);
         self.keys.push(key);
-        if self.pending.capacity() == 0 {
-            self.pending.reserve_exact(RUN);
-        }
         self.pending.push((h, pack(key, version, value)));
         if self.pending.len() >= RUN {
             self.settle();
@@ -475,8 +473,8 @@ impl Staging {
         let n = shards.len();
         // Every shard is planned with the same capacity; one that grew is still correct,
         // just walked less in order.
-        let mask = shards.first().map_or(0, |s| {
-            let cap = s.read().unwrap_or_else(|p| p.into_inner()).capacity();
+        let mask = shards.first_mut().map_or(0, |s| {
+            let cap = s.get_mut().unwrap_or_else(|p| p.into_inner()).capacity();
             (buckets(cap) - 1) as u64
         });
         let bits = (mask + 1).trailing_zeros();
