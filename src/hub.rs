@@ -136,9 +136,9 @@ type PendingKey = (SubId, Arc<str>);
 #[derive(Default)]
 struct QueueState {
     order: VecDeque<PendingKey>,
-    /// Keyed by keys the origin changed (a subscription's keys only select among them): a fast
-    /// hasher, randomly seeded, as for the keyspace.
-    latest: HashMap<PendingKey, Arc<Change>, foldhash::fast::RandomState>,
+    /// SipHash (std's): for an on_demand topic the origin sends changes of the keys readers
+    /// asked for, so readers have a say in these keys, and offers run on the writer.
+    latest: HashMap<PendingKey, Arc<Change>>,
     /// Overflowed: nothing is queued until the consumer has re-read the current rows.
     lagged: bool,
     /// Subscriptions whose source started over (origin epoch changed), with the reason.
