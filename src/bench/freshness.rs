@@ -5,7 +5,8 @@
 //!
 //! Changes are published at `--change-rate` per second, one version each. Each value carries
 //! its publish time (`{"t":<ns>,...}`) on the harness's clock, and the harness is also the
-//! subscriber, so one clock times both ends.
+//! subscriber, so one clock times both ends. The CPU the sidecar and the harness each use over
+//! the measured window is reported beside the latencies: both share the machine's cores.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -300,6 +301,15 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     ));
     tokio::time::sleep(warmup).await;
     let start_count = published.load(std::sync::atomic::Ordering::Relaxed);
+    // The CPU each process uses over the window: the harness (origin, generator, subscribers)
+    // shares the machine with the sidecar, and the latencies follow how busy both are.
+    let cpu = || {
+        (
+            super::procs::cpu_secs(std::process::id()),
+            super::procs::cpu_secs(sidecar.proc.pid()),
+        )
+    };
+    let cpu0 = cpu();
     record_from.store(now_ns(), std::sync::atomic::Ordering::Relaxed);
     ctx.progress(format!(
         "freshness: measuring for {:.1}s",
@@ -307,6 +317,9 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     ));
     tokio::time::sleep(run_for).await;
     let end_count = published.load(std::sync::atomic::Ordering::Relaxed);
+    let cpu1 = cpu();
+    let harness_cpu_s = (cpu1.0 - cpu0.0) / run_for.as_secs_f64();
+    let sidecar_cpu_s = (cpu1.1 - cpu0.1) / run_for.as_secs_f64();
     // Stop recording and publishing, then collect what each subscriber recorded.
     record_from.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
     stop_tx.send_replace(true);
@@ -327,7 +340,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
 
     let mut table = Table::new(
         format!(
-            "freshness: publish at origin -> visible, changes at {} ({} asked), {subscribers} subscribers per channel",
+            "freshness: publish at origin -> visible, changes at {} ({} asked), {subscribers} subscribers per channel; CPU-s per s: sidecar {sidecar_cpu_s:.2}, harness {harness_cpu_s:.2}",
             rate(achieved),
             rate(f64::from(change_rate))
         ),
@@ -368,6 +381,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
         "params",
         json!({"change_rate_asked": change_rate, "change_rate_achieved": achieved, "subscribers": subscribers,
                "run_s": run_for.as_secs_f64(), "probe_errors": probe_s.errors,
+               "sidecar_cpu_s_per_s": sidecar_cpu_s, "harness_cpu_s_per_s": harness_cpu_s,
                "subscriber_resets": resets.load(std::sync::atomic::Ordering::Relaxed)}),
     );
     if probe_s.errors > 0 {
