@@ -429,6 +429,11 @@ pub async fn run(args: DemoOptions) -> ExitCode {
     };
     let mut cfg = sidecar_config(origin_addr, grpc);
     cfg.listen.http = Some(http);
+    // SIGTERM and Ctrl-C are handled from before the sidecar serves anything: its Cache API
+    // answers (sources listed as synced, say) before the banner is written, and a signal
+    // sent then is a shutdown, not the default kill.
+    let stop = crate::shutdown_signal();
+    tokio::pin!(stop);
     let sidecar = match crate::Sidecar::start(cfg).await {
         Ok(s) => s,
         Err(e) => {
@@ -436,11 +441,30 @@ pub async fn run(args: DemoOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    sidecar.synced().await;
+    let stopped = tokio::select! {
+        _ = sidecar.synced() => false,
+        _ = &mut stop => true,
+    };
     let generator = tokio::spawn(generate(origin.clone(), size, args.rate, 2, stop_rx));
-    // SIGTERM and Ctrl-C are handled from here on, before anyone is told where to connect.
-    let stop = crate::shutdown_signal();
-    tokio::pin!(stop);
+    if !stopped {
+        banner(&sidecar, origin_addr, args.rate);
+        stop.await;
+    }
+    stop_tx.send_replace(true);
+    let _ = generator.await;
+    let drained = sidecar.shutdown().await;
+    let _ = serving.await;
+    if drained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// What the demo prints once it is up: where to connect and what to try. One write, and a
+/// closed stdout (`viewcar demo | head`) is not an error: the demo goes on serving whoever
+/// reads it over the network.
+fn banner(sidecar: &crate::Sidecar, origin_addr: SocketAddr, rate: u32) {
     let g = sidecar.grpc_addr();
     let mut out = String::new();
     {
@@ -448,7 +472,7 @@ pub async fn run(args: DemoOptions) -> ExitCode {
         let _ = writeln!(
             out,
             "viewcar demo is running ({} catalog changes/s). Ctrl-C stops it.",
-            args.rate
+            rate
         );
         let _ = writeln!(out);
         let _ = writeln!(out, "  origin  (Feed API)   http://{origin_addr}");
@@ -512,15 +536,5 @@ pub async fn run(args: DemoOptions) -> ExitCode {
         let _ = stdout
             .write_all(out.as_bytes())
             .and_then(|()| stdout.flush());
-    }
-    stop.await;
-    stop_tx.send_replace(true);
-    let _ = generator.await;
-    let drained = sidecar.shutdown().await;
-    let _ = serving.await;
-    if drained {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     }
 }
