@@ -243,6 +243,27 @@ struct Held {
 }
 
 impl FeedClient {
+    /// A client of an origin `o` that is never dialled, for driving [`FeedClient::handle`]
+    /// with messages directly (replay, fuzzing, tests): default feed settings, 16 MiB messages.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn unconnected(sources: Vec<Arc<Source>>, writer: mpsc::Sender<Step>) -> Self {
+        let spec = OriginSpec {
+            name: "o".into(),
+            address: "http://127.0.0.1:1".into(),
+            fallback: Vec::new(),
+            topics: Vec::new(),
+            tls: None,
+        };
+        FeedClient::new(
+            spec,
+            FeedConfig::default(),
+            16 << 20,
+            sources,
+            writer,
+            Arc::new(FeedStats::default()),
+        )
+    }
+
     pub(crate) fn new(
         spec: OriginSpec,
         cfg: FeedConfig,
@@ -1429,21 +1450,7 @@ mod tests {
             Duration::from_secs(1),
         ));
         let (wtx, mut wrx) = mpsc::channel(1024);
-        let spec = OriginSpec {
-            name: "o".into(),
-            address: "http://127.0.0.1:1".into(),
-            fallback: Vec::new(),
-            topics: Vec::new(),
-            tls: None,
-        };
-        let mut client = FeedClient::new(
-            spec,
-            FeedConfig::default(),
-            16 << 20,
-            vec![source],
-            wtx,
-            Arc::new(FeedStats::default()),
-        );
+        let mut client = FeedClient::unconnected(vec![source], wtx);
         let (req_tx, _req_rx) = client.request_channel();
         client.open_stream(&req_tx);
         let chunk = |i: usize, last: bool| -> chunk::SyncMessage {

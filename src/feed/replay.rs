@@ -53,21 +53,7 @@ pub async fn replay(streams: Vec<Vec<pb::SyncResponse>>) -> Replayed {
         .with_on_demand(od.clone()),
     );
     let (wtx, mut wrx) = mpsc::channel(1 << 16);
-    let spec = OriginSpec {
-        name: "o".into(),
-        address: "http://127.0.0.1:1".into(),
-        fallback: Vec::new(),
-        topics: Vec::new(),
-        tls: None,
-    };
-    let mut client = FeedClient::new(
-        spec,
-        FeedConfig::default(),
-        16 << 20,
-        vec![full.clone(), keyed],
-        wtx,
-        Arc::new(FeedStats::default()),
-    );
+    let mut client = FeedClient::unconnected(vec![full.clone(), keyed], wtx);
     let mut writer = Writer::new(
         Arc::new(crate::hub::Hub::new()),
         None,
