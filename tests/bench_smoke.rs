@@ -46,6 +46,13 @@ fn every_scenario_runs_end_to_end() {
         .as_array()
         .is_some_and(|r| r.len() >= 4));
     assert!(json["freshness"]["channels"][1]["samples"].as_u64() > Some(0));
+    // Present, as numbers (a short run may fall within one /proc tick).
+    for cpu in ["sidecar_cpu_s_per_s", "harness_cpu_s_per_s"] {
+        assert!(
+            json["freshness"]["params"][cpu].as_f64() >= Some(0.0),
+            "{cpu}"
+        );
+    }
     let push = &json["push"];
     assert_eq!(push["protocol"], "ws", "{push}");
     assert_eq!(push["subscribers"], 20, "{push}");
@@ -61,6 +68,9 @@ fn every_scenario_runs_end_to_end() {
     assert!(p50 > Some(0.0) && p99 >= p50, "{push}");
     assert_eq!(push["closed"], 0, "{push}");
     assert!(json["ingest"]["memory"]["sidecar_bytes_per_key"].as_f64() > Some(0.0));
+    // The sidecar's CPU for the load covers its whole life, start-up included.
+    assert!(json["ingest"]["memory"]["snapshot_sidecar_cpu_s"].as_f64() > Some(0.0));
+    assert!(json["ingest"]["memory"]["snapshot_origin_cpu_s"].as_f64() >= Some(0.0));
     let fleet = json["fleet"]["runs"].as_array().expect("fleet runs");
     assert_eq!(fleet.len(), 2, "direct and through the relay");
     assert!(fleet
