@@ -805,3 +805,90 @@ async fn resumed_tails_of_several_topics_are_applied_as_one_step() {
     })
     .await
 }
+
+/// A Sync stream read by grpcio (C-core, a gRPC implementation other than ours) from an origin:
+/// a 5,000-row snapshot in shared chunks, a change batch after it, status OK in the trailers
+/// once its requests end, and a gzip-compressed Sync refused as UNIMPLEMENTED with a reason.
+/// The origin's Sync body sends each shared encoding as it is, so this is what checks its
+/// framing against a peer that did not write it. Needs Python with grpcio and grpcio-tools
+/// (`VIEWCAR_TEST_PYTHON`, as .ci/run sets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_reads_a_sync_stream_of_shared_chunks_and_batches() {
+    use std::io::{BufRead, BufReader, Write};
+    let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let has_grpc = std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpc {
+        missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
+        return;
+    }
+    let origin = TestOrigin::start(OriginConfig {
+        snapshot_chunk_entries: 700,
+        ..origin_config()
+    })
+    .await;
+    let rows = 5000;
+    let puts: Vec<viewcar::Put> = (0..rows)
+        .map(|i| put(&format!("k{i:05}"), &format!("{{\"n\":{i}}}")))
+        .collect();
+    origin.origin.publish("items", puts).unwrap();
+    let out = tempfile::tempdir().expect("temp dir");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = Kill(
+        std::process::Command::new(&python)
+            .args([
+                format!("{root}/tests/interop/python_sync.py"),
+                format!("{root}/proto"),
+                out.path().display().to_string(),
+                origin.addr.to_string(),
+                "items".to_string(),
+                rows.to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run python"),
+    );
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.0.stdout.take().expect("stdout")).lines();
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let (synced, lines) = within(tokio::task::spawn_blocking(move || {
+        let first = lines.next();
+        (first, lines)
+    }))
+    .await
+    .expect("join");
+    let fail = move |stderr: &mut std::process::ChildStderr| {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(stderr, &mut text);
+        text
+    };
+    let synced = match synced {
+        Some(Ok(line)) => line,
+        other => panic!(
+            "python ended before its snapshot: {other:?}\n{}",
+            fail(&mut stderr)
+        ),
+    };
+    // 5,000 rows at 700 per chunk: 8 chunks.
+    assert_eq!(synced, format!("synced {rows} in 8 chunks"));
+    origin
+        .origin
+        .publish("items", vec![put("after", "{\"n\":-1}")])
+        .unwrap();
+    writeln!(stdin, "published after").expect("write to python");
+    let rest: Vec<String> = within(tokio::task::spawn_blocking(move || {
+        lines.map_while(Result::ok).collect()
+    }))
+    .await
+    .expect("join");
+    assert_eq!(
+        rest,
+        ["changed after", "ok"],
+        "python's output; its stderr:\n{}",
+        fail(&mut stderr)
+    );
+}

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use prost::Message;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{debug, warn};
@@ -23,6 +22,7 @@ use crate::pb::feed::v1 as pb;
 #[derive(Debug, Clone)]
 pub(crate) enum Frame {
     Msg(pb::SyncResponse),
+    /// One gRPC message as it goes on the wire, prefix included (`wire::framed`).
     Shared(Bytes),
 }
 
@@ -806,7 +806,7 @@ impl Session {
                     .encoded
                     .get_or_init(|| {
                         stats.batch_encodings.fetch_add(1, Ordering::Relaxed);
-                        Bytes::from(make().encode_to_vec())
+                        super::wire::framed(&make())
                     })
                     .clone(),
             )

@@ -1,18 +1,21 @@
-//! The `Feed` service on the wire, with `Sync` answered through a codec that sends a shared,
-//! already encoded message as its bytes: a change batch or a snapshot chunk that thousands of
-//! streams send is encoded once (a relay's whole point), not once per stream.
+//! The `Feed` service on the wire, with `Sync` answered by a body that sends a shared, already
+//! framed message as its bytes: a change batch or a snapshot chunk that thousands of streams send
+//! is encoded once (a relay's whole point), and no stream copies it. Through tonic's encoder each
+//! stream copied every message into a buffer of its own, so a relay with a thousand leaves in a
+//! snapshot storm held a thousand copies of the snapshot in flight.
 //!
 //! `Fetch` and `Publish` go to the generated service unchanged; only the `Sync` route is
-//! taken here, with the same message size and compression settings.
+//! taken here, with the same message size limit. Compression is not built in, as for the rest.
 
-use std::task::{Context, Poll};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes};
 use prost::Message;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tokio::sync::mpsc;
+use tonic::codec::{DecodeBuf, Decoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
 use super::session::Frame;
 use super::{FeedService, Origin};
@@ -20,47 +23,28 @@ use crate::pb::feed::v1 as pb;
 
 const SYNC_PATH: &str = "/viewcar.feed.v1.Feed/Sync";
 
-/// Encodes [`Frame`]s (a shared frame is copied as is) and decodes `SyncRequest`s.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct FrameCodec;
+/// The gRPC message prefix: a compression flag (0: none) and the length, big-endian.
+pub(crate) const HEADER: usize = 5;
 
-pub(crate) struct FrameEncoder;
+fn put_header(buf: &mut [u8], len: usize) {
+    buf[0] = 0;
+    // A message over u32::MAX bytes is over every max_message_bytes: SyncBody refuses it.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    buf[1..HEADER].copy_from_slice(&len.to_be_bytes());
+}
+
+/// `msg` as one gRPC message on the wire: the prefix, then its encoding.
+pub(crate) fn framed(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(HEADER + len);
+    buf.put_bytes(0, HEADER);
+    put_header(&mut buf, len);
+    msg.encode_raw(&mut buf);
+    Bytes::from(buf)
+}
+
+/// Decodes `SyncRequest`s.
 pub(crate) struct RequestDecoder;
-
-impl Codec for FrameCodec {
-    type Encode = Frame;
-    type Decode = pb::SyncRequest;
-    type Encoder = FrameEncoder;
-    type Decoder = RequestDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        FrameEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder
-    }
-}
-
-impl Encoder for FrameEncoder {
-    type Item = Frame;
-    type Error = Status;
-
-    fn encode(&mut self, item: Frame, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        match item {
-            Frame::Shared(bytes) => buf.put_slice(&bytes),
-            // EncodeBuf grows as needed, so encoding into it cannot run out of room.
-            Frame::Msg(msg) => msg
-                .encode(buf)
-                .map_err(|e| Status::internal(format!("encoding a feed message: {e}")))?,
-        }
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
-    }
-}
 
 impl Decoder for RequestDecoder {
     type Item = pb::SyncRequest;
@@ -70,6 +54,104 @@ impl Decoder for RequestDecoder {
         pb::SyncRequest::decode(buf)
             .map(Some)
             .map_err(|e| Status::internal(format!("malformed SyncRequest: {e}")))
+    }
+}
+
+/// The response body of one `Sync` stream: each frame the session sends goes to HTTP/2 as a
+/// DATA chunk (a shared frame by reference), and the stream's end or error as the trailers.
+/// Small frames already waiting are sent together in one chunk, as tonic's encoder did: one
+/// HTTP/2 frame and one copy instead of a frame each.
+struct SyncBody {
+    frames: mpsc::Receiver<Result<Frame, Status>>,
+    /// A frame taken while gathering small ones that did not join them: the next to send.
+    held: Option<Result<Frame, Status>>,
+    max_message: usize,
+    done: bool,
+}
+
+/// Frames at most this long that are waiting together go out as one chunk.
+const GATHER: usize = 16 * 1024;
+
+impl SyncBody {
+    /// The frame's bytes on the wire, or the status that ends the stream.
+    fn bytes(&self, frame: Result<Frame, Status>) -> Result<Bytes, Status> {
+        let bytes = match frame? {
+            Frame::Shared(b) => b,
+            Frame::Msg(m) => framed(&m),
+        };
+        let len = bytes.len() - HEADER;
+        if len > self.max_message {
+            return Err(Status::out_of_range(format!(
+                "a Sync message of {len} bytes is over this server's limit of {} bytes \
+                 (max_message_bytes)",
+                self.max_message
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// `first`, followed by the small frames already waiting behind it.
+    fn gather(&mut self, first: Bytes) -> Bytes {
+        if first.len() > GATHER {
+            return first;
+        }
+        let mut chunk: Option<bytes::BytesMut> = None;
+        while let Ok(next) = self.frames.try_recv() {
+            let next = match self.bytes(next) {
+                Ok(b) if chunk.as_ref().map_or(first.len(), |c| c.len()) + b.len() <= GATHER => b,
+                other => {
+                    self.held = Some(other.map(Frame::Shared));
+                    break;
+                }
+            };
+            chunk
+                .get_or_insert_with(|| {
+                    let mut c = bytes::BytesMut::with_capacity(GATHER);
+                    c.put_slice(&first);
+                    c
+                })
+                .put_slice(&next);
+        }
+        chunk.map_or(first, bytes::BytesMut::freeze)
+    }
+}
+
+impl Body for SyncBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let next = match self.held.take() {
+            Some(held) => Some(held),
+            None => ready!(self.frames.poll_recv(cx)),
+        };
+        let status = match next.map(|f| self.bytes(f)) {
+            Some(Ok(first)) => {
+                let chunk = self.gather(first);
+                return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+            }
+            Some(Err(status)) => status,
+            None => Status::new(Code::Ok, ""),
+        };
+        self.done = true;
+        // The session sees its stream gone at its next send.
+        self.frames.close();
+        let mut trailers = http::HeaderMap::new();
+        if let Err(bad) = status.add_header(&mut trailers) {
+            trailers.clear();
+            let _ = bad.add_header(&mut trailers);
+        }
+        Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 
@@ -100,19 +182,6 @@ impl tonic::server::NamedService for FeedRoutes {
     const NAME: &'static str = pb::feed_server::SERVICE_NAME;
 }
 
-struct SyncSvc(Origin);
-
-impl tonic::server::StreamingService<pb::SyncRequest> for SyncSvc {
-    type Response = Frame;
-    type ResponseStream = ReceiverStream<Result<Frame, Status>>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<pb::SyncRequest>>) -> Self::Future {
-        let origin = self.0.clone();
-        Box::pin(async move { origin.open_sync(request.into_inner()) })
-    }
-}
-
 impl<B> Service<http::Request<B>> for FeedRoutes
 where
     B: Body + Send + 'static,
@@ -130,13 +199,50 @@ where
         if req.uri().path() != SYNC_PATH {
             return self.rest.call(req);
         }
-        let method = SyncSvc(self.origin.clone());
-        let max = self.max_message;
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(FrameCodec)
-                .apply_max_message_size_config(Some(max), Some(max));
-            Ok(grpc.streaming(method, req).await)
-        })
+        let origin = self.origin.clone();
+        let max_message = self.max_message;
+        Box::pin(async move { Ok(sync(origin, req, max_message)) })
+    }
+}
+
+/// Answers one `Sync` call: its requests decoded by tonic, its frames sent by [`SyncBody`].
+fn sync<B>(
+    origin: Origin,
+    req: http::Request<B>,
+    max_message: usize,
+) -> http::Response<tonic::body::Body>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    if let Some(encoding) = req.headers().get("grpc-encoding") {
+        if encoding.as_bytes() != b"identity" {
+            return Status::unimplemented(format!(
+                "Sync requests compressed with '{}' are not supported: send them uncompressed",
+                String::from_utf8_lossy(encoding.as_bytes())
+            ))
+            .into_http();
+        }
+    }
+    let requests = Streaming::new_request(RequestDecoder, req.into_body(), None, Some(max_message));
+    match origin.open_sync(requests) {
+        Ok(frames) => {
+            let (metadata, frames, _) = frames.into_parts();
+            let body = SyncBody {
+                frames: frames.into_inner(),
+                held: None,
+                max_message,
+                done: false,
+            };
+            let mut resp = http::Response::new(tonic::body::Body::new(body));
+            *resp.headers_mut() = metadata.into_headers();
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            resp
+        }
+        Err(status) => status.into_http(),
     }
 }
 
@@ -145,7 +251,7 @@ where
 pub(crate) fn unshare(frame: Frame) -> Result<pb::SyncResponse, Status> {
     match frame {
         Frame::Msg(m) => Ok(m),
-        Frame::Shared(b) => pb::SyncResponse::decode(b)
+        Frame::Shared(b) => pb::SyncResponse::decode(b.slice(HEADER..))
             .map_err(|e| Status::internal(format!("re-decoding a shared feed message: {e}"))),
     }
 }
@@ -160,7 +266,8 @@ pub(crate) fn entry(key: &str, row: &super::Stored) -> pb::Entry {
 }
 
 /// Encodes a whole-topic snapshot chunk (`SyncResponse { snapshot: SnapshotChunk }`) straight
-/// from the origin's rows: the same bytes as building the message and `encode_to_vec`, without
+/// from the origin's rows, framed as one gRPC message ([`HEADER`], then the same bytes as
+/// building the message and `encode_to_vec`), without
 /// a `String` copy of every key and a reference-count round trip of every value. A million-key
 /// snapshot is encoded once per epoch and version, before its first chunk can go out.
 pub(crate) fn encode_snapshot_chunk(
@@ -219,7 +326,10 @@ pub(crate) fn encode_snapshot_chunk(
         + if last { 2 } else { 0 }
         + u64_len(5, total_entries);
     // SyncResponse { snapshot = 1 }
-    let mut buf = Vec::with_capacity(msg_len(1, chunk_len));
+    let message_len = msg_len(1, chunk_len);
+    let mut buf = Vec::with_capacity(HEADER + message_len);
+    buf.put_bytes(0, HEADER);
+    put_header(&mut buf, message_len);
     encode_key(1, WireType::LengthDelimited, &mut buf);
     encode_varint(chunk_len as u64, &mut buf);
     put_str(1, topic.as_bytes(), &mut buf);
@@ -282,7 +392,175 @@ mod tests {
                     total_entries: total,
                 })),
             };
-            prop_assert_eq!(direct, msg.encode_to_vec());
+            let encoded = msg.encode_to_vec();
+            prop_assert_eq!(&direct[HEADER..], &encoded[..]);
+            prop_assert_eq!(&direct[..HEADER], &framed(&msg)[..HEADER]);
+            prop_assert_eq!(u32::from_be_bytes(direct[1..HEADER].try_into().unwrap()) as usize, encoded.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use std::pin::Pin;
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use tokio::sync::mpsc;
+    use tonic::Status;
+
+    use super::*;
+
+    /// What a session may send: a shared frame (`len` payload bytes), a message built for the
+    /// stream, or the status that ends it.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Shared(usize),
+        Msg(u64),
+        Fail,
+    }
+
+    fn shared(len: usize, seed: u8) -> Bytes {
+        let payload: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+        let mut b = vec![0; HEADER];
+        put_header(&mut b, len);
+        b.extend(payload);
+        Bytes::from(b)
+    }
+
+    fn msg(version: u64) -> pb::SyncResponse {
+        pb::SyncResponse {
+            kind: Some(pb::sync_response::Kind::Progress(pb::Progress {
+                topic: "t".into(),
+                position: Some(pb::Position {
+                    epoch: "e".into(),
+                    version,
+                }),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// One poll of the body: `None` when it would wait.
+    async fn poll_one(
+        body: &mut SyncBody,
+    ) -> Option<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(f) => Poll::Ready(Some(f)),
+        })
+        .await
+    }
+
+    /// How many whole gRPC messages `chunk` holds (it must hold nothing else).
+    fn messages(chunk: &[u8]) -> usize {
+        let (mut at, mut n) = (0, 0);
+        while at < chunk.len() {
+            let len = u32::from_be_bytes(chunk[at + 1..at + HEADER].try_into().unwrap());
+            at += HEADER + len as usize;
+            n += 1;
+        }
+        assert_eq!(at, chunk.len(), "a chunk ends inside a message");
+        n
+    }
+
+    proptest! {
+        /// Oracle: the body's DATA chunks, concatenated, are the sent frames' wire bytes in
+        /// order up to the first failure or oversized frame; the trailers carry that status,
+        /// or OK; a gathered chunk never passes GATHER, and a frame over it goes alone. The
+        /// frames are queued in two rounds, with the body drained between them, so that
+        /// gathering stops both at an empty queue and in the middle of one.
+        #[test]
+        fn a_sync_body_sends_every_frame_in_order_and_ends_with_the_status(
+            steps in prop::collection::vec(
+                prop_oneof![
+                    6 => (0usize..3000).prop_map(Step::Shared),
+                    1 => (GATHER - 64..GATHER + 64).prop_map(Step::Shared),
+                    2 => any::<u64>().prop_map(Step::Msg),
+                    1 => Just(Step::Fail),
+                ],
+                0..60,
+            ),
+            split in 0usize..60,
+            max_message in prop_oneof![Just(usize::MAX), 1000usize..20_000],
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let (tx, rx) = mpsc::channel(64);
+                let mut body = SyncBody { frames: rx, held: None, max_message, done: false };
+                let mut want = Vec::new();
+                let mut want_status: Option<(tonic::Code, String)> = None;
+                let mut sent = Vec::new();
+                for (i, step) in steps.iter().enumerate() {
+                    let (frame, bytes) = match step {
+                        Step::Shared(len) => {
+                            let b = shared(*len, i as u8);
+                            (Ok(Frame::Shared(b.clone())), Some(b))
+                        }
+                        Step::Msg(v) => (Ok(Frame::Msg(msg(*v))), Some(framed(&msg(*v)))),
+                        Step::Fail => (Err(Status::aborted(format!("failure {i}"))), None),
+                    };
+                    sent.push(frame);
+                    if want_status.is_some() {
+                        continue;
+                    }
+                    match bytes {
+                        Some(b) if b.len() - HEADER <= max_message => want.extend_from_slice(&b),
+                        Some(_) => want_status = Some((tonic::Code::OutOfRange, "max_message_bytes".into())),
+                        None => want_status = Some((tonic::Code::Aborted, format!("failure {i}"))),
+                    }
+                }
+                let (want_code, want_text) = want_status.unwrap_or((tonic::Code::Ok, String::new()));
+                let split = split.min(sent.len());
+                let mut later = sent.split_off(split);
+                for f in sent {
+                    tx.send(f).await.unwrap();
+                }
+                let mut got = Vec::new();
+                let mut trailers = None;
+                // Round one: everything queued so far, until the body waits.
+                loop {
+                    match poll_one(&mut body).await {
+                        None => break,
+                        Some(Some(Ok(f))) => match f.into_data() {
+                            Ok(d) => {
+                                prop_assert!(messages(&d) == 1 || d.len() <= GATHER, "{} bytes", d.len());
+                                got.extend_from_slice(&d);
+                            }
+                            Err(f) => trailers = f.into_trailers().ok(),
+                        },
+                        Some(Some(Err(e))) => prop_assert!(false, "body error {e}"),
+                        Some(None) => break,
+                    }
+                    if trailers.is_some() {
+                        break;
+                    }
+                }
+                for f in later.drain(..) {
+                    // The body stops taking frames once it has ended.
+                    let _ = tx.send(f).await;
+                }
+                drop(tx);
+                while trailers.is_none() {
+                    match poll_one(&mut body).await {
+                        Some(Some(Ok(f))) => match f.into_data() {
+                            Ok(d) => {
+                                prop_assert!(messages(&d) == 1 || d.len() <= GATHER, "{} bytes", d.len());
+                                got.extend_from_slice(&d);
+                            }
+                            Err(f) => trailers = f.into_trailers().ok(),
+                        },
+                        other => prop_assert!(false, "the body ended without trailers: {other:?}"),
+                    }
+                }
+                prop_assert!(body.is_end_stream());
+                prop_assert_eq!(&got, &want);
+                let trailers = trailers.unwrap();
+                let status = Status::from_header_map(&trailers).expect("a grpc-status trailer");
+                prop_assert_eq!(status.code(), want_code);
+                prop_assert!(status.message().contains(&want_text), "{}", status.message());
+                Ok(())
+            })?;
         }
     }
 }
