@@ -815,15 +815,9 @@ async fn resumed_tails_of_several_topics_are_applied_as_one_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_reads_a_sync_stream_of_shared_chunks_and_batches() {
     use std::io::{BufRead, BufReader, Write};
-    let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let has_grpc = std::process::Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_grpc {
-        missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
+    let Some(python) = python_with_grpcio() else {
         return;
-    }
+    };
     let origin = TestOrigin::start(OriginConfig {
         snapshot_chunk_entries: 700,
         ..origin_config()

@@ -240,15 +240,9 @@ async fn after_reads_a_view_after_the_write_that_fed_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_publishes_and_reads_the_view_after_its_write() {
     use std::io::{BufRead, BufReader};
-    let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let has_grpc = std::process::Command::new(&python)
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_grpc {
-        missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
+    let Some(python) = python_with_grpcio() else {
         return;
-    }
+    };
     let run = within(tokio::task::spawn_blocking(move || {
         let mut demo = common::Kill(
             viewcar()

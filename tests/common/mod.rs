@@ -1046,6 +1046,21 @@ pub fn addr(v: &serde_json::Value, field: &str) -> SocketAddr {
 /// A test needs an outside program that is not installed: a skip on a developer's machine
 /// (`skipped: X not found`, on stderr so that it shows), a failure under CI (`CI` set), where
 /// `.ci/run` installs it and a skip would hide a test that never ran.
+/// The Python that has grpcio and grpcio-tools (`VIEWCAR_TEST_PYTHON`, as .ci/run sets, else
+/// `python3`), or `None` after saying it is missing (which fails under CI).
+pub fn python_with_grpcio() -> Option<String> {
+    let python = std::env::var("VIEWCAR_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let has_grpc = std::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpc {
+        missing("Python with grpcio and grpcio-tools (pip install grpcio grpcio-tools)");
+        return None;
+    }
+    Some(python)
+}
+
 pub fn missing(program: &str) {
     let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
     assert!(
