@@ -464,6 +464,42 @@ mod body_tests {
         n
     }
 
+    /// What makes a snapshot storm cost one copy: a shared chunk comes out of every stream's
+    /// body as the very bytes it went in as, not a copy of them; small ones are gathered.
+    #[tokio::test]
+    async fn a_shared_frame_goes_out_of_every_stream_uncopied() {
+        let chunk = shared(100_000, 7);
+        let small = shared(10, 1);
+        for _ in 0..2 {
+            let (tx, rx) = mpsc::channel(4);
+            let mut body = SyncBody {
+                frames: rx,
+                held: None,
+                max_message: usize::MAX,
+                done: false,
+            };
+            tx.send(Ok(Frame::Shared(chunk.clone()))).await.unwrap();
+            tx.send(Ok(Frame::Shared(small.clone()))).await.unwrap();
+            tx.send(Ok(Frame::Shared(small.clone()))).await.unwrap();
+            let data = |f: Option<Option<Result<http_body::Frame<Bytes>, Status>>>| {
+                f.flatten().unwrap().unwrap().into_data().unwrap()
+            };
+            let first = data(poll_one(&mut body).await);
+            assert_eq!(
+                first.as_ptr(),
+                chunk.as_ptr(),
+                "the shared chunk was copied"
+            );
+            assert_eq!(first.len(), chunk.len());
+            let second = data(poll_one(&mut body).await);
+            assert_eq!(
+                second.len(),
+                2 * small.len(),
+                "two small frames in one chunk"
+            );
+        }
+    }
+
     proptest! {
         /// Oracle: the body's DATA chunks, concatenated, are the sent frames' wire bytes in
         /// order up to the first failure or oversized frame; the trailers carry that status,
