@@ -28,7 +28,7 @@ pub(crate) const HEADER: usize = 5;
 
 fn put_header(buf: &mut [u8], len: usize) {
     buf[0] = 0;
-    // A message over u32::MAX bytes is over every max_message_bytes: SyncBody refuses it.
+    // A message the prefix cannot state is refused by SyncBody (`too_long`) before it is sent.
     let len = u32::try_from(len).unwrap_or(u32::MAX);
     buf[1..HEADER].copy_from_slice(&len.to_be_bytes());
 }
@@ -69,6 +69,12 @@ struct SyncBody {
     done: bool,
 }
 
+/// Whether a message of `len` bytes may not be sent: over `max_message_bytes` (which the
+/// config does not cap), or over what the 4-byte length of its prefix can state.
+fn too_long(len: usize, max_message: usize) -> bool {
+    len > max_message || u32::try_from(len).is_err()
+}
+
 /// Frames at most this long that are waiting together go out as one chunk.
 const GATHER: usize = 16 * 1024;
 
@@ -80,7 +86,7 @@ impl SyncBody {
             Frame::Msg(m) => framed(&m),
         };
         let len = bytes.len() - HEADER;
-        if len > self.max_message {
+        if too_long(len, self.max_message) {
             return Err(Status::out_of_range(format!(
                 "a Sync message of {len} bytes is over this server's limit of {} bytes \
                  (max_message_bytes)",
@@ -462,6 +468,17 @@ mod body_tests {
         }
         assert_eq!(at, chunk.len(), "a chunk ends inside a message");
         n
+    }
+
+    /// The edges of a message's length: up to the limit, and never past the prefix's 4 bytes
+    /// whatever the limit says.
+    #[test]
+    fn a_message_the_prefix_cannot_state_is_too_long_under_any_limit() {
+        let four_gib = u32::MAX as usize;
+        assert!(!too_long(1024, 1024));
+        assert!(too_long(1025, 1024));
+        assert!(!too_long(four_gib, usize::MAX));
+        assert!(too_long(four_gib + 1, usize::MAX));
     }
 
     /// What makes a snapshot storm cost one copy: a shared chunk comes out of every stream's
