@@ -952,15 +952,13 @@ impl pb::feed_server::Feed for FeedService {
         Box<dyn tokio_stream::Stream<Item = Result<pb::SyncResponse, Status>> + Send>,
     >;
 
-    /// Only reached when this service is served without [`FeedRoutes`] in front of it.
+    /// Never reached: this service is built only inside [`FeedRoutes`], which answers `Sync`
+    /// itself (with shared encodings) and hands it every other method.
     async fn sync(
         &self,
-        request: Request<tonic::Streaming<pb::SyncRequest>>,
+        _request: Request<tonic::Streaming<pb::SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        use tokio_stream::StreamExt;
-        let frames = self.origin.open_sync(request.into_inner())?.into_inner();
-        let stream = frames.map(|f| f.and_then(wire::unshare));
-        Ok(Response::new(Box::pin(stream)))
+        Err(Status::internal("Sync is answered by FeedRoutes, not FeedService"))
     }
 
     async fn fetch(

@@ -252,16 +252,6 @@ where
     }
 }
 
-/// Keeps the generated `Sync` of [`FeedService`] working for code that serves it directly:
-/// shared frames are decoded back into messages (correct, but without the shared encoding).
-pub(crate) fn unshare(frame: Frame) -> Result<pb::SyncResponse, Status> {
-    match frame {
-        Frame::Msg(m) => Ok(m),
-        Frame::Shared(b) => pb::SyncResponse::decode(b.slice(HEADER..))
-            .map_err(|e| Status::internal(format!("re-decoding a shared feed message: {e}"))),
-    }
-}
-
 /// One row as a snapshot entry message.
 pub(crate) fn entry(key: &str, row: &super::Stored) -> pb::Entry {
     pb::Entry {
