@@ -958,7 +958,9 @@ impl pb::feed_server::Feed for FeedService {
         &self,
         _request: Request<tonic::Streaming<pb::SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        Err(Status::internal("Sync is answered by FeedRoutes, not FeedService"))
+        Err(Status::internal(
+            "Sync is answered by FeedRoutes, not FeedService",
+        ))
     }
 
     async fn fetch(
