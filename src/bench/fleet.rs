@@ -121,17 +121,6 @@ struct Fleet {
     deliveries: AtomicU64,
     /// Publish -> arrival, microseconds, from a sample of the leaves.
     latency: Mutex<Histogram<u64>>,
-    /// The harness clock the published timestamps are taken on: one for the whole run, so
-    /// that a change published in an earlier row and delivered late in this one (a relay still
-    /// behind after a saturated row) counts with its real latency. With a clock per row its
-    /// timestamp read as in the future, and counted as 1 µs.
-    epoch: Instant,
-}
-
-/// The clock every row's timestamps are taken on.
-fn run_clock() -> Instant {
-    static CLOCK: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *CLOCK.get_or_init(Instant::now)
 }
 
 impl Fleet {
@@ -143,13 +132,17 @@ impl Fleet {
                 Histogram::new_with_bounds(1, 60_000_000, 3)
                     .map_err(|e| BenchError::setup(e.to_string()))?,
             ),
-            epoch: run_clock(),
         }))
     }
 }
 
-fn now_us(epoch: Instant) -> u64 {
-    epoch.elapsed().as_micros() as u64
+/// Microseconds on the harness clock the published timestamps are taken on: one for the
+/// whole run, so that a change published in an earlier row and delivered late in this one (a
+/// relay still behind after a saturated row) counts with its real latency. With a clock per
+/// row its timestamp read as in the future, and counted as 1 µs.
+fn now_us() -> u64 {
+    static CLOCK: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(Instant::now).elapsed().as_micros() as u64
 }
 
 /// What a leaf needs of a Sync message: whether it ends a snapshot, whether it is a change
@@ -195,53 +188,46 @@ fn each_field<'a>(mut b: &'a [u8], mut f: impl FnMut(u32, Val<'a>) -> bool) -> O
     Some(())
 }
 
+/// The first field numbered `num` of the message `b`.
+fn find(b: &[u8], num: u32) -> Option<Val<'_>> {
+    let mut found = None;
+    each_field(b, |n, v| {
+        if n == num {
+            found = Some(v);
+        }
+        found.is_none()
+    });
+    found
+}
+
 /// Reads a `SyncResponse` only as far as a leaf needs (no allocation): at 5,000 streams,
 /// decoding every batch whole was 43% of the harness's CPU, on the cores the relay under
-/// test runs on.
+/// test runs on. Field numbers: SyncResponse.snapshot = 1, .changes = 2; SnapshotChunk.last
+/// = 4; ChangeBatch.changes = 5; Change.value = 2.
 fn seen(msg: &[u8], timed: bool) -> Seen {
-    let mut out = Seen::Other;
-    each_field(msg, |num, val| {
-        match (num, val) {
-            // SyncResponse.snapshot = 1; SnapshotChunk.last = 4
-            (1, Val::Len(chunk)) => {
-                each_field(chunk, |n, v| {
-                    if let (4, Val::Varint(last)) = (n, v) {
-                        if last != 0 {
-                            out = Seen::Synced;
-                        }
-                    }
-                    true
-                });
-            }
-            // SyncResponse.changes = 2; ChangeBatch.changes = 5; Change.value = 2
-            (2, Val::Len(batch)) => {
-                let mut sent = None;
-                if timed {
-                    each_field(batch, |n, v| match (n, v) {
-                        (5, Val::Len(change)) => {
-                            let mut value: &[u8] = &[];
-                            each_field(change, |n, v| {
-                                if let (2, Val::Len(b)) = (n, v) {
-                                    value = b;
-                                }
-                                true
-                            });
-                            sent = std::str::from_utf8(value)
-                                .ok()
-                                .and_then(|v| v.split(',').next())
-                                .and_then(|v| v.parse::<u64>().ok());
-                            false
-                        }
-                        _ => true,
-                    });
-                }
-                out = Seen::Batch(sent);
-            }
-            _ => {}
+    match (find(msg, 1), find(msg, 2)) {
+        (Some(Val::Len(chunk)), _) => match find(chunk, 4) {
+            Some(Val::Varint(last)) if last != 0 => Seen::Synced,
+            _ => Seen::Other,
+        },
+        (_, Some(Val::Len(batch))) if timed => {
+            let value = match find(batch, 5) {
+                Some(Val::Len(change)) => match find(change, 2) {
+                    Some(Val::Len(v)) => v,
+                    _ => &[],
+                },
+                _ => &[],
+            };
+            Seen::Batch(
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.split(',').next())
+                    .and_then(|v| v.parse::<u64>().ok()),
+            )
         }
-        true
-    });
-    out
+        (_, Some(Val::Len(_))) => Seen::Batch(None),
+        _ => Seen::Other,
+    }
 }
 
 /// Encodes a leaf's `SyncRequest`s; decodes what it gets into [`Seen`].
@@ -319,7 +305,7 @@ async fn leaf(channel: Channel, fleet: Arc<Fleet>, timed: bool) {
             Seen::Batch(sent) => {
                 fleet.deliveries.fetch_add(1, Ordering::Relaxed);
                 if let Some(sent) = sent {
-                    let at = now_us(fleet.epoch);
+                    let at = now_us();
                     if let Ok(mut h) = fleet.latency.lock() {
                         let _ = h.record(at.saturating_sub(sent).max(1));
                     }
@@ -376,12 +362,7 @@ const PUBLISHES_IN_FLIGHT: usize = 64;
 
 /// Publishes one change per Publish at `rate` per second for `dur`, the value carrying the
 /// publish time; returns how many were published.
-async fn publish_for(
-    origin: &Channel,
-    epoch: Instant,
-    rate: u32,
-    dur: Duration,
-) -> Result<u64, BenchError> {
+async fn publish_for(origin: &Channel, rate: u32, dur: Duration) -> Result<u64, BenchError> {
     let client = pb::feed_client::FeedClient::new(origin.clone());
     let in_flight = Arc::new(tokio::sync::Semaphore::new(PUBLISHES_IN_FLIGHT));
     let failed = Arc::new(Mutex::new(None::<String>));
@@ -402,7 +383,7 @@ async fn publish_for(
                 .acquire_owned()
                 .await
                 .map_err(|e| BenchError::setup(e.to_string()))?;
-            let value = format!("{},{:0>64}", now_us(epoch), n);
+            let value = format!("{},{:0>64}", now_us(), n);
             let req = pb::PublishRequest {
                 topic: "t".to_string(),
                 changes: vec![pb::Change {
@@ -456,7 +437,7 @@ async fn one_run(
     let tasks = start_leaves(addr, streams, &fleet)?;
     wait_synced(&fleet, streams, Duration::from_secs(120)).await?;
     // Warm-up at the run's rate, then the measured window.
-    publish_for(&origin.1, fleet.epoch, rate, ctx.warmup()).await?;
+    publish_for(&origin.1, rate, ctx.warmup()).await?;
     if let Ok(mut h) = fleet.latency.lock() {
         h.reset();
     }
@@ -466,13 +447,7 @@ async fn one_run(
         relay.map_or(0.0, |r| cpu_secs(r.proc.pid())),
     );
     let start = Instant::now();
-    let published = publish_for(
-        &origin.1,
-        fleet.epoch,
-        rate,
-        ctx.run_for(Duration::from_secs(5)),
-    )
-    .await?;
+    let published = publish_for(&origin.1, rate, ctx.run_for(Duration::from_secs(5))).await?;
     let secs = start.elapsed().as_secs_f64();
     let (o1, r1) = (
         cpu_secs(origin.0.proc.pid()),
