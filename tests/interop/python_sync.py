@@ -39,12 +39,19 @@ def pending():
 
 
 responses = feed.Sync(pending(), timeout=60)
+
+
+def updates():
+    """The stream's messages other than Progress (sent on idle topics at any time)."""
+    for resp in responses:
+        if resp.WhichOneof("kind") != "progress":
+            yield resp
+
+
+updates = updates()
 entries, chunks, position = {}, 0, None
-for resp in responses:
-    kind = resp.WhichOneof("kind")
-    if kind == "progress":
-        continue
-    assert kind == "snapshot", resp
+for resp in updates:
+    assert resp.WhichOneof("kind") == "snapshot", resp
     chunk = resp.snapshot
     assert chunk.topic == topic, chunk.topic
     assert chunk.total_entries == rows, chunk.total_entries
@@ -60,11 +67,8 @@ print(f"synced {len(entries)} in {chunks} chunks", flush=True)
 line = sys.stdin.readline().split()
 assert line[0] == "published", line
 key = line[1]
-for resp in responses:
-    kind = resp.WhichOneof("kind")
-    if kind == "progress":
-        continue
-    assert kind == "changes", resp
+for resp in updates:
+    assert resp.WhichOneof("kind") == "changes", resp
     batch = resp.changes
     assert batch.epoch == position[0] and batch.prev_version >= position[1], (batch, position)
     if any(c.key == key for c in batch.changes):
@@ -73,7 +77,7 @@ print("changed", key, flush=True)
 
 # Ending the requests ends the stream: the server closes it with status OK in the trailers.
 requests.put(None)
-rest = [r for r in responses if r.WhichOneof("kind") != "progress"]
+rest = list(updates)
 assert responses.code() == grpc.StatusCode.OK, (responses.code(), responses.details(), rest)
 
 # A compressed request is refused, with a status that says what to do instead.
