@@ -211,6 +211,7 @@ async fn a_leaf_listing_two_relays_continues_on_the_other_without_a_snapshot() {
         origin.origin.publish("t", vec![put("a", "1")]).unwrap();
         let a = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
         let b = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
+        b.synced().await;
         let mut cfg = sidecar_config(&feed_url(&a), &["t"]);
         cfg.origins[0].fallback = vec![feed_url(&b)];
         let leaf = start_sidecar(cfg).await;
@@ -307,7 +308,10 @@ async fn a_leaf_on_a_relay_cut_off_from_the_origin_moves_to_a_live_one_after_its
         let proxy = Proxy::start(origin.addr).await;
         let a = start_sidecar(relay_config(&[format!("http://{}", proxy.addr)], &["t"])).await;
         let b = start_sidecar(relay_config(&[origin.url()], &["t"])).await;
+        // b holds the leaf's position before the origin moves on: a relay whose first
+        // snapshot is newer than a leaf's position has to send that leaf a snapshot.
         a.synced().await;
+        b.synced().await;
         let mut cfg = sidecar_config(&feed_url(&a), &["t"]);
         cfg.origins[0].fallback = vec![feed_url(&b)];
         cfg.feed.idle_timeout = Dur(Duration::from_millis(500));
