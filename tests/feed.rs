@@ -490,6 +490,49 @@ async fn closed_streams_reconnect_and_resume() {
     .await
 }
 
+/// A stream whose connection is cut mid-stream leaves the origin at once: its interest in its
+/// keys and its stream slot are released without waiting for a send to fail (the Progress
+/// interval here is an hour, and nothing is published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_off_mid_stream_leaves_its_topics_at_once() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            progress_interval: viewcar::config::Dur(std::time::Duration::from_secs(3600)),
+            ..origin_config()
+        })
+        .await;
+        origin
+            .origin
+            .publish("items", vec![put("k0", "v")])
+            .unwrap();
+        let proxy = Proxy::start(origin.addr).await;
+        let mut raw = feed_client(proxy.addr).await;
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(subscribe("items", &["k0"], None)).await.unwrap();
+        let mut stream = raw
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().expect("keyed snapshot");
+        assert!(matches!(
+            first.kind,
+            Some(feed::sync_response::Kind::Snapshot(_))
+        ));
+        assert!(origin.origin.is_key_subscribed("items", "k0"));
+        assert_eq!(origin.origin.open_streams(), 1);
+
+        // The client keeps its request half open; only the connection goes.
+        proxy.cut();
+        eventually("the cut stream left its topic and its slot", || {
+            !origin.origin.is_key_subscribed("items", "k0") && origin.origin.open_streams() == 0
+        })
+        .await;
+        drop(tx);
+    })
+    .await
+}
+
 /// Keys are small; what they pull in is not: a keyed interest is bounded by the bytes it names
 /// (keys and their values), first subscribe and later additions alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

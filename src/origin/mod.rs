@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -835,11 +834,12 @@ impl Origin {
         FeedRoutes::new(self.clone(), self.inner.cfg.max_message_bytes.as_usize())
     }
 
-    /// Admits a `Sync` stream (within `max_streams`) and runs its session on a task.
+    /// Admits a `Sync` stream (within `max_streams`): the frames its session will send, and
+    /// the session, for the stream's response body to run (it holds the stream's permit).
     pub(crate) fn open_sync(
         &self,
         requests: tonic::Streaming<pb::SyncRequest>,
-    ) -> Result<Response<ReceiverStream<Result<session::Frame, Status>>>, Status> {
+    ) -> Result<(session::Frames, session::Running), Status> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::Acquire) {
             return Err(Status::unavailable("origin is shutting down"));
@@ -857,11 +857,11 @@ impl Origin {
         })?;
         let (tx, rx) = tokio::sync::mpsc::channel(inner.cfg.stream_send_buffer);
         let origin = self.clone();
-        tokio::spawn(async move {
+        let running = Box::pin(async move {
             session::run(origin, requests, tx).await;
             drop(permit);
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok((rx, running))
     }
 
     /// Ends every open stream now; sidecars see the feed drop, reconnect and resume. New

@@ -28,6 +28,14 @@ pub(crate) enum Frame {
 
 pub(crate) type Out = mpsc::Sender<Result<Frame, Status>>;
 
+/// What a stream's response body reads the session's frames from.
+pub(crate) type Frames = mpsc::Receiver<Result<Frame, Status>>;
+
+/// A session, run by polling it: not on a task of its own, but inside its stream's response
+/// body (`wire::SyncBody`), so that a batch offered to the stream wakes the one task that also
+/// hands the frame to HTTP/2. Dropping it ends the session.
+pub(crate) type Running = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The whole-topic snapshot of one position, encoded into chunks as the first stream to reach
 /// each chunk needs it; every other stream at that position sends the same chunks. Held by the
 /// topic until its version moves, and by each stream while it sends them.
@@ -253,12 +261,20 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
     if let End::Refused(status) = end {
         let _ = s.out.send(Err(status)).await;
     }
-    for (_, st) in s.topics.drain() {
-        let mut ts = st.topic.lock();
-        ts.interests.remove(&id);
-        release_shared_snapshot(&mut ts);
+}
+
+/// The stream's interests leave its topics when the session ends, and also when its future is
+/// dropped unfinished: the session runs inside its stream's response body, which HTTP/2 drops
+/// when the stream is reset or its connection goes away.
+impl Drop for Session {
+    fn drop(&mut self) {
+        for (_, st) in self.topics.drain() {
+            let mut ts = st.topic.lock();
+            ts.interests.remove(&self.id);
+            release_shared_snapshot(&mut ts);
+        }
+        debug!(session = self.id, "sync stream closed");
     }
-    debug!(session = id, "sync stream closed");
 }
 
 impl Session {

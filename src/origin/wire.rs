@@ -17,7 +17,7 @@ use tonic::codec::{DecodeBuf, Decoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::{Code, Status, Streaming};
 
-use super::session::Frame;
+use super::session::{self, Frame};
 use super::{FeedService, Origin};
 use crate::pb::feed::v1 as pb;
 
@@ -61,8 +61,16 @@ impl Decoder for RequestDecoder {
 /// DATA chunk (a shared frame by reference), and the stream's end or error as the trailers.
 /// Small frames already waiting are sent together in one chunk, as tonic's encoder did: one
 /// HTTP/2 frame and one copy instead of a frame each.
+///
+/// The body also runs the session: HTTP/2 polls it on the stream's task, and the body polls the
+/// session whenever it has no frame to give. A change offered to the stream thus wakes one task,
+/// where a session on a task of its own woke that task and then, with the frame it queued,
+/// the stream's (one hop and one wakeup less per delivery, a relay's cost). Dropping the body
+/// (a reset stream, a closed connection) drops the session, which leaves its topics at once.
 struct SyncBody {
-    frames: mpsc::Receiver<Result<Frame, Status>>,
+    frames: session::Frames,
+    /// The session sending `frames`, until it ends. `None` for frames sent from elsewhere.
+    session: Option<session::Running>,
     /// A frame taken while gathering small ones that did not join them: the next to send.
     held: Option<Result<Frame, Status>>,
     max_message: usize,
@@ -94,6 +102,32 @@ impl SyncBody {
             )));
         }
         Ok(bytes)
+    }
+
+    /// The next frame: one waiting, else whatever running the session makes; `None` once every
+    /// frame is taken and the session has ended.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Status>>> {
+        if let Some(held) = self.held.take() {
+            return Poll::Ready(Some(held));
+        }
+        if let Ok(frame) = self.frames.try_recv() {
+            return Poll::Ready(Some(frame));
+        }
+        let Some(running) = self.session.as_mut() else {
+            return self.frames.poll_recv(cx);
+        };
+        if running.as_mut().poll(cx).is_ready() {
+            self.session = None;
+        }
+        // The session only sends while it is polled here, so an empty queue with the session
+        // still running waits for what the session waits on (its wakers are registered).
+        match self.frames.try_recv() {
+            Ok(frame) => Poll::Ready(Some(frame)),
+            Err(mpsc::error::TryRecvError::Disconnected) => Poll::Ready(None),
+            Err(mpsc::error::TryRecvError::Empty) if self.session.is_some() => Poll::Pending,
+            // Ended, its sender not yet dropped: not reached (the sender is the session's).
+            Err(mpsc::error::TryRecvError::Empty) => self.frames.poll_recv(cx),
+        }
     }
 
     /// `first`, followed by the small frames already waiting behind it.
@@ -133,10 +167,7 @@ impl Body for SyncBody {
         if self.done {
             return Poll::Ready(None);
         }
-        let next = match self.held.take() {
-            Some(held) => Some(held),
-            None => ready!(self.frames.poll_recv(cx)),
-        };
+        let next = ready!(self.poll_next(cx));
         let status = match next.map(|f| self.bytes(f)) {
             Some(Ok(first)) => {
                 let chunk = self.gather(first);
@@ -146,7 +177,8 @@ impl Body for SyncBody {
             None => Status::new(Code::Ok, ""),
         };
         self.done = true;
-        // The session sees its stream gone at its next send.
+        // A session still running (its frame was refused as too long) ends here.
+        self.session = None;
         self.frames.close();
         let mut trailers = http::HeaderMap::new();
         if let Err(bad) = status.add_header(&mut trailers) {
@@ -232,16 +264,15 @@ where
     }
     let requests = Streaming::new_request(RequestDecoder, req.into_body(), None, Some(max_message));
     match origin.open_sync(requests) {
-        Ok(frames) => {
-            let (metadata, frames, _) = frames.into_parts();
+        Ok((frames, running)) => {
             let body = SyncBody {
-                frames: frames.into_inner(),
+                frames,
+                session: Some(running),
                 held: None,
                 max_message,
                 done: false,
             };
             let mut resp = http::Response::new(tonic::body::Body::new(body));
-            *resp.headers_mut() = metadata.into_headers();
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),
@@ -481,6 +512,7 @@ mod body_tests {
             let (tx, rx) = mpsc::channel(4);
             let mut body = SyncBody {
                 frames: rx,
+                session: None,
                 held: None,
                 max_message: usize::MAX,
                 done: false,
@@ -530,7 +562,7 @@ mod body_tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let (tx, rx) = mpsc::channel(64);
-                let mut body = SyncBody { frames: rx, held: None, max_message, done: false };
+                let mut body = SyncBody { frames: rx, session: None, held: None, max_message, done: false };
                 let mut want = Vec::new();
                 let mut want_status: Option<(tonic::Code, String)> = None;
                 let mut sent = Vec::new();
