@@ -518,6 +518,9 @@ async fn batch_get_never_sees_half_a_publish(t: Transport) {
         let origin = TestOrigin::start(origin_config()).await;
         origin.origin.publish("t", batch(0)).unwrap();
         let (sidecar, _socket) = start_over(t, sidecar_config(&origin.url(), &["t"])).await;
+        // Synced before the publishes: a first snapshot taken after all of them would show
+        // one version only.
+        sidecar.synced().await;
         let mut c = cache_client(&sidecar).await;
         let request = cache::BatchGetRequest {
             keys: keys

@@ -798,6 +798,9 @@ async fn resumed_tails_of_several_topics_are_applied_as_one_step() {
         };
         wait_position(&a, "e1", 1).await;
         wait_position(&b, "e1", 1).await;
+        // Connected now: the barrier holds a's half for a bounded time (1 s from the new
+        // stream), which the checks below must not spend on a connect.
+        let mut client = cache_client(&sidecar).await;
         // The stream fails; the sidecar comes back resuming both topics.
         s.out
             .send(Err(tonic::Status::unavailable("cut")))
@@ -821,7 +824,6 @@ async fn resumed_tails_of_several_topics_are_applied_as_one_step() {
         s.batch("a", "e1", 1, 5, &[("k", Some("5"))]).await;
         s.send(progress("a")).await;
         // Half the transaction is not visible: a read waiting for a's version 5 waits on.
-        let mut client = cache_client(&sidecar).await;
         let get = client.get(cache::GetRequest {
             source: "a".into(),
             key: "k".into(),
@@ -833,7 +835,7 @@ async fn resumed_tails_of_several_topics_are_applied_as_one_step() {
         });
         tokio::pin!(get);
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(300), &mut get)
+            tokio::time::timeout(std::time::Duration::from_millis(150), &mut get)
                 .await
                 .is_err(),
             "a's half of the transaction was visible before b's tail"

@@ -622,6 +622,8 @@ async fn idle_rows_and_keys_expire_and_are_unsubscribed() {
         let sidecar = start_sidecar(cfg).await;
         put_p1(&origin, Some(json!({"amount": 5})));
         let mut client = cache_client(&sidecar).await;
+        // Idle is counted from the read at the latest, so a lower bound from here holds.
+        let start = tokio::time::Instant::now();
         assert!(row(&mut client, "p1").await.is_some());
         let rows = source(&sidecar, "page").view_cache().expect("view").clone();
         let products = source(&sidecar, "products")
@@ -632,10 +634,13 @@ async fn idle_rows_and_keys_expire_and_are_unsubscribed() {
         sidecar.store().settle().await;
         assert_eq!(rows.resident_keys(), 1);
         assert!(products.pinned_count() >= 1, "the row pins its inputs");
-        assert!(origin.origin.is_key_subscribed("products", "p1"));
+        // The Subscribe travels on the Sync stream and may land just after the read.
+        eventually("the origin has the key's subscription", || {
+            origin.origin.is_key_subscribed("products", "p1")
+        })
+        .await;
 
         // Nobody reads: the row goes after `idle`, then its inputs, and the origin is told.
-        let start = tokio::time::Instant::now();
         loop {
             let gone = rows.resident_keys() == 0
                 && products.pinned_count() == 0

@@ -130,6 +130,9 @@ pub fn sidecar_config(address: &str, topics: &[&str]) -> SidecarConfig {
     cfg.feed.backoff_initial = Dur(Duration::from_millis(10));
     cfg.feed.backoff_max = Dur(Duration::from_millis(100));
     cfg.feed.connect_timeout = Dur(Duration::from_secs(2));
+    // The first address is dialled first whatever $HOSTNAME says where the tests run (an
+    // empty name spreads nothing): failover tests depend on which relay a leaf starts on.
+    cfg.feed.instance = Some(String::new());
     cfg.origins = vec![full_origin(address, topics)];
     cfg
 }
