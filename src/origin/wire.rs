@@ -8,9 +8,12 @@
 //! taken here, with the same message size limit. Compression is not built in, as for the rest.
 
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Wake, Waker};
 
 use bytes::{BufMut, Bytes};
+use futures_util::task::AtomicWaker;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::codec::{DecodeBuf, Decoder};
@@ -70,11 +73,65 @@ impl Decoder for RequestDecoder {
 struct SyncBody {
     frames: session::Frames,
     /// The session sending `frames`, until it ends. `None` for frames sent from elsewhere.
-    session: Option<session::Running>,
+    session: Option<Running>,
     /// A frame taken while gathering small ones that did not join them: the next to send.
     held: Option<Result<Frame, Status>>,
     max_message: usize,
     done: bool,
+}
+
+/// A session and the waker it is polled with, which records that something the session waits
+/// on is ready: the body polls the session only then. HTTP/2 polls the body again after every
+/// frame it takes, and polling a session nothing woke polls everything it waits on (the
+/// stream's request half, under its connection's lock, among them) to learn it has nothing.
+pub(crate) struct Running {
+    session: session::Running,
+    wake: Arc<SessionWake>,
+    waker: Waker,
+}
+
+struct SessionWake {
+    woken: AtomicBool,
+    /// The stream's task, which polls the body.
+    task: AtomicWaker,
+}
+
+impl Wake for SessionWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Running {
+    pub(crate) fn new(session: session::Running) -> Self {
+        // Woken to begin with: the first poll starts the session.
+        let wake = Arc::new(SessionWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Running {
+            session,
+            waker: Waker::from(wake.clone()),
+            wake,
+        }
+    }
+
+    /// Polls the session if it was woken since its last poll; `cx`'s task is woken when it is.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the flag is read: a wake in between wakes the task.
+        self.wake.task.register(cx.waker());
+        if !self.wake.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        self.session
+            .as_mut()
+            .poll(&mut Context::from_waker(&self.waker))
+    }
 }
 
 /// Whether a message of `len` bytes may not be sent: over `max_message_bytes` (which the
@@ -116,7 +173,7 @@ impl SyncBody {
         let Some(running) = self.session.as_mut() else {
             return self.frames.poll_recv(cx);
         };
-        if running.as_mut().poll(cx).is_ready() {
+        if running.poll(cx).is_ready() {
             self.session = None;
         }
         // The session only sends while it is polled here, so an empty queue with the session
@@ -267,7 +324,7 @@ where
         Ok((frames, running)) => {
             let body = SyncBody {
                 frames,
-                session: Some(running),
+                session: Some(Running::new(running)),
                 held: None,
                 max_message,
                 done: false,
@@ -500,6 +557,55 @@ mod body_tests {
         assert!(too_long(1025, 1024));
         assert!(!too_long(four_gib, usize::MAX));
         assert!(too_long(four_gib + 1, usize::MAX));
+    }
+
+    /// The session is polled when something it waits on woke it, not each time HTTP/2 polls the
+    /// body; and no wakeup is lost: what the session can send once woken comes out at the
+    /// body's next poll, and its end ends the body with OK.
+    #[tokio::test]
+    async fn the_session_is_polled_only_when_woken() {
+        use std::sync::atomic::AtomicUsize;
+        let (tx, rx) = mpsc::channel(64);
+        let (items_tx, mut items_rx) = mpsc::channel::<u8>(64);
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let session = Box::pin(std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            loop {
+                match items_rx.poll_recv(cx) {
+                    Poll::Ready(Some(i)) => tx.try_send(Ok(Frame::Shared(shared(10, i)))).unwrap(),
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }));
+        let mut body = SyncBody {
+            frames: rx,
+            session: Some(Running::new(session)),
+            held: None,
+            max_message: usize::MAX,
+            done: false,
+        };
+        for _ in 0..10 {
+            assert!(poll_one(&mut body).await.is_none(), "nothing to send yet");
+        }
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            1,
+            "polled without being woken"
+        );
+        for i in 0..5u8 {
+            items_tx.send(i).await.unwrap();
+            let got = poll_one(&mut body).await.flatten().unwrap().unwrap();
+            assert_eq!(got.into_data().unwrap(), shared(10, i), "item {i}");
+            assert!(poll_one(&mut body).await.is_none());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 6, "one poll per wake");
+        drop(items_tx);
+        let end = poll_one(&mut body).await.flatten().unwrap().unwrap();
+        let trailers = end.into_trailers().expect("the stream's end");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert!(poll_one(&mut body).await.flatten().is_none(), "ended");
     }
 
     /// What makes a snapshot storm cost one copy: a shared chunk comes out of every stream's
