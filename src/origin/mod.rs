@@ -9,6 +9,7 @@
 //! is full is marked lagged for that topic and caught up later with `Reset` + snapshot.
 
 mod durable;
+mod gate;
 mod mirror;
 pub mod postgres;
 mod seed;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::Stream;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{debug, warn};
@@ -238,15 +239,20 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
         topics: HashMap::new(),
     };
     debug!(session = id, "sync stream opened");
+    // The leaf's requests are read under its connection's lock: polled only when they woke
+    // the session, not at every batch it is woken for.
+    let requests_gate = super::gate::Gate::new();
     let end = loop {
         let step = tokio::select! {
             biased;
             _ = cut.changed() => Err(End::Refused(Status::unavailable("origin closed the stream; reconnect and resume"))),
             _ = queue.wake.notified() => s.catch_up_lagged().await,
-            req = requests.message() => match req {
-                Ok(Some(r)) => s.handle(r).await,
-                Ok(None) => Err(End::Gone),
-                Err(e) => {
+            req = std::future::poll_fn(|cx| {
+                requests_gate.poll(cx, |cx| std::pin::Pin::new(&mut requests).poll_next(cx))
+            }) => match req {
+                Some(Ok(r)) => s.handle(r).await,
+                None => Err(End::Gone),
+                Some(Err(e)) => {
                     debug!(session = id, error = %e, "sync request stream failed");
                     Err(End::Gone)
                 }

@@ -8,18 +8,16 @@
 //! taken here, with the same message size limit. Compression is not built in, as for the rest.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{ready, Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll};
 
 use bytes::{BufMut, Bytes};
-use futures_util::task::AtomicWaker;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::codec::{DecodeBuf, Decoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::{Code, Status, Streaming};
 
+use super::gate::Gate;
 use super::session::{self, Frame};
 use super::{FeedService, Origin};
 use crate::pb::feed::v1 as pb;
@@ -80,57 +78,26 @@ struct SyncBody {
     done: bool,
 }
 
-/// A session and the waker it is polled with, which records that something the session waits
-/// on is ready: the body polls the session only then. HTTP/2 polls the body again after every
-/// frame it takes, and polling a session nothing woke polls everything it waits on (the
-/// stream's request half, under its connection's lock, among them) to learn it has nothing.
+/// A session and the gate it is polled through: the body polls the session only when
+/// something the session waits on woke it. HTTP/2 polls the body again after every frame it
+/// takes, and polling a session nothing woke polls everything it waits on (the stream's
+/// request half, under its connection's lock, among them) to learn it has nothing.
 pub(crate) struct Running {
     session: session::Running,
-    wake: Arc<SessionWake>,
-    waker: Waker,
-}
-
-struct SessionWake {
-    woken: AtomicBool,
-    /// The stream's task, which polls the body.
-    task: AtomicWaker,
-}
-
-impl Wake for SessionWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
+    gate: Gate,
 }
 
 impl Running {
     pub(crate) fn new(session: session::Running) -> Self {
-        // Woken to begin with: the first poll starts the session.
-        let wake = Arc::new(SessionWake {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
         Running {
             session,
-            waker: Waker::from(wake.clone()),
-            wake,
+            gate: Gate::new(),
         }
     }
 
-    /// Polls the session if it was woken since its last poll; `cx`'s task is woken when it is.
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        // Registered before the flag is read: a wake in between wakes the task.
-        self.wake.task.register(cx.waker());
-        if !self.wake.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        self.session
-            .as_mut()
-            .poll(&mut Context::from_waker(&self.waker))
+        let session = &mut self.session;
+        self.gate.poll(cx, |cx| session.as_mut().poll(cx))
     }
 }
 
@@ -564,7 +531,8 @@ mod body_tests {
     /// body's next poll, and its end ends the body with OK.
     #[tokio::test]
     async fn the_session_is_polled_only_when_woken() {
-        use std::sync::atomic::AtomicUsize;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
         let (tx, rx) = mpsc::channel(64);
         let (items_tx, mut items_rx) = mpsc::channel::<u8>(64);
         let polls = Arc::new(AtomicUsize::new(0));
