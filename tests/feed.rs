@@ -25,6 +25,32 @@ fn subscribe(topic: &str, keys: &[&str], resume: Option<feed::Position>) -> feed
     }
 }
 
+/// A Sync stream on `raw` subscribed to `keys` of `topic`, its first message (the keyed
+/// snapshot) read: the request sender (the stream's request half stays open while it lives)
+/// and the rest of the stream.
+async fn open_keyed(
+    raw: &mut feed::feed_client::FeedClient<tonic::transport::Channel>,
+    topic: &str,
+    keys: &[&str],
+) -> (
+    mpsc::Sender<feed::SyncRequest>,
+    tonic::Streaming<feed::SyncResponse>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(subscribe(topic, keys, None)).await.unwrap();
+    let mut stream = raw
+        .sync(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("keyed snapshot");
+    assert!(matches!(
+        first.kind,
+        Some(feed::sync_response::Kind::Snapshot(_))
+    ));
+    (tx, stream)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_arrives_in_chunks_then_changes_and_deletes() {
     within(async {
@@ -507,18 +533,7 @@ async fn a_stream_cut_off_mid_stream_leaves_its_topics_at_once() {
             .unwrap();
         let proxy = Proxy::start(origin.addr).await;
         let mut raw = feed_client(proxy.addr).await;
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(subscribe("items", &["k0"], None)).await.unwrap();
-        let mut stream = raw
-            .sync(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = stream.message().await.unwrap().expect("keyed snapshot");
-        assert!(matches!(
-            first.kind,
-            Some(feed::sync_response::Kind::Snapshot(_))
-        ));
+        let (tx, _stream) = open_keyed(&mut raw, "items", &["k0"]).await;
         assert!(origin.origin.is_key_subscribed("items", "k0"));
         assert_eq!(origin.origin.open_streams(), 1);
 
@@ -566,20 +581,7 @@ async fn a_keyed_interest_past_max_subscribed_bytes_ends_the_stream() {
         );
 
         // Within the bound, then past it by adding keys (absent keys count their names only).
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(subscribe("items", &["k0", "k1", "absent"], None))
-            .await
-            .unwrap();
-        let mut stream = raw
-            .sync(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = stream.message().await.unwrap().expect("keyed snapshot");
-        assert!(matches!(
-            first.kind,
-            Some(feed::sync_response::Kind::Snapshot(_))
-        ));
+        let (tx, mut stream) = open_keyed(&mut raw, "items", &["k0", "k1", "absent"]).await;
         tx.send(subscribe("items", &["k1", "k2"], None))
             .await
             .unwrap();
