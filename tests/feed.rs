@@ -608,20 +608,7 @@ async fn a_keyed_interest_past_max_subscribed_keys_ends_the_stream() {
             .publish("items", vec![put("a", "1"), put("b", "2")])
             .unwrap();
         let mut raw = origin.feed_client().await;
-        let (tx, rx) = mpsc::channel(4);
-        tx.send(subscribe("items", &["a", "b"], None))
-            .await
-            .unwrap();
-        let mut stream = raw
-            .sync(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = stream.message().await.unwrap().expect("keyed snapshot");
-        assert!(matches!(
-            first.kind,
-            Some(feed::sync_response::Kind::Snapshot(_))
-        ));
+        let (tx, mut stream) = open_keyed(&mut raw, "items", &["a", "b"]).await;
         // Two keys already subscribed ("b" again does not count twice): 4 > 3.
         tx.send(subscribe("items", &["b", "c", "d"], None))
             .await
