@@ -12,7 +12,6 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{BufMut, Bytes};
 use prost::Message;
-use tokio::sync::mpsc;
 use tonic::codec::{DecodeBuf, Decoder};
 use tonic::codegen::{http, Body, BoxFuture, Service, StdError};
 use tonic::{Code, Status, Streaming};
@@ -71,34 +70,16 @@ impl Decoder for RequestDecoder {
 struct SyncBody {
     frames: session::Frames,
     /// The session sending `frames`, until it ends. `None` for frames sent from elsewhere.
-    session: Option<Running>,
+    session: Option<session::Running>,
+    /// What the session is polled through: only when something it waits on woke it. HTTP/2
+    /// polls the body again after every frame it takes, and polling a session nothing woke
+    /// polls everything it waits on (the stream's request half, under its connection's lock,
+    /// among them) to learn it has nothing.
+    gate: Gate,
     /// A frame taken while gathering small ones that did not join them: the next to send.
     held: Option<Result<Frame, Status>>,
     max_message: usize,
     done: bool,
-}
-
-/// A session and the gate it is polled through: the body polls the session only when
-/// something the session waits on woke it. HTTP/2 polls the body again after every frame it
-/// takes, and polling a session nothing woke polls everything it waits on (the stream's
-/// request half, under its connection's lock, among them) to learn it has nothing.
-pub(crate) struct Running {
-    session: session::Running,
-    gate: Gate,
-}
-
-impl Running {
-    pub(crate) fn new(session: session::Running) -> Self {
-        Running {
-            session,
-            gate: Gate::new(),
-        }
-    }
-
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let session = &mut self.session;
-        self.gate.poll(cx, |cx| session.as_mut().poll(cx))
-    }
 }
 
 /// Whether a message of `len` bytes may not be sent: over `max_message_bytes` (which the
@@ -129,7 +110,7 @@ impl SyncBody {
     }
 
     /// The next frame: one waiting, else whatever running the session makes; `None` once every
-    /// frame is taken and the session has ended.
+    /// frame is taken and the session has ended (its sender ends with it).
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame, Status>>> {
         if let Some(held) = self.held.take() {
             return Poll::Ready(Some(held));
@@ -137,21 +118,22 @@ impl SyncBody {
         if let Ok(frame) = self.frames.try_recv() {
             return Poll::Ready(Some(frame));
         }
-        let Some(running) = self.session.as_mut() else {
-            return self.frames.poll_recv(cx);
-        };
-        if running.poll(cx).is_ready() {
+        if let Some(session) = self.session.as_mut() {
+            if self
+                .gate
+                .poll(cx, |cx| session.as_mut().poll(cx))
+                .is_pending()
+            {
+                // The session sends only while it is polled here: with nothing queued, the
+                // body waits on what the session waits on.
+                return match self.frames.try_recv() {
+                    Ok(frame) => Poll::Ready(Some(frame)),
+                    Err(_) => Poll::Pending,
+                };
+            }
             self.session = None;
         }
-        // The session only sends while it is polled here, so an empty queue with the session
-        // still running waits for what the session waits on (its wakers are registered).
-        match self.frames.try_recv() {
-            Ok(frame) => Poll::Ready(Some(frame)),
-            Err(mpsc::error::TryRecvError::Disconnected) => Poll::Ready(None),
-            Err(mpsc::error::TryRecvError::Empty) if self.session.is_some() => Poll::Pending,
-            // Ended, its sender not yet dropped: not reached (the sender is the session's).
-            Err(mpsc::error::TryRecvError::Empty) => self.frames.poll_recv(cx),
-        }
+        self.frames.poll_recv(cx)
     }
 
     /// `first`, followed by the small frames already waiting behind it.
@@ -291,7 +273,8 @@ where
         Ok((frames, running)) => {
             let body = SyncBody {
                 frames,
-                session: Some(Running::new(running)),
+                session: Some(running),
+                gate: Gate::new(),
                 held: None,
                 max_message,
                 done: false,
@@ -549,7 +532,8 @@ mod body_tests {
         }));
         let mut body = SyncBody {
             frames: rx,
-            session: Some(Running::new(session)),
+            session: Some(session),
+            gate: Gate::new(),
             held: None,
             max_message: usize::MAX,
             done: false,
@@ -587,6 +571,7 @@ mod body_tests {
             let mut body = SyncBody {
                 frames: rx,
                 session: None,
+                gate: Gate::new(),
                 held: None,
                 max_message: usize::MAX,
                 done: false,
@@ -636,7 +621,7 @@ mod body_tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
                 let (tx, rx) = mpsc::channel(64);
-                let mut body = SyncBody { frames: rx, session: None, held: None, max_message, done: false };
+                let mut body = SyncBody { frames: rx, session: None, gate: Gate::new(), held: None, max_message, done: false };
                 let mut want = Vec::new();
                 let mut want_status: Option<(tonic::Code, String)> = None;
                 let mut sent = Vec::new();
