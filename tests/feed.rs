@@ -548,6 +548,112 @@ async fn a_stream_cut_off_mid_stream_leaves_its_topics_at_once() {
     .await
 }
 
+/// A stream cut off in the middle of a shared snapshot (its leaf stopped reading at the first
+/// chunk, then its connection went) drops its session between two chunks: another stream at
+/// the same position still gets the whole snapshot, no chunk is encoded twice, and the cut
+/// stream's slot is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_off_mid_snapshot_leaves_the_shared_snapshot_whole_for_others() {
+    within(async {
+        let origin = TestOrigin::start(OriginConfig {
+            snapshot_chunk_bytes: viewcar::config::ByteSize(4 << 10),
+            ..origin_config()
+        })
+        .await;
+        let value = "v".repeat(100);
+        let puts: Vec<_> = (0..2000)
+            .map(|i| put(&format!("k{i:04}"), &value))
+            .collect();
+        let p = origin.origin.publish("items", puts).unwrap();
+
+        // A: reads one chunk, then nothing; its HTTP/2 stream window (64 KiB, where hyper's
+        // default would take the whole snapshot) holds the session back long before the
+        // snapshot's ~220 KiB are sent.
+        let proxy = Proxy::start(origin.addr).await;
+        let channel = tonic::transport::Endpoint::from_shared(proxy.url())
+            .unwrap()
+            .initial_stream_window_size(Some(65_535))
+            .connect()
+            .await
+            .unwrap();
+        let mut a_client = feed::feed_client::FeedClient::new(channel);
+        let (a_tx, a_rx) = mpsc::channel(4);
+        a_tx.send(subscribe("items", &[], None)).await.unwrap();
+        let mut a = a_client
+            .sync(ReceiverStream::new(a_rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = a.message().await.unwrap().expect("a chunk");
+        assert!(matches!(
+            first.kind,
+            Some(feed::sync_response::Kind::Snapshot(ref c)) if !c.last
+        ));
+
+        // B, at the same position, reads everything.
+        let mut b_client = origin.feed_client().await;
+        let (b_tx, b_rx) = mpsc::channel(4);
+        b_tx.send(subscribe("items", &[], None)).await.unwrap();
+        let mut b = b_client
+            .sync(ReceiverStream::new(b_rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut keys = std::collections::BTreeSet::new();
+        let mut chunks = 0u64;
+        // A goes away while B is still reading.
+        let mut cut = false;
+        loop {
+            let msg = b.message().await.unwrap().expect("a chunk");
+            let Some(feed::sync_response::Kind::Snapshot(c)) = msg.kind else {
+                continue;
+            };
+            chunks += 1;
+            assert_eq!(c.position.as_ref().map(|p| p.version), Some(p.version));
+            keys.extend(c.entries.into_iter().map(|e| e.key));
+            if !cut {
+                proxy.cut();
+                cut = true;
+            }
+            if c.last {
+                break;
+            }
+        }
+        assert_eq!(keys.len(), 2000, "the whole snapshot, each key once");
+        let stats = origin.origin.stats();
+        assert_eq!(
+            counter(&stats.snapshots_sent),
+            1,
+            "B's only: A was cut in the middle of its snapshot"
+        );
+        assert_eq!(counter(&stats.snapshot_encodings), 1, "one shared snapshot");
+        assert_eq!(
+            counter(&stats.snapshot_chunks_encoded),
+            chunks,
+            "no chunk encoded twice"
+        );
+        eventually("the cut stream released its slot", || {
+            origin.origin.open_streams() == 1
+        })
+        .await;
+
+        // B goes on.
+        let next = origin
+            .origin
+            .publish("items", vec![put("k0000", "w")])
+            .unwrap();
+        loop {
+            let msg = b.message().await.unwrap().expect("a message");
+            if let Some(feed::sync_response::Kind::Changes(c)) = msg.kind {
+                assert_eq!(c.version, next.version);
+                break;
+            }
+        }
+        drop(a_tx);
+    })
+    .await
+}
+
 /// Keys are small; what they pull in is not: a keyed interest is bounded by the bytes it names
 /// (keys and their values), first subscribe and later additions alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
