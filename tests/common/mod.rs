@@ -1049,6 +1049,15 @@ pub fn addr(v: &serde_json::Value, field: &str) -> SocketAddr {
 /// A test needs an outside program that is not installed: a skip on a developer's machine
 /// (`skipped: X not found`, on stderr so that it shows), a failure under CI (`CI` set), where
 /// `.ci/run` installs it and a skip would hide a test that never ran.
+pub fn missing(program: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(
+        !ci,
+        "{program} not found, and CI is set: .ci/run installs it, so the test must run"
+    );
+    eprintln!("skipped: {program} not found");
+}
+
 /// The Python that has grpcio and grpcio-tools (`VIEWCAR_TEST_PYTHON`, as .ci/run sets, else
 /// `python3`), or `None` after saying it is missing (which fails under CI).
 pub fn python_with_grpcio() -> Option<String> {
@@ -1062,15 +1071,6 @@ pub fn python_with_grpcio() -> Option<String> {
         return None;
     }
     Some(python)
-}
-
-pub fn missing(program: &str) {
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-    assert!(
-        !ci,
-        "{program} not found, and CI is set: .ci/run installs it, so the test must run"
-    );
-    eprintln!("skipped: {program} not found");
 }
 
 /// Whether `program` runs (`program --version`).
