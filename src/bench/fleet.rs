@@ -541,6 +541,27 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                 vec![100, 1000],
             )
         };
+    // Chosen rows, for a comparison or a profile of one of them.
+    let streams = if ctx.args.fleet_streams.is_empty() {
+        streams
+    } else {
+        ctx.args.fleet_streams.clone()
+    };
+    let rates = if ctx.args.fleet_rates.is_empty() {
+        rates
+    } else {
+        ctx.args.fleet_rates.clone()
+    };
+    if let Some(bad) = streams.iter().find(|&&n| n == 0 || n > 100_000) {
+        return Err(BenchError::setup(format!(
+            "--fleet-streams {bad}: each must be 1 to 100000"
+        )));
+    }
+    if let Some(bad) = rates.iter().find(|&&r| r == 0 || r > 1_000_000) {
+        return Err(BenchError::setup(format!(
+            "--fleet-rates {bad}: each must be 1 to 1000000"
+        )));
+    }
     let dir = temp_dir("fleet")?;
     let mut origin = start_origin(&ctx.exe, &dir).await?;
     let mut relay = start_relay(&ctx.exe, &dir, origin.0.addr).await?;

@@ -117,6 +117,12 @@ pub struct BenchArgs {
     /// Hidden: the sidecar's Cache API address, `host:port` (`viewcar bench push-clients`).
     #[arg(long, hide = true)]
     pub grpc_addr: Option<String>,
+    /// Leaf streams of the fleet runs, instead of the sweep's (e.g. `--fleet-streams 1000,5000`).
+    #[arg(long, value_delimiter = ',')]
+    pub fleet_streams: Vec<usize>,
+    /// Changes per second of the fleet runs, instead of the sweep's (e.g. `--fleet-rates 1000`).
+    #[arg(long, value_delimiter = ',')]
+    pub fleet_rates: Vec<u32>,
 }
 
 /// The push scenario's subscriber protocol.

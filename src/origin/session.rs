@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::Stream;
+use std::future::Future;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{debug, warn};
 
+use super::gate::Gate;
 use super::{Batch, Inner, Interest, Origin, PublishError, SessionId, Stored, Topic, TopicState};
 use crate::pb::feed::v1 as pb;
 
@@ -239,14 +241,28 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
         topics: HashMap::new(),
     };
     debug!(session = id, "sync stream opened");
-    // The leaf's requests are read under its connection's lock: polled only when they woke
-    // the session, not at every batch it is woken for.
-    let requests_gate = super::gate::Gate::new();
+    // What the session waits on besides its queue is polled through gates: only when it woke
+    // the session, not at every batch the session is woken for. The leaf's requests are read
+    // under its connection's lock; a fresh wait on the cut or on the lagged signal at each
+    // batch would add and remove a waiter under a lock (the cut's shared by every stream).
+    // Both waits are kept across batches for that reason.
+    let requests_gate = Gate::new();
+    let cut_gate = Gate::new();
+    let mut cut_changed = std::pin::pin!(cut.changed());
+    let lagged_gate = Gate::new();
+    let mut lagged = std::pin::pin!(queue.wake.notified());
+    let tick_gate = Gate::new();
     let end = loop {
+        let mut rearm = false;
         let step = tokio::select! {
             biased;
-            _ = cut.changed() => Err(End::Refused(Status::unavailable("origin closed the stream; reconnect and resume"))),
-            _ = queue.wake.notified() => s.catch_up_lagged().await,
+            _ = std::future::poll_fn(|cx| cut_gate.poll(cx, |cx| cut_changed.as_mut().poll(cx))) => {
+                Err(End::Refused(Status::unavailable("origin closed the stream; reconnect and resume")))
+            }
+            _ = std::future::poll_fn(|cx| lagged_gate.poll(cx, |cx| lagged.as_mut().poll(cx))) => {
+                rearm = true;
+                s.catch_up_lagged().await
+            }
             req = std::future::poll_fn(|cx| {
                 requests_gate.poll(cx, |cx| std::pin::Pin::new(&mut requests).poll_next(cx))
             }) => match req {
@@ -258,8 +274,12 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
                 }
             },
             Some((topic, batch, group)) = rx.recv() => s.send_batch(&topic, batch, group).await,
-            _ = tick.tick() => s.progress().await,
+            _ = std::future::poll_fn(|cx| tick_gate.poll(cx, |cx| tick.poll_tick(cx))) => s.progress().await,
         };
+        if rearm {
+            // A completed wait stays completed: the next signal needs a new one.
+            lagged.set(queue.wake.notified());
+        }
         if let Err(e) = step {
             break e;
         }
