@@ -11,6 +11,7 @@
 mod durable;
 mod gate;
 mod mirror;
+mod pipe;
 pub mod postgres;
 mod seed;
 mod session;
@@ -856,7 +857,7 @@ impl Origin {
                 inner.cfg.max_streams
             ))
         })?;
-        let (tx, rx) = tokio::sync::mpsc::channel(inner.cfg.stream_send_buffer);
+        let (tx, rx) = pipe::channel(inner.cfg.stream_send_buffer);
         let origin = self.clone();
         let running = Box::pin(async move {
             session::run(origin, requests, tx).await;

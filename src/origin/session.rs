@@ -29,10 +29,10 @@ pub(crate) enum Frame {
     Shared(Bytes),
 }
 
-pub(crate) type Out = mpsc::Sender<Result<Frame, Status>>;
+pub(crate) type Out = super::pipe::Sender<Result<Frame, Status>>;
 
 /// What a stream's response body reads the session's frames from.
-pub(crate) type Frames = mpsc::Receiver<Result<Frame, Status>>;
+pub(crate) type Frames = super::pipe::Receiver<Result<Frame, Status>>;
 
 /// A session, run by polling it: not on a task of its own, but inside its stream's response
 /// body (`wire::SyncBody`), so that a batch offered to the stream wakes the one task that also

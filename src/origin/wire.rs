@@ -115,7 +115,7 @@ impl SyncBody {
         if let Some(held) = self.held.take() {
             return Poll::Ready(Some(held));
         }
-        if let Ok(frame) = self.frames.try_recv() {
+        if let Some(frame) = self.frames.try_recv() {
             return Poll::Ready(Some(frame));
         }
         if let Some(session) = self.session.as_mut() {
@@ -127,8 +127,8 @@ impl SyncBody {
                 // The session sends only while it is polled here: with nothing queued, the
                 // body waits on what the session waits on.
                 return match self.frames.try_recv() {
-                    Ok(frame) => Poll::Ready(Some(frame)),
-                    Err(_) => Poll::Pending,
+                    Some(frame) => Poll::Ready(Some(frame)),
+                    None => Poll::Pending,
                 };
             }
             self.session = None;
@@ -142,7 +142,7 @@ impl SyncBody {
             return first;
         }
         let mut chunk: Option<bytes::BytesMut> = None;
-        while let Ok(next) = self.frames.try_recv() {
+        while let Some(next) = self.frames.try_recv() {
             let next = match self.bytes(next) {
                 Ok(b) if chunk.as_ref().map_or(first.len(), |c| c.len()) + b.len() <= GATHER => b,
                 other => {
@@ -516,7 +516,7 @@ mod body_tests {
     async fn the_session_is_polled_only_when_woken() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Arc;
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = crate::origin::pipe::channel(64);
         let (items_tx, mut items_rx) = mpsc::channel::<u8>(64);
         let polls = Arc::new(AtomicUsize::new(0));
         let counted = polls.clone();
@@ -567,7 +567,7 @@ mod body_tests {
         let chunk = shared(100_000, 7);
         let small = shared(10, 1);
         for _ in 0..2 {
-            let (tx, rx) = mpsc::channel(4);
+            let (tx, rx) = crate::origin::pipe::channel(4);
             let mut body = SyncBody {
                 frames: rx,
                 session: None,
@@ -620,7 +620,7 @@ mod body_tests {
         ) {
             let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
             rt.block_on(async {
-                let (tx, rx) = mpsc::channel(64);
+                let (tx, rx) = crate::origin::pipe::channel(64);
                 let mut body = SyncBody { frames: rx, session: None, gate: Gate::new(), held: None, max_message, done: false };
                 let mut want = Vec::new();
                 let mut want_status: Option<(tonic::Code, String)> = None;
