@@ -240,8 +240,13 @@ impl Store {
                     .back()
                     .map_or(version.saturating_sub(1), |b| b.version);
                 let bytes = batch_bytes(&changes);
-                t.log
-                    .push_back(Arc::new(Batch::new(version, prev, changes, bytes)));
+                t.log.push_back(Arc::new(Batch::new(
+                    Arc::from(topic),
+                    version,
+                    prev,
+                    changes,
+                    bytes,
+                )));
             }
         }
         // The log must end at the topic's version and have no holes; a prefix that does not

@@ -134,7 +134,7 @@ impl Origin {
         if version <= st.version {
             return;
         }
-        let batch = st.append(version, changes, bytes);
+        let batch = st.append(&t.name, version, changes, bytes);
         st.version = version;
         st.shared_snapshot = None;
         retain(&self.inner.cfg, &mut st);

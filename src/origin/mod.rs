@@ -168,6 +168,9 @@ pub(crate) struct Stored {
 /// A published version, as retained and as queued to streams.
 #[derive(Debug)]
 pub(crate) struct Batch {
+    /// The topic's name: a session takes it from here, so that queueing a batch for a stream
+    /// does not clone and drop a reference count shared by every stream of the topic.
+    pub topic: Arc<str>,
     pub version: u64,
     pub changes: Vec<pb::Change>,
     pub bytes: usize,
@@ -182,8 +185,15 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    pub(crate) fn new(version: u64, prev: u64, changes: Vec<pb::Change>, bytes: usize) -> Self {
+    pub(crate) fn new(
+        topic: Arc<str>,
+        version: u64,
+        prev: u64,
+        changes: Vec<pb::Change>,
+        bytes: usize,
+    ) -> Self {
         Batch {
+            topic,
             version,
             changes,
             bytes,
@@ -266,6 +276,7 @@ impl TopicState {
     /// transaction both do. The topic's own version is the caller's to move.
     pub(crate) fn append(
         &mut self,
+        topic: &Arc<str>,
         version: u64,
         changes: Vec<pb::Change>,
         bytes: usize,
@@ -283,7 +294,7 @@ impl TopicState {
                 );
             }
         }
-        let mut batch = Batch::new(version, self.version, changes, bytes);
+        let mut batch = Batch::new(topic.clone(), version, self.version, changes, bytes);
         batch.generation = self.generation;
         let batch = Arc::new(batch);
         self.log_bytes += batch.bytes;
@@ -706,7 +717,7 @@ impl Origin {
                 PublishError::Storage(e.to_string())
             })?;
         }
-        let batch = st.append(version, pb_changes, bytes);
+        let batch = st.append(&t.name, version, pb_changes, bytes);
         st.version = version;
         retain(&self.inner.cfg, &mut st);
         let st = &mut *st;

@@ -109,7 +109,7 @@ fn shared_snapshot(ts: &mut super::TopicState) -> Arc<SharedSnapshot> {
 
 /// The bounded queue from publishers to one session.
 pub(crate) struct Queue {
-    tx: mpsc::Sender<(Arc<str>, Arc<Batch>, Option<pb::TxGroup>)>,
+    tx: mpsc::Sender<(Arc<Batch>, Option<pb::TxGroup>)>,
     lagged: Mutex<HashSet<Arc<str>>>,
     wake: Notify,
 }
@@ -139,13 +139,19 @@ pub(crate) fn offer(
                 return;
             }
             // Never the shared encoding: `prev` matches no stream's cursor.
-            let mut filtered = Batch::new(batch.version, u64::MAX, changes, batch.bytes);
+            let mut filtered = Batch::new(
+                batch.topic.clone(),
+                batch.version,
+                u64::MAX,
+                changes,
+                batch.bytes,
+            );
             filtered.generation = batch.generation;
             Arc::new(filtered)
         }
     };
     interest.pending.fetch_add(1, Ordering::AcqRel);
-    match interest.queue.tx.try_send((topic.clone(), batch, group)) {
+    match interest.queue.tx.try_send((batch, group)) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             interest.pending.fetch_sub(1, Ordering::AcqRel);
@@ -273,7 +279,7 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
                     Err(End::Gone)
                 }
             },
-            Some((topic, batch, group)) = rx.recv() => s.send_batch(&topic, batch, group).await,
+            Some((batch, group)) = rx.recv() => s.send_batch(batch, group).await,
             _ = std::future::poll_fn(|cx| tick_gate.poll(cx, |cx| tick.poll_tick(cx))) => s.progress().await,
         };
         if rearm {
@@ -815,10 +821,10 @@ impl Session {
 
     async fn send_batch(
         &mut self,
-        topic: &Arc<str>,
         batch: Arc<Batch>,
         group: Option<pb::TxGroup>,
     ) -> Result<(), End> {
+        let topic = &batch.topic;
         let Some(st) = self.topics.get_mut(topic) else {
             return Ok(());
         };

@@ -150,7 +150,7 @@ impl Origin {
             }
         }
         let mut batches: Vec<Vec<Arc<Batch>>> = Vec::with_capacity(topics.len());
-        for (p, st) in planned.into_iter().zip(guards.iter_mut()) {
+        for ((p, st), t) in planned.into_iter().zip(guards.iter_mut()).zip(&topics) {
             if p.is_empty() {
                 batches.push(Vec::new());
                 continue;
@@ -158,7 +158,7 @@ impl Origin {
             let mut made = Vec::with_capacity(p.len());
             for (v, chunk) in p {
                 let bytes = batch_bytes(&chunk);
-                let batch = st.append(v, chunk, bytes);
+                let batch = st.append(&t.name, v, chunk, bytes);
                 made.push(batch);
             }
             st.version = version;
