@@ -4,7 +4,7 @@
 //! body after each frame; the session waits on several things at once), and polling what
 //! nothing woke costs a pass over everything it waits on to learn it has nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -65,6 +65,83 @@ impl Gate {
     }
 }
 
+/// Several gates of one task sharing one registration of its waker: the task registers once
+/// per poll ([`Gates::register`]), and a member nothing woke costs one load, where a [`Gate`]
+/// each cost a registration and a swap each (a session waits on four things besides its queue,
+/// and is polled once per batch it sends).
+pub(crate) struct Gates {
+    shared: Arc<Shared>,
+    wakers: Vec<Waker>,
+}
+
+struct Shared {
+    /// Bit `i`: member `i` was woken (or has just answered), so it is polled next time.
+    woken: AtomicU32,
+    task: AtomicWaker,
+}
+
+struct Member {
+    shared: Arc<Shared>,
+    bit: u32,
+}
+
+impl Wake for Member {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.shared.woken.fetch_or(self.bit, Ordering::Release);
+        self.shared.task.wake();
+    }
+}
+
+impl Gates {
+    /// `n` gates (at most 32), all open to begin with.
+    pub(crate) fn new(n: usize) -> Self {
+        let n = n.min(32);
+        let shared = Arc::new(Shared {
+            woken: AtomicU32::new(u32::MAX),
+            task: AtomicWaker::new(),
+        });
+        let wakers = (0..n)
+            .map(|i| {
+                Waker::from(Arc::new(Member {
+                    shared: shared.clone(),
+                    bit: 1 << i,
+                }))
+            })
+            .collect();
+        Gates { shared, wakers }
+    }
+
+    /// Makes `cx`'s task the one woken by every member; before any [`Gates::poll`] of a poll.
+    pub(crate) fn register(&self, cx: &Context<'_>) {
+        self.shared.task.register(cx.waker());
+    }
+
+    /// `poll` with member `i`'s waker if that gate is open, else `Pending`.
+    pub(crate) fn poll<T>(
+        &self,
+        i: usize,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let Some(waker) = self.wakers.get(i) else {
+            return Poll::Pending;
+        };
+        let bit = 1u32 << i;
+        if self.shared.woken.load(Ordering::Acquire) & bit == 0 {
+            return Poll::Pending;
+        }
+        self.shared.woken.fetch_and(!bit, Ordering::AcqRel);
+        let got = poll(&mut Context::from_waker(waker));
+        if got.is_ready() {
+            self.shared.woken.fetch_or(bit, Ordering::Release);
+        }
+        got
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +175,67 @@ mod tests {
         assert!(
             gate.poll(&mut cx, |_| Poll::Ready(8)) == Poll::Ready(8),
             "open again after an answer"
+        );
+    }
+
+    /// The same oracle for a set: each member polled once per wake of its own (a wake of one
+    /// opens no other), again after an answer, and every wake reaches the registered task.
+    #[test]
+    fn a_set_of_gates_polls_each_member_once_per_wake_of_its_own() {
+        let gates = Gates::new(3);
+        let task = Arc::new(Flag {
+            woken: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        });
+        let task_waker = Waker::from(task.clone());
+        let cx = Context::from_waker(&task_waker);
+        let polls: [AtomicUsize; 3] = Default::default();
+        let saved: std::sync::Mutex<[Option<Waker>; 3]> = Default::default();
+        let pending = |i: usize| {
+            let (polls, saved) = (&polls, &saved);
+            move |cx: &mut Context<'_>| {
+                polls[i].fetch_add(1, Ordering::Relaxed);
+                saved.lock().unwrap()[i] = Some(cx.waker().clone());
+                Poll::<()>::Pending
+            }
+        };
+        let round = || {
+            gates.register(&cx);
+            for i in 0..3 {
+                assert!(gates.poll(i, pending(i)).is_pending());
+            }
+        };
+        round();
+        round();
+        let counts = || {
+            polls
+                .iter()
+                .map(|p| p.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counts(), [1, 1, 1], "polled while closed");
+        let w1 = saved.lock().unwrap()[1].take().unwrap();
+        w1.wake();
+        assert!(
+            task.woken.swap(false, Ordering::AcqRel),
+            "the task was not woken"
+        );
+        round();
+        round();
+        assert_eq!(counts(), [1, 2, 1], "one poll of the woken member only");
+        saved.lock().unwrap()[2].take().unwrap().wake_by_ref();
+        gates.register(&cx);
+        assert_eq!(gates.poll(2, |_| Poll::Ready(5)), Poll::Ready(5));
+        assert_eq!(
+            gates.poll(2, |_| Poll::Ready(6)),
+            Poll::Ready(6),
+            "open after an answer"
+        );
+        assert!(gates.poll(0, pending(0)).is_pending());
+        assert_eq!(counts(), [1, 2, 1]);
+        assert!(
+            gates.poll(7, |_| Poll::Ready(())).is_pending(),
+            "no such member"
         );
     }
 }

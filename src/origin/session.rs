@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::Stream;
 use std::future::Future;
+use std::task::Poll;
 use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 use tracing::{debug, warn};
 
-use super::gate::Gate;
+use super::gate::Gates;
 use super::{Batch, Inner, Interest, Origin, PublishError, SessionId, Stored, Topic, TopicState};
 use crate::pb::feed::v1 as pb;
 
@@ -208,6 +209,15 @@ enum End {
     Refused(Status),
 }
 
+/// What woke a session.
+enum Woke {
+    Cut,
+    Lagged,
+    Request(Option<Result<pb::SyncRequest, Status>>),
+    Batch(Option<(Arc<Batch>, Option<pb::TxGroup>)>),
+    Tick,
+}
+
 struct Session {
     origin: Origin,
     id: SessionId,
@@ -251,41 +261,62 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
     // the session, not at every batch the session is woken for. The leaf's requests are read
     // under its connection's lock; a fresh wait on the cut or on the lagged signal at each
     // batch would add and remove a waiter under a lock (the cut's shared by every stream).
-    // Both waits are kept across batches for that reason.
-    let requests_gate = Gate::new();
-    let cut_gate = Gate::new();
+    // Both waits are kept across batches for that reason. The gates share one registration
+    // of the task's waker per poll.
+    const CUT: usize = 0;
+    const LAGGED: usize = 1;
+    const REQUEST: usize = 2;
+    const TICK: usize = 3;
+    let gates = Gates::new(4);
     let mut cut_changed = std::pin::pin!(cut.changed());
-    let lagged_gate = Gate::new();
     let mut lagged = std::pin::pin!(queue.wake.notified());
-    let tick_gate = Gate::new();
     let end = loop {
-        let mut rearm = false;
-        let step = tokio::select! {
-            biased;
-            _ = std::future::poll_fn(|cx| cut_gate.poll(cx, |cx| cut_changed.as_mut().poll(cx))) => {
-                Err(End::Refused(Status::unavailable("origin closed the stream; reconnect and resume")))
+        // In this order: the cut ends the stream before anything else is sent.
+        let woke = std::future::poll_fn(|cx| {
+            gates.register(cx);
+            if gates
+                .poll(CUT, |cx| cut_changed.as_mut().poll(cx))
+                .is_ready()
+            {
+                return Poll::Ready(Woke::Cut);
             }
-            _ = std::future::poll_fn(|cx| lagged_gate.poll(cx, |cx| lagged.as_mut().poll(cx))) => {
-                rearm = true;
+            if gates.poll(LAGGED, |cx| lagged.as_mut().poll(cx)).is_ready() {
+                return Poll::Ready(Woke::Lagged);
+            }
+            if let Poll::Ready(req) = gates.poll(REQUEST, |cx| {
+                std::pin::Pin::new(&mut requests).poll_next(cx)
+            }) {
+                return Poll::Ready(Woke::Request(req));
+            }
+            if let Poll::Ready(queued) = rx.poll_recv(cx) {
+                return Poll::Ready(Woke::Batch(queued));
+            }
+            if gates.poll(TICK, |cx| tick.poll_tick(cx)).is_ready() {
+                return Poll::Ready(Woke::Tick);
+            }
+            Poll::Pending
+        })
+        .await;
+        let step = match woke {
+            Woke::Cut => Err(End::Refused(Status::unavailable(
+                "origin closed the stream; reconnect and resume",
+            ))),
+            Woke::Lagged => {
+                // A completed wait stays completed: the next signal needs a new one.
+                lagged.set(queue.wake.notified());
                 s.catch_up_lagged().await
             }
-            req = std::future::poll_fn(|cx| {
-                requests_gate.poll(cx, |cx| std::pin::Pin::new(&mut requests).poll_next(cx))
-            }) => match req {
-                Some(Ok(r)) => s.handle(r).await,
-                None => Err(End::Gone),
-                Some(Err(e)) => {
-                    debug!(session = id, error = %e, "sync request stream failed");
-                    Err(End::Gone)
-                }
-            },
-            Some((batch, group)) = rx.recv() => s.send_batch(batch, group).await,
-            _ = std::future::poll_fn(|cx| tick_gate.poll(cx, |cx| tick.poll_tick(cx))) => s.progress().await,
+            Woke::Request(Some(Ok(r))) => s.handle(r).await,
+            Woke::Request(None) => Err(End::Gone),
+            Woke::Request(Some(Err(e))) => {
+                debug!(session = id, error = %e, "sync request stream failed");
+                Err(End::Gone)
+            }
+            Woke::Batch(Some((batch, group))) => s.send_batch(batch, group).await,
+            // The session holds a sender of its own queue: not while it runs.
+            Woke::Batch(None) => Err(End::Gone),
+            Woke::Tick => s.progress().await,
         };
-        if rearm {
-            // A completed wait stays completed: the next signal needs a new one.
-            lagged.set(queue.wake.notified());
-        }
         if let Err(e) = step {
             break e;
         }
