@@ -3,7 +3,8 @@
 //! The session runs inside the body (the body polls it), so both ends are used by one task, one
 //! after the other. A queue under a lock nobody else takes does what a channel did, without
 //! the channel's semaphore (a lock of its own for every frame taken) and its atomic list: on a
-//! relay, two of these per delivery were a tenth of its CPU.
+//! relay at 1,000 streams x 1,000 changes/s, the two channels of each delivery (this one and
+//! the session's queue) were about a quarter of its CPU.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
