@@ -242,6 +242,45 @@ async fn a_leaf_listing_two_relays_continues_on_the_other_without_a_snapshot() {
     .await
 }
 
+/// Every change goes out when it is published, at every hop. With Progress a minute apart at
+/// the origin and at the relay (Progress also polls a stream's session), a leaf still gets each
+/// of 20 changes, one at a time, within seconds: a stream woken late, on its next Progress,
+/// fails this (the other tests here send Progress every 100 ms, which would hide it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_reaches_a_leaf_through_a_relay_without_waiting_for_progress() {
+    within(async {
+        let origin = TestOrigin::start(viewcar::config::OriginConfig {
+            progress_interval: Dur(Duration::from_secs(60)),
+            ..origin_config()
+        })
+        .await;
+        origin.origin.publish("t", vec![put("a", "0")]).unwrap();
+        let mut cfg = relay_config(&[origin.url()], &["t"]);
+        cfg.relay.progress_interval = Dur(Duration::from_secs(60));
+        let relay = start_sidecar(cfg).await;
+        relay.synced().await;
+        let leaf = start_sidecar(sidecar_config(&feed_url(&relay), &["t"])).await;
+        leaf.synced().await;
+        let at_leaf = source(&leaf, "t");
+        for i in 1..=20 {
+            let v = origin
+                .origin
+                .publish("t", vec![put("a", &i.to_string())])
+                .unwrap()
+                .version;
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                wait_source(&at_leaf, "the change", |s| s.position().1 >= v),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("change {i} (version {v}) did not reach the leaf in 10 s"));
+        }
+        let stats = leaf.feed_stats("o").unwrap().clone();
+        assert_eq!(counter(&stats.snapshots), 1, "one stream, never restarted");
+    })
+    .await
+}
+
 /// A leaf fails over to a relay that is behind it (cut off from the origin, same epoch): its
 /// stream resumes at the leaf's position and waits there; once that relay catches up, the leaf
 /// goes on from where it was, without a snapshot and without applying anything twice.
