@@ -955,7 +955,7 @@ fn retain(cfg: &OriginConfig, st: &mut TopicState) {
 }
 
 /// The `Feed` gRPC service of an [`Origin`].
-pub struct FeedService {
+pub(crate) struct FeedService {
     origin: Origin,
 }
 
