@@ -9,15 +9,15 @@
 //! `redis-server` child on a free loopback port when it is installed.
 //!
 //! Scenarios (see BENCHMARKS.md for what each measures and why):
-//! - [`fanout`]: a tree of tonic services composing the product page vs one sidecar read;
-//! - [`reads`]: single-key and page reads: sidecar, Redis (GET, pipelined cache-aside), the
+//! - `fanout`: a tree of tonic services composing the product page vs one sidecar read;
+//! - `reads`: single-key and page reads: sidecar, Redis (GET, pipelined cache-aside), the
 //!   in-process store (floor), and a loopback TCP round trip for reference;
-//! - [`freshness`]: publish -> visible to Get, Watch and WebSocket;
-//! - [`push`]: WebSocket frames delivered per CPU second of the sidecar alone, and publish ->
+//! - `freshness`: publish -> visible to Get, Watch and WebSocket;
+//! - `push`: WebSocket frames delivered per CPU second of the sidecar alone, and publish ->
 //!   delivered latency, with many subscribers;
-//! - [`ingest`]: changes applied/s with and without views, snapshot load time, bytes per key;
-//! - [`fleet`]: many leaf feed streams on one origin, directly or through one relay;
-//! - [`postgres`]: an origin fed by a real Postgres: initial copy, streamed changes applied,
+//! - `ingest`: changes applied/s with and without views, snapshot load time, bytes per key;
+//! - `fleet`: many leaf feed streams on one origin, directly or through one relay;
+//! - `postgres`: an origin fed by a real Postgres: initial copy, streamed changes applied,
 //!   commit -> visible at a sidecar.
 //!
 //! Every figure goes to a table on stdout and `bench.json` in `--out`; the fanout and freshness

@@ -109,7 +109,7 @@ pub fn rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// User + system CPU seconds of a process so far (every thread), from /proc/<pid>/stat (Linux);
+/// User + system CPU seconds of a process so far (every thread), from `/proc/<pid>/stat` (Linux);
 /// None where unavailable.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

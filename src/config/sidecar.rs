@@ -196,7 +196,7 @@ pub struct WsConfig {
     /// which cannot set headers on a WebSocket, `?access_token=<token>`); otherwise 401.
     pub token: Option<String>,
     /// When non-empty, a request carrying an `Origin` header (every browser sends one) must
-    /// name one of these, such as "https://app.example.com"; otherwise 403. Requests without
+    /// name one of these, such as `"https://app.example.com"`; otherwise 403. Requests without
     /// `Origin` (non-browser clients) are not affected.
     pub allowed_origins: Vec<String>,
 }

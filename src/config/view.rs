@@ -111,7 +111,7 @@ impl ViewSpec {
         }
     }
 
-    /// Makes the view on_demand within `max_bytes` (see [`View::on_demand`]).
+    /// Makes the view on_demand within `max_bytes` (see the `mode` field).
     pub fn on_demand(mut self, max_bytes: u64) -> Self {
         self.mode = Mode::OnDemand;
         self.max_bytes = Some(ByteSize(max_bytes));

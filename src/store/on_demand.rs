@@ -17,7 +17,7 @@
 //! kept beside the pin, where the writer reads it without waiting.
 //!
 //! Invariant: a key is subscribed on the feed stream while it is resident, loading or pinned. Requests
-//! to the feed go through one ordered queue ([`KeyOp`]), and the feed client drops an
+//! to the feed go through one ordered queue (`KeyOp`), and the feed client drops an
 //! unsubscribe for a key that is resident or loading again by the time it is sent.
 
 use std::collections::VecDeque;
