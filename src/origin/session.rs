@@ -18,6 +18,7 @@ use tonic::Status;
 use tracing::{debug, warn};
 
 use super::gate::Gates;
+use super::pipe::Refused;
 use super::{Batch, Inner, Interest, Origin, PublishError, SessionId, Stored, Topic, TopicState};
 use crate::pb::feed::v1 as pb;
 
@@ -111,56 +112,12 @@ fn shared_snapshot(ts: &mut super::TopicState) -> Arc<SharedSnapshot> {
 /// A batch queued for a session, with its transaction group.
 type Queued = (Arc<Batch>, Option<pb::TxGroup>);
 
-/// The bounded queue from publishers to one session (`stream_queue` batches). A batch is
-/// pushed by the publisher, under its topic's lock, and taken by the session: a plain queue
-/// under a lock only those two take, where a channel's semaphore (a lock of its own for every
-/// batch taken) and atomic list cost a relay more per delivery.
+/// The bounded queue from publishers to one session (`stream_queue` batches): pushed by the
+/// publisher under its topic's lock, taken by the session.
 pub(crate) struct Queue {
-    batches: Mutex<Batches>,
+    tx: super::pipe::Sender<Queued>,
     lagged: Mutex<HashSet<Arc<str>>>,
     wake: Notify,
-}
-
-struct Batches {
-    items: std::collections::VecDeque<Queued>,
-    cap: usize,
-    /// The session, when it found the queue empty.
-    waker: Option<std::task::Waker>,
-}
-
-impl Queue {
-    fn batches(&self) -> std::sync::MutexGuard<'_, Batches> {
-        // Nothing panics while holding it; a poisoned lock still holds a whole queue.
-        self.batches.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues `item`, or gives it back when the queue is full.
-    fn push(&self, item: Queued) -> Result<(), Queued> {
-        let mut b = self.batches();
-        if b.items.len() >= b.cap {
-            return Err(item);
-        }
-        b.items.push_back(item);
-        let waker = b.waker.take();
-        drop(b);
-        if let Some(w) = waker {
-            w.wake();
-        }
-        Ok(())
-    }
-
-    /// The next batch, or `Pending` with `cx`'s task woken by the next push.
-    fn poll_pop(&self, cx: &mut std::task::Context<'_>) -> Poll<Queued> {
-        let mut b = self.batches();
-        if let Some(item) = b.items.pop_front() {
-            return Poll::Ready(item);
-        }
-        match &b.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => b.waker = Some(cx.waker().clone()),
-        }
-        Poll::Pending
-    }
 }
 
 /// Called by `publish` under the topic lock: queue the batch for this stream, or mark the
@@ -200,12 +157,17 @@ pub(crate) fn offer(
         }
     };
     interest.pending.fetch_add(1, Ordering::AcqRel);
-    // An interest is removed (under the topic's lock, which the caller holds) when its
-    // session ends, so the session is there to take what is queued.
-    if interest.queue.push((batch, group)).is_err() {
-        interest.pending.fetch_sub(1, Ordering::AcqRel);
-        inner.stats.lagged.fetch_add(1, Ordering::Relaxed);
-        resnapshot(topic, interest);
+    match interest.queue.tx.try_send((batch, group)) {
+        Ok(()) => {}
+        Err(Refused::Full) => {
+            interest.pending.fetch_sub(1, Ordering::AcqRel);
+            inner.stats.lagged.fetch_add(1, Ordering::Relaxed);
+            resnapshot(topic, interest);
+        }
+        // The session is ending: its interests leave the topic with it.
+        Err(Refused::Closed) => {
+            interest.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -258,7 +220,7 @@ enum Woke {
     Cut,
     Lagged,
     Request(Option<Result<pb::SyncRequest, Status>>),
-    Batch(Queued),
+    Batch(Option<Queued>),
     Tick,
 }
 
@@ -274,12 +236,9 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
     let inner = origin.inner.clone();
     let id = inner.next_session.fetch_add(1, Ordering::Relaxed);
     inner.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = super::pipe::channel(inner.cfg.stream_queue);
     let queue = Arc::new(Queue {
-        batches: Mutex::new(Batches {
-            items: std::collections::VecDeque::new(),
-            cap: inner.cfg.stream_queue.max(1),
-            waker: None,
-        }),
+        tx,
         lagged: Mutex::new(HashSet::new()),
         wake: Notify::new(),
     });
@@ -335,7 +294,7 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
             }) {
                 return Poll::Ready(Woke::Request(req));
             }
-            if let Poll::Ready(queued) = queue.poll_pop(cx) {
+            if let Poll::Ready(queued) = rx.poll_recv(cx) {
                 return Poll::Ready(Woke::Batch(queued));
             }
             if gates.poll(TICK, |cx| tick.poll_tick(cx)).is_ready() {
@@ -359,7 +318,9 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
                 debug!(session = id, error = %e, "sync request stream failed");
                 Err(End::Gone)
             }
-            Woke::Batch((batch, group)) => s.send_batch(batch, group).await,
+            Woke::Batch(Some((batch, group))) => s.send_batch(batch, group).await,
+            // The session holds its queue's sender: not while it runs.
+            Woke::Batch(None) => Err(End::Gone),
             Woke::Tick => s.progress().await,
         };
         if let Err(e) = step {
@@ -1073,67 +1034,4 @@ fn named_bytes<'a>(
 ) -> u64 {
     keys.map(|k| (k.len() + data.get(k).map_or(0, |s| s.value.len())) as u64)
         .sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::{Context, Wake, Waker};
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn queue(cap: usize) -> Queue {
-        Queue {
-            batches: Mutex::new(Batches {
-                items: std::collections::VecDeque::new(),
-                cap,
-                waker: None,
-            }),
-            lagged: Mutex::new(HashSet::new()),
-            wake: Notify::new(),
-        }
-    }
-
-    fn batch(version: u64) -> Queued {
-        (
-            Arc::new(Batch::new(Arc::from("t"), version, version - 1, vec![], 0)),
-            None,
-        )
-    }
-
-    /// A session that found its queue empty is woken by the next push (and only then: the
-    /// tests around it would still pass on the progress tick, late); batches come out in
-    /// order; a full queue gives the batch back.
-    #[test]
-    fn a_push_wakes_the_waiting_session_and_a_full_queue_refuses() {
-        let q = queue(2);
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
-        let mut cx = Context::from_waker(&waker);
-        assert!(q.poll_pop(&mut cx).is_pending());
-        assert!(q.push(batch(1)).is_ok());
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the push woke nobody");
-        assert!(q.push(batch(2)).is_ok());
-        assert_eq!(
-            count.0.load(Ordering::SeqCst),
-            1,
-            "woken with no one waiting"
-        );
-        assert!(q.push(batch(3)).is_err(), "over its bound");
-        for v in [1, 2] {
-            match q.poll_pop(&mut cx) {
-                Poll::Ready((b, _)) => assert_eq!(b.version, v),
-                Poll::Pending => panic!("batch {v} was queued"),
-            }
-        }
-        assert!(q.poll_pop(&mut cx).is_pending());
-        assert!(q.push(batch(4)).is_ok());
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
-    }
 }
