@@ -4,45 +4,19 @@
 //! body after each frame; the session waits on several things at once), and polling what
 //! nothing woke costs a pass over everything it waits on to learn it has nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::task::AtomicWaker;
 
-pub(crate) struct Gate {
-    flag: Arc<Flag>,
-    waker: Waker,
-}
-
-struct Flag {
-    woken: AtomicBool,
-    /// The task polling through the gate, woken along with the flag.
-    task: AtomicWaker,
-}
-
-impl Wake for Flag {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
+/// One gate: a set of one, registering the task at each poll.
+pub(crate) struct Gate(Gates);
 
 impl Gate {
     /// Open to begin with: the first poll goes through.
     pub(crate) fn new() -> Self {
-        let flag = Arc::new(Flag {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
-        Gate {
-            waker: Waker::from(flag.clone()),
-            flag,
-        }
+        Gate(Gates::new(1))
     }
 
     /// `poll` with the gate's waker if the gate is open, else `Pending`; `cx`'s task is woken
@@ -52,23 +26,16 @@ impl Gate {
         cx: &mut Context<'_>,
         poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        // Registered before the flag is read: a wake in between wakes the task.
-        self.flag.task.register(cx.waker());
-        if !self.flag.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        let got = poll(&mut Context::from_waker(&self.waker));
-        if got.is_ready() {
-            self.flag.woken.store(true, Ordering::Release);
-        }
-        got
+        // Registered before the gate is read: a wake in between wakes the task.
+        self.0.register(cx);
+        self.0.poll(0, poll)
     }
 }
 
 /// Several gates of one task sharing one registration of its waker: the task registers once
-/// per poll ([`Gates::register`]), and a member nothing woke costs one load, where a [`Gate`]
-/// each cost a registration and a swap each (a session waits on four things besides its queue,
-/// and is polled once per batch it sends).
+/// per poll ([`Gates::register`]), and a member nothing woke costs one load, where a gate of
+/// its own each would cost a registration each (a session waits on four things besides its
+/// queue, and is polled once per batch it sends).
 pub(crate) struct Gates {
     shared: Arc<Shared>,
     wakers: Vec<Waker>,
@@ -142,6 +109,23 @@ impl Gates {
     }
 }
 
+/// A waker that counts its wakes, for tests of what wakes whom.
+#[cfg(test)]
+pub(crate) fn counting() -> (Arc<Count>, Waker) {
+    let c = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+    (c.clone(), Waker::from(c))
+}
+
+#[cfg(test)]
+pub(crate) struct Count(pub std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl Wake for Count {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,11 +167,7 @@ mod tests {
     #[test]
     fn a_set_of_gates_polls_each_member_once_per_wake_of_its_own() {
         let gates = Gates::new(3);
-        let task = Arc::new(Flag {
-            woken: AtomicBool::new(false),
-            task: AtomicWaker::new(),
-        });
-        let task_waker = Waker::from(task.clone());
+        let (task, task_waker) = counting();
         let cx = Context::from_waker(&task_waker);
         let polls: [AtomicUsize; 3] = Default::default();
         let saved: std::sync::Mutex<[Option<Waker>; 3]> = Default::default();
@@ -216,10 +196,7 @@ mod tests {
         assert_eq!(counts(), [1, 1, 1], "polled while closed");
         let w1 = saved.lock().unwrap()[1].take().unwrap();
         w1.wake();
-        assert!(
-            task.woken.swap(false, Ordering::AcqRel),
-            "the task was not woken"
-        );
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was not woken");
         round();
         round();
         assert_eq!(counts(), [1, 2, 1], "one poll of the woken member only");
