@@ -25,9 +25,27 @@ fn subscribe(topic: &str, keys: &[&str], resume: Option<feed::Position>) -> feed
     }
 }
 
+/// A Sync stream on `raw` whose first request is `first`: the request sender (the stream's
+/// request half stays open while it lives) and the response stream.
+async fn open_sync(
+    raw: &mut feed::feed_client::FeedClient<tonic::transport::Channel>,
+    first: feed::SyncRequest,
+) -> (
+    mpsc::Sender<feed::SyncRequest>,
+    tonic::Streaming<feed::SyncResponse>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let stream = raw
+        .sync(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 /// A Sync stream on `raw` subscribed to `keys` of `topic`, its first message (the keyed
-/// snapshot) read: the request sender (the stream's request half stays open while it lives)
-/// and the rest of the stream.
+/// snapshot) read: the request sender and the rest of the stream.
 async fn open_keyed(
     raw: &mut feed::feed_client::FeedClient<tonic::transport::Channel>,
     topic: &str,
@@ -36,13 +54,7 @@ async fn open_keyed(
     mpsc::Sender<feed::SyncRequest>,
     tonic::Streaming<feed::SyncResponse>,
 ) {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(subscribe(topic, keys, None)).await.unwrap();
-    let mut stream = raw
-        .sync(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_sync(raw, subscribe(topic, keys, None)).await;
     let first = stream.message().await.unwrap().expect("keyed snapshot");
     assert!(matches!(
         first.kind,
@@ -577,13 +589,7 @@ async fn a_stream_cut_off_mid_snapshot_leaves_the_shared_snapshot_whole_for_othe
             .await
             .unwrap();
         let mut a_client = feed::feed_client::FeedClient::new(channel);
-        let (a_tx, a_rx) = mpsc::channel(4);
-        a_tx.send(subscribe("items", &[], None)).await.unwrap();
-        let mut a = a_client
-            .sync(ReceiverStream::new(a_rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (a_tx, mut a) = open_sync(&mut a_client, subscribe("items", &[], None)).await;
         let first = a.message().await.unwrap().expect("a chunk");
         assert!(matches!(
             first.kind,
@@ -592,13 +598,7 @@ async fn a_stream_cut_off_mid_snapshot_leaves_the_shared_snapshot_whole_for_othe
 
         // B, at the same position, reads everything.
         let mut b_client = origin.feed_client().await;
-        let (b_tx, b_rx) = mpsc::channel(4);
-        b_tx.send(subscribe("items", &[], None)).await.unwrap();
-        let mut b = b_client
-            .sync(ReceiverStream::new(b_rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (_b_tx, mut b) = open_sync(&mut b_client, subscribe("items", &[], None)).await;
         let mut keys = std::collections::BTreeSet::new();
         let mut chunks = 0u64;
         let mut entries = 0;
