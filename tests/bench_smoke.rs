@@ -138,3 +138,33 @@ fn the_push_scenario_runs_over_grpc_watch() {
     assert_eq!(push["closed"], 0, "{push}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `--fleet-streams` and `--fleet-rates` at the edges of their ranges: 0 and one past the top
+/// fail the run, naming the flag and the bound, before anything is started.
+#[test]
+fn fleet_rows_out_of_range_are_refused_naming_the_flag() {
+    for (flag, value, bound) in [
+        ("--fleet-streams", "0", "1 to 100000"),
+        ("--fleet-streams", "100001", "1 to 100000"),
+        ("--fleet-rates", "0", "1 to 1000000"),
+        ("--fleet-rates", "1000001", "1 to 1000000"),
+    ] {
+        let out = std::env::temp_dir().join(format!(
+            "viewcar-bench-fleet-bounds-{}-{flag}-{value}",
+            std::process::id()
+        ));
+        let run = Command::new(env!("CARGO_BIN_EXE_viewcar"))
+            .args(["bench", "fleet", flag, value, "--out"])
+            .arg(&out)
+            .output()
+            .expect("viewcar runs");
+        let text = String::from_utf8_lossy(&run.stdout).into_owned()
+            + &String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{flag} {value} accepted\n{text}");
+        assert!(
+            text.contains(&format!("{flag} {value}: each must be {bound}")),
+            "{flag} {value}: {text}"
+        );
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
