@@ -9,12 +9,17 @@
 //!   timeout, or it is closed: a client that connects and says nothing does not hold a
 //!   connection (and a file descriptor) for ever. After the preface, HTTP/2 keepalive pings find
 //!   peers that went away.
+//! - A listener may *cork* its connections' writes (the Feed does): after the preface, a flush
+//!   holds what was written for one turn of the runtime's queue, so that the frames of every
+//!   stream of the connection that wakes meanwhile leave in one write. A relay that fans one
+//!   batch out to a hundred streams of one connection makes one system call, not a hundred
+//!   (see [`Cork`]).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -86,6 +91,8 @@ pub struct Bounds {
     pub max_connections: usize,
     /// The client's first bytes (the HTTP/2 preface) must arrive within this long.
     pub header_timeout: Duration,
+    /// Whether writes are corked after the preface ([`Cork`]).
+    pub cork: bool,
 }
 
 /// One accepted connection: its permit, and the preface deadline until the preface is in.
@@ -94,6 +101,73 @@ pub struct Accepted<Io> {
     _permit: OwnedSemaphorePermit,
     /// Bytes still expected before the deadline is lifted, and the deadline.
     preface: Option<(usize, Pin<Box<Sleep>>)>,
+    /// Writes held for one turn; `None` when the listener does not cork.
+    cork: Option<Cork>,
+}
+
+/// Bytes a corked connection holds at most; a write that would pass it sends what is held first.
+const CORK_BYTES: usize = 32 * 1024;
+/// A held buffer whose capacity grew past this is released once sent, so that an idle
+/// connection keeps at most this much.
+const CORK_KEEP: usize = 4 * 1024;
+
+/// The writes of one connection, held until its task's next turn.
+///
+/// Why: the runtime runs a task woken by the running one next (its LIFO slot), so when a
+/// stream's body hands a frame to the HTTP/2 connection, the connection task runs at once and
+/// writes that one frame. Corked, a write is copied here and the first flush after it is
+/// answered "done" while the task wakes itself: a self-woken task goes to the back of the
+/// queue, so every other task that is ready (the other streams of a fan-out) runs first and
+/// adds its frames. At the task's next turn the flush sends all of them in one write.
+///
+/// Why nothing stays held: the task that flushed is woken, and what it does at its next turn
+/// sends. The HTTP/2 connection task reads and then flushes at every poll that leaves it
+/// pending (h2's `poll_complete`), and drains on shutdown. A task that only reads (a TLS
+/// handshake waiting for the peer's next flight: TLS runs above this, and with TLS the first
+/// bytes counted as the preface are the handshake's) is woken once more by its first read
+/// after the flush, and its second read sends: at most two turns, however the task is built.
+#[derive(Default)]
+struct Cork {
+    buf: Vec<u8>,
+    /// Sent so far of `buf`.
+    sent: usize,
+    /// A flush was answered and the task woken: the next flush sends.
+    held: bool,
+    /// A read came while `held`, and woke the task again: the next read sends.
+    read_while_held: bool,
+}
+
+impl Cork {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Sends what is held, until done or `io` would block.
+    fn drain<Io: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut Io,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.sent < self.buf.len() {
+            match Pin::new(&mut *io).poll_write(cx, &self.buf[self.sent..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.sent = 0;
+        if self.buf.capacity() > CORK_KEEP {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
+        self.held = false;
+        self.read_while_held = false;
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl<Io: Connected> Connected for Accepted<Io> {
@@ -104,13 +178,24 @@ impl<Io: Connected> Connected for Accepted<Io> {
     }
 }
 
-impl<Io: AsyncRead + Unpin> AsyncRead for Accepted<Io> {
+impl<Io: AsyncRead + AsyncWrite + Unpin> AsyncRead for Accepted<Io> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(cork) = this.cork.as_mut().filter(|c| c.held) {
+            // See [`Cork`]: a task that reads twice without flushing sends at its second read.
+            if cork.read_while_held {
+                if let Poll::Ready(Err(e)) = cork.drain(&mut this.io, cx) {
+                    return Poll::Ready(Err(e));
+                }
+            } else {
+                cork.read_while_held = true;
+                cx.waker().wake_by_ref();
+            }
+        }
         let Some((missing, deadline)) = this.preface.as_mut() else {
             return Pin::new(&mut this.io).poll_read(cx, buf);
         };
@@ -143,7 +228,20 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Accepted<Io> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        match corked(&this.preface, &mut this.cork) {
+            None => Pin::new(&mut this.io).poll_write(cx, buf),
+            Some(cork) => {
+                if cork.pending() + buf.len() > CORK_BYTES {
+                    ready!(cork.drain(&mut this.io, cx))?;
+                    if buf.len() > CORK_BYTES {
+                        return Pin::new(&mut this.io).poll_write(cx, buf);
+                    }
+                }
+                cork.buf.extend_from_slice(buf);
+                Poll::Ready(Ok(buf.len()))
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -151,19 +249,59 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Accepted<Io> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        match corked(&this.preface, &mut this.cork) {
+            None => Pin::new(&mut this.io).poll_write_vectored(cx, bufs),
+            Some(cork) => {
+                let len: usize = bufs.iter().map(|b| b.len()).sum();
+                if cork.pending() + len > CORK_BYTES {
+                    ready!(cork.drain(&mut this.io, cx))?;
+                    if len > CORK_BYTES {
+                        return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+                    }
+                }
+                for b in bufs {
+                    cork.buf.extend_from_slice(b);
+                }
+                Poll::Ready(Ok(len))
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.cork.is_some() || self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        if let Some(cork) = this.cork.as_mut() {
+            if cork.pending() > 0 {
+                if !cork.held {
+                    // Hold for one turn: see [`Cork`].
+                    cork.held = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Ready(Ok(()));
+                }
+                ready!(cork.drain(&mut this.io, cx))?;
+            }
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        if let Some(cork) = this.cork.as_mut() {
+            ready!(cork.drain(&mut this.io, cx))?;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// The cork of a connection once its preface is in (before it, writes go straight through).
+fn corked<'a, T>(preface: &Option<T>, cork: &'a mut Option<Cork>) -> Option<&'a mut Cork> {
+    match preface {
+        Some(_) => None,
+        None => cork.as_mut(),
     }
 }
 
@@ -199,6 +337,7 @@ pub fn incoming<L: Listen>(
                                 PREFACE,
                                 Box::pin(tokio::time::sleep(bounds.header_timeout)),
                             )),
+                            cork: bounds.cork.then(Cork::default),
                         };
                         return Some((Ok(conn), (listener, permits, full_logged)));
                     }
@@ -213,4 +352,292 @@ pub fn incoming<L: Listen>(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::counting;
+    use proptest::prelude::*;
+    use std::sync::atomic::Ordering;
+
+    /// A peer's end as the connection's writes reach it: every write call, and how much of each
+    /// it took. It takes at most `take` bytes per call and is not ready on every `stall`-th call
+    /// (0: always ready; never 1).
+    #[derive(Default)]
+    struct Wire {
+        calls: Vec<Vec<u8>>,
+        take: usize,
+        stall: usize,
+        flushes: usize,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Wire {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.stall > 0 && (self.calls.len() + 1) % self.stall == 0 {
+                // Not ready this time; ready again at once.
+                self.calls.push(Vec::new());
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.take.max(1));
+            self.calls.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The peer sends nothing.
+    impl AsyncRead for Wire {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl Wire {
+        fn bytes(&self) -> Vec<u8> {
+            self.calls.concat()
+        }
+        fn writes(&self) -> usize {
+            self.calls.iter().filter(|c| !c.is_empty()).count()
+        }
+    }
+
+    fn conn(wire: Wire, preface_in: bool) -> Accepted<Wire> {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        Accepted {
+            io: wire,
+            _permit: permit,
+            preface: (!preface_in).then(|| {
+                (
+                    PREFACE,
+                    Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
+                )
+            }),
+            cork: Some(Cork::default()),
+        }
+    }
+
+    fn write(c: &mut Accepted<Wire>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(c).poll_write(cx, b)
+    }
+    fn flush(c: &mut Accepted<Wire>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(c).poll_flush(cx)
+    }
+
+    /// The frames of one turn leave in one write: the first flush holds them and wakes the task,
+    /// the flush of its next turn sends what was written in between too.
+    #[tokio::test]
+    async fn a_flush_is_held_for_one_turn_and_the_next_sends_everything_in_one_write() {
+        let (wakes, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        let mut c = conn(
+            Wire {
+                take: usize::MAX,
+                ..Wire::default()
+            },
+            true,
+        );
+        assert!(matches!(
+            write(&mut c, &mut cx, b"one "),
+            Poll::Ready(Ok(4))
+        ));
+        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(c.io.writes(), 0, "the first flush holds");
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "and wakes the task");
+        // Other streams' frames, added before the task's next turn.
+        assert!(matches!(
+            write(&mut c, &mut cx, b"two "),
+            Poll::Ready(Ok(4))
+        ));
+        assert!(matches!(
+            write(&mut c, &mut cx, b"three"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(c.io.calls, vec![b"one two three".to_vec()]);
+        assert_eq!(c.io.flushes, 1);
+        // Nothing held: a flush goes through, and does not wake the task again.
+        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(c.io.writes(), 1);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        // Shutdown sends what is held.
+        assert!(matches!(
+            write(&mut c, &mut cx, b" four"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        assert!(matches!(
+            Pin::new(&mut c).poll_shutdown(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(c.io.bytes(), b"one two three four".to_vec());
+        assert!(c.io.shut);
+    }
+
+    /// A task that flushed and then only reads (a TLS handshake waiting for the peer) is woken
+    /// again by its first read, and its second read sends what is held.
+    #[tokio::test]
+    async fn a_task_that_only_reads_after_a_held_flush_sends_at_its_second_read() {
+        let (wakes, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        let mut c = conn(
+            Wire {
+                take: usize::MAX,
+                ..Wire::default()
+            },
+            true,
+        );
+        let mut space = [0u8; 16];
+        let mut read = |c: &mut Accepted<Wire>| {
+            let mut buf = ReadBuf::new(&mut space);
+            Pin::new(c).poll_read(&mut cx, &mut buf).is_pending()
+        };
+        // Nothing held: a read wakes nobody.
+        assert!(read(&mut c));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            write(&mut c, &mut cx, b"hello"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        let mut cx2 = Context::from_waker(&waker);
+        let mut read = |c: &mut Accepted<Wire>| {
+            let mut buf = ReadBuf::new(&mut space);
+            Pin::new(c).poll_read(&mut cx2, &mut buf).is_pending()
+        };
+        assert!(read(&mut c));
+        assert_eq!(c.io.writes(), 0, "the first read holds on");
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            2,
+            "and wakes the task again"
+        );
+        assert!(read(&mut c));
+        assert_eq!(c.io.calls, vec![b"hello".to_vec()], "the second read sends");
+        assert!(read(&mut c));
+        assert_eq!(c.io.writes(), 1);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
+    }
+
+    /// Before the preface is in (a TLS handshake may run below it), writes go straight through.
+    #[tokio::test]
+    async fn nothing_is_held_before_the_preface() {
+        let (wakes, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        let mut c = conn(
+            Wire {
+                take: usize::MAX,
+                ..Wire::default()
+            },
+            false,
+        );
+        assert!(matches!(
+            write(&mut c, &mut cx, b"hello"),
+            Poll::Ready(Ok(5))
+        ));
+        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        assert_eq!(c.io.calls, vec![b"hello".to_vec()]);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(usize),
+        Vectored(usize, usize),
+        Flush,
+        Read,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0usize..3000).prop_map(Op::Write),
+            1 => (CORK_BYTES - 10..CORK_BYTES + 10).prop_map(Op::Write),
+            2 => (0usize..2000, 0usize..2000).prop_map(|(a, b)| Op::Vectored(a, b)),
+            3 => Just(Op::Flush),
+            2 => Just(Op::Read),
+        ]
+    }
+
+    proptest! {
+        /// Oracle: the bytes the caller was told were written, in order. Whatever the sizes,
+        /// the peer's partial writes and stalls, after a final flush and shutdown the peer has
+        /// exactly them, and never more than CORK_BYTES was held.
+        #[test]
+        fn corked_bytes_reach_the_peer_whole_and_in_order(
+            ops in proptest::collection::vec(op(), 1..60),
+            take in 1usize..70_000,
+            stall in prop_oneof![Just(0usize), 2usize..6],
+        ) {
+            let (_wakes, waker) = counting();
+            let mut cx = Context::from_waker(&waker);
+            let mut c = conn(Wire { take, stall, ..Wire::default() }, true);
+            let mut sent: Vec<u8> = Vec::new();
+            let mut next = 0u8;
+            let mut fill = |n: usize| -> Vec<u8> {
+                (0..n).map(|_| { next = next.wrapping_add(1); next }).collect()
+            };
+            // Like a caller: a write that is not ready is tried again, as is a flush.
+            for op in ops {
+                match op {
+                    Op::Write(n) => {
+                        let data = fill(n);
+                        let mut at = 0;
+                        while at < data.len() || (n == 0 && at == 0) {
+                            match write(&mut c, &mut cx, &data[at..]) {
+                                Poll::Ready(Ok(k)) => { at += k; if n == 0 { break; } }
+                                Poll::Ready(Err(e)) => panic!("write failed: {e}"),
+                                Poll::Pending => {}
+                            }
+                        }
+                        sent.extend_from_slice(&data);
+                    }
+                    Op::Vectored(a, b) => {
+                        let (x, y) = (fill(a), fill(b));
+                        let slices = [io::IoSlice::new(&x), io::IoSlice::new(&y)];
+                        let k = loop {
+                            match Pin::new(&mut c).poll_write_vectored(&mut cx, &slices) {
+                                Poll::Ready(Ok(k)) => break k,
+                                Poll::Ready(Err(e)) => panic!("write failed: {e}"),
+                                Poll::Pending => {}
+                            }
+                        };
+                        let both = [x, y].concat();
+                        sent.extend_from_slice(&both[..k]);
+                    }
+                    Op::Flush => {
+                        while flush(&mut c, &mut cx).is_pending() {}
+                    }
+                    Op::Read => {
+                        let mut space = [0u8; 8];
+                        let mut buf = ReadBuf::new(&mut space);
+                        prop_assert!(Pin::new(&mut c).poll_read(&mut cx, &mut buf).is_pending());
+                    }
+                }
+                let held = c.cork.as_ref().unwrap().pending();
+                prop_assert!(held <= CORK_BYTES, "{held} bytes held");
+            }
+            while Pin::new(&mut c).poll_shutdown(&mut cx).is_pending() {}
+            prop_assert!(c.io.shut);
+            prop_assert_eq!(c.io.bytes(), sent);
+        }
+    }
 }

@@ -352,6 +352,8 @@ async fn serve_cache(
     let bounds = crate::accept::Bounds {
         max_connections: cfg.listen.grpc_max_connections,
         header_timeout: cfg.listen.grpc_header_timeout.0,
+        // The Cache API's streams are mostly one per connection (Watch): nothing to gather.
+        cork: false,
     };
     let mut sd = shutdown.clone();
     let stopped = async move {

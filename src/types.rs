@@ -217,6 +217,23 @@ pub fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
 }
 
+/// A waker that counts its wakes, for tests of what wakes whom.
+#[cfg(test)]
+pub(crate) fn counting() -> (std::sync::Arc<Count>, std::task::Waker) {
+    let c = std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+    (c.clone(), std::task::Waker::from(c))
+}
+
+#[cfg(test)]
+pub(crate) struct Count(pub std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl std::task::Wake for Count {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -109,26 +109,10 @@ impl Gates {
     }
 }
 
-/// A waker that counts its wakes, for tests of what wakes whom.
-#[cfg(test)]
-pub(crate) fn counting() -> (Arc<Count>, Waker) {
-    let c = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
-    (c.clone(), Waker::from(c))
-}
-
-#[cfg(test)]
-pub(crate) struct Count(pub std::sync::atomic::AtomicUsize);
-
-#[cfg(test)]
-impl Wake for Count {
-    fn wake(self: Arc<Self>) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::counting;
     use std::sync::atomic::AtomicUsize;
 
     /// Oracle: a counter of polls. Closed, the gate polls nothing; a wake opens it for one

@@ -932,6 +932,7 @@ impl Origin {
                     crate::accept::Bounds {
                         max_connections: self.inner.cfg.max_connections,
                         header_timeout: self.inner.cfg.header_timeout.0,
+                        cork: true,
                     },
                     "feed",
                 ),

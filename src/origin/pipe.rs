@@ -162,7 +162,7 @@ impl<T> Drop for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::origin::gate::counting;
+    use crate::types::counting;
     use std::future::Future;
     use std::pin::pin;
     use std::sync::atomic::Ordering;
