@@ -139,7 +139,7 @@ fn the_push_scenario_runs_over_grpc_watch() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// `--fleet-streams` and `--fleet-rates` at the edges of their ranges: 0 and one past the top
+/// `--fleet-streams`, `--fleet-rates` and `--fleet-streams-per-connection` at the edges of their ranges: 0 and one past the top
 /// fail the run, naming the flag and the bound, before anything is started.
 #[test]
 fn fleet_rows_out_of_range_are_refused_naming_the_flag() {
@@ -148,6 +148,8 @@ fn fleet_rows_out_of_range_are_refused_naming_the_flag() {
         ("--fleet-streams", "100001", "1 to 100000"),
         ("--fleet-rates", "0", "1 to 1000000"),
         ("--fleet-rates", "1000001", "1 to 1000000"),
+        ("--fleet-streams-per-connection", "0", "1 to 1000"),
+        ("--fleet-streams-per-connection", "1001", "1 to 1000"),
     ] {
         let out = std::env::temp_dir().join(format!(
             "viewcar-bench-fleet-bounds-{}-{flag}-{value}",
@@ -162,7 +164,8 @@ fn fleet_rows_out_of_range_are_refused_naming_the_flag() {
             + &String::from_utf8_lossy(&run.stderr);
         assert!(!run.status.success(), "{flag} {value} accepted\n{text}");
         assert!(
-            text.contains(&format!("{flag} {value}: each must be {bound}")),
+            text.contains(&format!("{flag} {value}: "))
+                && text.contains(&format!("must be {bound}")),
             "{flag} {value}: {text}"
         );
         let _ = std::fs::remove_dir_all(&out);

@@ -31,8 +31,12 @@ use crate::pb::feed::v1 as pb;
 
 /// Leaves whose latency is recorded (at most): the histogram is shared, so it is sampled.
 const LATENCY_LEAVES: usize = 200;
-/// Streams per HTTP/2 connection of the simulated leaves.
-const STREAMS_PER_CONNECTION: usize = 100;
+/// Streams per HTTP/2 connection of the simulated leaves, unless `--fleet-streams-per-connection`
+/// says otherwise.
+pub(crate) const STREAMS_PER_CONNECTION: usize = 100;
+/// The most streams per connection `--fleet-streams-per-connection` takes (a relay's default
+/// `max_concurrent_streams` is well above).
+const MAX_STREAMS_PER_CONNECTION: usize = 1000;
 
 /// A child process serving Feed on `addr`.
 struct Served {
@@ -320,13 +324,14 @@ async fn leaf(channel: Channel, fleet: Arc<Fleet>, timed: bool) {
 fn start_leaves(
     addr: SocketAddr,
     n: usize,
+    per_connection: usize,
     fleet: &Arc<Fleet>,
 ) -> Result<Vec<JoinHandle<()>>, BenchError> {
     let every = (n / LATENCY_LEAVES).max(1);
     let mut tasks = Vec::with_capacity(n);
     let mut channel = None;
     for i in 0..n {
-        if i % STREAMS_PER_CONNECTION == 0 {
+        if i % per_connection == 0 {
             channel = Some(
                 Endpoint::from_shared(format!("http://{addr}"))
                     .map_err(|e| BenchError::setup(e.to_string()))?
@@ -434,7 +439,7 @@ async fn one_run(
 ) -> Result<Run, BenchError> {
     let fleet = Fleet::new()?;
     let addr = relay.map_or(origin.0.addr, |r| r.addr);
-    let tasks = start_leaves(addr, streams, &fleet)?;
+    let tasks = start_leaves(addr, streams, ctx.args.fleet_streams_per_connection, &fleet)?;
     wait_synced(&fleet, streams, Duration::from_secs(120)).await?;
     // Warm-up at the run's rate, then the measured window.
     publish_for(&origin.1, rate, ctx.warmup()).await?;
@@ -480,7 +485,11 @@ async fn one_run(
 
 /// Every leaf subscribing at once to a relay that holds `keys` keys: time until all synced,
 /// and the relay's RSS before and at its peak (sampled every 20 ms).
-async fn storm(relay: &Served, leaves: usize) -> Result<(Duration, u64, u64), BenchError> {
+async fn storm(
+    relay: &Served,
+    leaves: usize,
+    per_connection: usize,
+) -> Result<(Duration, u64, u64), BenchError> {
     let fleet = Fleet::new()?;
     let pid = relay.proc.pid();
     let before = rss_of(pid);
@@ -494,7 +503,7 @@ async fn storm(relay: &Served, leaves: usize) -> Result<(Duration, u64, u64), Be
             }
         })
     };
-    let tasks = start_leaves(relay.addr, leaves, &fleet)?;
+    let tasks = start_leaves(relay.addr, leaves, per_connection, &fleet)?;
     let took = wait_synced(&fleet, leaves, Duration::from_secs(300)).await;
     sampler.abort();
     for t in &tasks {
@@ -560,6 +569,12 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     if let Some(bad) = rates.iter().find(|&&r| r == 0 || r > 1_000_000) {
         return Err(BenchError::setup(format!(
             "--fleet-rates {bad}: each must be 1 to 1000000"
+        )));
+    }
+    let per_connection = ctx.args.fleet_streams_per_connection;
+    if per_connection == 0 || per_connection > MAX_STREAMS_PER_CONNECTION {
+        return Err(BenchError::setup(format!(
+            "--fleet-streams-per-connection {per_connection}: must be 1 to {MAX_STREAMS_PER_CONNECTION}"
         )));
     }
     let dir = temp_dir("fleet")?;
@@ -659,7 +674,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
     );
     for &n in &storm_leaves {
         ctx.progress(format!("fleet: storm of {n} leaves"));
-        let (took, before, peak) = storm(&relay, n).await?;
+        let (took, before, peak) = storm(&relay, n, ctx.args.fleet_streams_per_connection).await?;
         storm_table.row(vec![
             n.to_string(),
             format!("{:.2}s", took.as_secs_f64()),

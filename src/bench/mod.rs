@@ -123,6 +123,10 @@ pub struct BenchArgs {
     /// Changes per second of the fleet runs, instead of the sweep's (e.g. `--fleet-rates 1000`).
     #[arg(long, value_delimiter = ',')]
     pub fleet_rates: Vec<u32>,
+    /// Sync streams the fleet's leaves open per HTTP/2 connection (1 to 1000): 100 by default,
+    /// 1 for leaves that each dial on their own, as sidecars do.
+    #[arg(long, default_value_t = fleet::STREAMS_PER_CONNECTION)]
+    pub fleet_streams_per_connection: usize,
 }
 
 /// The push scenario's subscriber protocol.
