@@ -64,9 +64,10 @@ impl Wake for Member {
 }
 
 impl Gates {
-    /// `n` gates (at most 32), all open to begin with.
+    /// `n` gates, all open to begin with. Panics past 32 (the bits of one word): the callers'
+    /// counts are constants, and a gate past the end would leave its wait never polled.
     pub(crate) fn new(n: usize) -> Self {
-        let n = n.min(32);
+        assert!(n <= 32, "Gates::new({n}): at most 32 gates");
         let shared = Arc::new(Shared {
             woken: AtomicU32::new(u32::MAX),
             task: AtomicWaker::new(),
@@ -87,14 +88,15 @@ impl Gates {
         self.shared.task.register(cx.waker());
     }
 
-    /// `poll` with member `i`'s waker if that gate is open, else `Pending`.
+    /// `poll` with member `i`'s waker if that gate is open, else `Pending`. Panics if there is
+    /// no gate `i` (a wait that would never be polled otherwise).
     pub(crate) fn poll<T>(
         &self,
         i: usize,
         poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
         let Some(waker) = self.wakers.get(i) else {
-            return Poll::Pending;
+            panic!("gate {i} of {}", self.wakers.len());
         };
         let bit = 1u32 << i;
         if self.shared.woken.load(Ordering::Acquire) & bit == 0 {
@@ -194,9 +196,18 @@ mod tests {
         );
         assert!(gates.poll(0, pending(0)).is_pending());
         assert_eq!(counts(), [1, 2, 1]);
-        assert!(
-            gates.poll(7, |_| Poll::Ready(())).is_pending(),
-            "no such member"
-        );
+    }
+
+    #[test]
+    #[should_panic(expected = "at most 32 gates")]
+    fn more_than_32_gates_are_refused() {
+        let _ = Gates::new(33);
+    }
+
+    #[test]
+    #[should_panic(expected = "gate 4 of 4")]
+    fn a_gate_past_the_end_is_a_bug_not_a_wait() {
+        let gates = Gates::new(4);
+        let _ = gates.poll(4, |_| Poll::Ready(()));
     }
 }
