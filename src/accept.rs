@@ -108,8 +108,10 @@ pub struct Accepted<Io> {
 /// Bytes a corked connection holds at most; a write that would pass it sends what is held first.
 const CORK_BYTES: usize = 32 * 1024;
 /// A held buffer whose capacity grew past this is released once sent, so that an idle
-/// connection keeps at most this much.
-const CORK_KEEP: usize = 4 * 1024;
+/// connection keeps at most this much. The frames of one change to a hundred streams (~10 KiB)
+/// fit: below that, a connection gathering such rounds regrew its buffer from nothing each
+/// time (a dozen reallocations and copies per round).
+const CORK_KEEP: usize = 16 * 1024;
 
 /// The writes of one connection, held until its task's next turn.
 ///

@@ -81,7 +81,9 @@ impl<T> Sender<T> {
                 return Poll::Ready(Err(()));
             }
             if s.queue.len() < s.cap {
-                s.queue.extend(item.take());
+                if let Some(item) = item.take() {
+                    s.queue.push_back(item);
+                }
                 let receiver = s.receiver.take();
                 wake_unlocked(s, receiver);
                 return Poll::Ready(Ok(()));
