@@ -180,6 +180,12 @@ pub trait Mirror: Send + Sync {
     fn progress(&self, source: &Source, epoch: &str, version: u64);
     /// The changes of one flush, views' included, as handed to the hub.
     fn flushed(&self, events: &[Event]);
+    /// The batches and positions until [`Mirror::end_group`] are one source transaction
+    /// (`Step::Group`): served on, they keep its grouping, so that no one downstream applies
+    /// half of it.
+    fn begin_group(&self) {}
+    /// The end of the group begun by [`Mirror::begin_group`].
+    fn end_group(&self) {}
 }
 
 /// Counters of the writer, for tests, metrics and status.
@@ -407,8 +413,14 @@ impl Writer {
             }
             Step::Rows(RowRequest::Evicted) | Step::Nudge => {}
             Step::Group(steps) => {
+                if let Some(m) = &self.mirror {
+                    m.begin_group();
+                }
                 for step in steps {
                     self.apply(step, events);
+                }
+                if let Some(m) = &self.mirror {
+                    m.end_group();
                 }
             }
         }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use common::*;
 use viewcar::config::{Dur, PostgresConfig, TableSpec};
 use viewcar::origin::postgres::{PgOrigin, PgStatus};
+use viewcar::pb::feed::v1 as feed;
 use viewcar::OriginConfig;
 
 /// A Postgres server of its own, in a temp dir; stopped (immediate) when dropped.
@@ -677,6 +678,94 @@ async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole(
     .await;
     wait_source(&items, "every item", |s| s.len() == 1000).await;
     assert_eq!(items.version(), version);
+}
+
+/// A relay keeps a transaction's grouping: the batches one Postgres transaction makes across
+/// two topics reach a leaf of the relay marked as one group (one id, `last` on the final one,
+/// nothing in between), as they reach the relay from the origin, so the leaf applies them in
+/// one step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_passes_a_transaction_on_as_one_group() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE items (id int PRIMARY KEY, s text)");
+    sql.exec("CREATE TABLE counts (id int PRIMARY KEY, n int)");
+    sql.exec("INSERT INTO counts VALUES (1, 0)");
+    let mut cfg = origin_cfg(&pg, "relay_group", &["items", "counts"]);
+    cfg.max_message_bytes = viewcar::config::ByteSize(16 << 10);
+    let src = PgOrigin::start(cfg).await.expect("start");
+    within(src.wait_copied(1)).await;
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let mut relay_cfg = sidecar_config(&served.url(), &["items", "counts"]);
+    relay_cfg.listen.feed = Some(loopback0());
+    let relay = start_sidecar(relay_cfg).await;
+    relay.synced().await;
+    // A leaf of the relay: one Sync stream with both topics.
+    let mut client = feed_client(relay.feed_addr().expect("serves feed")).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for topic in ["items", "counts"] {
+        tx.send(feed::SyncRequest {
+            kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
+                topic: topic.into(),
+                keys: vec![],
+                resume: None,
+            })),
+        })
+        .await
+        .unwrap();
+    }
+    let mut stream = client
+        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("sync")
+        .into_inner();
+    let mut synced = 0;
+    while synced < 2 {
+        let msg = within(stream.message())
+            .await
+            .expect("message")
+            .expect("open");
+        if let Some(feed::sync_response::Kind::Snapshot(s)) = msg.kind {
+            synced += usize::from(s.last);
+        }
+    }
+    sql.exec(
+        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
+         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
+    );
+    until_equal(&src, &pg, "items", "id::text").await;
+    let version = src.origin().version("items").unwrap();
+    // Every message up to the group's last batch: batches of the group only, one after the
+    // other, each marked with its id, and `last` on the final one alone.
+    let mut batches = 0;
+    let mut topics = std::collections::HashSet::new();
+    loop {
+        let msg = within(stream.message())
+            .await
+            .expect("message")
+            .expect("open");
+        let b = match msg.kind {
+            Some(feed::sync_response::Kind::Changes(b)) => b,
+            // Progress before the group's first batch is the relay's idle tick.
+            Some(feed::sync_response::Kind::Progress(_)) if batches == 0 => continue,
+            other => panic!("after {batches} batches of the group: {other:?}"),
+        };
+        let group = b.group.unwrap_or_else(|| {
+            panic!(
+                "batch {batches} (topic {}, version {}) has no group",
+                b.topic, b.version
+            )
+        });
+        assert_eq!(group.id, version, "the group's id is the commit's position");
+        batches += 1;
+        topics.insert(b.topic.clone());
+        if group.last {
+            break;
+        }
+    }
+    assert!(batches >= 12, "{batches} batches");
+    assert_eq!(topics.len(), 2, "both topics in the group: {topics:?}");
+    wait_source(&source(&relay, "items"), "every item", |s| s.len() == 1000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

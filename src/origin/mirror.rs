@@ -102,25 +102,7 @@ impl Origin {
         let Some(t) = self.mirrored(topic) else {
             return;
         };
-        let mut bytes = 0;
-        let changes: Vec<pb::Change> = changes
-            .into_iter()
-            .map(|(k, v)| {
-                bytes += k.len() + v.as_ref().map_or(0, |v| v.len()) + 8;
-                match v {
-                    Some(value) => pb::Change {
-                        key: k.to_string(),
-                        value,
-                        deleted: false,
-                    },
-                    None => pb::Change {
-                        key: k.to_string(),
-                        value: Bytes::new(),
-                        deleted: true,
-                    },
-                }
-            })
-            .collect();
+        let (changes, bytes) = to_changes(changes);
         let mut st = t.lock();
         if st.epoch.as_deref() != Some(epoch) {
             if st.epoch.is_some() {
@@ -145,6 +127,74 @@ impl Origin {
         self.inner.stats.published.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The batches of one upstream transaction, in the order applied: appended like
+    /// [`Origin::mirror_batch`], and offered to each stream as one group (`TxGroup`, its `last`
+    /// on the final batch that stream gets), as the origin that made them did, so that a leaf
+    /// applies them in one step. One batch is not a group.
+    pub(crate) fn mirror_group(&self, batches: Vec<MirroredBatch>) {
+        if batches.len() < 2 {
+            for b in batches {
+                self.mirror_batch(&b.topic, &b.epoch, b.version, b.changes);
+            }
+            return;
+        }
+        // One lock order (by name) for every multi-topic publish, as `apply_txn`.
+        let mut names: Vec<&str> = batches.iter().map(|b| b.topic.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let topics: Vec<Arc<Topic>> = names.iter().filter_map(|n| self.mirrored(n)).collect();
+        let mut guards: Vec<_> = topics.iter().map(|t| t.lock()).collect();
+        let mut made: Vec<(usize, Arc<super::Batch>)> = Vec::with_capacity(batches.len());
+        for b in batches {
+            let Some(i) = topics.iter().position(|t| *t.name == *b.topic) else {
+                continue;
+            };
+            let st: &mut TopicState = &mut guards[i];
+            if st.epoch.as_deref() != Some(b.epoch.as_str()) {
+                if st.epoch.is_some() {
+                    warn!(topic = %b.topic, epoch = %b.epoch, "relay got a batch of another epoch than it holds; dropped");
+                }
+                continue;
+            }
+            if b.version <= st.version {
+                continue;
+            }
+            let (changes, bytes) = to_changes(b.changes);
+            let batch = st.append(&topics[i].name, b.version, changes, bytes);
+            st.version = b.version;
+            st.shared_snapshot = None;
+            retain(&self.inner.cfg, st);
+            made.push((i, batch));
+        }
+        let grouped = made.len() > 1;
+        let id = made.iter().map(|(_, b)| b.version).max().unwrap_or(0);
+        // The last batch of the group that each stream will get.
+        let mut last: HashMap<super::SessionId, usize> = HashMap::new();
+        if grouped {
+            for (k, (i, b)) in made.iter().enumerate() {
+                for (sid, interest) in &guards[*i].interests {
+                    if session::wants(interest, b) {
+                        last.insert(*sid, k);
+                    }
+                }
+            }
+        }
+        for (k, (i, b)) in made.iter().enumerate() {
+            let st: &mut TopicState = &mut guards[*i];
+            for (sid, interest) in st.interests.iter_mut() {
+                let group = grouped.then(|| pb::TxGroup {
+                    id,
+                    last: last.get(sid) == Some(&k),
+                });
+                session::offer(&self.inner, &topics[*i].name, interest, b, group);
+            }
+        }
+        self.inner
+            .stats
+            .published
+            .fetch_add(made.len() as u64, Ordering::Relaxed);
+    }
+
     /// Nothing newer than (epoch, version) upstream: the topic's position moves there (a
     /// database-fed origin's versions are commit positions, with gaps between a topic's).
     pub(crate) fn mirror_progress(&self, topic: &str, epoch: &str, version: u64) {
@@ -157,4 +207,36 @@ impl Origin {
             st.shared_snapshot = None;
         }
     }
+}
+
+/// One batch of an upstream transaction, as the relay's writer applied it.
+pub(crate) struct MirroredBatch {
+    pub topic: String,
+    pub epoch: String,
+    pub version: u64,
+    pub changes: Vec<(Arc<str>, Option<Bytes>)>,
+}
+
+/// Applied changes as feed changes (`None` deletes the key), and their bytes for the window.
+fn to_changes(changes: Vec<(Arc<str>, Option<Bytes>)>) -> (Vec<pb::Change>, usize) {
+    let mut bytes = 0;
+    let changes: Vec<pb::Change> = changes
+        .into_iter()
+        .map(|(k, v)| {
+            bytes += k.len() + v.as_ref().map_or(0, |v| v.len()) + 8;
+            match v {
+                Some(value) => pb::Change {
+                    key: k.to_string(),
+                    value,
+                    deleted: false,
+                },
+                None => pb::Change {
+                    key: k.to_string(),
+                    value: Bytes::new(),
+                    deleted: true,
+                },
+            }
+        })
+        .collect();
+    (changes, bytes)
 }

@@ -32,6 +32,7 @@ use crate::config::OriginConfig;
 use crate::pb::feed::v1 as pb;
 
 pub use durable::StoreError;
+pub(crate) use mirror::MirroredBatch;
 pub use seed::SeedError;
 pub use wire::FeedRoutes;
 

@@ -8,14 +8,14 @@
 //! Subscribe or Fetch of one is refused with a message saying to ask the origin.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::SidecarConfig;
-use crate::origin::{Origin, ServeError};
+use crate::origin::{MirroredBatch, Origin, ServeError};
 use crate::store::{Event, Source};
 use crate::types::Mode;
 use crate::writer::Mirror;
@@ -26,6 +26,18 @@ pub struct Relay {
     origin: Origin,
     /// Served views, by name: they are mirrored from the changes of each flush.
     views: Arc<HashMap<Arc<str>, Arc<Source>>>,
+    /// While the writer applies one upstream transaction (`Mirror::begin_group`): its batches
+    /// and positions, published together at its end.
+    group: Arc<Mutex<Option<Grouping>>>,
+}
+
+/// What one upstream transaction brought, in order.
+#[derive(Default)]
+struct Grouping {
+    batches: Vec<MirroredBatch>,
+    /// Positions (topic, epoch, version), moved after the batches: moved first, they would
+    /// make the relay skip the batches at or below them.
+    progress: Vec<(Arc<str>, String, u64)>,
 }
 
 impl Relay {
@@ -65,6 +77,7 @@ impl Relay {
         Relay {
             origin: Origin::relay(cfg.relay.origin_config(listen), upstream, &served),
             views: Arc::new(views),
+            group: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -131,11 +144,37 @@ fn rows_of(source: &Source) -> Vec<(Arc<str>, Bytes, u64)> {
     all
 }
 
+impl Relay {
+    fn grouping(&self) -> std::sync::MutexGuard<'_, Option<Grouping>> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes what the open group holds, if any; the group stays open when `reopen`.
+    fn publish_group(&self, reopen: bool) {
+        let held = {
+            let mut g = self.grouping();
+            let held = g.take();
+            if reopen && held.is_some() {
+                *g = Some(Grouping::default());
+            }
+            held
+        };
+        if let Some(held) = held {
+            self.origin.mirror_group(held.batches);
+            for (topic, epoch, version) in held.progress {
+                self.origin.mirror_progress(&topic, &epoch, version);
+            }
+        }
+    }
+}
+
 impl Mirror for Relay {
     fn snapshot(&self, source: &Source, epoch: &str, version: u64) {
         if source.is_view() || source.mode() != Mode::Full {
             return;
         }
+        // Not part of a transaction: what a group held so far goes out first, in order.
+        self.publish_group(true);
         self.origin
             .mirror_snapshot(source.name(), epoch, version, rows_of(source));
     }
@@ -147,12 +186,34 @@ impl Mirror for Relay {
         version: u64,
         changes: Vec<(Arc<str>, Option<Bytes>)>,
     ) {
+        if let Some(g) = self.grouping().as_mut() {
+            g.batches.push(MirroredBatch {
+                topic: source.name().to_string(),
+                epoch: epoch.to_string(),
+                version,
+                changes,
+            });
+            return;
+        }
         self.origin
             .mirror_batch(source.name(), epoch, version, changes);
     }
 
     fn progress(&self, source: &Source, epoch: &str, version: u64) {
+        if let Some(g) = self.grouping().as_mut() {
+            g.progress
+                .push((source.name().clone(), epoch.to_string(), version));
+            return;
+        }
         self.origin.mirror_progress(source.name(), epoch, version);
+    }
+
+    fn begin_group(&self) {
+        *self.grouping() = Some(Grouping::default());
+    }
+
+    fn end_group(&self) {
+        self.publish_group(false);
     }
 
     fn flushed(&self, events: &[Event]) {
