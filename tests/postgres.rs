@@ -702,11 +702,32 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
     relay.synced().await;
     // A leaf of the relay: one Sync stream with both topics.
     let mut client = feed_client(relay.feed_addr().expect("serves feed")).await;
+    let (mut stream, _requests) = synced_stream(&mut client, &["items", "counts"]).await;
+    sql.exec(
+        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
+         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
+    );
+    until_equal(&src, &pg, "items", "id::text").await;
+    let version = src.origin().version("items").unwrap();
+    let (batches, topics) = read_group(&mut stream, version).await;
+    assert!(batches >= 12, "{batches} batches");
+    assert_eq!(topics.len(), 2, "both topics in the group: {topics:?}");
+    wait_source(&source(&relay, "items"), "every item", |s| s.len() == 1000).await;
+}
+
+/// Opens a Sync stream on `client` with `topics`, and reads it until each has its snapshot.
+async fn synced_stream(
+    client: &mut feed::feed_client::FeedClient<tonic::transport::Channel>,
+    topics: &[&str],
+) -> (
+    tonic::Streaming<feed::SyncResponse>,
+    tokio::sync::mpsc::Sender<feed::SyncRequest>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    for topic in ["items", "counts"] {
+    for topic in topics {
         tx.send(feed::SyncRequest {
             kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
-                topic: topic.into(),
+                topic: topic.to_string(),
                 keys: vec![],
                 resume: None,
             })),
@@ -720,7 +741,7 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
         .expect("sync")
         .into_inner();
     let mut synced = 0;
-    while synced < 2 {
+    while synced < topics.len() {
         let msg = within(stream.message())
             .await
             .expect("message")
@@ -729,14 +750,16 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
             synced += usize::from(s.last);
         }
     }
-    sql.exec(
-        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
-         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
-    );
-    until_equal(&src, &pg, "items", "id::text").await;
-    let version = src.origin().version("items").unwrap();
-    // Every message up to the group's last batch: batches of the group only, one after the
-    // other, each marked with its id, and `last` on the final one alone.
+    (stream, tx)
+}
+
+/// Reads `stream` up to the last batch of the group `id`: the group's batches only, one after
+/// the other (Progress before its first batch is an idle tick). Returns how many there were,
+/// and their topics.
+async fn read_group(
+    stream: &mut tonic::Streaming<feed::SyncResponse>,
+    id: u64,
+) -> (usize, std::collections::HashSet<String>) {
     let mut batches = 0;
     let mut topics = std::collections::HashSet::new();
     loop {
@@ -746,7 +769,6 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
             .expect("open");
         let b = match msg.kind {
             Some(feed::sync_response::Kind::Changes(b)) => b,
-            // Progress before the group's first batch is the relay's idle tick.
             Some(feed::sync_response::Kind::Progress(_)) if batches == 0 => continue,
             other => panic!("after {batches} batches of the group: {other:?}"),
         };
@@ -756,16 +778,13 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
                 b.topic, b.version
             )
         });
-        assert_eq!(group.id, version, "the group's id is the commit's position");
+        assert_eq!(group.id, id, "the group's id is the commit's position");
         batches += 1;
-        topics.insert(b.topic.clone());
+        topics.insert(b.topic);
         if group.last {
-            break;
+            return (batches, topics);
         }
     }
-    assert!(batches >= 12, "{batches} batches");
-    assert_eq!(topics.len(), 2, "both topics in the group: {topics:?}");
-    wait_source(&source(&relay, "items"), "every item", |s| s.len() == 1000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
