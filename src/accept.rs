@@ -436,11 +436,33 @@ mod tests {
         }
     }
 
+    /// A peer that takes every write whole.
+    fn whole() -> Wire {
+        Wire {
+            take: usize::MAX,
+            ..Wire::default()
+        }
+    }
+
     fn write(c: &mut Accepted<Wire>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(c).poll_write(cx, b)
     }
     fn flush(c: &mut Accepted<Wire>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(c).poll_flush(cx)
+    }
+    /// Writes `b`, which is taken whole at once.
+    fn put(c: &mut Accepted<Wire>, cx: &mut Context<'_>, b: &[u8]) {
+        assert!(matches!(write(c, cx, b), Poll::Ready(Ok(n)) if n == b.len()));
+    }
+    /// Flushes, which answers at once.
+    fn flushed(c: &mut Accepted<Wire>, cx: &mut Context<'_>) {
+        assert!(matches!(flush(c, cx), Poll::Ready(Ok(()))));
+    }
+    /// Reads; whether the read waits (the peer never sends).
+    fn read_waits(c: &mut Accepted<Wire>, cx: &mut Context<'_>) -> bool {
+        let mut space = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut space);
+        Pin::new(c).poll_read(cx, &mut buf).is_pending()
     }
 
     /// The frames of one turn leave in one write: the first flush holds them and wakes the task,
@@ -449,42 +471,24 @@ mod tests {
     async fn a_flush_is_held_for_one_turn_and_the_next_sends_everything_in_one_write() {
         let (wakes, waker) = counting();
         let mut cx = Context::from_waker(&waker);
-        let mut c = conn(
-            Wire {
-                take: usize::MAX,
-                ..Wire::default()
-            },
-            true,
-        );
-        assert!(matches!(
-            write(&mut c, &mut cx, b"one "),
-            Poll::Ready(Ok(4))
-        ));
-        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        let mut c = conn(whole(), true);
+        put(&mut c, &mut cx, b"one ");
+        flushed(&mut c, &mut cx);
         assert_eq!(c.io.writes(), 0, "the first flush holds");
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "and wakes the task");
         // Other streams' frames, added before the task's next turn.
-        assert!(matches!(
-            write(&mut c, &mut cx, b"two "),
-            Poll::Ready(Ok(4))
-        ));
-        assert!(matches!(
-            write(&mut c, &mut cx, b"three"),
-            Poll::Ready(Ok(5))
-        ));
-        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        put(&mut c, &mut cx, b"two ");
+        put(&mut c, &mut cx, b"three");
+        flushed(&mut c, &mut cx);
         assert_eq!(c.io.calls, vec![b"one two three".to_vec()]);
         assert_eq!(c.io.flushes, 1);
         // Nothing held: a flush goes through, and does not wake the task again.
-        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        flushed(&mut c, &mut cx);
         assert_eq!(c.io.writes(), 1);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
         // Shutdown sends what is held.
-        assert!(matches!(
-            write(&mut c, &mut cx, b" four"),
-            Poll::Ready(Ok(5))
-        ));
-        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        put(&mut c, &mut cx, b" four");
+        flushed(&mut c, &mut cx);
         assert!(matches!(
             Pin::new(&mut c).poll_shutdown(&mut cx),
             Poll::Ready(Ok(()))
@@ -499,43 +503,23 @@ mod tests {
     async fn a_task_that_only_reads_after_a_held_flush_sends_at_its_second_read() {
         let (wakes, waker) = counting();
         let mut cx = Context::from_waker(&waker);
-        let mut c = conn(
-            Wire {
-                take: usize::MAX,
-                ..Wire::default()
-            },
-            true,
-        );
-        let mut space = [0u8; 16];
-        let mut read = |c: &mut Accepted<Wire>| {
-            let mut buf = ReadBuf::new(&mut space);
-            Pin::new(c).poll_read(&mut cx, &mut buf).is_pending()
-        };
+        let mut c = conn(whole(), true);
         // Nothing held: a read wakes nobody.
-        assert!(read(&mut c));
+        assert!(read_waits(&mut c, &mut cx));
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
-        let mut cx = Context::from_waker(&waker);
-        assert!(matches!(
-            write(&mut c, &mut cx, b"hello"),
-            Poll::Ready(Ok(5))
-        ));
-        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        put(&mut c, &mut cx, b"hello");
+        flushed(&mut c, &mut cx);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
-        let mut cx2 = Context::from_waker(&waker);
-        let mut read = |c: &mut Accepted<Wire>| {
-            let mut buf = ReadBuf::new(&mut space);
-            Pin::new(c).poll_read(&mut cx2, &mut buf).is_pending()
-        };
-        assert!(read(&mut c));
+        assert!(read_waits(&mut c, &mut cx));
         assert_eq!(c.io.writes(), 0, "the first read holds on");
         assert_eq!(
             wakes.0.load(Ordering::SeqCst),
             2,
             "and wakes the task again"
         );
-        assert!(read(&mut c));
+        assert!(read_waits(&mut c, &mut cx));
         assert_eq!(c.io.calls, vec![b"hello".to_vec()], "the second read sends");
-        assert!(read(&mut c));
+        assert!(read_waits(&mut c, &mut cx));
         assert_eq!(c.io.writes(), 1);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 2);
     }
@@ -545,18 +529,9 @@ mod tests {
     async fn nothing_is_held_before_the_preface() {
         let (wakes, waker) = counting();
         let mut cx = Context::from_waker(&waker);
-        let mut c = conn(
-            Wire {
-                take: usize::MAX,
-                ..Wire::default()
-            },
-            false,
-        );
-        assert!(matches!(
-            write(&mut c, &mut cx, b"hello"),
-            Poll::Ready(Ok(5))
-        ));
-        assert!(matches!(flush(&mut c, &mut cx), Poll::Ready(Ok(()))));
+        let mut c = conn(whole(), false);
+        put(&mut c, &mut cx, b"hello");
+        flushed(&mut c, &mut cx);
         assert_eq!(c.io.calls, vec![b"hello".to_vec()]);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
     }
@@ -628,11 +603,7 @@ mod tests {
                     Op::Flush => {
                         while flush(&mut c, &mut cx).is_pending() {}
                     }
-                    Op::Read => {
-                        let mut space = [0u8; 8];
-                        let mut buf = ReadBuf::new(&mut space);
-                        prop_assert!(Pin::new(&mut c).poll_read(&mut cx, &mut buf).is_pending());
-                    }
+                    Op::Read => prop_assert!(read_waits(&mut c, &mut cx)),
                 }
                 let held = c.cork.as_ref().unwrap().pending();
                 prop_assert!(held <= CORK_BYTES, "{held} bytes held");

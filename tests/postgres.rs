@@ -632,32 +632,45 @@ async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
     println!("view row pushed {seen} times over {TXNS} transactions, every one whole");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole() {
-    let Some(pg) = Pg::start() else { return };
+/// Tables `items` and `counts` (one row, n = 0) behind an origin whose messages hold 16 KiB at
+/// most, served on loopback.
+async fn items_and_counts(pg: &Pg, slot: &str) -> (Sql, PgOrigin, TestOrigin) {
     let mut sql = pg.connect();
     sql.exec("CREATE TABLE items (id int PRIMARY KEY, label text)");
     sql.exec("CREATE TABLE counts (id int PRIMARY KEY, n int)");
     sql.exec("INSERT INTO counts VALUES (1, 0)");
-    let mut cfg = origin_cfg(&pg, "large_txn", &["items", "counts"]);
+    let mut cfg = origin_cfg(pg, slot, &["items", "counts"]);
     cfg.max_message_bytes = viewcar::config::ByteSize(16 << 10);
     cfg.snapshot_chunk_bytes = viewcar::config::ByteSize(4 << 10);
     let src = PgOrigin::start(cfg).await.expect("start");
     within(src.wait_copied(1)).await;
     let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    (sql, src, served)
+}
+
+/// One transaction of about 200 KiB (at least a dozen messages of 16 KiB) over both tables of
+/// [`items_and_counts`]: 1,000 items, then the count set to 1000. Returns its position, once
+/// the origin has it.
+async fn large_transaction(sql: &mut Sql, src: &PgOrigin, pg: &Pg) -> u64 {
+    sql.exec(
+        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
+         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
+    );
+    until_equal(src, pg, "items", "id::text").await;
+    src.origin().version("items").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole() {
+    let Some(pg) = Pg::start() else { return };
+    let (mut sql, src, served) = items_and_counts(&pg, "large_txn").await;
     let sidecar = start_sidecar(sidecar_config(&served.url(), &["items", "counts"])).await;
     let items = source(&sidecar, "items");
     let counts = source(&sidecar, "counts");
     // Both topics: each is a stream of its own, and the group's test below needs both to have
     // their snapshot before the transaction.
     sidecar.synced().await;
-    // About 200 KiB in one transaction: at least a dozen messages of 16 KiB.
-    sql.exec(
-        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
-         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
-    );
-    until_equal(&src, &pg, "items", "id::text").await;
-    let version = src.origin().version("items").unwrap();
+    let version = large_transaction(&mut sql, &src, &pg).await;
     assert_eq!(src.origin().version("counts"), Some(version));
     let batches = src
         .origin()
@@ -687,15 +700,7 @@ async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_passes_a_transaction_on_as_one_group() {
     let Some(pg) = Pg::start() else { return };
-    let mut sql = pg.connect();
-    sql.exec("CREATE TABLE items (id int PRIMARY KEY, s text)");
-    sql.exec("CREATE TABLE counts (id int PRIMARY KEY, n int)");
-    sql.exec("INSERT INTO counts VALUES (1, 0)");
-    let mut cfg = origin_cfg(&pg, "relay_group", &["items", "counts"]);
-    cfg.max_message_bytes = viewcar::config::ByteSize(16 << 10);
-    let src = PgOrigin::start(cfg).await.expect("start");
-    within(src.wait_copied(1)).await;
-    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let (mut sql, src, served) = items_and_counts(&pg, "relay_group").await;
     let mut relay_cfg = sidecar_config(&served.url(), &["items", "counts"]);
     relay_cfg.listen.feed = Some(loopback0());
     let relay = start_sidecar(relay_cfg).await;
@@ -703,12 +708,7 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
     // A leaf of the relay: one Sync stream with both topics.
     let mut client = feed_client(relay.feed_addr().expect("serves feed")).await;
     let (mut stream, _requests) = synced_stream(&mut client, &["items", "counts"]).await;
-    sql.exec(
-        "BEGIN; INSERT INTO items SELECT i, repeat('x', 200) FROM generate_series(1, 1000) i; \
-         UPDATE counts SET n = 1000 WHERE id = 1; COMMIT",
-    );
-    until_equal(&src, &pg, "items", "id::text").await;
-    let version = src.origin().version("items").unwrap();
+    let version = large_transaction(&mut sql, &src, &pg).await;
     let (batches, topics) = read_group(&mut stream, version).await;
     assert!(batches >= 12, "{batches} batches");
     assert_eq!(topics.len(), 2, "both topics in the group: {topics:?}");
