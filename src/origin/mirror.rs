@@ -99,45 +99,20 @@ impl Origin {
         version: u64,
         changes: Vec<(Arc<str>, Option<Bytes>)>,
     ) {
-        let Some(t) = self.mirrored(topic) else {
-            return;
-        };
-        let (changes, bytes) = to_changes(changes);
-        let mut st = t.lock();
-        if st.epoch.as_deref() != Some(epoch) {
-            if st.epoch.is_some() {
-                warn!(
-                    topic,
-                    epoch, "relay got a batch of another epoch than it holds; dropped"
-                );
-            }
-            return;
-        }
-        if version <= st.version {
-            return;
-        }
-        let batch = st.append(&t.name, version, changes, bytes);
-        st.version = version;
-        st.shared_snapshot = None;
-        retain(&self.inner.cfg, &mut st);
-        let st: &mut TopicState = &mut st;
-        for interest in st.interests.values_mut() {
-            session::offer(&self.inner, &t.name, interest, &batch, None);
-        }
-        self.inner.stats.published.fetch_add(1, Ordering::Relaxed);
+        self.mirror_group(vec![MirroredBatch {
+            topic: topic.to_string(),
+            epoch: epoch.to_string(),
+            version,
+            changes,
+        }]);
     }
 
-    /// The batches of one upstream transaction, in the order applied: appended like
-    /// [`Origin::mirror_batch`], and offered to each stream as one group (`TxGroup`, its `last`
-    /// on the final batch that stream gets), as the origin that made them did, so that a leaf
-    /// applies them in one step. One batch is not a group.
+    /// The batches of one upstream transaction, in the order applied: each appended to its
+    /// topic's window (dropped if of another epoch than the topic holds, or not newer), and
+    /// offered to each stream as one group (`TxGroup`, its `last` on the final batch that
+    /// stream gets), as the origin that made them did, so that a leaf applies them in one step.
+    /// One batch is not a group.
     pub(crate) fn mirror_group(&self, batches: Vec<MirroredBatch>) {
-        if batches.len() < 2 {
-            for b in batches {
-                self.mirror_batch(&b.topic, &b.epoch, b.version, b.changes);
-            }
-            return;
-        }
         // One lock order (by name) for every multi-topic publish, as `apply_txn`.
         let mut names: Vec<&str> = batches.iter().map(|b| b.topic.as_str()).collect();
         names.sort_unstable();
@@ -166,29 +141,7 @@ impl Origin {
             retain(&self.inner.cfg, st);
             made.push((i, batch));
         }
-        let grouped = made.len() > 1;
-        let id = made.iter().map(|(_, b)| b.version).max().unwrap_or(0);
-        // The last batch of the group that each stream will get.
-        let mut last: HashMap<super::SessionId, usize> = HashMap::new();
-        if grouped {
-            for (k, (i, b)) in made.iter().enumerate() {
-                for (sid, interest) in &guards[*i].interests {
-                    if session::wants(interest, b) {
-                        last.insert(*sid, k);
-                    }
-                }
-            }
-        }
-        for (k, (i, b)) in made.iter().enumerate() {
-            let st: &mut TopicState = &mut guards[*i];
-            for (sid, interest) in st.interests.iter_mut() {
-                let group = grouped.then(|| pb::TxGroup {
-                    id,
-                    last: last.get(sid) == Some(&k),
-                });
-                session::offer(&self.inner, &topics[*i].name, interest, b, group);
-            }
-        }
+        session::offer_txn(&self.inner, &topics, &mut guards, &made);
         self.inner
             .stats
             .published

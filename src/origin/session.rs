@@ -171,6 +171,42 @@ pub(crate) fn offer(
     }
 }
 
+/// Offers the batches of one source transaction, in order, to every stream of their topics
+/// (`made`: index into `topics` and `states`, and the batch), under the topics' locks. More than
+/// one batch is a group: each stream's batches carry `TxGroup` (id: the transaction's position,
+/// the highest version among them), `last` on the final one that stream gets, so that a
+/// receiver applies them in one step. The origin's `apply_txn` and a relay's `mirror_group`
+/// both publish through this.
+pub(crate) fn offer_txn(
+    inner: &Inner,
+    topics: &[Arc<Topic>],
+    states: &mut [std::sync::MutexGuard<'_, TopicState>],
+    made: &[(usize, Arc<Batch>)],
+) {
+    let grouped = made.len() > 1;
+    let id = made.iter().map(|(_, b)| b.version).max().unwrap_or(0);
+    // The last batch of the group that each stream will get.
+    let mut last: HashMap<SessionId, usize> = HashMap::new();
+    if grouped {
+        for (k, (i, b)) in made.iter().enumerate() {
+            for (sid, interest) in &states[*i].interests {
+                if wants(interest, b) {
+                    last.insert(*sid, k);
+                }
+            }
+        }
+    }
+    for (k, (i, b)) in made.iter().enumerate() {
+        for (sid, interest) in states[*i].interests.iter_mut() {
+            let group = grouped.then(|| pb::TxGroup {
+                id,
+                last: last.get(sid) == Some(&k),
+            });
+            offer(inner, &topics[*i].name, interest, b, group);
+        }
+    }
+}
+
 /// Whether `batch` goes to the stream of `interest`: not while it is lagged (a snapshot
 /// follows), and for keyed interest only when the batch changes one of its keys.
 pub(crate) fn wants(interest: &Interest, batch: &Batch) -> bool {

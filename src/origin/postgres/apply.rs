@@ -2,16 +2,13 @@
 //! at the copy's position, and a transaction becomes one version (its commit position) of each
 //! topic it touched, pushed to every stream as one group.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::super::durable::{batch_bytes, TxnPart};
-use super::super::{
-    retain, session, Batch, Origin, SessionId, StoreError, Stored, Topic, FEED_OVERHEAD,
-};
+use super::super::{retain, session, Batch, Origin, StoreError, Stored, Topic, FEED_OVERHEAD};
 use crate::pb::feed::v1 as pb;
 
 impl Origin {
@@ -149,48 +146,25 @@ impl Origin {
                 None => return Err(StoreError::Closed),
             }
         }
-        let mut batches: Vec<Vec<Arc<Batch>>> = Vec::with_capacity(topics.len());
-        for ((p, st), t) in planned.into_iter().zip(guards.iter_mut()).zip(&topics) {
+        // In topic order, each topic's batches in version order: (topic index, batch).
+        let mut batches: Vec<(usize, Arc<Batch>)> = Vec::with_capacity(made);
+        for (i, ((p, st), t)) in planned
+            .into_iter()
+            .zip(guards.iter_mut())
+            .zip(&topics)
+            .enumerate()
+        {
             if p.is_empty() {
-                batches.push(Vec::new());
                 continue;
             }
-            let mut made = Vec::with_capacity(p.len());
             for (v, chunk) in p {
                 let bytes = batch_bytes(&chunk);
-                let batch = st.append(&t.name, v, chunk, bytes);
-                made.push(batch);
+                batches.push((i, st.append(&t.name, v, chunk, bytes)));
             }
             st.version = version;
             retain(&self.inner.cfg, st);
-            batches.push(made);
         }
-        let grouped = made > 1;
-        // The last batch of the group that each stream will get: (topic index, batch index).
-        let mut last: HashMap<SessionId, (usize, usize)> = HashMap::new();
-        if grouped {
-            for (i, (st, bs)) in guards.iter().zip(&batches).enumerate() {
-                for (j, b) in bs.iter().enumerate() {
-                    for (sid, interest) in &st.interests {
-                        if session::wants(interest, b) {
-                            last.insert(*sid, (i, j));
-                        }
-                    }
-                }
-            }
-        }
-        for (i, (t, st)) in topics.iter().zip(guards.iter_mut()).enumerate() {
-            let st = &mut **st;
-            for (j, b) in batches[i].iter().enumerate() {
-                for (sid, interest) in st.interests.iter_mut() {
-                    let group = grouped.then(|| pb::TxGroup {
-                        id: version,
-                        last: last.get(sid) == Some(&(i, j)),
-                    });
-                    session::offer(&self.inner, &t.name, interest, b, group);
-                }
-            }
-        }
+        session::offer_txn(&self.inner, &topics, &mut guards, &batches);
         self.inner
             .stats
             .published
