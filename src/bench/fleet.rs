@@ -125,6 +125,11 @@ struct Fleet {
     deliveries: AtomicU64,
     /// Publish -> arrival, microseconds, from a sample of the leaves.
     latency: Mutex<Histogram<u64>>,
+    /// Leaves whose stream failed or ended, and why the first one did.
+    ended: AtomicU64,
+    /// Connections dialled again because they ended before any of their streams synced.
+    redials: AtomicU64,
+    first_end: Mutex<Option<String>>,
 }
 
 impl Fleet {
@@ -136,7 +141,18 @@ impl Fleet {
                 Histogram::new_with_bounds(1, 60_000_000, 3)
                     .map_err(|e| BenchError::setup(e.to_string()))?,
             ),
+            ended: AtomicU64::new(0),
+            redials: AtomicU64::new(0),
+            first_end: Mutex::new(None),
         }))
+    }
+
+    /// `n` leaves' streams failed or ended (before their row aborted them), for `why`.
+    fn ended(&self, n: usize, why: impl FnOnce() -> String) {
+        self.ended.fetch_add(n as u64, Ordering::Relaxed);
+        if let Ok(mut first) = self.first_end.lock() {
+            first.get_or_insert_with(why);
+        }
     }
 }
 
@@ -316,35 +332,63 @@ async fn leaf(
     addr: SocketAddr,
     fleet: Arc<Fleet>,
     timed: bool,
+    synced_here: Arc<AtomicU64>,
 ) {
-    let Ok(req) = tonic::codegen::http::Request::builder()
+    let req = match tonic::codegen::http::Request::builder()
         .method("POST")
         .uri(format!("http://{addr}/viewcar.feed.v1.Feed/Sync"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
-    else {
-        return;
+    {
+        Ok(req) => req,
+        Err(e) => return fleet.ended(1, || format!("a Sync request: {e}")),
     };
-    let Ok(mut ready) = client.ready().await else {
-        return;
+    let opened = async {
+        let mut ready = client.ready().await?;
+        let (resp, mut requests) = ready.send_request(req, false)?;
+        requests.send_data(subscribe_frame(), false)?;
+        Ok::<_, h2::Error>((resp.await?, requests))
     };
-    let Ok((resp, mut requests)) = ready.send_request(req, false) else {
-        return;
-    };
-    if requests.send_data(subscribe_frame(), false).is_err() {
-        return;
-    }
-    let Ok(resp) = resp.await else {
-        return;
+    let (resp, requests) = match opened.await {
+        Ok(opened) => opened,
+        Err(e) => return fleet.ended(1, || format!("opening a Sync stream: {e}")),
     };
     let mut body = resp.into_body();
     let mut messages = Messages::default();
-    while let Some(Ok(chunk)) = body.data().await {
-        let _ = body.flow_control().release_capacity(chunk.len());
-        messages.push(&chunk, |msg| count(&fleet, seen(msg, timed)));
-    }
+    let ended = loop {
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                messages.push(&chunk, |msg| {
+                    let seen = seen(msg, timed);
+                    if seen == Seen::Synced {
+                        synced_here.fetch_add(1, Ordering::Relaxed);
+                    }
+                    count(&fleet, seen)
+                });
+            }
+            Some(Err(e)) => break format!("the Sync stream failed: {e}"),
+            None => {
+                let status = match body.trailers().await {
+                    Ok(Some(t)) => format!(
+                        "grpc-status {} {}",
+                        t.get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-"),
+                        t.get("grpc-message")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                    ),
+                    Ok(None) => "no trailers".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                break format!("the Sync stream ended: {status}");
+            }
+        }
+    };
     drop(requests);
+    fleet.ended(1, || ended);
 }
 
 /// One HTTP/2 connection of leaves: its streams are polled by this one task, as a leaf
@@ -357,28 +401,68 @@ async fn leaf_connection(
     every: usize,
     fleet: Arc<Fleet>,
 ) {
+    // As a sidecar does, a connection that ends before any of its streams synced is dialled
+    // again (a listener whose accept queue overflowed in a burst of connections resets some).
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let synced_here = Arc::new(AtomicU64::new(0));
+        let why = leaf_connection_once(addr, first, n, every, &fleet, &synced_here).await;
+        let Some(why) = why else { return };
+        if synced_here.load(Ordering::Relaxed) > 0 {
+            return fleet.ended(0, || why);
+        }
+        fleet.redials.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// One connection of `n` leaves, until it ends: `Some(why)` if it failed or was closed, `None`
+/// if every stream on it ended first.
+async fn leaf_connection_once(
+    addr: SocketAddr,
+    first: usize,
+    n: usize,
+    every: usize,
+    fleet: &Arc<Fleet>,
+    synced_here: &Arc<AtomicU64>,
+) -> Option<String> {
     use futures_util::StreamExt;
-    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
-        return;
+    let tcp = match tokio::net::TcpStream::connect(addr).await {
+        Ok(tcp) => tcp,
+        Err(e) => return Some(format!("connecting to {addr}: {e}")),
     };
     let _ = tcp.set_nodelay(true);
-    let Ok((client, conn)) = h2::client::Builder::new()
+    let (client, conn) = match h2::client::Builder::new()
         .initial_window_size(2 << 20)
         .initial_connection_window_size(8 << 20)
         .max_frame_size(1 << 20)
         .handshake::<_, Bytes>(tcp)
         .await
-    else {
-        return;
+    {
+        Ok(handshaken) => handshaken,
+        Err(e) => return Some(format!("HTTP/2 handshake with {addr}: {e}")),
     };
     let leaves: futures_util::stream::FuturesUnordered<_> = (first..first + n)
-        .map(|i| leaf(client.clone(), addr, fleet.clone(), i % every == 0))
+        .map(|i| {
+            let timed = i % every == 0;
+            leaf(
+                client.clone(),
+                addr,
+                fleet.clone(),
+                timed,
+                synced_here.clone(),
+            )
+        })
         .collect();
     drop(client);
     let all = leaves.for_each(|()| async {});
     tokio::select! {
-        _ = conn => {}
-        () = all => {}
+        ended = conn => {
+            let why = ended.err().map_or("closed".to_string(), |e| e.to_string());
+            Some(format!("the connection to {addr} ended: {why}"))
+        }
+        () = all => None,
     }
 }
 
@@ -403,9 +487,18 @@ async fn wait_synced(fleet: &Fleet, n: usize, timeout: Duration) -> Result<Durat
     let start = Instant::now();
     while (fleet.synced.load(Ordering::Relaxed) as usize) < n {
         if start.elapsed() > timeout {
+            let ended = fleet.ended.load(Ordering::Relaxed);
+            let why = fleet
+                .first_end
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .map_or(String::new(), |w| format!(" (the first: {w})"));
             return Err(BenchError::setup(format!(
-                "only {} of {n} leaves synced within {timeout:?}",
-                fleet.synced.load(Ordering::Relaxed)
+                "only {} of {n} leaves synced within {timeout:?}; {ended} streams failed or \
+                 ended, {} connections dialled again{why}",
+                fleet.synced.load(Ordering::Relaxed),
+                fleet.redials.load(Ordering::Relaxed)
             )));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -480,6 +573,8 @@ struct Run {
     relay_cpu: f64,
     /// The harness's own (the leaves and the publisher): the cores are shared.
     harness_cpu: f64,
+    /// Leaf connections dialled again before their streams synced.
+    redials: u64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -535,6 +630,7 @@ async fn one_run(
         origin_cpu: (o1 - o0) / secs,
         relay_cpu: (r1 - r0) / secs,
         harness_cpu: (h1 - h0) / secs,
+        redials: fleet.redials.load(Ordering::Relaxed),
         p50_us,
         p99_us,
     })
@@ -656,6 +752,12 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                     }
                 ));
                 let r = one_run(ctx, &mut origin, via_relay.then_some(&relay), n, rate).await?;
+                if r.redials > 0 {
+                    ctx.progress(format!(
+                        "fleet: {} leaf connections were dialled again before they synced",
+                        r.redials
+                    ));
+                }
                 let per_relay_cpu = if r.relay_cpu > 0.0 {
                     r.deliveries as f64 / r.secs / r.relay_cpu
                 } else {
@@ -694,6 +796,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<(), BenchError> {
                         "deliveries_per_s": r.deliveries as f64 / r.secs,
                         "deliveries_per_relay_cpu_s": per_relay_cpu,
                         "harness_cpu_per_s": r.harness_cpu,
+                        "leaf_redials": r.redials,
                         "p50_us": r.p50_us,
                         "p99_us": r.p99_us,
                     }),
