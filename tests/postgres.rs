@@ -715,6 +715,85 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
     wait_source(&source(&relay, "items"), "every item", |s| s.len() == 1000).await;
 }
 
+/// Nothing comes between the batches of one group on a stream: not a Progress (the stream's
+/// tick), which a sidecar takes as the end of what it gets of the group and so applies half of
+/// it. Many streams and a tick far shorter than the time the origin takes to offer one
+/// transaction's batches to all of them: a stream that sent the first batch is often woken by
+/// its tick before the second is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_comes_between_the_batches_of_a_group() {
+    let Some(pg) = Pg::start() else { return };
+    let mut sql = pg.connect();
+    sql.exec("CREATE TABLE products (id int PRIMARY KEY, rev int)");
+    sql.exec("CREATE TABLE prices (id int PRIMARY KEY, rev int)");
+    sql.exec("INSERT INTO products VALUES (1, 0)");
+    sql.exec("INSERT INTO prices VALUES (1, 0)");
+    let mut cfg = origin_cfg(&pg, "between", &["products", "prices"]);
+    cfg.progress_interval = Dur(Duration::from_millis(1));
+    let src = PgOrigin::start(cfg).await.expect("start");
+    within(src.wait_copied(1)).await;
+    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    const STREAMS: usize = 200;
+    const TXNS: i64 = 100;
+    let mut client = feed_client(served.addr).await;
+    // Each stream is read from when it has synced: a stream left unread fills its
+    // connection's budget of small DATA frames, and the client closes the connection.
+    let mut readers = Vec::new();
+    for _ in 0..STREAMS {
+        let (mut stream, requests) = synced_stream(&mut client, &["products", "prices"]).await;
+        readers.push(tokio::spawn(async move {
+            let _requests = requests;
+            // The group a batch left open, by id.
+            let mut open: Option<u64> = None;
+            let mut groups = 0;
+            loop {
+                let msg = within(stream.message())
+                    .await
+                    .expect("message")
+                    .expect("open");
+                let b = match msg.kind {
+                    Some(feed::sync_response::Kind::Changes(b)) => b,
+                    other => match open {
+                        Some(open) => {
+                            panic!("inside group {open}, before its last batch: {other:?}")
+                        }
+                        None => continue,
+                    },
+                };
+                if let Some(open) = open {
+                    let id = b.group.map(|g| g.id);
+                    assert_eq!(id, Some(open), "another batch inside group {open}");
+                }
+                open = b.group.filter(|g| !g.last).map(|g| g.id);
+                if b.group.is_some_and(|g| g.last) {
+                    groups += 1;
+                }
+                let rev = |c: &feed::Change| {
+                    serde_json::from_slice::<Value>(&c.value).expect("row")["rev"].as_i64()
+                };
+                if open.is_none() && b.changes.iter().any(|c| rev(c) == Some(TXNS)) {
+                    return groups;
+                }
+            }
+        }));
+    }
+    sql.exec(&format!(
+        "DO $$ BEGIN FOR i IN 1..{TXNS} LOOP \
+         UPDATE products SET rev = i WHERE id = 1; UPDATE prices SET rev = i WHERE id = 1; \
+         COMMIT; END LOOP; END $$"
+    ));
+    let mut groups = 0;
+    for r in readers {
+        groups += r.await.expect("reader");
+    }
+    assert_eq!(
+        groups,
+        STREAMS * TXNS as usize,
+        "every group reaches every stream"
+    );
+    println!("{groups} groups over {STREAMS} streams, nothing inside one");
+}
+
 /// Opens a Sync stream on `client` with `topics`, and reads it until each has its snapshot.
 async fn synced_stream(
     client: &mut feed::feed_client::FeedClient<tonic::transport::Channel>,

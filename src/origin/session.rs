@@ -312,6 +312,13 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
     let gates = Gates::new(4);
     let mut cut_changed = std::pin::pin!(cut.changed());
     let mut lagged = std::pin::pin!(queue.wake.notified());
+    // Between the batches of a transaction group (the last one handled was a group's, not its
+    // last): only the rest of the group is sent, so the stream's tick and its requests wait.
+    // A Progress or a snapshot there would end the group early for the leaf, which then
+    // applies what it holds of it as a step of its own. The rest is queued by the same
+    // `offer_txn` call, under the topics' locks, so the wait is that call's; a batch of it
+    // refused for a full queue marks the stream lagged, which ends the wait.
+    let mut in_group = false;
     let end = loop {
         // In this order: the cut ends the stream before anything else is sent.
         let woke = std::future::poll_fn(|cx| {
@@ -324,6 +331,10 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
             }
             if gates.poll(LAGGED, |cx| lagged.as_mut().poll(cx)).is_ready() {
                 return Poll::Ready(Woke::Lagged);
+            }
+            if in_group {
+                // A gate not polled stays open: what woke it is seen after the group.
+                return rx.poll_recv(cx).map(Woke::Batch);
             }
             if let Poll::Ready(req) = gates.poll(REQUEST, |cx| {
                 std::pin::Pin::new(&mut requests).poll_next(cx)
@@ -346,6 +357,8 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
             Woke::Lagged => {
                 // A completed wait stays completed: the next signal needs a new one.
                 lagged.set(queue.wake.notified());
+                // The rest of a group may never come (see `in_group`): its topics resnapshot.
+                in_group = false;
                 s.catch_up_lagged().await
             }
             Woke::Request(Some(Ok(r))) => s.handle(r).await,
@@ -354,7 +367,10 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
                 debug!(session = id, error = %e, "sync request stream failed");
                 Err(End::Gone)
             }
-            Woke::Batch(Some((batch, group))) => s.send_batch(batch, group).await,
+            Woke::Batch(Some((batch, group))) => {
+                in_group = group.is_some_and(|g| !g.last);
+                s.send_batch(batch, group).await
+            }
             // The session holds its queue's sender: not while it runs.
             Woke::Batch(None) => Err(End::Gone),
             Woke::Tick => s.progress().await,
