@@ -268,9 +268,17 @@ struct Session {
     topics: HashMap<Arc<str>, SessTopic>,
 }
 
-pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncRequest>, out: Out) {
+pub(crate) async fn run(
+    origin: Origin,
+    mut requests: tonic::Streaming<pb::SyncRequest>,
+    out: Out,
+    conn: u64,
+) {
     let inner = origin.inner.clone();
-    let id = inner.next_session.fetch_add(1, Ordering::Relaxed);
+    let id = SessionId {
+        conn,
+        seq: inner.next_session.fetch_add(1, Ordering::Relaxed),
+    };
     inner.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = super::pipe::channel(inner.cfg.stream_queue);
     let queue = Arc::new(Queue {
@@ -298,7 +306,7 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
         out,
         topics: HashMap::new(),
     };
-    debug!(session = id, "sync stream opened");
+    debug!(session = id.seq, "sync stream opened");
     // What the session waits on besides its queue is polled through gates: only when it woke
     // the session, not at every batch the session is woken for. The leaf's requests are read
     // under its connection's lock; a fresh wait on the cut or on the lagged signal at each
@@ -364,7 +372,7 @@ pub(crate) async fn run(origin: Origin, mut requests: tonic::Streaming<pb::SyncR
             Woke::Request(Some(Ok(r))) => s.handle(r).await,
             Woke::Request(None) => Err(End::Gone),
             Woke::Request(Some(Err(e))) => {
-                debug!(session = id, error = %e, "sync request stream failed");
+                debug!(session = id.seq, error = %e, "sync request stream failed");
                 Err(End::Gone)
             }
             Woke::Batch(Some((batch, group))) => {
@@ -394,7 +402,7 @@ impl Drop for Session {
             ts.interests.remove(&self.id);
             release_shared_snapshot(&mut ts);
         }
-        debug!(session = self.id, "sync stream closed");
+        debug!(session = self.id.seq, "sync stream closed");
     }
 }
 
@@ -621,7 +629,7 @@ impl Session {
         );
         match start {
             Start::Park => {
-                debug!(session = self.id, topic = %name, "relay topic not synced yet; subscription waits");
+                debug!(session = self.id.seq, topic = %name, "relay topic not synced yet; subscription waits");
                 if let Some(st) = self.topics.get_mut(&name) {
                     st.parked = Some(sub);
                 }
@@ -671,7 +679,7 @@ impl Session {
                 failed,
             } => {
                 if let Some(reason) = failed {
-                    debug!(session = self.id, topic = %name, %reason, "cannot resume");
+                    debug!(session = self.id.seq, topic = %name, %reason, "cannot resume");
                     self.send_reset(&name, reason).await?;
                 }
                 match shared {
@@ -1009,7 +1017,7 @@ impl Session {
                 st.started = true;
             }
             if started {
-                warn!(session = self.id, topic = %name, version, "stream resnapshotted (fell behind, or the topic was replaced)");
+                warn!(session = self.id.seq, topic = %name, version, "stream resnapshotted (fell behind, or the topic was replaced)");
                 self.send_reset(
                     &name,
                     "stream fell behind its queue bound, or the topic's data was replaced"

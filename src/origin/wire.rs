@@ -268,8 +268,9 @@ where
             .into_http();
         }
     }
+    let conn = connection_key(req.extensions());
     let requests = Streaming::new_request(RequestDecoder, req.into_body(), None, Some(max_message));
-    match origin.open_sync(requests) {
+    match origin.open_sync(requests, conn) {
         Ok((frames, running)) => {
             let body = SyncBody {
                 frames,
@@ -288,6 +289,26 @@ where
         }
         Err(status) => status.into_http(),
     }
+}
+
+/// A key shared by the streams of one connection (see `SessionId`): its peer's address,
+/// which tonic puts in each request's extensions; 0 without one (a Unix socket).
+fn connection_key(ext: &http::Extensions) -> u64 {
+    use std::hash::{Hash, Hasher};
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let peer = ext
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|t| t.get_ref().remote_addr())
+        });
+    peer.map_or(0, |addr| {
+        // Any fixed hash: two connections that collide only share an ordering slot.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        addr.hash(&mut h);
+        h.finish()
+    })
 }
 
 /// One row as a snapshot entry message.
@@ -696,5 +717,92 @@ mod body_tests {
                 Ok(())
             })?;
         }
+    }
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use futures_util::StreamExt as _;
+
+    use super::super::{Origin, Put};
+    use crate::config::OriginConfig;
+    use crate::pb::feed::v1 as pb;
+
+    /// Opens a Sync stream of topic `t` on `channel`'s connection, and reads it to its snapshot.
+    async fn synced(channel: tonic::transport::Channel) -> tonic::Streaming<pb::SyncResponse> {
+        let sub = pb::SyncRequest {
+            kind: Some(pb::sync_request::Kind::Subscribe(pb::Subscribe {
+                topic: "t".into(),
+                keys: vec![],
+                resume: None,
+            })),
+        };
+        let mut stream = pb::feed_client::FeedClient::new(channel)
+            .sync(futures_util::stream::iter([sub]).chain(futures_util::stream::pending()))
+            .await
+            .expect("sync")
+            .into_inner();
+        loop {
+            let msg = stream.message().await.expect("message").expect("open");
+            if let Some(pb::sync_response::Kind::Snapshot(s)) = msg.kind {
+                if s.last {
+                    return stream;
+                }
+            }
+        }
+    }
+
+    /// A topic's streams are kept connection by connection, whatever order they opened in: the
+    /// key tonic's connection info gives is the same for the streams of one connection and
+    /// differs between two.
+    #[tokio::test]
+    async fn a_topics_streams_are_kept_by_connection() {
+        let origin = Origin::new(OriginConfig::default());
+        origin.publish("t", vec![Put::upsert("k", "v")]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = origin.clone();
+        let server = tokio::spawn(async move {
+            served
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let connect = || async {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect")
+        };
+        let (a, b) = (connect().await, connect().await);
+        // Opened alternately: a, b, a, b.
+        let mut streams = Vec::new();
+        for channel in [&a, &b, &a, &b] {
+            streams.push(synced(channel.clone()).await);
+        }
+        let keys: Vec<u64> = origin
+            .topic("t", false)
+            .unwrap()
+            .lock()
+            .interests
+            .keys()
+            .map(|id| id.conn)
+            .collect();
+        assert_eq!(keys.len(), 4);
+        assert_ne!(keys[0], keys[3], "two connections, two keys: {keys:?}");
+        assert_eq!(
+            keys[0], keys[1],
+            "one connection's streams together: {keys:?}"
+        );
+        assert_eq!(
+            keys[2], keys[3],
+            "one connection's streams together: {keys:?}"
+        );
+        drop(streams);
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 }
