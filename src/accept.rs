@@ -56,6 +56,26 @@ impl Listen for UnixListener {
     }
 }
 
+/// The listen backlog of every TCP listener: connections the kernel completes before they are
+/// accepted. The standard library's (and tokio's) 128 overflows when a fleet reconnects at once
+/// (a relay's leaves after its restart, sidecars after an origin's): past it the kernel drops
+/// handshakes, and answers some of those peers' first bytes with a reset. Linux caps it at
+/// `net.core.somaxconn` (4096 by default since 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as
+/// `TcpListener::bind` sets it, so that a restart binds while old connections linger).
+pub async fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds a Unix socket at `path` with file mode `mode`. A file left there by a previous run
 /// (nothing accepts on it) is replaced; a socket something still listens on is not, nor is a
 /// file that is not a socket.

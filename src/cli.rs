@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tracing::{error, info};
 
@@ -78,7 +77,7 @@ pub async fn run_origin(cfg: OriginConfig) -> ExitCode {
             }
         }
     };
-    let listener = match TcpListener::bind(listen).await {
+    let listener = match crate::accept::bind_tcp(listen).await {
         Ok(l) => l,
         Err(e) => {
             error!(%listen, error = %e, "cannot listen");

@@ -350,11 +350,11 @@ mod tests {
 
 /// Binds `addr`, or any free port of its host when `addr` is taken.
 async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
+    match crate::accept::bind_tcp(addr).await {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && addr.port() != 0 => {
             info!(%addr, "address in use; taking any free port");
-            TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await
+            crate::accept::bind_tcp(SocketAddr::new(addr.ip(), 0)).await
         }
         Err(e) => Err(e),
     }

@@ -143,7 +143,7 @@ async fn sample_history(
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let listener = crate::accept::bind_tcp(addr).await.map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     if !local.ip().is_loopback() {
         warn!(addr = %local, listener = what, "listening beyond loopback");

@@ -714,3 +714,67 @@ async fn a_relay_cut_off_from_its_origin_serves_what_it_holds_and_leaves_see_it_
     })
     .await
 }
+
+/// Connections waiting to be accepted by the IPv4 listener on `port`: the `rx_queue` of its
+/// LISTEN line in /proc/net/tcp. `None` without /proc or without that listener.
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl, local_address, rem_address, st (0A: LISTEN), tx_queue:rx_queue, ...
+        if f.get(1) != Some(&local.as_str()) || f.get(3) != Some(&"0A") {
+            return None;
+        }
+        let (_, rx) = f.get(4)?.split_once(':')?;
+        u64::from_str_radix(rx, 16).ok()
+    })
+}
+
+/// A fleet reconnecting at once waits in the relay's listen backlog: past the relay's
+/// connection bound (here one connection, so that nothing else is accepted) several hundred
+/// connections are completed by the kernel and queued, where a backlog of 128 (the standard
+/// library's and tokio's) queued 129 and dropped the rest, some of which then got a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_waits_in_the_relays_backlog() {
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if std::fs::metadata("/proc/net/tcp").is_err() {
+        println!("skipped: /proc/net/tcp not found");
+        return;
+    }
+    if somaxconn <= 200 {
+        println!("skipped: net.core.somaxconn is {somaxconn}, the kernel's cap on any backlog");
+        return;
+    }
+    let burst = 600.min(somaxconn as usize - 1);
+    let origin = TestOrigin::start(origin_config()).await;
+    origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+    let mut cfg = relay_config(&[origin.url()], &["t"]);
+    cfg.relay.max_connections = 1;
+    let relay = start_sidecar(cfg).await;
+    let addr = relay.feed_addr().unwrap();
+    // Takes the one permit: the relay accepts nothing more while it is open.
+    let _first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // Not awaited one by one: a connection the queue has no room for waits for the kernel's
+    // SYN retry, a second or more.
+    let dials: Vec<_> = (0..burst)
+        .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+        .collect();
+    let mut queued = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while (queued as usize) < burst && tokio::time::Instant::now() < deadline {
+        // A kernel counter with nothing to wait on: read again shortly.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        queued = accept_queue(addr.port()).unwrap_or(0);
+    }
+    assert_eq!(
+        queued as usize, burst,
+        "connections queued for the relay's accept, of {burst} dialled at once"
+    );
+    for d in dials {
+        d.abort();
+    }
+}
