@@ -76,9 +76,9 @@ pub async fn bind_tcp(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Binds a Unix socket at `path` with file mode `mode`. A file left there by a previous run
-/// (nothing accepts on it) is replaced; a socket something still listens on is not, nor is a
-/// file that is not a socket.
+/// Binds a Unix socket at `path` with file mode `mode` and [`LISTEN_BACKLOG`]. A file left
+/// there by a previous run (nothing accepts on it) is replaced; a socket something still
+/// listens on is not, nor is a file that is not a socket.
 pub async fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -88,7 +88,12 @@ pub async fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixList
                 "the path exists and is not a socket",
             ));
         }
-        if UnixStream::connect(path).await.is_ok() {
+        // A listener whose backlog is full refuses with EAGAIN: it is alive all the same.
+        let live = match UnixStream::connect(path).await {
+            Ok(_) => true,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        if live {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 "another process listens on this socket",
@@ -96,7 +101,10 @@ pub async fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<UnixList
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
+    // With the same backlog as TCP: a full one refuses a local client's connect at once.
+    let socket = tokio::net::UnixSocket::new_stream()?;
+    socket.bind(path)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }

@@ -644,3 +644,41 @@ async fn a_unix_socket_cache_api_replaces_a_stale_file_and_refuses_a_live_one() 
     })
     .await;
 }
+
+/// Local clients that connect at once to a Unix socket Cache API wait in its backlog: past the
+/// connection bound (here one connection) 600 connects all succeed, where a backlog of 128
+/// (tokio's default) refused every one past it at once ("Resource temporarily unavailable").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_local_clients_waits_in_the_unix_sockets_backlog() {
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if somaxconn <= 200 {
+        println!("skipped: net.core.somaxconn is {somaxconn}, the kernel's cap on any backlog");
+        return;
+    }
+    let burst = 600.min(somaxconn - 1);
+    let origin = TestOrigin::start(origin_config()).await;
+    origin.origin.publish("t", vec![put("a", "1")]).unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("grpc.sock");
+    let mut cfg = sidecar_config(&origin.url(), &["t"]);
+    cfg.listen.grpc = ListenAddr::Unix(path.clone());
+    cfg.listen.http = Some(loopback0());
+    cfg.listen.grpc_max_connections = 1;
+    let _sidecar = start_sidecar(cfg).await;
+    // Takes the one permit: nothing more is accepted while it is open.
+    let _first = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..burst {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => held.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(refused, 0, "of {burst} connects, {} queued", held.len());
+}
