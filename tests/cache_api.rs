@@ -682,3 +682,32 @@ async fn a_burst_of_local_clients_waits_in_the_unix_sockets_backlog() {
     }
     assert_eq!(refused, 0, "of {burst} connects, {} queued", held.len());
 }
+
+/// A socket whose listener is alive but whose backlog is full (it refuses a connect with
+/// EAGAIN) is not taken for a stale file: the sidecar is refused, and the file is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_with_a_full_backlog_is_not_taken_for_a_stale_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("grpc.sock");
+    // Another process's listener that accepts nothing: its backlog (128) fills.
+    let other = std::os::unix::net::UnixListener::bind(&path).expect("listener");
+    let mut queued = Vec::new();
+    loop {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => queued.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect: {e}"),
+        }
+        assert!(queued.len() < 100_000, "the backlog never filled");
+    }
+    let origin = TestOrigin::start(origin_config()).await;
+    let mut cfg = sidecar_config(&origin.url(), &["t"]);
+    cfg.listen.grpc = ListenAddr::Unix(path.clone());
+    cfg.listen.http = Some(loopback0());
+    let err = Sidecar::start(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("listens on this socket"), "{err}");
+    // The file is still the other listener's: it accepts what was queued on it.
+    other.accept().expect("a queued connection");
+    std::os::unix::net::UnixStream::connect(&path).expect("connect once there is room");
+    drop(queued);
+}
