@@ -650,14 +650,9 @@ async fn a_unix_socket_cache_api_replaces_a_stale_file_and_refuses_a_live_one() 
 /// (tokio's default) refused every one past it at once ("Resource temporarily unavailable").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_local_clients_waits_in_the_unix_sockets_backlog() {
-    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if somaxconn <= 200 {
-        println!("skipped: net.core.somaxconn is {somaxconn}, the kernel's cap on any backlog");
+    let Some(somaxconn) = somaxconn_above(200) else {
         return;
-    }
+    };
     let burst = 600.min(somaxconn - 1);
     let origin = TestOrigin::start(origin_config()).await;
     origin.origin.publish("t", vec![put("a", "1")]).unwrap();

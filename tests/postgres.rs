@@ -570,19 +570,30 @@ async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
     assert_eq!(src.status().new_epochs, 1, "{:?}", src.status());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
-    let Some(pg) = Pg::start() else { return };
+/// Tables `products` (id, name, rev) and `prices` (id, amount, rev), rows 1 and 2 at rev 0,
+/// behind an origin (`origin_cfg`, then `tweak`) that has copied them, served on loopback.
+async fn products_and_prices(
+    pg: &Pg,
+    slot: &str,
+    tweak: impl FnOnce(&mut OriginConfig),
+) -> (Sql, PgOrigin, TestOrigin) {
     let mut sql = pg.connect();
     sql.exec("CREATE TABLE products (id int PRIMARY KEY, name text, rev int)");
     sql.exec("CREATE TABLE prices (id int PRIMARY KEY, amount int, rev int)");
     sql.exec("INSERT INTO products VALUES (1, 'shoe', 0), (2, 'hat', 0)");
     sql.exec("INSERT INTO prices VALUES (1, 10, 0), (2, 20, 0)");
-    let src = PgOrigin::start(origin_cfg(&pg, "atomic", &["products", "prices"]))
-        .await
-        .expect("start");
+    let mut cfg = origin_cfg(pg, slot, &["products", "prices"]);
+    tweak(&mut cfg);
+    let src = PgOrigin::start(cfg).await.expect("start");
     within(src.wait_copied(1)).await;
     let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    (sql, src, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
+    let Some(pg) = Pg::start() else { return };
+    let (_sql, _src, served) = products_and_prices(&pg, "atomic", |_| {}).await;
     let mut cfg = sidecar_config(&served.url(), &["products", "prices"]);
     cfg.views =
         vec![viewcar::views::ViewSpec::new("page", "products").include("price", "prices", "id")];
@@ -723,16 +734,10 @@ async fn a_relay_passes_a_transaction_on_as_one_group() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_comes_between_the_batches_of_a_group() {
     let Some(pg) = Pg::start() else { return };
-    let mut sql = pg.connect();
-    sql.exec("CREATE TABLE products (id int PRIMARY KEY, rev int)");
-    sql.exec("CREATE TABLE prices (id int PRIMARY KEY, rev int)");
-    sql.exec("INSERT INTO products VALUES (1, 0)");
-    sql.exec("INSERT INTO prices VALUES (1, 0)");
-    let mut cfg = origin_cfg(&pg, "between", &["products", "prices"]);
-    cfg.progress_interval = Dur(Duration::from_millis(1));
-    let src = PgOrigin::start(cfg).await.expect("start");
-    within(src.wait_copied(1)).await;
-    let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
+    let (mut sql, _src, served) = products_and_prices(&pg, "between", |cfg| {
+        cfg.progress_interval = Dur(Duration::from_millis(1));
+    })
+    .await;
     const STREAMS: usize = 200;
     const TXNS: i64 = 100;
     let mut client = feed_client(served.addr).await;

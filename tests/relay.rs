@@ -737,19 +737,14 @@ fn accept_queue(port: u16) -> Option<u64> {
 /// library's and tokio's) queued 129 and dropped the rest, some of which then got a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connections_waits_in_the_relays_backlog() {
-    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
     if std::fs::metadata("/proc/net/tcp").is_err() {
         println!("skipped: /proc/net/tcp not found");
         return;
     }
-    if somaxconn <= 200 {
-        println!("skipped: net.core.somaxconn is {somaxconn}, the kernel's cap on any backlog");
+    let Some(somaxconn) = somaxconn_above(200) else {
         return;
-    }
-    let burst = 600.min(somaxconn as usize - 1);
+    };
+    let burst = 600.min(somaxconn - 1);
     let origin = TestOrigin::start(origin_config()).await;
     origin.origin.publish("t", vec![put("a", "1")]).unwrap();
     let mut cfg = relay_config(&[origin.url()], &["t"]);

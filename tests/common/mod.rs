@@ -35,6 +35,24 @@ pub async fn within<F: Future>(f: F) -> F::Output {
         .expect("test did not finish within its deadline")
 }
 
+/// The kernel's cap on any listen backlog (`net.core.somaxconn`), when it is above `at_least`;
+/// `None` (and the test says it is skipped) otherwise, or where it cannot be read.
+pub fn somaxconn_above(at_least: usize) -> Option<usize> {
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    match cap {
+        Some(cap) if cap > at_least => Some(cap),
+        _ => {
+            println!(
+                "skipped: net.core.somaxconn (the kernel's cap on any listen backlog) is {cap:?}, \
+                 not above {at_least}"
+            );
+            None
+        }
+    }
+}
+
 pub fn loopback0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
