@@ -172,6 +172,21 @@ impl Cork {
         self.buf.len() - self.sent
     }
 
+    /// Makes room for `len` more bytes, sending what is held first when they would not fit:
+    /// `Ready(Ok(true))` to copy them in, `Ready(Ok(false))` when they are more than is ever
+    /// held (write them straight through; nothing is held before them any more).
+    fn room<Io: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut Io,
+        cx: &mut Context<'_>,
+        len: usize,
+    ) -> Poll<io::Result<bool>> {
+        if self.pending() + len > CORK_BYTES {
+            ready!(self.drain(io, cx))?;
+        }
+        Poll::Ready(Ok(len <= CORK_BYTES))
+    }
+
     /// Sends what is held, until done or `io` would block.
     fn drain<Io: AsyncWrite + Unpin>(
         &mut self,
@@ -262,11 +277,8 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Accepted<Io> {
         match corked(&this.preface, &mut this.cork) {
             None => Pin::new(&mut this.io).poll_write(cx, buf),
             Some(cork) => {
-                if cork.pending() + buf.len() > CORK_BYTES {
-                    ready!(cork.drain(&mut this.io, cx))?;
-                    if buf.len() > CORK_BYTES {
-                        return Pin::new(&mut this.io).poll_write(cx, buf);
-                    }
+                if !ready!(cork.room(&mut this.io, cx, buf.len()))? {
+                    return Pin::new(&mut this.io).poll_write(cx, buf);
                 }
                 cork.buf.extend_from_slice(buf);
                 Poll::Ready(Ok(buf.len()))
@@ -284,11 +296,8 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Accepted<Io> {
             None => Pin::new(&mut this.io).poll_write_vectored(cx, bufs),
             Some(cork) => {
                 let len: usize = bufs.iter().map(|b| b.len()).sum();
-                if cork.pending() + len > CORK_BYTES {
-                    ready!(cork.drain(&mut this.io, cx))?;
-                    if len > CORK_BYTES {
-                        return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-                    }
+                if !ready!(cork.room(&mut this.io, cx, len))? {
+                    return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
                 }
                 for b in bufs {
                     cork.buf.extend_from_slice(b);
