@@ -27,6 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::procs::{cpu_secs, free_port, rss_of, spawn, temp_dir, Proc};
 use super::report::{us, Table};
 use super::{BenchError, Ctx};
+use crate::origin::GRPC_HEADER;
 use crate::pb::feed::v1 as pb;
 
 /// Leaves whose latency is recorded (at most): the histogram is shared, so it is sampled.
@@ -269,9 +270,6 @@ fn count(fleet: &Fleet, seen: Seen) {
     }
 }
 
-/// Bytes of a gRPC message's prefix: a compression flag and a 4-byte big-endian length.
-const GRPC_PREFIX: usize = 5;
-
 /// Splits a stream of DATA chunks into gRPC messages, whatever the chunks' boundaries: each
 /// complete message goes to `each`, the rest waits for the next chunk.
 #[derive(Default)]
@@ -286,7 +284,7 @@ impl Messages {
         let mut rest = chunk;
         if self.partial.is_empty() {
             while let Some(len) = Self::whole(rest) {
-                each(&rest[GRPC_PREFIX..len]);
+                each(&rest[GRPC_HEADER..len]);
                 rest = &rest[len..];
             }
             self.partial.extend_from_slice(rest);
@@ -295,34 +293,27 @@ impl Messages {
         self.partial.extend_from_slice(rest);
         while let Some(len) = Self::whole(&self.partial) {
             let msg = self.partial.split_to(len);
-            each(&msg[GRPC_PREFIX..]);
+            each(&msg[GRPC_HEADER..]);
         }
     }
 
     /// The length, prefix included, of the message at the start of `b` if it is all there.
     fn whole(b: &[u8]) -> Option<usize> {
-        let len = u32::from_be_bytes(b.get(1..GRPC_PREFIX)?.try_into().ok()?) as usize;
-        let total = GRPC_PREFIX.checked_add(len)?;
+        let len = u32::from_be_bytes(b.get(1..GRPC_HEADER)?.try_into().ok()?) as usize;
+        let total = GRPC_HEADER.checked_add(len)?;
         (b.len() >= total).then_some(total)
     }
 }
 
 /// The leaves' Subscribe, as a gRPC message on the wire.
 fn subscribe_frame() -> Bytes {
-    use prost::Message;
-    let msg = pb::SyncRequest {
+    crate::origin::framed(&pb::SyncRequest {
         kind: Some(pb::sync_request::Kind::Subscribe(pb::Subscribe {
             topic: "t".to_string(),
             keys: Vec::new(),
             resume: None,
         })),
-    }
-    .encode_to_vec();
-    let mut framed = Vec::with_capacity(GRPC_PREFIX + msg.len());
-    framed.push(0);
-    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
-    Bytes::from(framed)
+    })
 }
 
 /// One leaf: a Sync stream on the connection of `client`, subscribed to the whole topic from

@@ -35,6 +35,9 @@ pub use durable::StoreError;
 pub(crate) use mirror::MirroredBatch;
 pub use seed::SeedError;
 pub use wire::FeedRoutes;
+/// A gRPC message as it goes on the wire (prefix and length), for the bench's own leaves.
+#[cfg(feature = "bench")]
+pub(crate) use wire::{framed, HEADER as GRPC_HEADER};
 
 /// Why an origin could not start.
 #[derive(Debug, thiserror::Error)]
