@@ -752,12 +752,8 @@ async fn nothing_comes_between_the_batches_of_a_group() {
             let mut open: Option<u64> = None;
             let mut groups = 0;
             loop {
-                let msg = within(stream.message())
-                    .await
-                    .expect("message")
-                    .expect("open");
-                let b = match msg.kind {
-                    Some(feed::sync_response::Kind::Changes(b)) => b,
+                let b = match next_kind(&mut stream).await {
+                    feed::sync_response::Kind::Changes(b) => b,
                     other => match open {
                         Some(open) => {
                             panic!("inside group {open}, before its last batch: {other:?}")
@@ -807,34 +803,27 @@ async fn synced_stream(
     tonic::Streaming<feed::SyncResponse>,
     tokio::sync::mpsc::Sender<feed::SyncRequest>,
 ) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    for topic in topics {
-        tx.send(feed::SyncRequest {
-            kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
-                topic: topic.to_string(),
-                keys: vec![],
-                resume: None,
-            })),
-        })
-        .await
-        .unwrap();
+    let (tx, mut stream) = open_sync(client, subscribe(topics[0], &[], None)).await;
+    for topic in &topics[1..] {
+        tx.send(subscribe(topic, &[], None)).await.unwrap();
     }
-    let mut stream = client
-        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("sync")
-        .into_inner();
     let mut synced = 0;
     while synced < topics.len() {
-        let msg = within(stream.message())
-            .await
-            .expect("message")
-            .expect("open");
-        if let Some(feed::sync_response::Kind::Snapshot(s)) = msg.kind {
+        if let feed::sync_response::Kind::Snapshot(s) = next_kind(&mut stream).await {
             synced += usize::from(s.last);
         }
     }
     (stream, tx)
+}
+
+/// The next message of `stream`, within the deadline; the stream must not end.
+async fn next_kind(stream: &mut tonic::Streaming<feed::SyncResponse>) -> feed::sync_response::Kind {
+    within(stream.message())
+        .await
+        .expect("message")
+        .expect("open")
+        .kind
+        .expect("a message with a kind")
 }
 
 /// Reads `stream` up to the last batch of the group `id`: the group's batches only, one after
@@ -847,13 +836,9 @@ async fn read_group(
     let mut batches = 0;
     let mut topics = std::collections::HashSet::new();
     loop {
-        let msg = within(stream.message())
-            .await
-            .expect("message")
-            .expect("open");
-        let b = match msg.kind {
-            Some(feed::sync_response::Kind::Changes(b)) => b,
-            Some(feed::sync_response::Kind::Progress(_)) if batches == 0 => continue,
+        let b = match next_kind(stream).await {
+            feed::sync_response::Kind::Changes(b) => b,
+            feed::sync_response::Kind::Progress(_) if batches == 0 => continue,
             other => panic!("after {batches} batches of the group: {other:?}"),
         };
         let group = b.group.unwrap_or_else(|| {

@@ -53,6 +53,36 @@ pub fn somaxconn_above(at_least: usize) -> Option<usize> {
     }
 }
 
+/// A Subscribe to `topic`: the whole topic for no `keys`, else those keys.
+pub fn subscribe(topic: &str, keys: &[&str], resume: Option<feed::Position>) -> feed::SyncRequest {
+    feed::SyncRequest {
+        kind: Some(feed::sync_request::Kind::Subscribe(feed::Subscribe {
+            topic: topic.to_string(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            resume,
+        })),
+    }
+}
+
+/// A Sync stream on `raw` whose first request is `first`: the request sender (the stream's
+/// request half stays open while it lives) and the response stream.
+pub async fn open_sync(
+    raw: &mut feed::feed_client::FeedClient<tonic::transport::Channel>,
+    first: feed::SyncRequest,
+) -> (
+    mpsc::Sender<feed::SyncRequest>,
+    tonic::Streaming<feed::SyncResponse>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let stream = raw
+        .sync(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 pub fn loopback0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
