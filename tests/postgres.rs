@@ -644,8 +644,12 @@ async fn a_watch_on_a_view_over_two_tables_never_sees_half_a_transaction() {
 }
 
 /// Tables `items` and `counts` (one row, n = 0) behind an origin whose messages hold 16 KiB at
-/// most, served on loopback.
-async fn items_and_counts(pg: &Pg, slot: &str) -> (Sql, PgOrigin, TestOrigin) {
+/// most (then `tweak`), served on loopback.
+async fn items_and_counts(
+    pg: &Pg,
+    slot: &str,
+    tweak: impl FnOnce(&mut OriginConfig),
+) -> (Sql, PgOrigin, TestOrigin) {
     let mut sql = pg.connect();
     sql.exec("CREATE TABLE items (id int PRIMARY KEY, label text)");
     sql.exec("CREATE TABLE counts (id int PRIMARY KEY, n int)");
@@ -653,6 +657,7 @@ async fn items_and_counts(pg: &Pg, slot: &str) -> (Sql, PgOrigin, TestOrigin) {
     let mut cfg = origin_cfg(pg, slot, &["items", "counts"]);
     cfg.max_message_bytes = viewcar::config::ByteSize(16 << 10);
     cfg.snapshot_chunk_bytes = viewcar::config::ByteSize(4 << 10);
+    tweak(&mut cfg);
     let src = PgOrigin::start(cfg).await.expect("start");
     within(src.wait_copied(1)).await;
     let served = TestOrigin::start_on(src.origin().clone(), loopback0()).await;
@@ -674,7 +679,7 @@ async fn large_transaction(sql: &mut Sql, src: &PgOrigin, pg: &Pg) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole() {
     let Some(pg) = Pg::start() else { return };
-    let (mut sql, src, served) = items_and_counts(&pg, "large_txn").await;
+    let (mut sql, src, served) = items_and_counts(&pg, "large_txn", |_| {}).await;
     let sidecar = start_sidecar(sidecar_config(&served.url(), &["items", "counts"])).await;
     let items = source(&sidecar, "items");
     let counts = source(&sidecar, "counts");
@@ -711,7 +716,7 @@ async fn a_large_transaction_is_split_below_the_message_limit_and_applied_whole(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_passes_a_transaction_on_as_one_group() {
     let Some(pg) = Pg::start() else { return };
-    let (mut sql, src, served) = items_and_counts(&pg, "relay_group").await;
+    let (mut sql, src, served) = items_and_counts(&pg, "relay_group", |_| {}).await;
     let mut relay_cfg = sidecar_config(&served.url(), &["items", "counts"]);
     relay_cfg.listen.feed = Some(loopback0());
     let relay = start_sidecar(relay_cfg).await;
@@ -793,6 +798,37 @@ async fn nothing_comes_between_the_batches_of_a_group() {
         "every group reaches every stream"
     );
     println!("{groups} groups over {STREAMS} streams, nothing inside one");
+}
+
+/// A stream that cannot keep up inside a transaction (a queue of one batch, and a transaction
+/// of a dozen) overflows, is caught up with Reset and a snapshot, and goes on: both topics
+/// get their Progress at the transaction's position. A session that kept waiting for the rest
+/// of a group that was refused would send nothing more until the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_overflows_inside_a_group_catches_up_and_goes_on() {
+    let Some(pg) = Pg::start() else { return };
+    let (mut sql, src, served) =
+        items_and_counts(&pg, "overflow", |cfg| cfg.stream_queue = 1).await;
+    let mut client = feed_client(served.addr).await;
+    let (mut stream, _requests) = synced_stream(&mut client, &["items", "counts"]).await;
+    let version = large_transaction(&mut sql, &src, &pg).await;
+    let mut current = std::collections::HashSet::new();
+    while current.len() < 2 {
+        if let feed::sync_response::Kind::Progress(p) = next_kind(&mut stream).await {
+            if p.position.is_some_and(|at| at.version >= version) {
+                current.insert(p.topic);
+            }
+        }
+    }
+    let lagged = src
+        .origin()
+        .stats()
+        .lagged
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        lagged > 0,
+        "the stream's queue of one batch never overflowed"
+    );
 }
 
 /// Opens a Sync stream on `client` with `topics`, and reads it until each has its snapshot.

@@ -324,9 +324,11 @@ pub(crate) async fn run(
     // last): only the rest of the group is sent, so the stream's tick and its requests wait.
     // A Progress or a snapshot there would end the group early for the leaf, which then
     // applies what it holds of it as a step of its own. The rest is queued by the same
-    // `offer_txn` call, under the topics' locks, so the wait is that call's; a batch of it
-    // refused for a full queue marks the stream lagged, which ends the wait.
-    let mut in_group = false;
+    // `offer_txn` call, which holds the lock of every topic of the transaction until it has
+    // offered all of it: `in_group` is the topic of the batch handled last. With the queue
+    // empty, the session waits for that lock (the offer's end), and what has not come by then
+    // is not coming (refused for a full queue: the topic resnapshots), so the group is over.
+    let mut in_group: Option<Arc<Topic>> = None;
     let end = loop {
         // In this order: the cut ends the stream before anything else is sent.
         let woke = std::future::poll_fn(|cx| {
@@ -340,9 +342,16 @@ pub(crate) async fn run(
             if gates.poll(LAGGED, |cx| lagged.as_mut().poll(cx)).is_ready() {
                 return Poll::Ready(Woke::Lagged);
             }
-            if in_group {
+            if let Some(topic) = &in_group {
                 // A gate not polled stays open: what woke it is seen after the group.
-                return rx.poll_recv(cx).map(Woke::Batch);
+                if let Poll::Ready(queued) = rx.poll_recv(cx) {
+                    return Poll::Ready(Woke::Batch(queued));
+                }
+                drop(topic.lock());
+                if let Poll::Ready(queued) = rx.poll_recv(cx) {
+                    return Poll::Ready(Woke::Batch(queued));
+                }
+                in_group = None;
             }
             if let Poll::Ready(req) = gates.poll(REQUEST, |cx| {
                 std::pin::Pin::new(&mut requests).poll_next(cx)
@@ -365,8 +374,6 @@ pub(crate) async fn run(
             Woke::Lagged => {
                 // A completed wait stays completed: the next signal needs a new one.
                 lagged.set(queue.wake.notified());
-                // The rest of a group may never come (see `in_group`): its topics resnapshot.
-                in_group = false;
                 s.catch_up_lagged().await
             }
             Woke::Request(Some(Ok(r))) => s.handle(r).await,
@@ -376,7 +383,10 @@ pub(crate) async fn run(
                 Err(End::Gone)
             }
             Woke::Batch(Some((batch, group))) => {
-                in_group = group.is_some_and(|g| !g.last);
+                in_group = group
+                    .filter(|g| !g.last)
+                    .and_then(|_| s.topics.get(&batch.topic))
+                    .map(|st| st.topic.clone());
                 s.send_batch(batch, group).await
             }
             // The session holds its queue's sender: not while it runs.
